@@ -1,0 +1,290 @@
+"""Typed configs for the recipes: dataclasses loaded from YAML, then `key=value` overrides.
+
+    cfg = load_config(PretrainConfig, "melp_ray/configs/tiny.yaml", ["train.max_steps=20"])
+
+Unknown keys, wrong types and impossible combinations raise ``ConfigError`` here,
+before any Ray resource is asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from melp_ray.model.config import PRESETS, ModelConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any cluster resource is used."""
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None          # prepared shards (with manifest.json) or a raw root; None: bundled PTB-XL
+    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg (for raw roots)
+    sample_rate: int = 500           # Hz after resampling
+    seconds: float = 10.0
+    lead_mask_prob: float = 0.5      # random lead masking (train split only)
+    val_fraction: float = 0.1        # subject-level split for raw roots
+    shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
+    limit: int | None = None         # use at most this many records (smoke runs)
+
+
+@dataclass
+class LossConfig:
+    rhythm: float = 1.0   # global ECG-report contrastive
+    token: float = 2.0    # captioning
+    beat: float = 0.2     # beat-sentence alignment
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5     # < 1 leaves CPUs for Ray Data on small machines
+    global_batch_size: int = 16      # = micro_batch_size x grad_accum x num_workers
+    micro_batch_size: int | None = None  # None: global_batch_size / num_workers
+    max_steps: int = 40
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.2
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    seed: int = 0
+    log_every: int = 5
+    val_every: int = 20              # 0: validate only at the end
+    val_batches: int = 8             # per worker
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "melp-tiny"
+    storage_path: str = "~/ray_results/melp_ray"
+    max_failures: int = 0
+    wandb: bool = False
+    wandb_project: str = "melp_ray"
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        validate_pretrain_config(self)
+
+
+# ---------------------------------------------------------------- loading
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from a YAML file (optional) and ``key=value`` overrides, then validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_preset(cls, raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    raw = apply_preset(cls, raw)
+    cfg = from_dict(cls, raw)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A file path, or the name of a config shipped in melp_ray/configs ("tiny", "paper.yaml")."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {str(path)!r} not found (shipped configs: {shipped})")
+
+
+def apply_preset(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill model keys from ``model.preset`` where the user did not set them."""
+    hints = typing.get_type_hints(cls)
+    if hints.get("model") is not ModelConfig or not isinstance(raw.get("model", {}), dict):
+        return raw
+    model = dict(raw.get("model") or {})
+    preset = model.get("preset", ModelConfig.preset)
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    explicit = model.pop("_explicit", None) or [k for k in model if k != "preset"]
+    merged = {**PRESETS[preset], **{k: model[k] for k in explicit if k in model}}
+    merged["preset"] = preset
+    merged["_explicit"] = explicit
+    return {**raw, "model": merged}
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+    return key.strip(), value
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    if parts[0] == "model" and len(parts) == 2 and parts[1] != "preset":
+        node.setdefault("_explicit", [k for k in node if k not in ("preset", "_explicit")])
+        node["_explicit"].append(parts[1])
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
+    """Recursively build a dataclass, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    raw = {k: v for k, v in raw.items() if k != "_explicit"}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]} "
+                          f"({where} accepts: {sorted(names)})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(coerce(a, v, key) for a, v in zip(args, value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(args[0], v, key) for v in value] if args else list(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, bool, str) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- validation
+
+def validate_pretrain_config(cfg: PretrainConfig) -> None:
+    problems = []
+    t, d = cfg.train, cfg.data
+    if t.num_workers < 1:
+        problems.append("train.num_workers must be >= 1")
+    if t.micro_batch_size is None and t.num_workers >= 1:
+        if t.global_batch_size % t.num_workers:
+            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                            f"train.num_workers={t.num_workers}")
+        else:
+            t.micro_batch_size = t.global_batch_size // t.num_workers
+    if t.micro_batch_size is not None and t.num_workers >= 1:
+        per_step = t.micro_batch_size * t.num_workers
+        if t.micro_batch_size < 1 or t.global_batch_size % per_step:
+            problems.append(
+                f"train.global_batch_size={t.global_batch_size} must equal micro_batch_size x "
+                f"grad_accum x num_workers; {t.micro_batch_size} x {t.num_workers} does not divide it")
+    if t.global_batch_size < 2:
+        problems.append("train.global_batch_size must be >= 2 (contrastive loss needs negatives)")
+    if t.max_steps < 1:
+        problems.append("train.max_steps must be >= 1")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        problems.append(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    if t.precision == "bf16" and not t.use_gpu:
+        problems.append("train.precision=bf16 needs train.use_gpu=true (CPU runs are fp32)")
+    if t.cpus_per_worker <= 0:
+        problems.append("train.cpus_per_worker must be > 0")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            problems.append(f"train.{name} must be >= 1")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    for name in ("rhythm", "token", "beat"):
+        if getattr(cfg.loss, name) < 0:
+            problems.append(f"loss.{name} must be >= 0")
+    if not any(getattr(cfg.loss, n) > 0 for n in ("rhythm", "token", "beat")):
+        problems.append("at least one loss weight must be > 0")
+    if not 0 <= d.lead_mask_prob < 1:
+        problems.append("data.lead_mask_prob must be in [0, 1)")
+    if d.sample_rate < 50 or d.seconds <= 0:
+        problems.append("data.sample_rate must be >= 50 Hz and data.seconds > 0")
+    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg"):
+        problems.append(f"data.dataset must be auto, ptb-xl or mimic-iv-ecg, got {d.dataset!r}")
+    if d.root is not None and "://" not in d.root and not Path(d.root).expanduser().exists():
+        problems.append(f"data.root {d.root!r} does not exist")
+    if not cfg.run.name or "/" in cfg.run.name:
+        problems.append("run.name must be a non-empty name without '/'")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
