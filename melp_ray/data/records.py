@@ -1,0 +1,237 @@
+"""One ECG record: its reference (RecordRef), the reasons it can be rejected, and loading.
+
+``load_signal`` turns a WFDB record into the canonical array: float32, shape
+(12, sample_rate * seconds), millivolts, leads in ``LEADS`` order. Anything that cannot
+become such an array raises ``RecordRejected`` with one of the named reasons below, so
+that ``prepare`` can count every rejected record under its reason.
+
+Rules (documented in docs/data.md):
+- leads are matched by name (``leads.lead_indices``); extra leads are ignored;
+- NaN/Inf anywhere -> nan_or_inf;
+- flat: a lead is flat when its peak-to-peak range is below ``FLAT_TOLERANCE_MV``. The
+  record is rejected (flat_signal) only when ALL 12 leads are flat (this includes the
+  all-zero records the reference drops). A single flat lead, or a few, is kept: it is
+  what a detached electrode looks like and training already zeroes leads at random;
+- length: a record shorter than ``seconds`` is rejected (wrong_length); a longer one
+  keeps its first ``seconds`` (cropped from the start);
+- rate: the source rate must be a positive whole number of Hz (else bad_sample_rate);
+  it is resampled to ``sample_rate`` with ``scipy.signal.resample_poly``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from melp_ray.data.leads import LEADS, LeadMappingError, lead_indices
+
+# ---------------------------------------------------------------- rejection reasons
+MISSING_FILE = "missing_file"        # .hea or .dat not on disk
+UNREADABLE = "unreadable"            # header parses but the samples cannot be read (truncated/corrupt .dat)
+BAD_HEADER = "bad_header"            # .hea cannot be parsed, or has unknown units
+NAN_OR_INF = "nan_or_inf"
+FLAT_SIGNAL = "flat_signal"          # every lead is flat (e.g. all zero)
+MISSING_LEADS = "missing_leads"      # one of the 12 leads is absent or repeated
+WRONG_LENGTH = "wrong_length"        # shorter than the wanted duration
+BAD_SAMPLE_RATE = "bad_sample_rate"  # rate <= 0 or not a whole number of Hz
+EMPTY_REPORT = "empty_report"
+SHORT_REPORT = "short_report"        # fewer words than min_report_words
+
+REJECTION_REASONS: tuple[str, ...] = (
+    MISSING_FILE, UNREADABLE, BAD_HEADER, NAN_OR_INF, FLAT_SIGNAL, MISSING_LEADS,
+    WRONG_LENGTH, BAD_SAMPLE_RATE, EMPTY_REPORT, SHORT_REPORT,
+)
+
+FLAT_TOLERANCE_MV = 1e-3   # below one ADC step of any common ECG format: the lead is constant
+
+LABEL_TASKS: tuple[str, ...] = ("super", "sub", "form", "rhythm")
+
+# physical unit in the header -> factor to millivolts
+_TO_MILLIVOLT = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
+
+
+class RecordRejected(Exception):
+    """A record that cannot be used; ``reason`` is one of REJECTION_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def empty_labels() -> dict[str, list[str]]:
+    return {task: [] for task in LABEL_TASKS}
+
+
+@dataclass
+class RecordRef:
+    """Where one record lives and what is known about it before its signal is read."""
+
+    record_id: str
+    subject_id: str
+    dataset: str
+    path: str                 # WFDB record without extension; relative to the root, or absolute
+    report: str
+    strat_fold: int = -1      # PTB-XL fold, -1 when the source has none
+    labels: dict[str, list[str]] = field(default_factory=empty_labels)
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat dict of plain types (a Ray Data row); labels become labels_<task> columns."""
+        row = {
+            "record_id": self.record_id,
+            "subject_id": self.subject_id,
+            "dataset": self.dataset,
+            "path": self.path,
+            "report": self.report,
+            "strat_fold": int(self.strat_fold),
+        }
+        for task in LABEL_TASKS:
+            row[f"labels_{task}"] = list(self.labels.get(task, []))
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "RecordRef":
+        """Inverse of to_row (also accepts numpy arrays for the label lists, as Ray gives them)."""
+        labels = {task: [str(x) for x in (row.get(f"labels_{task}") if row.get(f"labels_{task}") is not None else [])]
+                  for task in LABEL_TASKS}
+        return cls(
+            record_id=str(row["record_id"]),
+            subject_id=str(row["subject_id"]),
+            dataset=str(row["dataset"]),
+            path=str(row["path"]),
+            report=str(row["report"]),
+            strat_fold=int(row.get("strat_fold", -1)),
+            labels=labels,
+        )
+
+
+# ---------------------------------------------------------------- report
+def check_report(text: str | None, min_words: int) -> str:
+    """The report with outer whitespace removed; raises RecordRejected when too short.
+
+    Empty (or missing / whitespace-only) -> empty_report; fewer than ``min_words``
+    whitespace-separated words -> short_report.
+    """
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        text = ""
+    cleaned = str(text).strip()
+    if not cleaned:
+        raise RecordRejected(EMPTY_REPORT, "no report text")
+    n_words = len(cleaned.split())
+    if n_words < min_words:
+        raise RecordRejected(SHORT_REPORT, f"{n_words} words < {min_words}: {cleaned!r}")
+    return cleaned
+
+
+# ---------------------------------------------------------------- signal
+def n_samples_for(sample_rate: int | float, seconds: float) -> int:
+    """Number of samples of one lead at ``sample_rate`` over ``seconds`` (must be whole)."""
+    n = sample_rate * seconds
+    if n <= 0 or abs(n - round(n)) > 1e-6:
+        raise ValueError(f"sample_rate * seconds must be a positive whole number, got {n}")
+    return int(round(n))
+
+
+def resolve_path(ref: RecordRef, root: str | os.PathLike | None) -> str:
+    """Absolute WFDB record path (no extension) of ``ref`` under ``root``."""
+    if root is None or os.path.isabs(ref.path):
+        return ref.path
+    return os.path.join(os.fspath(root), ref.path)
+
+
+def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int = 500,
+                seconds: float = 10.0) -> np.ndarray:
+    """Read, validate and resample one record: float32 (12, sample_rate*seconds) in mV."""
+    import wfdb  # imported here so that light users of this module do not pay for it
+
+    record_path = resolve_path(ref, root)
+    header = _read_header(wfdb, record_path)
+    source_rate = _source_rate(header.fs)
+    try:
+        columns = lead_indices(header.sig_name or [])
+    except LeadMappingError as err:
+        raise RecordRejected(MISSING_LEADS, str(err)) from None
+    to_mv = _millivolt_factors(header.units, columns)
+
+    # Samples needed at the source rate to produce exactly the wanted output length.
+    n_out = n_samples_for(sample_rate, seconds)
+    up, down = _resample_ratio(source_rate, sample_rate)
+    n_in = math.ceil(n_out * down / up)
+    if header.sig_len is None or header.sig_len < n_in:
+        raise RecordRejected(WRONG_LENGTH, f"{header.sig_len} samples at {source_rate} Hz < {n_in} "
+                                           f"needed for {seconds} s")
+
+    signal = _read_samples(wfdb, record_path, header)      # (samples, channels) float64, mV-ish
+    signal = signal[:n_in, columns] * to_mv                # canonical lead order, cropped, in mV
+    _check_values(signal)
+    if up != down:
+        from scipy.signal import resample_poly
+
+        signal = resample_poly(signal, up, down, axis=0)
+    return np.ascontiguousarray(signal[:n_out].T, dtype=np.float32)
+
+
+def _read_header(wfdb, record_path: str):
+    if not os.path.exists(record_path + ".hea"):
+        raise RecordRejected(MISSING_FILE, f"{record_path}.hea not found")
+    try:
+        header = wfdb.rdheader(record_path)
+    except Exception as err:  # wfdb raises HeaderSyntaxError, ValueError, ... on garbage
+        raise RecordRejected(BAD_HEADER, f"{type(err).__name__}: {err}") from None
+    if not header.sig_name or not header.n_sig:
+        raise RecordRejected(BAD_HEADER, "header has no signals")
+    folder = os.path.dirname(record_path)
+    for data_file in sorted(set(header.file_name or [])):
+        if not os.path.exists(os.path.join(folder, data_file)):
+            raise RecordRejected(MISSING_FILE, f"{os.path.join(folder, data_file)} not found")
+    return header
+
+
+def _source_rate(fs) -> int:
+    if fs is None or not np.isfinite(fs) or fs <= 0 or abs(fs - round(fs)) > 1e-6:
+        raise RecordRejected(BAD_SAMPLE_RATE, f"sampling rate {fs!r} is not a positive whole number of Hz")
+    return int(round(fs))
+
+
+def _resample_ratio(source_rate: int, target_rate: int | float) -> tuple[int, int]:
+    ratio = Fraction(int(round(target_rate)), source_rate)
+    return ratio.numerator, ratio.denominator
+
+
+def _millivolt_factors(units, columns: list[int]) -> np.ndarray:
+    factors = []
+    for column in columns:
+        unit = (units[column] if units and column < len(units) and units[column] else "mV")
+        factor = _TO_MILLIVOLT.get(unit.strip().lower())
+        if factor is None:
+            raise RecordRejected(BAD_HEADER, f"unknown physical unit {unit!r} for lead {LEADS[len(factors)]}")
+        factors.append(factor)
+    return np.asarray(factors)
+
+
+def _read_samples(wfdb, record_path: str, header) -> np.ndarray:
+    try:
+        record = wfdb.rdrecord(record_path)
+    except Exception as err:  # truncated or corrupt .dat: numpy reshape errors and friends
+        raise RecordRejected(UNREADABLE, f"{type(err).__name__}: {err}") from None
+    signal = record.p_signal
+    if signal is None or signal.ndim != 2 or signal.shape[0] != header.sig_len:
+        shape = None if signal is None else signal.shape
+        raise RecordRejected(UNREADABLE, f"read {shape} samples, header says {header.sig_len}")
+    return signal
+
+
+def _check_values(signal: np.ndarray) -> None:
+    """NaN/Inf anywhere, or every lead flat -> rejected (see the module docstring)."""
+    if not np.all(np.isfinite(signal)):
+        bad_leads = [LEADS[i] for i in np.nonzero(~np.all(np.isfinite(signal), axis=0))[0]]
+        raise RecordRejected(NAN_OR_INF, f"non-finite samples in leads {bad_leads}")
+    peak_to_peak = signal.max(axis=0) - signal.min(axis=0)
+    if np.all(peak_to_peak < FLAT_TOLERANCE_MV):
+        raise RecordRejected(FLAT_SIGNAL, "all 12 leads are flat (constant or zero)")
