@@ -1,0 +1,160 @@
+"""Parquet shards written by ``prepare``: schema, ECG encoding, atomic writes, manifest.
+
+A prepared folder looks like::
+
+    OUT/manifest.json                 what was prepared, from what, with which settings
+    OUT/train/part-00000.parquet      rows of SCHEMA
+    OUT/val/part-00000.parquet
+    OUT/_state/<split>-part-00000.json  per-chunk bookkeeping (kept ids, rejections)
+
+The ``ecg`` column holds the canonical signal as raw bytes: float32 little-endian,
+C order, shape (12, n_samples), millivolts; ``decode_ecg`` turns it back into an array.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from melp_ray.data.leads import LEADS
+from melp_ray.data.records import LABEL_TASKS, RecordRef
+
+MANIFEST_NAME = "manifest.json"
+STATE_DIR = "_state"
+SPLITS = ("train", "val")
+ECG_DTYPE = np.dtype("<f4")
+
+SCHEMA = pa.schema([
+    ("record_id", pa.string()),
+    ("subject_id", pa.string()),
+    ("dataset", pa.string()),
+    ("split", pa.string()),
+    ("strat_fold", pa.int32()),
+    ("report", pa.string()),
+    ("ecg", pa.binary()),
+    *[(f"labels_{task}", pa.list_(pa.string())) for task in LABEL_TASKS],
+])
+
+
+# ---------------------------------------------------------------- ECG bytes
+def encode_ecg(signal: np.ndarray) -> bytes:
+    """(12, T) array -> float32 little-endian C-order bytes."""
+    return np.ascontiguousarray(signal, dtype=ECG_DTYPE).tobytes(order="C")
+
+
+def decode_ecg(data: bytes, n_leads: int = len(LEADS)) -> np.ndarray:
+    """Bytes of the ``ecg`` column -> writable float32 array of shape (n_leads, T)."""
+    flat = np.frombuffer(data, dtype=ECG_DTYPE)
+    if flat.size % n_leads:
+        raise ValueError(f"{flat.size} floats cannot be split into {n_leads} leads")
+    return flat.reshape(n_leads, -1).astype(np.float32, copy=True)
+
+
+def shard_row(ref: RecordRef, split: str, signal: np.ndarray) -> dict[str, Any]:
+    """One row of SCHEMA."""
+    row = {
+        "record_id": ref.record_id,
+        "subject_id": ref.subject_id,
+        "dataset": ref.dataset,
+        "split": split,
+        "strat_fold": int(ref.strat_fold),
+        "report": ref.report,
+        "ecg": encode_ecg(signal),
+    }
+    for task in LABEL_TASKS:
+        row[f"labels_{task}"] = list(ref.labels.get(task, []))
+    return row
+
+
+# ---------------------------------------------------------------- paths
+def shard_relpath(split: str, index: int) -> str:
+    """"<split>/part-<NNNNN>.parquet", relative to the output folder."""
+    return f"{split}/part-{index:05d}.parquet"
+
+
+def state_relpath(split: str, index: int) -> str:
+    return f"{STATE_DIR}/{split}-part-{index:05d}.json"
+
+
+# ---------------------------------------------------------------- atomic writes
+def _tmp_name(path: Path) -> Path:
+    # Unique per process, so two attempts at the same chunk never share a temp file.
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file next to ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode())
+
+
+def write_shard(rows: list[dict[str, Any]], path: str | os.PathLike) -> int:
+    """Write rows of SCHEMA to one Parquet file, atomically; returns the row count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    tmp = _tmp_name(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return table.num_rows
+
+
+def remove_temp_files(out: str | os.PathLike) -> list[str]:
+    """Delete temp files a killed run left behind (``*.tmp-<pid>``); returns their paths."""
+    removed = []
+    for tmp in sorted(Path(out).rglob("*.tmp-*")):
+        tmp.unlink()
+        removed.append(str(tmp))
+    return removed
+
+
+# ---------------------------------------------------------------- reading
+def read_shard_rows(path: str | os.PathLike, decode: bool = True) -> list[dict[str, Any]]:
+    """All rows of one shard as dicts; with ``decode`` the ``ecg`` value is a (12, T) array."""
+    rows = pq.read_table(path, schema=SCHEMA).to_pylist()
+    if decode:
+        for row in rows:
+            row["ecg"] = decode_ecg(row["ecg"])
+    return rows
+
+
+def load_manifest(out: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a prepared folder (FileNotFoundError with a hint when absent)."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {out} a folder written by `python -m melp_ray.prepare`?")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def shard_paths(out: str | os.PathLike, split: str | None = None) -> list[str]:
+    """Absolute paths of the manifest's shards (of one split, or all), in manifest order."""
+    manifest = load_manifest(out)
+    return [str(Path(out) / shard["path"]) for shard in manifest["shards"]
+            if split is None or shard["split"] == split]
+
+
+def schema_description() -> dict[str, str]:
+    """{column: arrow type} for the manifest."""
+    return {name: str(SCHEMA.field(name).type) for name in SCHEMA.names}
+
+
+def iter_rows(paths: Iterable[str | os.PathLike]) -> Iterable[dict[str, Any]]:
+    for path in paths:
+        yield from read_shard_rows(path)

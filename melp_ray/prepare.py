@@ -1,0 +1,270 @@
+"""python -m melp_ray.prepare: turn a raw ECG root into Parquet shards, with Ray Data.
+
+    python -m melp_ray.prepare --dataset ptb-xl --root DIR --out OUT
+
+How it works (docs/data.md has the formats):
+1. The driver lists the root (csv files only), rejects rows whose report is unusable,
+   gives each subject a split (hash of seed + subject), and cuts each split, in listing
+   order, into chunks of ``--shard-size`` records.
+2. Ray Data runs one task per chunk that is not done yet: read + validate + resample
+   each record, write ``OUT/<split>/part-NNNNN.parquet`` and then a small state json,
+   both atomically. A chunk whose state (and shard) exist is skipped, so a killed run
+   resumes where it stopped and produces the same bytes.
+3. The driver merges the states into ``OUT/manifest.json`` and checks that every
+   record seen is either kept or rejected under a named reason.
+The root and OUT must be visible to every node (a shared file system) on a cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from melp_ray.data import shards
+from melp_ray.data.leads import LEADS
+from melp_ray.data.records import REJECTION_REASONS, RecordRef, RecordRejected, load_signal, n_samples_for
+from melp_ray.data.sources import DATASETS, DataRootError, RecordListing, scan_records, split_for_subject
+
+FORMAT_VERSION = 1
+CPUS_PER_CHUNK = 0.5   # small, so a 2-core machine runs 4 chunks at once and the driver keeps room
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    dataset: str
+    root: str
+    out: str
+    sample_rate: int = 500
+    seconds: float = 10.0
+    shard_size: int = 256
+    val_fraction: float = 0.1
+    seed: int = 0
+    limit: int | None = None
+    min_report_words: int | None = None   # None: the dataset's default (MIMIC 4, PTB-XL 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the output; a resumed run must match it exactly."""
+        return {k: v for k, v in asdict(self).items() if k != "out"}
+
+
+class PrepareError(RuntimeError):
+    """The output folder cannot be (re)used with these settings."""
+
+
+# ---------------------------------------------------------------- planning (driver)
+def plan_chunks(refs: list[RecordRef], settings: PrepareSettings) -> list[dict[str, Any]]:
+    """Assign a split per subject and cut each split into fixed chunks, in listing order."""
+    by_split: dict[str, list[RecordRef]] = {split: [] for split in shards.SPLITS}
+    for ref in refs:
+        by_split[split_for_subject(ref.subject_id, settings.val_fraction, settings.seed)].append(ref)
+    chunks = []
+    for split, split_refs in by_split.items():
+        for index, start in enumerate(range(0, len(split_refs), settings.shard_size)):
+            members = split_refs[start:start + settings.shard_size]
+            chunks.append({"split": split, "index": index, "records": [ref.to_row() for ref in members]})
+    return chunks
+
+
+def _read_state(out: Path, chunk: dict[str, Any]) -> dict[str, Any] | None:
+    path = out / shards.state_relpath(chunk["split"], chunk["index"])
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def chunk_is_done(out: Path, chunk: dict[str, Any], settings: PrepareSettings) -> bool:
+    """Its state json exists for these settings and its shard (if it kept rows) is on disk."""
+    state = _read_state(out, chunk)
+    if state is None:
+        return False
+    if state["settings"] != settings.fingerprint():
+        raise PrepareError(f"{out} holds chunks prepared with other settings ({state['settings']}); "
+                           f"use a new --out or delete it")
+    return state["rows"] == 0 or (out / state["shard"]).is_file()
+
+
+def _check_output_folder(out: Path, settings: PrepareSettings) -> None:
+    """Refuse to mix settings in one output folder; clean temp files of a killed run."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / shards.STATE_DIR / "settings.json"
+    if settings_path.is_file():
+        with open(settings_path) as handle:
+            previous = json.load(handle)
+        if previous != settings.fingerprint():
+            raise PrepareError(f"{out} was prepared with other settings ({previous}); "
+                               f"use a new --out or delete it")
+    else:
+        shards.atomic_write_json(settings_path, settings.fingerprint())
+    shards.remove_temp_files(out)
+
+
+# ---------------------------------------------------------------- one chunk (Ray task)
+def process_chunk(chunk: dict[str, Any], settings: PrepareSettings) -> dict[str, Any]:
+    """Load every record of a chunk, write its shard and its state json; returns the state."""
+    out = Path(settings.out)
+    rows, kept, subjects = [], [], set()
+    rejected: dict[str, list[str]] = {}
+    details: dict[str, str] = {}
+    for record in chunk["records"]:
+        ref = RecordRef.from_row(record)
+        try:
+            signal = load_signal(ref, settings.root, settings.sample_rate, settings.seconds)
+        except RecordRejected as rejection:
+            rejected.setdefault(rejection.reason, []).append(ref.record_id)
+            details[ref.record_id] = str(rejection)
+            continue
+        rows.append(shards.shard_row(ref, chunk["split"], signal))
+        kept.append(ref.record_id)
+        subjects.add(ref.subject_id)
+    shard = shards.shard_relpath(chunk["split"], chunk["index"])
+    if rows:
+        shards.write_shard(rows, out / shard)
+    state = {
+        "split": chunk["split"], "index": chunk["index"], "shard": shard if rows else None,
+        "rows": len(rows), "kept": kept, "subjects": sorted(subjects), "rejected": rejected, "details": details,
+        "settings": settings.fingerprint(),
+    }
+    # Written last: its presence marks the chunk as done.
+    shards.atomic_write_json(out / shards.state_relpath(chunk["split"], chunk["index"]), state)
+    return state
+
+
+def _process_chunk_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map function: the chunk and settings travel as one json string."""
+    task = json.loads(row["task"])
+    state = process_chunk(task["chunk"], PrepareSettings(**task["settings"]))
+    return {"split": state["split"], "index": state["index"], "rows": state["rows"]}
+
+
+def run_chunks(chunks: list[dict[str, Any]], settings: PrepareSettings) -> None:
+    """Process the chunks in parallel on the Ray cluster (one Ray Data row per chunk)."""
+    if not chunks:
+        return
+    import ray
+
+    from melp_ray.ray_utils import init_ray
+
+    init_ray()
+    tasks = [{"task": json.dumps({"chunk": chunk, "settings": asdict(settings)})} for chunk in chunks]
+    dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    dataset.map(_process_chunk_row, num_cpus=CPUS_PER_CHUNK).materialize()
+
+
+# ---------------------------------------------------------------- manifest (driver)
+def build_manifest(listing: RecordListing, states: list[dict[str, Any]], settings: PrepareSettings) -> dict[str, Any]:
+    rejected: dict[str, list[str]] = {reason: list(listing.rejected.get(reason, [])) for reason in REJECTION_REASONS}
+    kept = 0
+    shard_list = []
+    splits = {split: {"records": 0, "subjects": set(), "shards": 0} for split in shards.SPLITS}
+    for state in states:
+        kept += state["rows"]
+        for reason, ids in state["rejected"].items():
+            rejected[reason].extend(ids)
+        if state["rows"]:
+            shard_list.append({"path": state["shard"], "split": state["split"], "rows": state["rows"]})
+            splits[state["split"]]["records"] += state["rows"]
+            splits[state["split"]]["shards"] += 1
+            splits[state["split"]]["subjects"].update(state["subjects"])
+    for split in shards.SPLITS:
+        splits[split]["subjects"] = len(splits[split]["subjects"])
+    n_rejected = sum(len(ids) for ids in rejected.values())
+    assert listing.n_input == kept + n_rejected, (listing.n_input, kept, n_rejected)
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": settings.dataset,
+        "source_root": os.path.abspath(settings.root),
+        "sample_rate": settings.sample_rate,
+        "seconds": settings.seconds,
+        "n_samples": n_samples_for(settings.sample_rate, settings.seconds),
+        "n_leads": len(LEADS),
+        "leads": list(LEADS),
+        "ecg_encoding": "float32 little-endian, C order, shape (n_leads, n_samples), mV",
+        "schema": shards.schema_description(),
+        "input": listing.n_input,
+        "kept": kept,
+        "rejected": rejected,
+        "rejected_counts": {reason: len(ids) for reason, ids in rejected.items()},
+        "splits": splits,
+        "shards": shard_list,
+        "settings": settings.fingerprint(),
+    }
+
+
+# ---------------------------------------------------------------- entry points
+def prepare(settings: PrepareSettings) -> dict[str, Any]:
+    """Prepare (or resume preparing) ``settings.out``; returns the manifest it wrote."""
+    # Ray workers do not share the driver's working directory: use absolute paths.
+    settings = replace(settings, root=os.path.abspath(settings.root), out=os.path.abspath(settings.out))
+    if settings.dataset not in DATASETS:
+        raise DataRootError(f"unknown dataset {settings.dataset!r}; expected one of {DATASETS}")
+    if settings.shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    n_samples_for(settings.sample_rate, settings.seconds)   # fails early on impossible settings
+    listing = scan_records(settings.dataset, settings.root, settings.limit,
+                           settings.min_report_words, settings.sample_rate)
+    out = Path(settings.out)
+    _check_output_folder(out, settings)
+    chunks = plan_chunks(listing.refs, settings)
+    pending = [chunk for chunk in chunks if not chunk_is_done(out, chunk, settings)]
+    run_chunks(pending, settings)
+    states = []
+    for chunk in chunks:
+        state = _read_state(out, chunk)
+        if state is None or not chunk_is_done(out, chunk, settings):
+            raise PrepareError(f"chunk {chunk['split']}/{chunk['index']} did not finish")
+        states.append(state)
+    manifest = build_manifest(listing, states, settings)
+    shards.atomic_write_json(out / shards.MANIFEST_NAME, manifest)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m melp_ray.prepare",
+        description="Convert a raw PTB-XL or MIMIC-IV-ECG root into Parquet shards (with Ray Data). "
+                    "Each record is read with wfdb, its leads are mapped by name to "
+                    f"{', '.join(LEADS)}, it is checked (NaN/Inf, flat, length, report) and "
+                    "resampled; rejected records are listed by reason in OUT/manifest.json. "
+                    "Re-running with the same arguments resumes and skips finished shards. "
+                    "Attaches to a running Ray cluster (ray start / RAY_ADDRESS) or starts a local one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="layout of --root")
+    parser.add_argument("--root", required=True, help="dataset root (holds ptbxl_database.csv or record_list.csv)")
+    parser.add_argument("--out", required=True, help="output folder for <split>/part-NNNNN.parquet and manifest.json")
+    parser.add_argument("--sample-rate", type=int, default=500, help="target sampling rate in Hz")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="duration kept per record; shorter records are rejected, longer ones cropped")
+    parser.add_argument("--shard-size", type=int, default=256, help="records listed per shard (one Ray task each)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of subjects in the val split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subject split hash")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N records of the listing (smoke runs)")
+    parser.add_argument("--min-report-words", type=int, default=None,
+                        help="reject reports with fewer words (default: 4 for mimic-iv-ecg, 1 for ptb-xl)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = PrepareSettings(
+        dataset=args.dataset, root=args.root, out=args.out, sample_rate=args.sample_rate,
+        seconds=args.seconds, shard_size=args.shard_size, val_fraction=args.val_fraction,
+        seed=args.seed, limit=args.limit, min_report_words=args.min_report_words)
+    try:
+        manifest = prepare(settings)
+    except (DataRootError, PrepareError, ValueError) as err:
+        print(f"prepare: error: {err}", file=sys.stderr)
+        return 2
+    counts = {reason: n for reason, n in manifest["rejected_counts"].items() if n}
+    print(f"prepared {manifest['kept']} of {manifest['input']} records into {len(manifest['shards'])} shards "
+          f"(train {manifest['splits']['train']['records']}, val {manifest['splits']['val']['records']}); "
+          f"rejected: {counts or 'none'}; manifest: {Path(settings.out) / shards.MANIFEST_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
