@@ -208,3 +208,17 @@ def test_cli(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 1
     assert "FAILED" in bad.stderr and "head node type must advertise resources CPU: 0" in bad.stderr
+
+
+def test_rayjob_entrypoint_is_a_valid_pretrain_config(tmp_path):
+    """The RayJob's overrides are accepted by the real config loader. data.root points at the
+    cluster's shared volume, which does not exist here: substitute an existing folder."""
+    from melp_ray.config import PretrainConfig, load_config
+
+    args = load(RAYJOB)["spec"]["entrypoint"].split()[3:]
+    assert args[0] == "--config"
+    overrides = [f"data.root={tmp_path}" if a.startswith("data.root=") else a for a in args[2:]]
+    assert any(a.startswith("data.root=/mnt/shared/") for a in args)
+    cfg = load_config(PretrainConfig, args[1], overrides)
+    assert cfg.train.use_gpu and cfg.train.num_workers == 8
+    assert cfg.run.storage_path.startswith("s3://") and cfg.run.name == "melp-paper-v1"
