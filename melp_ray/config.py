@@ -52,7 +52,8 @@ class TrainConfig:
     cpus_per_worker: float = 0.5     # < 1 leaves CPUs for Ray Data on small machines
     global_batch_size: int = 16      # = micro_batch_size x grad_accum x num_workers
     micro_batch_size: int | None = None  # None: global_batch_size / num_workers
-    max_steps: int = 40
+    max_steps: int = 40              # length of the run (and of the LR schedule)
+    stop_at_step: int | None = None  # stop early here, as if interrupted; re-run to resume
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.2
@@ -260,6 +261,8 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
         problems.append("train.global_batch_size must be >= 2 (contrastive loss needs negatives)")
     if t.max_steps < 1:
         problems.append("train.max_steps must be >= 1")
+    if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
+        problems.append("train.stop_at_step must be between 1 and train.max_steps")
     if t.precision not in ("auto", "bf16", "fp32"):
         problems.append(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
     if t.precision == "bf16" and not t.use_gpu:

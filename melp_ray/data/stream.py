@@ -1,0 +1,190 @@
+"""Ray Data pipelines that feed training and evaluation workers.
+
+Two sources, one output format (see docs/architecture.md, "Batches a training worker receives"):
+
+- prepared Parquet shards (``python -m melp_ray.prepare``): read -> decode -> normalise -> tokenise
+- a raw WFDB root (PTB-XL or MIMIC-IV-ECG layout): read with wfdb -> validate -> normalise -> tokenise
+
+Why one dataset per training rank instead of ``streaming_split``: Ray's streaming split hands
+blocks to whichever worker asks first, so which sample lands on which rank changes from run
+to run. Training must be exactly resumable and give the same global batch for any worker
+count, so each rank gets a fixed, deterministic slice: every ``world``-th record of a raw
+root (free: only metadata is sliced), or every ``world``-th shard file of prepared data
+(each rank reads only its own files). Reports are tokenised here, on the data workers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from melp_ray.tokenization import encode_reports, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
+MODEL_COLUMNS = ("ecg", "input_ids", "attention_mask", "sentence_ids")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every pipeline needs to turn source rows into model batches."""
+
+    sample_rate: int
+    seconds: float
+    text_model: str
+    max_text_length: int
+    with_labels: bool = True
+
+    @property
+    def n_samples(self) -> int:
+        return int(round(self.sample_rate * self.seconds))
+
+
+# ---------------------------------------------------------------- row transforms
+
+def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
+    """Per-record min-max scaling to [0, 1] over all leads (the reference MELP scaling)."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
+
+
+def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
+    out = np.zeros((len(labels), len(SUPERCLASSES)), dtype=np.float32)
+    for row, names in enumerate(labels):
+        for name in names if names is not None else ():
+            if name in SUPERCLASSES:
+                out[row, SUPERCLASSES.index(name)] = 1.0
+    return out
+
+
+def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
+    """Normalised signals + tokenised reports (+ multi-hot labels): the worker-side batch."""
+    tokenizer = load_tokenizer(spec.text_model)
+    batch = {"ecg": minmax_normalise(ecg),
+             **encode_reports(tokenizer, [str(r) for r in reports], spec.max_text_length)}
+    if spec.with_labels:
+        batch["labels_super"] = superclass_multihot(labels_super)
+    return batch
+
+
+def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec) -> dict[str, np.ndarray]:
+    from melp_ray.data.shards import decode_ecg
+
+    ecg = np.stack([decode_ecg(b) for b in batch["ecg"]])
+    if ecg.shape[-1] != spec.n_samples:
+        raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
+                         f"{spec.n_samples}; re-run prepare with the same rate/duration")
+    return finish_batch(ecg, batch["report"], batch.get("labels_super"), spec)
+
+
+def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
+    """Read each record with wfdb; rejected records are logged by name and left out."""
+    from melp_ray.data.records import RecordRef, RecordRejected, load_signal
+
+    signals, reports, labels = [], [], []
+    for row in _rows(batch):
+        ref = RecordRef.from_row(row)
+        try:
+            signals.append(load_signal(ref, root, spec.sample_rate, spec.seconds))
+        except RecordRejected as err:
+            logger.warning("rejected record %s (%s): %s", ref.record_id, err.reason, err.detail)
+            continue
+        reports.append(ref.report)
+        labels.append(ref.labels.get("super", []))
+    if not signals:
+        shape = (0, 12, spec.n_samples)
+        return finish_batch(np.zeros(shape, np.float32), [], [], spec)
+    return finish_batch(np.stack(signals), reports, labels, spec)
+
+
+def _rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: _plain(batch[k][i]) for k in keys} for i in range(n)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------- dataset builders
+
+def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None):
+    """Parquet shard files -> model-ready rows."""
+    import ray.data
+
+    columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
+    ds = ray.data.read_parquet(list(files), columns=columns, filesystem=filesystem,
+                               shuffle=None)
+    return ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec}, batch_format="numpy",
+                          batch_size=64)
+
+
+def wfdb_dataset(refs: Sequence[Any], root: str, spec: StreamSpec):
+    """Raw WFDB records (``RecordRef``s) -> model-ready rows, reading on Ray Data workers."""
+    import ray.data
+
+    rows = [ref.to_row() for ref in refs]
+    # Small blocks so reading spreads over the cluster's CPUs.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 16, 256)))
+    return ds.map_batches(read_wfdb_batch, fn_kwargs={"spec": spec, "root": root},
+                          batch_format="numpy", batch_size=32)
+
+
+def resolve_root(root: str | None) -> str:
+    from melp_ray.data.sources import bundled_root
+
+    return str(bundled_root()) if root is None else str(root)
+
+
+def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpec, *,
+                  dataset: str = "auto", val_fraction: float = 0.1, seed: int = 0,
+                  limit: int | None = None) -> list:
+    """One dataset per rank for ``split`` ("train" | "val"), from shards or a raw root."""
+    from melp_ray.data.sources import detect_layout
+
+    root = resolve_root(root)
+    layout = detect_layout(root) if dataset == "auto" else dataset
+    if layout == "shards":
+        files = shard_files(root, split)
+        if limit is not None:
+            files = files[: max(world_size, 1)]
+        if len(files) < world_size:
+            raise ValueError(
+                f"{root} has {len(files)} {split} shard(s) for {world_size} workers: each worker "
+                f"reads whole shards; re-run prepare with a smaller --shard-size")
+        return [shards_dataset(files[r::world_size], spec) for r in range(world_size)]
+    refs = split_refs(layout, root, split, val_fraction, seed, limit, spec.sample_rate)
+    if len(refs) < world_size:
+        raise ValueError(f"{root}: only {len(refs)} {split} record(s) for {world_size} workers")
+    return [wfdb_dataset(refs[r::world_size], root, spec) for r in range(world_size)]
+
+
+def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: int,
+               limit: int | None, sample_rate: int = 500) -> list:
+    """The records of one split; those rejected from the metadata alone are logged by name."""
+    from melp_ray.data.sources import scan_records, split_for_subject
+
+    listing = scan_records(layout, root, limit=limit, sample_rate=sample_rate)
+    for record_id, why in listing.details.items():
+        logger.warning("rejected record %s: %s", record_id, why)
+    return [r for r in listing.refs if split_for_subject(r.subject_id, val_fraction, seed) == split]
+
+
+def shard_files(root: str, split: str) -> list[str]:
+    from melp_ray.data.shards import load_manifest
+
+    manifest = load_manifest(root)
+    files = sorted(s["file"] for s in manifest["shards"] if s.get("split") == split and s["rows"] > 0)
+    return [str(Path(root) / f) for f in files]

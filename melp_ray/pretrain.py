@@ -1,0 +1,240 @@
+"""Stage 2: MELP ECG-language pretraining as a Ray Train job with DeepSpeed ZeRO workers.
+
+    python -m melp_ray.pretrain                                   # tiny model, bundled PTB-XL
+    python -m melp_ray.pretrain --config paper data.root=/data/mimic-shards train.num_workers=8
+    ray job submit --working-dir . -- python -m melp_ray.pretrain train.max_steps=100
+
+Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from melp_ray.config import ConfigError, PretrainConfig, load_config
+from melp_ray.train.recipe import DeepSpeedRecipe
+
+DEFAULT_CONFIG = "tiny"
+
+
+class PretrainRecipe(DeepSpeedRecipe):
+    """What stage 2 trains: the MELP model on the token, beat and rhythm objectives."""
+
+    def build_model(self):
+        from melp_ray.model import MELP
+
+        return MELP(self.cfg.model)
+
+    def setup(self) -> None:
+        super().setup()
+        from melp_ray.losses import MELPLoss
+
+        w = self.cfg.loss
+        self.loss_fn = MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
+                                                  beat=w.beat)
+
+    def forward(self, batch: dict[str, torch.Tensor], ecg: torch.Tensor) -> dict:
+        if self.bf16:
+            ecg = ecg.to(torch.bfloat16)
+        return self.engine(ecg, batch["input_ids"], batch["attention_mask"], batch["sentence_ids"])
+
+    def compute_losses(self, batch, generator):
+        ecg = mask_leads(batch["ecg"], self.cfg.data.lead_mask_prob, generator)
+        out = self.forward(batch, ecg)
+        return self.loss_fn({k: v.float() if torch.is_floating_point(v) else v
+                             for k, v in out.items()})
+
+    def extra_metrics(self) -> dict[str, float]:
+        scale = self.model.logit_scale.detach().float()   # 1 element: never partitioned by ZeRO-3
+        return {"logit_scale": float(scale.clamp(max=self.cfg.model.logit_scale_max).exp())}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation losses, ECG<->report retrieval recall and (with labels) zero-shot AUROC."""
+        if self.val_data is None:
+            return {}
+        self.engine.eval()
+        batches = iter(self.val_data.iter_torch_batches(
+            batch_size=self.cfg.train.micro_batch_size, drop_last=True, device=self.device))
+        sums: dict[str, float] = {}
+        ecg_embs, text_embs, labels, n = [], [], [], 0
+        for _ in range(self.cfg.train.val_batches):
+            batch = self.next_batch_everywhere(batches)
+            if batch is None:
+                break
+            out = self.forward(batch, batch["ecg"])
+            for k, v in self.loss_fn({k: v.float() if torch.is_floating_point(v) else v
+                                      for k, v in out.items()}).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            ecg_embs.append(out["ecg_emb"].float())
+            text_embs.append(out["text_emb"].float())
+            if "labels_super" in batch:
+                labels.append(batch["labels_super"].float())
+            n += 1
+        if n == 0:
+            return {}
+        metrics = {f"loss_{k}": mean_over_ranks(v / n, self.device) for k, v in sums.items()}
+        ecg_all = gather_rows(torch.cat(ecg_embs))
+        text_all = gather_rows(torch.cat(text_embs))
+        metrics.update(retrieval_recall(ecg_all, text_all))
+        if labels:
+            metrics.update(self.zero_shot_auroc(ecg_all, gather_rows(torch.cat(labels))))
+        self.engine.train()
+        return metrics
+
+    def zero_shot_auroc(self, ecg_emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        from melp_ray.eval.metrics import macro_auroc
+        from melp_ray.data.stream import SUPERCLASSES
+        from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+
+        prompts = [PTBXL_SUPERCLASS_PROMPTS[c] for c in SUPERCLASSES]
+        prompt_emb = self.model.encode_reports(prompts).float().to(ecg_emb.device)
+        scores = ecg_emb @ prompt_emb.T
+        y = labels.cpu().numpy()
+        if not ((y.sum(0) > 0) & (y.sum(0) < len(y))).any():
+            return {}
+        macro, _ = macro_auroc(y, scores.cpu().numpy())
+        return {"zeroshot_auroc": float(macro)}
+
+
+# ---------------------------------------------------------------- small pieces
+
+def mask_leads(ecg: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero each lead of each record with probability ``prob`` (MELP's augmentation).
+
+    Drawn on the training worker from a seeded generator so a resumed run repeats it.
+    """
+    if prob <= 0:
+        return ecg
+    keep = torch.rand(ecg.shape[0], ecg.shape[1], 1, generator=generator) >= prob
+    return ecg * keep.to(device=ecg.device, dtype=ecg.dtype)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], device=device, dtype=torch.float32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t)
+
+
+def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
+    from melp_ray.eval.metrics import recall_at_k
+
+    sim = (ecg_emb @ text_emb.T).cpu().numpy()
+    out = recall_at_k(sim, ks=(1, 5, 10))
+    return {k.replace("@", "_at_"): float(v) for k, v in flatten(out).items()}
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------- driver
+
+def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
+    from melp_ray.data.stream import StreamSpec, rank_datasets
+
+    spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
+                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
+    kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
+              seed=cfg.train.seed, limit=cfg.data.limit)
+    world = cfg.train.num_workers
+    datasets = {}
+    for split, prefix in (("train", "train"), ("val", "val")):
+        for rank, ds in enumerate(rank_datasets(cfg.data.root, split, world, spec, **kw)):
+            datasets[f"{prefix}_r{rank}"] = ds
+    return datasets
+
+
+def check_data_root(cfg: PretrainConfig) -> None:
+    """Fail on a missing or malformed data root before Ray starts."""
+    from melp_ray.data.sources import DataRootError, detect_layout
+
+    if cfg.data.root is None or "://" in cfg.data.root:
+        return
+    try:
+        detect_layout(cfg.data.root)
+    except DataRootError as err:
+        raise ConfigError(f"data.root: {err}") from None
+
+
+def run(cfg: PretrainConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train with an already validated config; returns (and writes) the run summary."""
+    from melp_ray.ray_utils import init_ray
+    from melp_ray.train.launcher import fit_and_summarise
+
+    check_data_root(cfg)
+    init_ray()
+    quiet_data_progress_bars()
+    summary = fit_and_summarise(cfg, PretrainRecipe, build_datasets(cfg), callbacks=callbacks)
+    return summary
+
+
+def quiet_data_progress_bars() -> None:
+    """Training prints its own progress line; Ray Data's per-dataset bars would drown it."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m melp_ray.pretrain",
+        description="MELP ECG-language pretraining on Ray Train + DeepSpeed ZeRO.",
+        epilog="Overrides are key=value pairs over the config, e.g. train.max_steps=100 "
+               "model.preset=paper deepspeed.zero_stage=3 data.root=/data/shards. "
+               "Keys: " + ", ".join(config_keys(PretrainConfig)))
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="YAML file, or a shipped config name (tiny, paper). Default: tiny")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def config_keys(cls, prefix: str = "") -> list[str]:
+    import typing
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, overrides = parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, config, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = run(cfg)
+    print("[melp_ray] summary:\n" + json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Driver side: turn a recipe + datasets into a Ray Train run, then write summary.json."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from melp_ray import storage
+from melp_ray.train.metrics import run_dir
+
+
+def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
+    """What every Ray Train worker runs."""
+    cfg = config["cfg"]
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
+    recipe = config["recipe_cls"](cfg)
+    recipe.setup()
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | None = None):
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker=worker_entry,
+        train_loop_config={"cfg": cfg, "recipe_cls": recipe_cls},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        datasets=datasets,
+        # Each rank has its own deterministic dataset (see melp_ray.data.stream): nothing to
+        # split, and block order preserved so a resumed run sees the same batches.
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage.normalise_storage_path(cfg.run.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks or None,
+        ),
+    )
+
+
+def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=None,
+                      callbacks: list | None = None) -> dict[str, Any]:
+    trainer = build_trainer(cfg, recipe_cls, datasets, callbacks)
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    if result.error is not None:
+        raise result.error
+    out = result.return_value or {}
+    metrics = out.get("metrics", {})
+    summary = {
+        "run_name": cfg.run.name,
+        "steps": out.get("step"),
+        "world_size": out.get("world_size"),
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "global_batch_size": cfg.train.global_batch_size,
+        "losses": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("loss/")},
+        "validation": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("val/")},
+        "samples_per_s": metrics.get("samples_per_s"),
+        "input_wait_frac": metrics.get("input_wait_frac"),
+        "wall_seconds": wall,
+        "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "run_dir": run_dir(cfg),
+        **(extra_summary or {}),
+    }
+    storage.write_json(storage.join(run_dir(cfg), "summary.json"), summary)
+    return summary

@@ -1,0 +1,278 @@
+"""One training worker: DeepSpeed engine, deterministic data, logging, checkpoints, resume.
+
+A recipe subclass says *what* to train (``build_model``, ``compute_losses``,
+``validate``); this class says *how*, the same way for every stage:
+
+    recipe = MyRecipe(cfg); recipe.setup(); recipe.train(); recipe.cleanup()
+
+Determinism (exact resume): each rank reads its own fixed slice of the data in a fixed
+order (``melp_ray.data.stream``), every random draw of a micro-step is seeded from
+(seed, step, micro-step, rank), and a checkpoint records the data position
+(epoch, micro-batches consumed in it). Resuming replays nothing and skips exactly that.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from melp_ray.train.deepspeed_config import deepspeed_config, use_bf16
+from melp_ray.train.metrics import MetricsLogger
+
+CHECKPOINT_TAG = "deepspeed"       # sub-folder DeepSpeed writes inside a checkpoint
+TRAINER_STATE = "trainer_state.json"
+RUN_CONFIG = "melp_config.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0
+    micro_in_epoch: int = 0       # micro-batches of this epoch already consumed
+    samples_seen: int = 0         # global samples
+
+
+class DeepSpeedRecipe:
+    dataset_prefix = "train"      # datasets are named f"{prefix}_r{rank}"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.state = TrainState()
+
+    # ---------------------------------------------------------------- hooks
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator
+                       ) -> dict[str, torch.Tensor]:
+        """Loss dict with a "total" key; ``generator`` seeds any augmentation."""
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        return {}
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {}
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        import deepspeed
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.bf16 = use_bf16(self.cfg.train)
+        torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
+        model = self.build_model()
+        optimizer = torch.optim.AdamW(param_groups(model, self.cfg.train.weight_decay),
+                                      lr=self.cfg.train.lr, betas=tuple(self.cfg.train.betas))
+        scheduler = warmup_cosine(optimizer, self.cfg.train.warmup_steps, self.cfg.train.max_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg.train, self.cfg.deepspeed),
+            dist_init_required=False)
+        self.train_data = ray.train.get_dataset_shard(f"{self.dataset_prefix}_r{self.rank}")
+        self.val_data = ray.train.get_dataset_shard(f"val_r{self.rank}")
+        self.logger = MetricsLogger(self.cfg, self.rank)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # ---------------------------------------------------------------- data
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        t = self.cfg.train
+        shuffle = self.cfg.data.shuffle_buffer or None
+        return iter(self.train_data.iter_torch_batches(
+            batch_size=t.micro_batch_size, drop_last=True, device=self.device,
+            local_shuffle_buffer_size=shuffle,
+            local_shuffle_seed=(t.seed * 10_007 + epoch) if shuffle else None))
+
+    def next_batch_everywhere(self, batches: Iterator) -> dict | None:
+        """The next micro-batch, or None on *every* rank once *any* rank runs out.
+
+        Ranks may hold a few rows more or less (shards, rejected records); agreeing here
+        keeps all ranks stepping together instead of hanging in a collective.
+        """
+        batch = next(batches, None)
+        have = torch.tensor([0 if batch is None else 1], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        return batch if have.item() == 1 else None
+
+    # ---------------------------------------------------------------- training
+    def train(self) -> dict[str, Any]:
+        t = self.cfg.train
+        stop_at = min(t.max_steps, t.stop_at_step or t.max_steps)
+        window = Window()
+        empty_epochs = 0
+        while self.state.step < stop_at:
+            batches = self.epoch_batches(self.state.epoch)
+            for _ in range(self.state.micro_in_epoch):   # resume: skip what was consumed
+                next(batches, None)
+            consumed_this_epoch = 0
+            while self.state.step < stop_at:
+                wait_start = time.perf_counter()
+                batch = self.next_batch_everywhere(batches)
+                window.input_wait += time.perf_counter() - wait_start
+                if batch is None:
+                    break
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                losses = self.micro_step(batch)
+                self.state.micro_in_epoch += 1
+                self.state.samples_seen += t.micro_batch_size * self.world
+                consumed_this_epoch += 1
+                window.add(losses, t.micro_batch_size * self.world)
+                if not boundary:            # gradients still accumulating
+                    continue
+                self.state.step += 1
+                self.after_optimizer_step(window, stop_at)
+            if consumed_this_epoch == 0:
+                empty_epochs += 1
+                if empty_epochs >= 2:
+                    raise RuntimeError(f"rank {self.rank}: the training data yields no full "
+                                       f"micro-batch of {t.micro_batch_size}")
+            else:
+                empty_epochs = 0
+            if self.state.step < stop_at:
+                self.state.epoch += 1
+                self.state.micro_in_epoch = 0
+        return self.finish(window)
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        seed = self.micro_seed()
+        torch.manual_seed(seed)            # dropout etc.: same draws after a resume
+        generator = torch.Generator().manual_seed(seed)
+        self.engine.train()
+        losses = self.compute_losses(batch, generator)
+        self.engine.backward(losses["total"])
+        self.engine.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def micro_seed(self) -> int:
+        s = self.state
+        return (self.cfg.train.seed * 1_000_003 + s.epoch * 100_003 + s.micro_in_epoch * 101
+                + self.rank) % (2**63 - 1)
+
+    def after_optimizer_step(self, window: "Window", stop_at: int) -> None:
+        t = self.cfg.train
+        step = self.state.step
+        last = step >= stop_at
+        want_val = (t.val_every and step % t.val_every == 0) or step == t.max_steps
+        want_ckpt = step % t.checkpoint_every == 0 or last
+        want_log = step % t.log_every == 0 or want_ckpt or want_val
+        if not want_log:
+            return
+        metrics = window.summary(step, self.scheduler.get_last_lr()[0])
+        metrics.update(self.extra_metrics())
+        if want_val:
+            metrics.update({f"val/{k}": v for k, v in self.validate().items()})
+        metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen)
+        self.logger.log(metrics)
+        self.last_metrics = metrics
+        if want_ckpt:
+            self.save_checkpoint(metrics)
+        else:
+            import ray.train
+
+            ray.train.report(metrics)
+        window.reset()
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Every rank writes its DeepSpeed shard; Ray merges them into one checkpoint."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+            if self.rank == 0:
+                with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                    json.dump({**asdict(self.state), "world_size": self.world,
+                               "zero_stage": self.cfg.deepspeed.zero_stage}, f, indent=2)
+                with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+                    json.dump(config_dict(self.cfg), f, indent=2, default=str)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def load_checkpoint(self, checkpoint) -> None:
+        with checkpoint.as_directory() as path:
+            load_path, _ = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG,
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
+            with open(os.path.join(path, TRAINER_STATE)) as f:
+                saved = json.load(f)
+        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        if self.rank == 0:
+            print(f"[melp_ray] resumed from step {self.state.step} (epoch {self.state.epoch}, "
+                  f"{self.state.micro_in_epoch} micro-batches into it)", flush=True)
+
+    def finish(self, window: "Window") -> dict[str, Any]:
+        metrics = getattr(self, "last_metrics", {})
+        return {"step": self.state.step, "world_size": self.world,
+                "zero_stage": self.cfg.deepspeed.zero_stage, "metrics": metrics}
+
+    def cleanup(self) -> None:
+        self.logger.close()
+
+
+# ---------------------------------------------------------------- helpers
+
+class Window:
+    """Running means of the losses, throughput and input wait since the last report."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.samples = 0
+        self.input_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, float], samples: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.samples += samples
+
+    def summary(self, step: int, lr: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {f"loss/{k}": v / max(self.count, 1) for k, v in self.sums.items()}
+        out.update(step=step, lr=lr, samples_per_s=self.samples / elapsed,
+                   input_wait_frac=self.input_wait / elapsed)
+        return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, embeddings-like 1-d params and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg), default=str))
