@@ -27,6 +27,7 @@ class ModelConfig:
     conv_stride: int = 2
     pos_conv_kernel: int = 128      # convolutional relative position embedding
     pos_conv_groups: int = 16
+    pos_conv_weight_norm: bool = False  # wav2vec2 uses it; off by default (plain weights are ZeRO-3 safe)
     ecg_width: int = 768
     ecg_layers: int = 8
     ecg_heads: int = 12
