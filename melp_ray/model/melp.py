@@ -1,0 +1,158 @@
+"""MELP: ties the ECG encoder, the two poolers, the causal text tower and the decoder together.
+
+    ecg (B, leads, T) ─ ECGEncoder ─ frames ─┬─ beat pooler (K queries) ─ Linear ─ beat_emb (B, K, D)
+                                             │                               mean ─ ecg_emb (rhythm)
+                                             └─ caption pooler (Q queries) ─ memory ─┐
+    input_ids ─ TextTower (causal) ─ token states ─┬─ [CLS] state ─ MLP ─ text_emb   │
+                                                   ├─ per-sentence mean ─ sentence_emb
+                                                   └─ MultimodalDecoder (cross-attends memory) ─ logits
+
+The three losses that use these outputs live in ``melp_ray.losses``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from melp_ray.model.config import ModelConfig
+from melp_ray.model.decoder import MultimodalDecoder
+from melp_ray.model.ecg_encoder import ECGEncoder
+from melp_ray.model.pooler import AttentionalPooler
+from melp_ray.model.text_tower import TextTower
+from melp_ray import tokenization  # module import: see text_tower.py on the import cycle
+
+IGNORE_INDEX = -100  # label of padding positions (torch's cross-entropy default)
+
+
+class MELP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ecg_encoder = ECGEncoder(cfg)
+        self.beat_pooler = AttentionalPooler(
+            cfg.beat_width, cfg.ecg_width, cfg.num_beat_queries, cfg.pooler_heads)
+        self.beat_proj = nn.Linear(cfg.beat_width, cfg.embed_dim)
+        self.caption_pooler = AttentionalPooler(
+            cfg.decoder_width, cfg.ecg_width, cfg.num_caption_queries, cfg.pooler_heads)
+        self.text = TextTower(cfg)
+        self.decoder = MultimodalDecoder(cfg, self.text.hidden_size, self.text.vocab_size)
+        # Shape [1], not a scalar: DeepSpeed cannot start with a 0-dim parameter.
+        self.logit_scale = nn.Parameter(torch.full((1,), cfg.logit_scale_init))
+
+    @property
+    def tokenizer(self):
+        return tokenization.load_tokenizer(self.cfg.text_model)  # cached: one tokenizer per process
+
+    # ----- ECG side -----
+    def _beat_features(self, ecg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames, pooled beat-query features (B, K, beat_width))."""
+        frames = self.ecg_encoder(ecg)
+        return frames, self.beat_pooler(frames)
+
+    def ecg_features(self, ecg: torch.Tensor) -> torch.Tensor:
+        """(B, beat_width): mean beat-query feature before the projection (linear-probe input)."""
+        return self._beat_features(ecg)[1].mean(dim=1)
+
+    def encode_ecg(self, ecg: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, embed_dim) rhythm embedding: the mean of the beat embeddings."""
+        rhythm = self.beat_proj(self._beat_features(ecg)[1]).mean(dim=1)
+        return F.normalize(rhythm, dim=-1) if normalize else rhythm
+
+    # ----- text side -----
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = True) -> torch.Tensor:
+        """(B, embed_dim) report embedding from the trailing [CLS] state."""
+        states = self.text.token_states(input_ids, attention_mask)
+        report = self.text.report_embedding(states, attention_mask)
+        return F.normalize(report, dim=-1) if normalize else report
+
+    def encode_reports(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Tokenise raw report strings and embed them: (len(texts), embed_dim)."""
+        batch = tokenization.encode_reports(self.tokenizer, list(texts), self.cfg.max_text_length)
+        device = self.logit_scale.device
+        return self.encode_text(torch.from_numpy(batch["input_ids"]).to(device),
+                                torch.from_numpy(batch["attention_mask"]).to(device), normalize)
+
+    # ----- training forward -----
+    def forward(self, ecg: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                sentence_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        frames, beat_features = self._beat_features(ecg)
+        beat_emb = self.beat_proj(beat_features)                     # (B, K, D)
+        caption_memory = self.caption_pooler(frames)                 # (B, Q, decoder_width)
+
+        states = self.text.token_states(input_ids, attention_mask)   # (B, L, hidden)
+        text_emb = self.text.report_embedding(states, attention_mask)
+        sentence_emb, sentence_mask = self.text.sentence_embeddings(states, sentence_ids)
+
+        # Teacher forcing: the causal state at position t predicts token t + 1.
+        logits = self.decoder(states[:, :-1], caption_memory)
+        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+
+        return {
+            "ecg_emb": F.normalize(beat_emb.mean(dim=1), dim=-1),
+            "text_emb": F.normalize(text_emb, dim=-1),
+            "beat_emb": beat_emb,
+            "sentence_emb": sentence_emb,
+            "sentence_mask": sentence_mask,
+            "logits": logits,
+            "labels": labels,
+            "logit_scale": self.logit_scale.clamp(max=self.cfg.logit_scale_max).exp(),
+        }
+
+    # ----- captioning -----
+    @torch.no_grad()
+    def generate(self, ecg: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy report generation from ECGs. Stops at the [CLS] (end) token."""
+        begin, end, pad = tokenization.special_ids(self.tokenizer)
+        limit = self.cfg.max_text_length - 1
+        if self.text.max_positions:
+            limit = min(limit, self.text.max_positions - 1)
+        max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
+
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self.caption_pooler(self.ecg_encoder(ecg))
+            ids = torch.full((ecg.shape[0], 1), begin, dtype=torch.long, device=ecg.device)
+            finished = torch.zeros(ecg.shape[0], dtype=torch.bool, device=ecg.device)
+            for _ in range(max_new_tokens):
+                # No KV cache: the whole prefix is re-run each step (simple; reports are short).
+                states = self.text.token_states(ids, torch.ones_like(ids))
+                next_ids = self.decoder(states, memory)[:, -1].argmax(dim=-1)
+                next_ids = next_ids.masked_fill(finished, pad)
+                ids = torch.cat([ids, next_ids[:, None]], dim=1)
+                finished |= next_ids == end
+                if finished.all():
+                    break
+        finally:
+            self.train(was_training)
+        return [self._decode(row, end) for row in ids[:, 1:].tolist()]
+
+    def _decode(self, token_ids: list[int], end: int) -> str:
+        if end in token_ids:
+            token_ids = token_ids[: token_ids.index(end)]
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def _count(module: nn.Module, trainable: bool | None = None) -> int:
+    return sum(p.numel() for p in module.parameters()
+               if trainable is None or p.requires_grad == trainable)
+
+
+def count_parameters(model: MELP) -> dict[str, int]:
+    """Parameter counts per part; the text tower split into trainable and frozen."""
+    heads = _count(model.beat_proj) + _count(model.text.report_head) \
+        + _count(model.text.sentence_proj) + model.logit_scale.numel()
+    return {
+        "ecg_encoder": _count(model.ecg_encoder),
+        "beat_pooler": _count(model.beat_pooler),
+        "caption_pooler": _count(model.caption_pooler),
+        "text_tower_trainable": _count(model.text.backbone, trainable=True),
+        "text_tower_frozen": _count(model.text.backbone, trainable=False),
+        "decoder": _count(model.decoder),
+        "heads": heads,
+        "total": _count(model),
+    }

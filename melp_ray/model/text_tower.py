@@ -1,0 +1,109 @@
+"""Text tower: a Hugging Face BERT-style encoder run causally (a CoCa unimodal text decoder).
+
+Setting ``is_decoder=True`` in a BERT-style config makes transformers build a causal
+self-attention mask (``create_causal_mask``) instead of a bidirectional one, so the state
+at position t only sees tokens 0..t. That is what lets the same token states feed the
+captioning decoder (next-token prediction) and puts the report summary at the last
+position: the [CLS] token that ``melp_ray.tokenization`` places after the report.
+
+Outputs
+- token states (B, L, hidden) for the multimodal decoder,
+- the report embedding: the state at the [CLS] (last non-pad) position -> MLP head,
+- sentence embeddings: mean of the token states of each sentence -> Linear.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from melp_ray.model.config import ModelConfig
+# Module import (not `from ... import name`): tokenization imports model.config, and this
+# keeps `import melp_ray.tokenization` first working without a circular-import error.
+from melp_ray import tokenization
+
+
+def load_text_model(name_or_path: str, pretrained: bool, overrides: dict) -> nn.Module:
+    """The backbone (no pooler), causal. Pretrained weights, or the same architecture at random."""
+    from transformers import AutoConfig, AutoModel
+
+    path = tokenization.resolve_text_model_path(name_or_path)
+    local = os.path.isdir(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=local, **overrides)
+    config.is_decoder = True            # causal self-attention
+    config.add_cross_attention = False  # the multimodal decoder is our own module
+    config.use_cache = False
+    if pretrained:
+        model = AutoModel.from_pretrained(path, config=config, local_files_only=local)
+    else:
+        model = AutoModel.from_config(config)
+    # BERT's [CLS] pooler (dense + tanh) is never used: drop it so no parameter lacks a gradient.
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer layers of a BERT-style model (``model.encoder.layer``)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+        return encoder.layer
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.backbone = load_text_model(cfg.text_model, cfg.text_pretrained, cfg.text_overrides)
+        hidden = self.backbone.config.hidden_size
+        self.hidden_size = hidden
+        self.vocab_size = self.backbone.config.vocab_size
+        self.max_positions = getattr(self.backbone.config, "max_position_embeddings", None)
+        self.report_head = nn.Sequential(
+            nn.Linear(hidden, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        self.sentence_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.freeze(cfg.text_frozen_layers, cfg.freeze_text_embeddings)
+
+    def freeze(self, num_layers: int, embeddings: bool) -> None:
+        """No gradient for the first ``num_layers`` layers (and the embeddings if asked)."""
+        layers = transformer_layers(self.backbone)
+        if num_layers >= len(layers):
+            warnings.warn(f"text_frozen_layers={num_layers} freezes all {len(layers)} layers of "
+                          f"{type(self.backbone).__name__}: only the heads of the text tower train")
+        for layer in list(layers)[:num_layers]:
+            layer.requires_grad_(False)
+        if embeddings:
+            emb = getattr(self.backbone, "embeddings", None) or self.backbone.get_input_embeddings()
+            emb.requires_grad_(False)
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, hidden) causal hidden states."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def report_embedding(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """State at the last non-pad position (the trailing [CLS]) -> (B, embed_dim), unnormalised."""
+        last = attention_mask.long().sum(dim=1).clamp(min=1) - 1
+        summary = states[torch.arange(states.shape[0], device=states.device), last]
+        return self.report_head(summary)
+
+    def sentence_embeddings(self, states: torch.Tensor, sentence_ids: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean token state per sentence -> ((B, S, embed_dim), (B, S) bool mask of real sentences).
+
+        S is the largest sentence count in the batch, at least 1 so the projection always
+        takes part in the graph (ZeRO wants every trainable parameter to get a gradient).
+        """
+        num_sentences = max(int(sentence_ids.max().item()) + 1, 1)
+        slots = torch.arange(num_sentences, device=sentence_ids.device)
+        membership = (sentence_ids.unsqueeze(-1) == slots).to(states.dtype)  # (B, L, S)
+        counts = membership.sum(dim=1)                                       # (B, S)
+        sums = torch.einsum("bls,blh->bsh", membership, states)
+        means = sums / counts.clamp(min=1).unsqueeze(-1)
+        return self.sentence_proj(means), counts > 0
