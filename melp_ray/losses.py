@@ -1,0 +1,131 @@
+"""MELP's three objectives, one per time scale.
+
+- rhythm: CLIP-style symmetric InfoNCE between the ECG rhythm embedding and the report
+  embedding, negatives from the whole global batch (all-gather with gradient);
+- token:  captioning cross-entropy of the multimodal decoder, padding ignored;
+- beat:   GLoRIA-style local alignment between sentences and beat embeddings, per rank.
+
+``compute_losses`` (or ``MELPLoss``) combines them: components unweighted, ``total`` weighted.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
+
+    The backward pass sums, over ranks, the gradients that each rank's loss puts on this
+    rank's slice, so every rank gets the gradient of the *sum* of all ranks' losses.
+    Every rank must pass the same shape (use equal local batch sizes, e.g. drop_last).
+    """
+    _, world = _world()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch.
+
+    Each rank scores its b local rows against all W·b gathered columns; the positive of local
+    row i is global column rank·b + i. The per-rank loss is the mean over its local rows, so
+    the mean of the W per-rank losses is exactly the full-batch loss. Gradients also match:
+    the gather's backward hands each rank W × (d full loss / d its embeddings), and the
+    1/W averaging that DDP / DeepSpeed apply to parameter gradients cancels the W.
+    """
+    rank, _ = _world()
+    all_ecg, all_text = gather_with_grad(ecg_emb), gather_with_grad(text_emb)
+    logits_per_ecg = logit_scale * ecg_emb @ all_text.T   # (b, W·b)
+    logits_per_text = logit_scale * text_emb @ all_ecg.T  # (b, W·b)
+    labels = torch.arange(ecg_emb.shape[0], device=ecg_emb.device) + rank * ecg_emb.shape[0]
+    return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; positions labelled -100 (padding) are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def beat_logits(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask: torch.Tensor,
+                attn_temp: float = 4.0, sim_temp: float = 5.0, scale: float = 10.0) -> torch.Tensor:
+    """(n_reports, n_ecgs) report-to-ECG scores from sentence-to-beat alignment.
+
+    For report i and ECG j: each sentence s of i attends over the K beats of j
+    (softmax of attn_temp · cosine), giving a beat context c_ijs; the score is
+    scale · log Σ_s exp(sim_temp · cos(s, c_ijs)) over the real sentences of report i.
+    Every report must have at least one sentence (see ``beat_loss``).
+    """
+    sentences = F.normalize(sentence_emb, dim=-1)  # (I, S, D)
+    beats = F.normalize(beat_emb, dim=-1)          # (J, K, D)
+    attention = torch.einsum("isd,jkd->ijsk", sentences, beats).mul(attn_temp).softmax(dim=-1)
+    context = torch.einsum("ijsk,jkd->ijsd", attention, beats)       # (I, J, S, D)
+    similarity = F.cosine_similarity(sentences.unsqueeze(1), context, dim=-1)  # (I, J, S)
+    similarity = (sim_temp * similarity).masked_fill(~sentence_mask.unsqueeze(1), float("-inf"))
+    return scale * torch.logsumexp(similarity, dim=-1)  # log Σ_s exp(...)
+
+
+def beat_loss(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask: torch.Tensor,
+              attn_temp: float = 4.0, sim_temp: float = 5.0, scale: float = 10.0) -> torch.Tensor:
+    """Symmetric cross-entropy over the local batch of report-to-ECG beat scores.
+
+    Pairs whose report has no sentence are left out of the batch entirely (their row AND
+    their column), so pair i still matches ECG i. The reference drops only the empty rows
+    of the score matrix: the rows then no longer line up with the columns and the targets
+    arange(n) point at the wrong ECGs. With fewer than one usable pair the loss is 0 (with
+    a graph, so every parameter still receives a - zero - gradient).
+    """
+    usable = sentence_mask.any(dim=1)
+    if not usable.any():
+        return 0.0 * (beat_emb.sum() + sentence_emb.sum())
+    logits = beat_logits(beat_emb[usable], sentence_emb[usable], sentence_mask[usable],
+                         attn_temp, sim_temp, scale)  # (reports, ECGs)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def compute_losses(out: dict[str, torch.Tensor], rhythm: float = 1.0, token: float = 2.0,
+                   beat: float = 0.2, attn_temp: float = 4.0, sim_temp: float = 5.0,
+                   scale: float = 10.0) -> dict[str, torch.Tensor]:
+    """All three losses from ``MELP.forward``'s output: unweighted parts + weighted ``total``."""
+    parts = {
+        "rhythm": rhythm_loss(out["ecg_emb"], out["text_emb"], out["logit_scale"]),
+        "token": token_loss(out["logits"], out["labels"]),
+        "beat": beat_loss(out["beat_emb"], out["sentence_emb"], out["sentence_mask"],
+                          attn_temp, sim_temp, scale),
+    }
+    parts["total"] = rhythm * parts["rhythm"] + token * parts["token"] + beat * parts["beat"]
+    return parts
+
+
+class MELPLoss(nn.Module):
+    """``compute_losses`` with its weights and temperatures fixed at construction."""
+
+    def __init__(self, rhythm: float = 1.0, token: float = 2.0, beat: float = 0.2,
+                 attn_temp: float = 4.0, sim_temp: float = 5.0, scale: float = 10.0):
+        super().__init__()
+        self.kwargs = dict(rhythm=rhythm, token=token, beat=beat,
+                           attn_temp=attn_temp, sim_temp=sim_temp, scale=scale)
+
+    @classmethod
+    def from_model_config(cls, cfg, **weights: float) -> "MELPLoss":
+        """Temperatures from a ``ModelConfig``; weights (rhythm/token/beat) as keywords."""
+        return cls(attn_temp=cfg.beat_attention_temperature,
+                   sim_temp=cfg.beat_similarity_temperature, scale=cfg.beat_logit_scale, **weights)
+
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return compute_losses(out, **self.kwargs)
