@@ -1,0 +1,70 @@
+"""Run ``rhythm_loss`` in 2 real gloo processes (torch.multiprocessing.spawn), one half batch each.
+
+Launched as a script by test_model_losses.py (spawned children cannot import test modules
+loaded by pytest's importlib mode). Usage: python model_ddp_rhythm_worker.py CASE.pt OUT_DIR
+
+CASE.pt holds the full batch and the initial weights of a tiny "model": two Linear layers
+that produce the ECG and text embeddings, and a [1]-shaped logit scale. Each rank writes
+its loss and its gradients, the parameter gradients already averaged over ranks as
+DDP / DeepSpeed do.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from melp_ray.losses import rhythm_loss
+
+        case = torch.load(case_path)
+        local = slice(rank * case["ecg_in"].shape[0] // WORLD,
+                      (rank + 1) * case["ecg_in"].shape[0] // WORLD)
+        ecg_proj = torch.nn.Linear(*case["ecg_weight"].shape[::-1])
+        text_proj = torch.nn.Linear(*case["text_weight"].shape[::-1])
+        with torch.no_grad():
+            ecg_proj.weight.copy_(case["ecg_weight"]), ecg_proj.bias.copy_(case["ecg_bias"])
+            text_proj.weight.copy_(case["text_weight"]), text_proj.bias.copy_(case["text_bias"])
+        logit_scale = torch.nn.Parameter(case["logit_scale"].clone())
+        ecg_in = case["ecg_in"][local].clone().requires_grad_(True)
+        text_in = case["text_in"][local].clone().requires_grad_(True)
+
+        ecg_emb = torch.nn.functional.normalize(ecg_proj(ecg_in), dim=-1)
+        text_emb = torch.nn.functional.normalize(text_proj(text_in), dim=-1)
+        loss = rhythm_loss(ecg_emb, text_emb, logit_scale.exp())
+        loss.backward()
+
+        params = {"ecg_weight": ecg_proj.weight, "ecg_bias": ecg_proj.bias,
+                  "text_weight": text_proj.weight, "text_bias": text_proj.bias,
+                  "logit_scale": logit_scale}
+        grads = {}
+        for name, p in params.items():  # DDP: all-reduce (sum) then divide by world size
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            grads[name] = g / WORLD
+        torch.save({"loss": loss.detach(), "grads": grads, "rows": (local.start, local.stop),
+                    "ecg_in_grad": ecg_in.grad, "text_in_grad": text_in.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    case_path, out_dir = sys.argv[1], sys.argv[2]
+    mp.spawn(run, args=(case_path, out_dir, free_port()), nprocs=WORLD, join=True)

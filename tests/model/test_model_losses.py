@@ -1,0 +1,160 @@
+"""The three MELP losses: distributed rhythm loss (2 real gloo processes), beat loss, token loss."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from melp_ray.losses import (MELPLoss, beat_loss, compute_losses, gather_with_grad,
+                             rhythm_loss, token_loss)
+
+WORKER = Path(__file__).with_name("model_ddp_rhythm_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- rhythm (CLIP) loss
+def test_rhythm_loss_single_process_matches_clip_formula():
+    torch.manual_seed(0)
+    ecg = F.normalize(torch.randn(6, 8), dim=-1)
+    text = F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor([14.0])
+    logits = scale * ecg @ text.T
+    by_hand = -(logits.log_softmax(1).diag().mean() + logits.T.log_softmax(1).diag().mean()) / 2
+    torch.testing.assert_close(rhythm_loss(ecg, text, scale), by_hand)
+    assert gather_with_grad(ecg) is ecg  # identity without torch.distributed
+    # Perfectly aligned, well separated pairs give a lower loss than shuffled ones.
+    assert rhythm_loss(ecg, ecg, scale) < rhythm_loss(ecg, ecg.roll(1, 0), scale)
+
+
+def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path):
+    torch.manual_seed(0)
+    batch, d_in, d_emb = 8, 5, 6
+    ecg_proj, text_proj = torch.nn.Linear(d_in, d_emb), torch.nn.Linear(d_in, d_emb)
+    logit_scale = torch.nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+    case = {"ecg_in": torch.randn(batch, d_in), "text_in": torch.randn(batch, d_in),
+            "ecg_weight": ecg_proj.weight.detach().clone(), "ecg_bias": ecg_proj.bias.detach().clone(),
+            "text_weight": text_proj.weight.detach().clone(),
+            "text_bias": text_proj.bias.detach().clone(),
+            "logit_scale": logit_scale.detach().clone()}
+    torch.save(case, tmp_path / "case.pt")
+
+    # Reference: one process, the whole batch.
+    ecg_in = case["ecg_in"].clone().requires_grad_(True)
+    text_in = case["text_in"].clone().requires_grad_(True)
+    full_loss = rhythm_loss(F.normalize(ecg_proj(ecg_in), dim=-1),
+                            F.normalize(text_proj(text_in), dim=-1), logit_scale.exp())
+    full_loss.backward()
+    full_grads = {"ecg_weight": ecg_proj.weight.grad, "ecg_bias": ecg_proj.bias.grad,
+                  "text_weight": text_proj.weight.grad, "text_bias": text_proj.bias.grad,
+                  "logit_scale": logit_scale.grad}
+
+    done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "case.pt"), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    # Loss: the mean of the per-rank losses is the full-batch loss.
+    mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
+    torch.testing.assert_close(mean_loss, full_loss.detach(), rtol=1e-6, atol=1e-6)
+    # The two halves really differ (each rank scores different rows).
+    assert abs(ranks[0]["loss"].item() - ranks[1]["loss"].item()) > 1e-4
+    # Parameter gradients after DDP averaging equal the full-batch gradients, on every rank.
+    for rank in ranks:
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    # Input gradients: each rank holds world_size x d(full loss)/d(its rows); the
+    # 1/world_size of the parameter averaging is what turns them into the full gradient.
+    for rank in ranks:
+        rows = slice(*rank["rows"])
+        torch.testing.assert_close(rank["ecg_in_grad"] / 2, ecg_in.grad[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rank["text_in_grad"] / 2, text_in.grad[rows], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- beat (local) loss
+def _aligned_example(batch=6, beats=4, dim=16, noise=0.1, seed=0):
+    """Sentence s of report i is a noisy copy of one beat of ECG i: a known alignment."""
+    g = torch.Generator().manual_seed(seed)
+    beat_emb = torch.randn(batch, beats, dim, generator=g)
+    sentence_emb = torch.stack([beat_emb[:, 0], beat_emb[:, 2], beat_emb[:, 3]], dim=1)
+    sentence_emb = sentence_emb + noise * torch.randn(sentence_emb.shape, generator=g)
+    mask = torch.ones(batch, 3, dtype=torch.bool)
+    mask[1, 2] = False  # reports have different sentence counts
+    mask[4, 1:] = False
+    return beat_emb, sentence_emb, mask
+
+
+def test_beat_loss_is_invariant_to_batch_order():
+    beat_emb, sentence_emb, mask = _aligned_example()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(beat_loss(beat_emb, sentence_emb, mask),
+                               beat_loss(beat_emb[perm], sentence_emb[perm], mask[perm]))
+
+
+def test_beat_loss_lower_for_aligned_than_shuffled_pairs():
+    beat_emb, sentence_emb, mask = _aligned_example()
+    aligned = beat_loss(beat_emb, sentence_emb, mask)
+    derangement = torch.tensor([1, 2, 3, 4, 5, 0])
+    shuffled = beat_loss(beat_emb, sentence_emb[derangement], mask[derangement])
+    assert aligned < 0.5 * shuffled, (aligned, shuffled)
+    assert aligned < math.log(6)  # better than chance
+
+
+def test_beat_loss_with_empty_reports_is_finite_and_drops_those_pairs():
+    beat_emb, sentence_emb, mask = _aligned_example()
+    mask[[1, 4]] = False  # two reports without any sentence
+    beat_emb.requires_grad_(True)
+    loss = beat_loss(beat_emb, sentence_emb, mask)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(beat_emb.grad).all()
+    assert beat_emb.grad[[1, 4]].abs().max() == 0  # the dropped pairs take no part
+    keep = torch.tensor([0, 2, 3, 5])
+    torch.testing.assert_close(loss, beat_loss(beat_emb[keep], sentence_emb[keep], mask[keep]))
+    # Not the reference behaviour (drop rows only): that scores report i against ECG i-shifts.
+    # No usable pair at all: zero, still attached to the graph.
+    empty = beat_loss(beat_emb, sentence_emb, torch.zeros_like(mask))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_beat_loss_temperatures_matter():
+    beat_emb, sentence_emb, mask = _aligned_example()
+    base = beat_loss(beat_emb, sentence_emb, mask)
+    assert not torch.isclose(base, beat_loss(beat_emb, sentence_emb, mask, scale=1.0))
+    assert not torch.isclose(base, beat_loss(beat_emb, sentence_emb, mask, attn_temp=1.0))
+    assert not torch.isclose(base, beat_loss(beat_emb, sentence_emb, mask, sim_temp=1.0))
+
+
+# ---------------------------------------------------------------- token loss + combination
+def test_token_loss_ignores_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[3, 4, 5, -100, -100], [1, 2, -100, -100, -100]])
+    expected = F.cross_entropy(logits[labels != -100], labels[labels != -100])
+    torch.testing.assert_close(token_loss(logits, labels), expected)
+    changed = logits.clone()
+    changed[labels == -100] = 100.0  # padding positions may hold anything
+    torch.testing.assert_close(token_loss(changed, labels), expected)
+
+
+def test_compute_losses_weights_only_the_total():
+    beat_emb, sentence_emb, mask = _aligned_example()
+    torch.manual_seed(0)
+    out = {"ecg_emb": F.normalize(torch.randn(6, 16), dim=-1),
+           "text_emb": F.normalize(torch.randn(6, 16), dim=-1),
+           "logit_scale": torch.tensor([1 / 0.07]),
+           "logits": torch.randn(6, 7, 30), "labels": torch.randint(0, 30, (6, 7)),
+           "beat_emb": beat_emb, "sentence_emb": sentence_emb, "sentence_mask": mask}
+    default = compute_losses(out)
+    torch.testing.assert_close(
+        default["total"], default["rhythm"] + 2.0 * default["token"] + 0.2 * default["beat"])
+    other = MELPLoss(rhythm=0.5, token=1.0, beat=3.0)(out)
+    for part in ("rhythm", "token", "beat"):
+        torch.testing.assert_close(other[part], default[part])  # components are unweighted
+    torch.testing.assert_close(other["total"],
+                               0.5 * other["rhythm"] + other["token"] + 3.0 * other["beat"])
+    assert not torch.isclose(other["total"], default["total"])
