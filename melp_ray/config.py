@@ -241,8 +241,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
+    problems = (train_problems(cfg.train) + deepspeed_problems(cfg.deepspeed)
+                + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))
+    raise_if(problems)
+
+
+def raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def train_problems(t: TrainConfig) -> list[str]:
+    """Checks shared by every recipe; also fills micro_batch_size when it was left out."""
     problems = []
-    t, d = cfg.train, cfg.data
     if t.num_workers < 1:
         problems.append("train.num_workers must be >= 1")
     if t.micro_batch_size is None and t.num_workers >= 1:
@@ -269,25 +280,44 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
         problems.append("train.precision=bf16 needs train.use_gpu=true (CPU runs are fp32)")
     if t.cpus_per_worker <= 0:
         problems.append("train.cpus_per_worker must be > 0")
+    if t.lr <= 0:
+        problems.append("train.lr must be > 0")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name} must be >= 1")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    for name in ("rhythm", "token", "beat"):
-        if getattr(cfg.loss, name) < 0:
-            problems.append(f"loss.{name} must be >= 0")
-    if not any(getattr(cfg.loss, n) > 0 for n in ("rhythm", "token", "beat")):
+    return problems
+
+
+def deepspeed_problems(ds: DeepSpeedConfig) -> list[str]:
+    if ds.zero_stage not in (0, 1, 2, 3):
+        return [f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}"]
+    return []
+
+
+def loss_problems(loss: LossConfig) -> list[str]:
+    problems = [f"loss.{n} must be >= 0" for n in ("rhythm", "token", "beat")
+                if getattr(loss, n) < 0]
+    if not any(getattr(loss, n) > 0 for n in ("rhythm", "token", "beat")):
         problems.append("at least one loss weight must be > 0")
+    return problems
+
+
+def data_problems(d: DataConfig) -> list[str]:
+    problems = []
     if not 0 <= d.lead_mask_prob < 1:
         problems.append("data.lead_mask_prob must be in [0, 1)")
     if d.sample_rate < 50 or d.seconds <= 0:
         problems.append("data.sample_rate must be >= 50 Hz and data.seconds > 0")
     if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg"):
         problems.append(f"data.dataset must be auto, ptb-xl or mimic-iv-ecg, got {d.dataset!r}")
+    if not 0 <= d.val_fraction < 1:
+        problems.append("data.val_fraction must be in [0, 1)")
     if d.root is not None and "://" not in d.root and not Path(d.root).expanduser().exists():
         problems.append(f"data.root {d.root!r} does not exist")
-    if not cfg.run.name or "/" in cfg.run.name:
-        problems.append("run.name must be a non-empty name without '/'")
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    return problems
+
+
+def run_problems(run: RunConfig) -> list[str]:
+    if not run.name or "/" in run.name:
+        return ["run.name must be a non-empty name without '/'"]
+    return []
