@@ -1,0 +1,170 @@
+"""prepare end to end with real Ray Data, real wfdb reads and real Parquet files."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from melp_ray.data import records, shards
+from melp_ray.data.mimic_fixture import BREAKAGES, break_record, write_mimic_fixture
+from melp_ray.data.records import RecordRef, load_signal
+from melp_ray.data.sources import split_for_subject
+from melp_ray.prepare import PrepareError, PrepareSettings, main, prepare
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _all_rows(out: Path) -> list[dict]:
+    return [row for path in shards.shard_paths(out) for row in shards.read_shard_rows(path)]
+
+
+def _check_accounting(manifest: dict) -> None:
+    assert set(manifest["rejected"]) == set(records.REJECTION_REASONS)
+    assert manifest["input"] == manifest["kept"] + sum(len(ids) for ids in manifest["rejected"].values())
+    assert manifest["kept"] == sum(shard["rows"] for shard in manifest["shards"])
+
+
+def _check_no_subject_on_both_sides(rows: list[dict], val_fraction: float) -> None:
+    sides = {}
+    for row in rows:
+        assert sides.setdefault(row["subject_id"], row["split"]) == row["split"]
+        assert row["split"] == split_for_subject(row["subject_id"], val_fraction)
+    assert set(sides.values()) == {"train", "val"}
+
+
+# ---------------------------------------------------------------- PTB-XL (bundled)
+@pytest.fixture(scope="module")
+def ptbxl_prepared(tmp_path_factory, ray_local, bundled_ptbxl):
+    settings = PrepareSettings(dataset="ptb-xl", root=str(bundled_ptbxl),
+                               out=str(tmp_path_factory.mktemp("ptbxl") / "out"),
+                               sample_rate=100, shard_size=64, val_fraction=0.2)
+    return settings, prepare(settings)
+
+
+def test_ptbxl_manifest(ptbxl_prepared):
+    settings, manifest = ptbxl_prepared
+    _check_accounting(manifest)
+    assert (manifest["input"], manifest["kept"]) == (259, 258)
+    assert manifest["rejected"]["empty_report"] == ["443"]
+    assert manifest["rejected_counts"]["empty_report"] == 1
+    assert (manifest["sample_rate"], manifest["seconds"], manifest["n_samples"]) == (100, 10.0, 1000)
+    assert manifest["leads"] == ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+    assert manifest["dataset"] == "ptb-xl" and manifest["settings"]["shard_size"] == 64
+    assert manifest["splits"]["train"]["records"] + manifest["splits"]["val"]["records"] == 258
+    assert manifest == shards.load_manifest(settings.out)
+
+
+def test_ptbxl_shards(ptbxl_prepared, bundled_ptbxl):
+    settings, manifest = ptbxl_prepared
+    out = Path(settings.out)
+    for shard in manifest["shards"]:
+        path = out / shard["path"]
+        assert path.parent.name == shard["split"] and path.name.startswith("part-")
+        assert pq.read_schema(path).remove_metadata() == shards.SCHEMA
+        assert pq.read_metadata(path).num_rows == shard["rows"] <= 64
+    rows = _all_rows(out)
+    assert len(rows) == 258
+    _check_no_subject_on_both_sides(rows, 0.2)
+    first = next(row for row in rows if row["record_id"] == "1")
+    assert first["ecg"].shape == (12, 1000) and first["ecg"].dtype == np.float32
+    expected = load_signal(RecordRef("1", "15709", "ptb-xl", "records100/00000/00001_lr", "x"), bundled_ptbxl, 100, 10)
+    np.testing.assert_array_equal(first["ecg"], expected)
+    assert first["report"] == "sinusrhythmus periphere niederspannung"
+    assert (first["labels_super"], first["labels_rhythm"], first["strat_fold"]) == (["NORM"], ["SR"], 3)
+
+
+def test_resume_after_a_kill_gives_identical_bytes(ptbxl_prepared, tmp_path):
+    settings, manifest = ptbxl_prepared
+    out = tmp_path / "out"
+    shutil.copytree(settings.out, out)
+    before = _snapshot(out)
+    # simulate a run killed mid-way: a shard gone, another chunk unfinished, a temp file left
+    (out / manifest["shards"][1]["path"]).unlink()
+    (out / shards.state_relpath("val", 0)).unlink()
+    (out / "train" / "part-00002.parquet.tmp-12345").write_bytes(b"half a file")
+    (out / shards.MANIFEST_NAME).unlink()
+    resumed = prepare(replace(settings, out=str(out)))
+    assert resumed == manifest
+    assert _snapshot(out) == before
+
+
+def test_other_settings_in_the_same_folder_are_refused(ptbxl_prepared):
+    settings, _ = ptbxl_prepared
+    with pytest.raises(PrepareError, match="prepared with other settings"):
+        prepare(replace(settings, shard_size=32))
+
+
+# ---------------------------------------------------------------- MIMIC fixture, every rejection
+def test_mimic_every_rejection_is_named(tmp_path, ray_local):
+    fixture = write_mimic_fixture(tmp_path / "mimic", n_studies=len(BREAKAGES) + 4)
+    broken = {}
+    for study, how in zip(fixture.studies, BREAKAGES):
+        break_record(fixture, study.study_id, how)
+        broken[how] = str(study.study_id)
+    settings = PrepareSettings(dataset="mimic-iv-ecg", root=str(fixture.root), out=str(tmp_path / "out"),
+                               shard_size=4, val_fraction=0.3)
+    manifest = prepare(settings)
+    _check_accounting(manifest)
+    assert manifest["input"] == len(BREAKAGES) + 4 and manifest["kept"] == 4
+    assert manifest["rejected"] == {reason: [broken[reason]] for reason in records.REJECTION_REASONS}
+    rows = _all_rows(tmp_path / "out")
+    assert sorted(row["record_id"] for row in rows) == sorted(str(s.study_id) for s in fixture.studies[-4:])
+    for row in rows:
+        assert row["ecg"].shape == (12, 5000) and row["dataset"] == "mimic-iv-ecg"
+        assert row["report"].endswith(".") and row["report"] == row["report"].lower()
+        assert row["strat_fold"] == -1 and row["labels_super"] == []
+
+
+def test_mimic_split_keeps_subjects_together(tmp_path, ray_local):
+    fixture = write_mimic_fixture(tmp_path / "mimic", n_studies=9)
+    out = tmp_path / "out"
+    manifest = prepare(PrepareSettings(dataset="mimic-iv-ecg", root=str(fixture.root), out=str(out),
+                                       shard_size=3, val_fraction=0.5))
+    _check_accounting(manifest)
+    assert manifest["kept"] == 9
+    _check_no_subject_on_both_sides(_all_rows(out), 0.5)
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_reports_a_missing_root(tmp_path, capsys):
+    code = main(["--dataset", "ptb-xl", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"data root {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
+
+
+def test_cli_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--dataset", "--root", "--out", "--sample-rate", "--seconds", "--shard-size",
+                   "--val-fraction", "--seed", "--limit", "--min-report-words"):
+        assert option in text
+
+
+def test_cli_end_to_end_with_limit(tmp_path, ray_local, bundled_ptbxl, capsys):
+    out = tmp_path / "out"
+    code = main(["--dataset", "ptb-xl", "--root", str(bundled_ptbxl), "--out", str(out),
+                 "--limit", "12", "--shard-size", "5", "--seconds", "5"])
+    assert code == 0 and "prepared 12 of 12 records" in capsys.readouterr().out
+    manifest = shards.load_manifest(out)
+    assert manifest["n_samples"] == 2500 and manifest["input"] == 12
+
+
+def test_decode_ecg_round_trip():
+    signal = np.random.default_rng(0).normal(size=(12, 50)).astype(np.float32)
+    data = shards.encode_ecg(signal)
+    assert data == signal.astype("<f4").tobytes() and len(data) == 12 * 50 * 4
+    decoded = shards.decode_ecg(data)
+    np.testing.assert_array_equal(decoded, signal)
+    decoded[0, 0] = 1.0                           # writable copy
+    with pytest.raises(ValueError):
+        shards.decode_ecg(data[:-4])
