@@ -6,6 +6,8 @@ become such an array raises ``RecordRejected`` with one of the named reasons bel
 that ``prepare`` can count every rejected record under its reason.
 
 Rules (documented in docs/data.md):
+- missing .hea/.dat -> missing_file; unparsable header -> bad_header; samples that cannot
+  be read (truncated/corrupt .dat) -> unreadable;
 - leads are matched by name (``leads.lead_indices``); extra leads are ignored;
 - NaN/Inf anywhere -> nan_or_inf;
 - flat: a lead is flat when its peak-to-peak range is below ``FLAT_TOLERANCE_MV``. The
@@ -98,8 +100,10 @@ class RecordRef:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "RecordRef":
         """Inverse of to_row (also accepts numpy arrays for the label lists, as Ray gives them)."""
-        labels = {task: [str(x) for x in (row.get(f"labels_{task}") if row.get(f"labels_{task}") is not None else [])]
-                  for task in LABEL_TASKS}
+        labels = {}
+        for task in LABEL_TASKS:
+            values = row.get(f"labels_{task}")
+            labels[task] = [] if values is None else [str(value) for value in values]
         return cls(
             record_id=str(row["record_id"]),
             subject_id=str(row["subject_id"]),
@@ -151,24 +155,24 @@ def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int
     import wfdb  # imported here so that light users of this module do not pay for it
 
     record_path = resolve_path(ref, root)
-    header = _read_header(wfdb, record_path)
-    source_rate = _source_rate(header.fs)
+    record = _read_record(wfdb, record_path)
+    source_rate = _source_rate(record.fs)
     try:
-        columns = lead_indices(header.sig_name or [])
+        columns = lead_indices(record.sig_name or [])
     except LeadMappingError as err:
         raise RecordRejected(MISSING_LEADS, str(err)) from None
-    to_mv = _millivolt_factors(header.units, columns)
+    to_mv = _millivolt_factors(record.units, columns)
 
     # Samples needed at the source rate to produce exactly the wanted output length.
     n_out = n_samples_for(sample_rate, seconds)
     up, down = _resample_ratio(source_rate, sample_rate)
     n_in = math.ceil(n_out * down / up)
-    if header.sig_len is None or header.sig_len < n_in:
-        raise RecordRejected(WRONG_LENGTH, f"{header.sig_len} samples at {source_rate} Hz < {n_in} "
+    n_read = record.p_signal.shape[0]
+    if n_read < n_in:
+        raise RecordRejected(WRONG_LENGTH, f"{n_read} samples at {source_rate} Hz < {n_in} "
                                            f"needed for {seconds} s")
 
-    signal = _read_samples(wfdb, record_path, header)      # (samples, channels) float64, mV-ish
-    signal = signal[:n_in, columns] * to_mv                # canonical lead order, cropped, in mV
+    signal = record.p_signal[:n_in, columns] * to_mv       # canonical lead order, cropped, in mV
     _check_values(signal)
     if up != down:
         from scipy.signal import resample_poly
@@ -177,20 +181,37 @@ def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int
     return np.ascontiguousarray(signal[:n_out].T, dtype=np.float32)
 
 
-def _read_header(wfdb, record_path: str):
+def _read_record(wfdb, record_path: str):
+    """wfdb.rdrecord, with its failures sorted into missing_file / bad_header / unreadable.
+
+    The header is parsed once on the happy path (parsing is most of the cost of a read);
+    only a failed read parses it again to tell the reasons apart.
+    """
     if not os.path.exists(record_path + ".hea"):
         raise RecordRejected(MISSING_FILE, f"{record_path}.hea not found")
     try:
-        header = wfdb.rdheader(record_path)
-    except Exception as err:  # wfdb raises HeaderSyntaxError, ValueError, ... on garbage
-        raise RecordRejected(BAD_HEADER, f"{type(err).__name__}: {err}") from None
-    if not header.sig_name or not header.n_sig:
+        record = wfdb.rdrecord(record_path)
+    except Exception as err:  # HeaderSyntaxError, FileNotFoundError, numpy reshape errors, ...
+        _classify_read_failure(wfdb, record_path, err)
+    if not record.sig_name or not record.n_sig:
         raise RecordRejected(BAD_HEADER, "header has no signals")
+    signal = record.p_signal
+    if signal is None or signal.ndim != 2 or signal.shape[0] != record.sig_len:
+        shape = None if signal is None else signal.shape
+        raise RecordRejected(UNREADABLE, f"read {shape} samples, header says {record.sig_len}")
+    return record
+
+
+def _classify_read_failure(wfdb, record_path: str, err: Exception):
+    try:
+        header = wfdb.rdheader(record_path)
+    except Exception as header_err:
+        raise RecordRejected(BAD_HEADER, f"{type(header_err).__name__}: {header_err}") from None
     folder = os.path.dirname(record_path)
     for data_file in sorted(set(header.file_name or [])):
         if not os.path.exists(os.path.join(folder, data_file)):
-            raise RecordRejected(MISSING_FILE, f"{os.path.join(folder, data_file)} not found")
-    return header
+            raise RecordRejected(MISSING_FILE, f"{os.path.join(folder, data_file)} not found") from None
+    raise RecordRejected(UNREADABLE, f"{type(err).__name__}: {err}") from None
 
 
 def _source_rate(fs) -> int:
@@ -213,18 +234,6 @@ def _millivolt_factors(units, columns: list[int]) -> np.ndarray:
             raise RecordRejected(BAD_HEADER, f"unknown physical unit {unit!r} for lead {LEADS[len(factors)]}")
         factors.append(factor)
     return np.asarray(factors)
-
-
-def _read_samples(wfdb, record_path: str, header) -> np.ndarray:
-    try:
-        record = wfdb.rdrecord(record_path)
-    except Exception as err:  # truncated or corrupt .dat: numpy reshape errors and friends
-        raise RecordRejected(UNREADABLE, f"{type(err).__name__}: {err}") from None
-    signal = record.p_signal
-    if signal is None or signal.ndim != 2 or signal.shape[0] != header.sig_len:
-        shape = None if signal is None else signal.shape
-        raise RecordRejected(UNREADABLE, f"read {shape} samples, header says {header.sig_len}")
-    return signal
 
 
 def _check_values(signal: np.ndarray) -> None:
