@@ -1,0 +1,164 @@
+"""Analytic FLOPs of MELP per sample, and model FLOPs utilisation (MFU), nanoGPT-style.
+
+    fwd = forward_flops(cfg, n_samples=5000)            # one sample, forward pass
+    train = training_flops(cfg, n_samples=5000)         # forward + backward
+    mfu = estimate_mfu(train, samples_per_s, PEAK_FLOPS["h100-sxm-bf16"])
+
+Conventions (the usual ones, so MFU numbers compare with other reports):
+- a multiply-add is 2 FLOPs; only matmuls, convolutions and attention are counted
+  (norms, activations, softmax, losses and embedding lookups are a few % at most);
+- attention counts the full L x L score matrix, also when causal (kernels that skip the
+  masked half are not credited for it);
+- the text is always ``max_text_length`` tokens: the data pipeline pads every report to it;
+- backward = 2 x forward for every part that trains. The frozen text prefix (embeddings and
+  the first ``text_frozen_layers`` layers) needs no backward at all when the embeddings are
+  frozen, since nothing before it wants a gradient; otherwise it needs input gradients (1 x).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from melp_ray.model.config import ModelConfig
+
+# Dense peak throughput per device (no sparsity), in FLOP/s, from the vendors' data sheets.
+PEAK_FLOPS: dict[str, float] = {
+    "h100-sxm-bf16": 989e12,
+    "h200-bf16": 989e12,       # same compute die as H100 SXM; more / faster memory only
+    "h100-pcie-bf16": 756e12,
+    "a100-bf16": 312e12,
+}
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """The text tower's shape (a BERT-style config)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+
+
+def text_dims(cfg: ModelConfig) -> TextDims:
+    """Read the text tower's sizes from its Hugging Face config (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from melp_ray.tokenization import resolve_text_model_path
+    import os
+
+    path = resolve_text_model_path(cfg.text_model)
+    hf = AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path), **cfg.text_overrides)
+    return TextDims(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, hf.vocab_size)
+
+
+# ---------------------------------------------------------------- building blocks
+
+def linear(n: int, d_in: int, d_out: int) -> int:
+    return 2 * n * d_in * d_out
+
+
+def attention(n_q: int, n_kv: int, width: int, context_dim: int | None = None) -> int:
+    """Q/K/V/out projections plus the two attention matmuls (QK^T and AV)."""
+    context_dim = context_dim or width
+    return (linear(n_q, width, width) * 2                # query, out
+            + linear(n_kv, context_dim, width) * 2       # key, value
+            + 2 * 2 * n_q * n_kv * width)                # scores + weighted sum
+
+
+def block(n: int, width: int, ffn: int, context: int = 0, context_dim: int | None = None) -> int:
+    """A pre-LN transformer block; ``context`` > 0 adds cross-attention over that many rows."""
+    flops = attention(n, n, width) + linear(n, width, ffn) + linear(n, ffn, width)
+    if context:
+        flops += attention(n, context, width, context_dim)
+    return flops
+
+
+def conv_out_length(length: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------- model parts
+
+def ecg_frames(cfg: ModelConfig, n_samples: int) -> int:
+    length = n_samples
+    for _ in range(cfg.conv_layers):
+        length = conv_out_length(length, cfg.conv_kernel, cfg.conv_stride)
+    return length
+
+
+def ecg_encoder_flops(cfg: ModelConfig, n_samples: int) -> int:
+    flops, length, c_in = 0, n_samples, cfg.ecg_leads
+    for _ in range(cfg.conv_layers):
+        length = conv_out_length(length, cfg.conv_kernel, cfg.conv_stride)
+        flops += 2 * length * cfg.conv_channels * c_in * cfg.conv_kernel
+        c_in = cfg.conv_channels
+    n, w = length, cfg.ecg_width
+    flops += linear(n, cfg.conv_channels, w)                      # feature projection
+    pos_len = conv_out_length(n, cfg.pos_conv_kernel, padding=cfg.pos_conv_kernel // 2)
+    flops += 2 * pos_len * w * (w // cfg.pos_conv_groups) * cfg.pos_conv_kernel
+    flops += cfg.ecg_layers * block(n, w, cfg.ecg_ffn)
+    return flops
+
+
+def pooler_flops(cfg: ModelConfig, n_frames: int) -> dict[str, int]:
+    beat = attention(cfg.num_beat_queries, n_frames, cfg.beat_width, cfg.ecg_width)
+    caption = attention(cfg.num_caption_queries, n_frames, cfg.decoder_width, cfg.ecg_width)
+    return {"beat_pooler": beat, "caption_pooler": caption}
+
+
+def text_flops(cfg: ModelConfig, dims: TextDims, num_sentences: int) -> dict[str, int]:
+    """Backbone layers (frozen prefix and trainable rest) and the report/sentence heads."""
+    length, h = cfg.max_text_length, dims.hidden
+    per_layer = block(length, h, dims.intermediate)
+    frozen = min(cfg.text_frozen_layers, dims.layers)
+    heads = (linear(1, h, cfg.embed_dim) + linear(1, cfg.embed_dim, cfg.embed_dim)  # report head
+             + 2 * length * num_sentences * h                     # per-sentence sums (einsum)
+             + linear(num_sentences, h, cfg.embed_dim))           # sentence projection
+    return {"text_frozen": frozen * per_layer,
+            "text_trainable": (dims.layers - frozen) * per_layer + heads}
+
+
+def decoder_flops(cfg: ModelConfig, dims: TextDims) -> int:
+    n, w = cfg.max_text_length - 1, cfg.decoder_width             # teacher forcing drops one
+    flops = linear(n, dims.hidden, w) if dims.hidden != w else 0  # input projection
+    flops += cfg.decoder_layers * block(n, w, int(w * cfg.decoder_mlp_ratio),
+                                        context=cfg.num_caption_queries, context_dim=w)
+    return flops + linear(n, w, dims.vocab)                       # vocabulary logits
+
+
+def flops_breakdown(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
+                    dims: TextDims | None = None) -> dict[str, int]:
+    """Forward FLOPs of one sample, per part. ``n_samples``: ECG samples per lead."""
+    dims = dims or text_dims(cfg)
+    frames = ecg_frames(cfg, n_samples)
+    parts = {"ecg_encoder": ecg_encoder_flops(cfg, n_samples)}
+    parts.update(pooler_flops(cfg, frames))
+    parts["beat_proj"] = linear(cfg.num_beat_queries, cfg.beat_width, cfg.embed_dim)
+    parts.update(text_flops(cfg, dims, num_sentences))
+    parts["decoder"] = decoder_flops(cfg, dims)
+    return parts
+
+
+def forward_flops(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
+                  dims: TextDims | None = None) -> int:
+    return sum(flops_breakdown(cfg, n_samples, num_sentences, dims).values())
+
+
+def training_flops(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
+                   dims: TextDims | None = None) -> int:
+    """Forward + backward FLOPs of one sample (3 x forward, less what the frozen prefix skips)."""
+    parts = flops_breakdown(cfg, n_samples, num_sentences, dims)
+    frozen = parts["text_frozen"]
+    frozen_backward = 0 if cfg.freeze_text_embeddings else frozen   # input grads only
+    return 3 * (sum(parts.values()) - frozen) + frozen + frozen_backward
+
+
+def estimate_mfu(flops_per_sample: float, samples_per_s: float, peak_flops: float) -> float:
+    """Achieved FLOP/s over the device's peak: (training FLOPs per sample x samples/s) / peak.
+
+    ``samples_per_s`` and ``peak_flops`` must describe the same devices (per GPU, or the
+    whole job with peak x number of GPUs).
+    """
+    if peak_flops <= 0:
+        raise ValueError("peak_flops must be positive")
+    return flops_per_sample * samples_per_s / peak_flops
