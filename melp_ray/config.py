@@ -227,6 +227,11 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         return [coerce(args[0], v, key) for v in value] if args else list(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:   # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if tp in (int, bool, str) and type(value) is tp:

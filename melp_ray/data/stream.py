@@ -183,8 +183,6 @@ def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: in
 
 
 def shard_files(root: str, split: str) -> list[str]:
-    from melp_ray.data.shards import load_manifest
+    from melp_ray.data.shards import shard_paths
 
-    manifest = load_manifest(root)
-    files = sorted(s["file"] for s in manifest["shards"] if s.get("split") == split and s["rows"] > 0)
-    return [str(Path(root) / f) for f in files]
+    return sorted(shard_paths(root, split))

@@ -175,7 +175,7 @@ class DeepSpeedRecipe:
         want_log = step % t.log_every == 0 or want_ckpt or want_val
         if not want_log:
             return
-        metrics = window.summary(step, self.scheduler.get_last_lr()[0])
+        metrics = self.mean_over_ranks(window.summary(step, self.scheduler.get_last_lr()[0]))
         metrics.update(self.extra_metrics())
         if want_val:
             metrics.update({f"val/{k}": v for k, v in self.validate().items()})
@@ -189,6 +189,15 @@ class DeepSpeedRecipe:
 
             ray.train.report(metrics)
         window.reset()
+
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Loss means of the whole world (each rank only saw its own micro-batches)."""
+        keys = sorted(k for k in metrics if k.startswith("loss/"))
+        if self.world == 1 or not keys:
+            return metrics
+        values = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
+        dist.all_reduce(values)
+        return {**metrics, **{k: float(v) / self.world for k, v in zip(keys, values)}}
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:

@@ -1,0 +1,224 @@
+"""End-to-end pretraining: real Ray Train workers running real DeepSpeed engines on gloo."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from melp_ray.config import PretrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and quick: 96 bundled records, global batch 8 (4 per worker), a handful of steps.
+FAST = ["data.limit=96", "data.val_fraction=0.2", "data.shuffle_buffer=16",
+        "train.global_batch_size=8", "train.max_steps=6", "train.warmup_steps=1", "train.lr=1e-3",
+        "train.log_every=2", "train.val_every=6", "train.val_batches=2",
+        "train.checkpoint_every=3", "run.max_failures=0"]
+
+
+def tiny_cfg(tmp_path: Path, name: str, *overrides: str) -> PretrainConfig:
+    return load_config(PretrainConfig, "tiny",
+                       [*FAST, f"run.storage_path={tmp_path}", f"run.name={name}", *overrides])
+
+
+def metrics_of(summary: dict) -> list[dict]:
+    path = Path(summary["run_dir"]) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def consolidated(checkpoint: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="deepspeed")
+
+
+def run(cfg: PretrainConfig) -> dict:
+    from melp_ray.pretrain import run as pretrain_run
+
+    return pretrain_run(cfg)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_local, tmp_path_factory):
+    """One uninterrupted ZeRO-2 run: shared by the ZeRO and the exact-resume tests."""
+    root = tmp_path_factory.mktemp("zero2")
+    return run(tiny_cfg(root, "full", "deepspeed.zero_stage=2"))
+
+
+# ---------------------------------------------------------------- configs fail before Ray
+
+BAD_CONFIGS = {
+    "unknown key": (["train.max_stepz=3"], "unknown config key"),
+    "batch not divisible": (["train.global_batch_size=15"], "not divisible"),
+    "zero stage 4": (["deepspeed.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
+    "missing data root": (["data.root=/no/such/folder"], "does not exist"),
+    "bad type": (["train.max_steps=many"], "expected int"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_fails_fast_without_touching_ray(case):
+    overrides, message = BAD_CONFIGS[case]
+    code = ("import sys; from melp_ray.pretrain import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+# ---------------------------------------------------------------- ZeRO stages
+
+def assert_trained(summary: dict, stage: int) -> None:
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    assert summary["zero_stage"] == stage
+    logged = metrics_of(summary)
+    assert [m["step"] for m in logged] == [2, 3, 4, 6]
+    for m in logged:
+        for k in ("loss/total", "loss/rhythm", "loss/token", "loss/beat", "lr",
+                  "samples_per_s", "input_wait_frac", "logit_scale"):
+            assert torch.isfinite(torch.tensor(m[k])), (k, m[k])
+    assert logged[-1]["loss/token"] < logged[0]["loss/token"]
+    assert logged[-1]["loss/total"] < logged[0]["loss/total"]
+    assert {"val/recall_at_1", "val/recall_at_10", "val/loss_total"} <= set(logged[-1])
+    checkpoint = Path(summary["last_checkpoint"])
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 6
+    state = consolidated(str(checkpoint))   # fp32 weights from any stage
+    assert "logit_scale" in state and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_zero2_trains_checkpoints_and_summarises(zero2_run):
+    assert_trained(zero2_run, 2)
+    summary_file = Path(zero2_run["run_dir"]) / "summary.json"
+    on_disk = json.loads(summary_file.read_text())
+    assert on_disk["last_checkpoint"] == zero2_run["last_checkpoint"]
+    assert set(on_disk["losses"]) >= {"rhythm", "token", "beat", "total"}
+    assert on_disk["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_stage_trains_and_checkpoints(ray_local, tmp_path, stage):
+    assert_trained(run(tiny_cfg(tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")), stage)
+
+
+# ---------------------------------------------------------------- resume and faults
+
+def test_resume_is_exact(ray_local, tmp_path, zero2_run):
+    """Stopped at step 3 and resumed to 6 == the uninterrupted 6-step run."""
+    first = run(tiny_cfg(tmp_path, "resumed", "deepspeed.zero_stage=2", "train.stop_at_step=3"))
+    assert first["steps"] == 3
+    second = run(tiny_cfg(tmp_path, "resumed", "deepspeed.zero_stage=2"))
+    assert second["steps"] == 6
+    resumed, reference = consolidated(second["last_checkpoint"]), consolidated(zero2_run["last_checkpoint"])
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    # And the run did not start over: step 4 onwards was trained once, after the resume.
+    steps = [m["step"] for m in metrics_of(second)]
+    assert steps == [2, 3, 4, 6]
+
+
+def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        time.sleep(0.5)
+    for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+        os.kill(actor.pid, signal.SIGKILL)
+        killed.append(actor.pid)
+        return
+
+
+def test_killed_worker_is_survived(ray_local, tmp_path):
+    cfg = tiny_cfg(tmp_path, "faulty", "run.max_failures=1", "train.max_steps=8",
+                   "train.checkpoint_every=2", "train.val_every=8")
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint,
+                              args=(tmp_path / "faulty", killed), daemon=True)
+    killer.start()
+    summary = run(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert summary["steps"] == 8
+    steps = [m["step"] for m in metrics_of(summary)]
+    assert steps[-1] == 8
+    assert len(steps) > len(set(steps)), f"no step was redone after the restart: {steps}"
+
+
+# ---------------------------------------------------------------- worker-count invariance
+
+def test_same_global_batch_same_first_loss_with_1_and_2_workers(ray_local, tmp_path):
+    """The global (gathered) contrastive loss and the captioning loss do not depend on how
+    the global batch is split over workers. (The beat loss is per worker by design.)"""
+    no_randomness = ["data.lead_mask_prob=0", "data.shuffle_buffer=0", "model.dropout=0.0",
+                     "train.max_steps=1", "train.log_every=1", "train.val_every=0",
+                     "train.checkpoint_every=1"]
+    results = {}
+    for workers in (1, 2):
+        cfg = tiny_cfg(tmp_path, f"w{workers}", f"train.num_workers={workers}", *no_randomness)
+        cfg.model.text_overrides.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        results[workers] = metrics_of(run(cfg))[0]
+    for key in ("loss/rhythm", "loss/token"):
+        assert results[1][key] == pytest.approx(results[2][key], rel=1e-4), key
+
+
+# ---------------------------------------------------------------- ray job submit
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_running_head(tmp_path):
+    """`ray start --head` + `ray job submit -- python -m melp_ray.pretrain` writes summary.json."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    bin_dir = Path(sys.executable).parent
+    port, dashboard = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"melp_job_{os.getpid()}"
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_for_dashboard(address, env, bin_dir)
+        storage = tmp_path / "runs"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir", ".",
+             "--", "python", "-m", "melp_ray.pretrain", *FAST, "train.max_steps=2",
+             "train.checkpoint_every=2", "train.val_every=2", f"run.storage_path={storage}",
+             "run.name=job"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        summary = json.loads((storage / "job" / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["world_size"] == 2
+        assert "succeeded" in job.stdout.lower()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def wait_for_dashboard(address: str, env: dict, bin_dir: Path) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(bin_dir / "ray"), "job", "list", f"--address={address}"],
+                               env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"Ray head at {address} did not come up")
