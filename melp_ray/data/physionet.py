@@ -211,7 +211,9 @@ class PhysioNetRecord:
 
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_GAIN_RE = re.compile(rf"^(?P<gain>{_NUMBER})?(?:\((?P<baseline>{_NUMBER})\))?(?:/(?P<units>\S+))?$")
+# "1000/mV", "1000.0(0)/mV", "4.88(-2)/uV", "200": gain, optional (baseline), optional /units
+_GAIN_RE = re.compile(
+    rf"^(?P<gain>{_NUMBER})?(?:\((?P<baseline>{_NUMBER})\))?(?:/(?P<units>\S+))?$")
 _DEFAULT_GAIN = 200.0  # WFDB: a missing or zero gain means 200 ADC units per mV
 
 

@@ -43,7 +43,8 @@ class EmbeddingExtractor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_model().to(self.device).eval()
         self.outputs = dict(outputs or DEFAULT_OUTPUTS)
-        missing = [m for m, _ in self.outputs.values() if not callable(getattr(self.model, m, None))]
+        missing = [method for method, _ in self.outputs.values()
+                   if not callable(getattr(self.model, method, None))]
         if missing:
             raise AttributeError(f"{type(self.model).__name__} has no method(s) {missing}")
         self.keep_columns = None if keep_columns is None else list(keep_columns)

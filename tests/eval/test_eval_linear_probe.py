@@ -42,7 +42,8 @@ def test_subsampling_is_deterministic_sized_and_covers_every_class():
     y[[30, 40, 50], 3] = 1
     # class 4 has no positive at all: nothing to cover
     for fraction, size in ((0.01, 10), (0.1, 100)):
-        first, again = subsample_indices(y, fraction, seed=0), subsample_indices(y, fraction, seed=0)
+        first = subsample_indices(y, fraction, seed=0)
+        again = subsample_indices(y, fraction, seed=0)
         np.testing.assert_array_equal(first, again)
         assert len(first) == size == len(np.unique(first))
         assert (y[first, :4].sum(axis=0) > 0).all()

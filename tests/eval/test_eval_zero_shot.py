@@ -54,8 +54,8 @@ def test_cpsc2018_prompts_cover_the_nine_classes():
 
 
 def test_prompt_files_yaml_and_json_override_defaults(tmp_path):
-    (tmp_path / "p.yaml").write_text("AF:\n  - atrial fibrillation\n  - irregularly irregular rhythm\n"
-                                     "NORM: sinus rhythm\n")
+    (tmp_path / "p.yaml").write_text(
+        "AF:\n  - atrial fibrillation\n  - irregularly irregular rhythm\nNORM: sinus rhythm\n")
     (tmp_path / "p.json").write_text(json.dumps({"AF": "af"}))
     assert load_prompt_file(tmp_path / "p.json") == {"AF": ["af"]}
     prompts = resolve_prompts(["NORM", "AF", "PVC"], defaults={"PVC": "pvc", "NORM": "x"},
