@@ -28,7 +28,21 @@ def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if is_uri(base) else os.path.join(base, *parts)
+    if not is_uri(base):
+        return os.path.join(base, *parts)
+    # Keep a URI's query (e.g. s3://b/p?endpoint_override=host:9000) at the end.
+    base, sep, query = base.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def to_uri(storage_path: str, fs_path: str) -> str:
+    """A path on the filesystem of ``storage_path`` (what Ray reports, scheme stripped),
+    as a URI again when ``storage_path`` is one: s3://bucket/x + bucket/x/ckpt -> s3://bucket/x/ckpt."""
+    if not is_uri(storage_path) or is_uri(fs_path):
+        return fs_path
+    scheme = storage_path.split("://", 1)[0]
+    _, sep, query = storage_path.partition("?")
+    return f"{scheme}://{fs_path}{sep}{query}"
 
 
 def write_text(path: str, text: str) -> None:

@@ -73,7 +73,9 @@ def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=N
         "samples_per_s": metrics.get("samples_per_s"),
         "input_wait_frac": metrics.get("input_wait_frac"),
         "wall_seconds": wall,
-        "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Ray reports the path on its filesystem (scheme stripped): keep it usable as a URI.
+        "last_checkpoint": (storage.to_uri(cfg.run.storage_path, result.checkpoint.path)
+                            if result.checkpoint else None),
         "run_dir": run_dir(cfg),
         **(extra_summary or {}),
     }
