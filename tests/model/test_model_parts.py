@@ -1,0 +1,235 @@
+"""Shapes, dtypes, causality, freezing and gradient coverage of the tiny MELP model."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from melp_ray import tokenization
+from melp_ray.losses import compute_losses
+from melp_ray.model import MELP, count_parameters, model_config_from_preset
+from melp_ray.model.ecg_encoder import ConvPositionalEmbedding, ECGEncoder
+from melp_ray.model.pooler import AttentionalPooler
+from melp_ray.model.text_tower import transformer_layers
+
+REPORTS = [
+    "sinus rhythm. normal ecg.",
+    "sinus bradycardia. left axis deviation. otherwise normal.",
+    "atrial fibrillation with rapid ventricular response.",
+    "",  # a report with no sentence at all
+    "sinus tachycardia. st depression in v5 v6.",
+    "left bundle branch block",
+    "pacemaker rhythm. no further analysis.",
+    "abnormal t waves. possible inferior infarct, age undetermined.",
+]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return model_config_from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return MELP(cfg)
+
+
+@pytest.fixture(scope="module")
+def batch(cfg, model):
+    arrays = tokenization.encode_reports(model.tokenizer, REPORTS, cfg.max_text_length)
+    torch.manual_seed(1)
+    return {"ecg": torch.rand(len(REPORTS), 12, 1000),
+            **{k: torch.from_numpy(v) for k, v in arrays.items()}}
+
+
+def test_forward_output_shapes_and_dtypes(cfg, model, batch):
+    model.train()
+    out = model(**batch)
+    b, length = batch["input_ids"].shape
+    d, k = cfg.embed_dim, cfg.num_beat_queries
+    n_sentences = int(batch["sentence_ids"].max()) + 1
+    expected = {
+        "ecg_emb": ((b, d), torch.float32),
+        "text_emb": ((b, d), torch.float32),
+        "beat_emb": ((b, k, d), torch.float32),
+        "sentence_emb": ((b, n_sentences, d), torch.float32),
+        "sentence_mask": ((b, n_sentences), torch.bool),
+        "logits": ((b, length - 1, model.text.vocab_size), torch.float32),
+        "labels": ((b, length - 1), torch.int64),
+        "logit_scale": ((1,), torch.float32),
+    }
+    assert set(out) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert tuple(out[key].shape) == shape, key
+        assert out[key].dtype == dtype, key
+    for key in ("ecg_emb", "text_emb"):
+        torch.testing.assert_close(out[key].norm(dim=-1), torch.ones(b))
+    # The rhythm embedding is the normalised mean of the beat embeddings.
+    torch.testing.assert_close(out["ecg_emb"],
+                               torch.nn.functional.normalize(out["beat_emb"].mean(1), dim=-1))
+    # Labels: the next token, padding -> -100. The empty report still has BEGIN -> CLS.
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert torch.equal(out["labels"][mask[:, 1:] == 1], ids[:, 1:][mask[:, 1:] == 1])
+    assert (out["labels"][mask[:, 1:] == 0] == -100).all()
+    # Sentence mask: one real sentence per sentence id in each report.
+    for row in range(b):
+        n_real = len(set(batch["sentence_ids"][row].tolist()) - {-1})
+        assert out["sentence_mask"][row].sum().item() == n_real
+    assert not out["sentence_mask"][REPORTS.index("")].any()
+
+
+def test_logit_scale_is_a_1d_parameter_clamped_in_use(model):
+    assert isinstance(model.logit_scale, torch.nn.Parameter)
+    assert model.logit_scale.shape == (1,)  # a 0-dim parameter crashes DeepSpeed
+    assert model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    try:
+        ecg = torch.rand(2, 12, 1000)
+        ids = torch.tensor([[101, 2023, 102]] * 2)
+        out = model(ecg, ids, torch.ones_like(ids), torch.tensor([[-1, 0, -1]] * 2))
+        assert out["logit_scale"].item() == pytest.approx(100.0, rel=1e-5)
+    finally:
+        with torch.no_grad():
+            model.logit_scale.fill_(model.cfg.logit_scale_init)
+
+
+def test_encode_helpers_shapes(cfg, model, batch):
+    model.eval()
+    b = batch["ecg"].shape[0]
+    with torch.no_grad():
+        ecg_emb = model.encode_ecg(batch["ecg"])
+        assert ecg_emb.shape == (b, cfg.embed_dim)
+        torch.testing.assert_close(ecg_emb.norm(dim=-1), torch.ones(b))
+        assert model.encode_ecg(batch["ecg"], normalize=False).norm(dim=-1).sub(1).abs().max() > 1e-3
+        assert model.ecg_features(batch["ecg"]).shape == (b, cfg.beat_width)
+        text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        assert text_emb.shape == (b, cfg.embed_dim)
+        # encode_reports tokenises the same way as the data layer -> same embeddings.
+        torch.testing.assert_close(model.encode_reports(REPORTS), text_emb)
+        # forward() and the encoders agree (eval mode: no dropout).
+        out = model(**batch)
+        torch.testing.assert_close(out["ecg_emb"], ecg_emb)
+        torch.testing.assert_close(out["text_emb"], text_emb)
+
+
+def test_ecg_encoder_accepts_any_length(cfg):
+    encoder = ECGEncoder(cfg).eval()
+    def frames(t: int) -> int:
+        for _ in range(cfg.conv_layers):
+            t = (t - cfg.conv_kernel) // cfg.conv_stride + 1
+        return t
+    for samples in (1000, 5000, 2500, 999, 64):
+        out = encoder(torch.rand(2, 12, samples))
+        assert out.shape == (2, frames(samples), cfg.ecg_width)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kernel", [16, 15])
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_conv_positional_embedding_keeps_length(kernel, weight_norm):
+    pos = ConvPositionalEmbedding(width=32, kernel=kernel, groups=4, weight_norm=weight_norm)
+    x = torch.rand(2, 37, 32)
+    assert pos(x).shape == x.shape
+    if weight_norm:
+        assert any("original" in name for name, _ in pos.named_parameters())
+
+
+def test_attentional_pooler_outputs_fixed_number_of_queries():
+    pooler = AttentionalPooler(width=32, context_dim=48, num_queries=5, heads=4)
+    for frames in (1, 7, 250):
+        out = pooler(torch.rand(3, frames, 48))
+        assert out.shape == (3, 5, 32)
+    # LayerNorm at the output: each query vector has mean 0 / std 1 (up to the affine init).
+    assert out.mean(-1).abs().max() < 1e-5
+
+
+def test_text_tower_is_causal(model):
+    model.eval()
+    ids = torch.tensor([[101, 7128, 6348, 1012, 3671, 14925, 1012, 102]])
+    changed = ids.clone()
+    changed[0, 5] = 2731  # change a later token
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = model.text.token_states(ids, mask)
+        after = model.text.token_states(changed, mask)
+    torch.testing.assert_close(before[:, :5], after[:, :5], rtol=0, atol=1e-6)
+    assert (before[:, 5:] - after[:, 5:]).abs().max() > 1e-3  # later states do see the change
+    assert model.text.backbone.config.is_decoder
+
+
+def test_decoder_logits_are_causal(model):
+    model.eval()
+    ecg = torch.rand(1, 12, 1000)
+    ids = torch.tensor([[101, 7128, 6348, 1012, 3671, 14925, 1012, 102]])
+    changed = ids.clone()
+    changed[0, 4] = 2731
+    mask = torch.ones_like(ids)
+    sentences = torch.full_like(ids, -1)
+    with torch.no_grad():
+        a = model(ecg, ids, mask, sentences)["logits"]
+        b = model(ecg, changed, mask, sentences)["logits"]
+    # logits[:, t] predicts token t + 1 from tokens 0..t: positions < 4 must not move.
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-5)
+    assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+
+
+def test_frozen_layers_and_every_trainable_parameter_gets_a_gradient(cfg, batch):
+    torch.manual_seed(0)
+    model = MELP(cfg).train()
+    layers = transformer_layers(model.text.backbone)
+    for layer in list(layers)[: cfg.text_frozen_layers]:
+        assert not any(p.requires_grad for p in layer.parameters())
+    for layer in list(layers)[cfg.text_frozen_layers:]:
+        assert all(p.requires_grad for p in layer.parameters())
+    assert not any(p.requires_grad for p in model.text.backbone.embeddings.parameters())
+
+    losses = compute_losses(model(**batch))
+    assert set(losses) == {"total", "rhythm", "token", "beat"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    losses["total"].backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(param.grad).all(), name
+            assert param.grad.abs().max() > 0, f"{name} got an all-zero gradient"
+        else:
+            assert param.grad is None, f"frozen {name} got a gradient"
+
+    counts = count_parameters(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["text_tower_frozen"] > 0 and counts["text_tower_trainable"] > 0
+    parts = ("ecg_encoder", "beat_pooler", "caption_pooler", "text_tower_trainable",
+             "text_tower_frozen", "decoder", "heads")
+    assert sum(counts[p] for p in parts) == counts["total"]
+
+
+def test_tiny_step_is_cheap_on_cpu(cfg, batch):
+    """Forward + backward of the tiny preset at batch 8, 12 x 1000 samples.
+
+    The budget is asserted in FLOPs, not seconds: these CPUs are shared, so wall time
+    depends on the neighbours. ~9 GFLOP is ~0.3-0.4 s on 2 idle cores (printed below).
+    """
+    torch.manual_seed(0)
+    model = MELP(cfg).train()
+    with FlopCounterMode(display=False) as counter:
+        compute_losses(model(**batch))["total"].backward()
+    gflops = counter.get_total_flops() / 1e9
+    timings = []
+    for _ in range(2):
+        start = time.perf_counter()
+        compute_losses(model(**batch))["total"].backward()
+        timings.append(time.perf_counter() - start)
+    print(f"tiny forward+backward, batch 8, 12x1000: {gflops:.1f} GFLOP, best {min(timings):.3f} s")
+    assert gflops < 12
+
+
+def test_generate_returns_one_string_per_ecg(model):
+    model.train()
+    texts = model.generate(torch.rand(3, 12, 1000), max_new_tokens=4)
+    assert isinstance(texts, list) and len(texts) == 3
+    assert all(isinstance(t, str) and len(t.split()) <= 4 for t in texts)  # a token is at most a word
+    assert model.training  # the mode is restored
