@@ -79,8 +79,10 @@ class TextTower(nn.Module):
         for layer in list(layers)[:num_layers]:
             layer.requires_grad_(False)
         if embeddings:
-            emb = getattr(self.backbone, "embeddings", None) or self.backbone.get_input_embeddings()
-            emb.requires_grad_(False)
+            embeddings = getattr(self.backbone, "embeddings", None)
+            if embeddings is None:  # not BERT-like: at least the token embedding table
+                embeddings = self.backbone.get_input_embeddings()
+            embeddings.requires_grad_(False)
 
     def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, hidden) causal hidden states."""
