@@ -56,9 +56,22 @@ def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor,
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy; positions labelled -100 (padding) are ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=-100)
+    """Next-token cross-entropy per token of the *global* batch; -100 (padding) is ignored.
+
+    Ranks hold different numbers of real tokens, so a per-rank mean would weight tokens
+    unequally. Each rank divides its summed loss by the global token count (times W, which
+    the 1/W gradient averaging of DDP / DeepSpeed and the mean over ranks cancel): the
+    result is exactly the single-process loss of the whole batch, for any worker count.
+    """
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    count = labels.ne(-100).sum().to(total.dtype)
+    _, world = _world()
+    if world > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / world
+    return total / count.clamp(min=1)
 
 
 def beat_logits(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask: torch.Tensor,

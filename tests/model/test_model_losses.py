@@ -14,6 +14,7 @@ from melp_ray.losses import (MELPLoss, beat_loss, compute_losses, gather_with_gr
                              rhythm_loss, token_loss)
 
 WORKER = Path(__file__).with_name("model_ddp_rhythm_worker.py")
+TOKEN_WORKER = Path(__file__).with_name("model_ddp_token_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -73,6 +74,28 @@ def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path):
         rows = slice(*rank["rows"])
         torch.testing.assert_close(rank["ecg_in_grad"] / 2, ecg_in.grad[rows], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(rank["text_in_grad"] / 2, text_in.grad[rows], rtol=1e-5, atol=1e-7)
+
+
+def test_token_loss_two_gloo_processes_equal_full_batch(tmp_path):
+    """Unequal padding per rank: the loss is still the per-token mean of the whole batch."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 11)
+    labels = torch.randint(0, 11, (4, 7))
+    labels[0, 2:] = -100        # rank 0 holds 2 + 7 real tokens, rank 1 holds 4 + 6
+    labels[2, 4:] = -100
+    labels[3, 6:] = -100
+    torch.save({"logits": logits, "labels": labels}, tmp_path / "case.pt")
+    full = logits.clone().requires_grad_(True)
+    full_loss = token_loss(full, labels)
+    full_loss.backward()
+
+    done = subprocess.run([sys.executable, str(TOKEN_WORKER), str(tmp_path / "case.pt"),
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"token_rank{r}.pt") for r in range(2)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, full_loss.detach())
+    for rank in ranks:   # after the 1/W gradient averaging: the full-batch gradient
+        torch.testing.assert_close(rank["grad"] / 2, full.grad[slice(*rank["rows"])])
 
 
 # ---------------------------------------------------------------- beat (local) loss
