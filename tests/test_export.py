@@ -1,0 +1,250 @@
+"""Checkpoint consolidation, Hugging Face export and object-store URIs, on real tiny runs.
+
+Two real Ray Train + DeepSpeed pretraining runs (2 workers, 2 steps) are made once:
+ZeRO-2 into a local folder, ZeRO-3 into a ``file://`` URI. The URI goes through
+``pyarrow.fs.FileSystem.from_uri`` exactly like ``s3://``/``gs://`` do (in Ray Train and
+in ``melp_ray.storage``), with the local disk standing in for the bucket.
+
+Each run also saves its *live* weights at the end of training (gathered from the
+DeepSpeed engine on every rank, not read from the checkpoint files), so the weights
+rebuilt from the checkpoint are checked against an independent source.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from melp_ray import storage
+from melp_ray.config import PretrainConfig, load_config
+from melp_ray.pretrain import PretrainRecipe
+
+LIVE_WEIGHTS = "live_weights.safetensors"
+REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response.",
+           "left bundle branch block."]
+
+
+class LiveWeightsRecipe(PretrainRecipe):
+    """PretrainRecipe that also writes the final live weights beside the run (rank 0)."""
+
+    def finish(self, window):
+        from safetensors.torch import save_file
+        from melp_ray.checkpoint import gathered_state_dict
+        from melp_ray.train.metrics import run_dir
+
+        state = gathered_state_dict(self.engine.module)   # collective: every rank
+        if self.rank == 0:
+            path = storage.join(run_dir(self.cfg), LIVE_WEIGHTS)
+            fs, p = storage.filesystem_and_path(path)
+            tmp = "/tmp/melp_live_" + str(os.getpid()) + ".safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+            with open(tmp, "rb") as src, fs.open_output_stream(p) as dst:
+                dst.write(src.read())
+            os.remove(tmp)
+        return super().finish(window)
+
+
+def _run(storage_path: str, name: str, zero_stage: int) -> dict:
+    import ray.cloudpickle
+    from melp_ray.pretrain import build_datasets, quiet_data_progress_bars
+    from melp_ray.train.launcher import fit_and_summarise
+
+    # Ray workers cannot import this test module: ship the recipe subclass by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = load_config(PretrainConfig, "tiny", [
+        "train.max_steps=2", "data.limit=48", "train.global_batch_size=8",
+        "train.checkpoint_every=2", f"deepspeed.zero_stage={zero_stage}",
+        f"run.storage_path={storage_path}", f"run.name={name}", "run.max_failures=0"])
+    quiet_data_progress_bars()
+    return fit_and_summarise(cfg, LiveWeightsRecipe, build_datasets(cfg))
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    """{"zero2": (summary, live_state), "zero3": ...}: one real run per ZeRO stage."""
+    from safetensors.torch import load_file
+
+    out = {}
+    local = tmp_path_factory.mktemp("runs_local")
+    bucket = tmp_path_factory.mktemp("bucket")
+    for key, storage_path, stage in (("zero2", str(local), 2),
+                                     ("zero3", f"file://{bucket}/melp", 3)):
+        summary = _run(storage_path, f"export-{key}", stage)
+        live = storage.join(summary["run_dir"], LIVE_WEIGHTS)
+        fs, p = storage.filesystem_and_path(live)
+        tmp = tmp_path_factory.mktemp(f"live_{key}") / LIVE_WEIGHTS
+        with fs.open_input_stream(p) as src:
+            tmp.write_bytes(src.read())
+        out[key] = (summary, load_file(str(tmp)))
+    out["bucket"] = bucket
+    return out
+
+
+def _embeddings(model, ecg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        if hasattr(model, "encode_text") and not hasattr(model, "encode_reports"):
+            return model.encode_ecg(ecg), model.encode_text(REPORTS)     # MELPHFModel
+        return model.encode_ecg(ecg), model.encode_reports(REPORTS)      # MELP
+
+
+@pytest.fixture(scope="module")
+def ecg() -> torch.Tensor:
+    """Three real bundled PTB-XL records, preprocessed as in training (100 Hz, 10 s, [0, 1])."""
+    import numpy as np
+    from melp_ray.data.sources import bundled_root, list_records
+    from melp_ray.data.records import load_signal
+    from melp_ray.data.stream import minmax_normalise
+
+    root = bundled_root()
+    refs = list_records("ptb-xl", root, limit=3, sample_rate=100)
+    signals = [minmax_normalise(load_signal(r, root, 100, 10.0)) for r in refs]
+    return torch.from_numpy(np.stack(signals).astype("float32"))
+
+
+@pytest.mark.parametrize("key", ["zero2", "zero3"])
+def test_consolidated_weights_equal_live_weights(runs, key):
+    from melp_ray.checkpoint import consolidated_state_dict
+
+    summary, live = runs[key]
+    state = consolidated_state_dict(summary["last_checkpoint"])
+    assert set(state) == set(live)
+    for name, tensor in state.items():
+        assert tensor.dtype == live[name].dtype
+        assert torch.equal(tensor, live[name]), name
+    # The run really trained: the live weights moved away from the seeded initialisation.
+    from melp_ray.model import MELP
+    from melp_ray.checkpoint import checkpoint_config, model_config_from_dict
+
+    torch.manual_seed(0)
+    init = MELP(model_config_from_dict(checkpoint_config(summary["last_checkpoint"])["model"]))
+    assert not torch.equal(init.state_dict()["beat_proj.weight"], state["beat_proj.weight"])
+
+
+@pytest.mark.parametrize("key", ["zero2", "zero3"])
+def test_export_round_trip_gives_identical_embeddings(runs, key, tmp_path, ecg):
+    import melp_ray.hf  # noqa: F401  (registers model_type "melp")
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+    from melp_ray.checkpoint import load_model_from_checkpoint, model_from_state_dict
+    from melp_ray.export import export
+    from melp_ray.hf import MELPHFModel
+
+    summary, live = runs[key]
+    out = tmp_path / "hf"
+    info = export(summary["last_checkpoint"], str(out))
+    assert info["step"] == 2
+
+    # Weights: a plain safetensors file, every MELP tensor, fp32, equal to the live ones.
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(weights) == {f"melp.{k}" for k in live}
+    for name, tensor in live.items():
+        assert torch.equal(weights[f"melp.{name}"], tensor), name
+
+    # Self-contained: no path outside the folder, text tower rebuilt, not downloaded.
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "melp"
+    assert config["melp"]["text_model"] == "text_model" and not config["melp"]["text_pretrained"]
+    assert (out / "text_model" / "config.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "text_model" / "tokenizer.json").is_file()
+
+    hf_model = AutoModel.from_pretrained(str(out))
+    assert isinstance(hf_model, MELPHFModel) and not hf_model.training
+    ecg_hf, text_hf = _embeddings(hf_model, ecg)
+
+    from_checkpoint = load_model_from_checkpoint(summary["last_checkpoint"])
+    cfg = from_checkpoint.cfg
+    from_live = model_from_state_dict(cfg, live)
+    for reference in (from_checkpoint, from_live):
+        ecg_ref, text_ref = _embeddings(reference, ecg)
+        torch.testing.assert_close(ecg_hf, ecg_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(text_hf, text_ref, rtol=0, atol=1e-6)
+    assert ecg_hf.shape == (3, cfg.embed_dim) and text_hf.shape == (len(REPORTS), cfg.embed_dim)
+    # Not trivially equal: different records give different embeddings.
+    assert not torch.allclose(ecg_hf[0], ecg_hf[1])
+
+
+def test_export_cli_from_run_folder_writes_model_card(runs, tmp_path):
+    from melp_ray.export import main
+
+    summary, _ = runs["zero2"]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"zeroshot": {"ptbxl_super_auroc": 0.6123}}))
+    out = tmp_path / "hf"
+    assert main(["--checkpoint", summary["run_dir"], "--out", str(out),
+                 "--eval-results", str(results)]) == 0
+    card = (out / "README.md").read_text()
+    assert "zeroshot/ptbxl_super_auroc | 0.6123" in card
+    assert os.path.basename(summary["last_checkpoint"]) in card      # latest checkpoint picked
+    assert "zero_stage: 2" in card and "max_steps: 2" in card          # training config
+    assert "total |" in card                                           # losses from summary.json
+
+    assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_run_writes_checkpoints_and_summary_to_uri_storage(runs):
+    from melp_ray.checkpoint import is_training_checkpoint, load_model, resolve_checkpoint
+
+    summary, _ = runs["zero3"]
+    bucket = runs["bucket"]
+    assert summary["run_dir"] == f"file://{bucket}/melp/export-zero3"
+    # The summary keeps the scheme, so the checkpoint can be found again from anywhere.
+    assert summary["last_checkpoint"].startswith(f"file://{bucket}/melp/export-zero3/checkpoint_")
+    assert storage.read_json(storage.join(summary["run_dir"], "summary.json")) == \
+        json.loads(json.dumps(summary, default=str))
+    assert storage.exists(storage.join(summary["run_dir"], "metrics.jsonl"))
+    assert is_training_checkpoint(summary["last_checkpoint"])
+    assert resolve_checkpoint(summary["run_dir"]) == summary["last_checkpoint"]
+    # Everything really sits under the "bucket".
+    local_ckpt = summary["last_checkpoint"][len("file://"):]
+    assert os.path.isdir(os.path.join(local_ckpt, "deepspeed"))
+    assert load_model(summary["run_dir"]).cfg.embed_dim > 0
+
+
+def test_load_model_accepts_checkpoint_and_exported_folder(runs, tmp_path, ecg):
+    from melp_ray.checkpoint import load_model
+    from melp_ray.export import export
+    from melp_ray.model import MELP
+
+    summary, _ = runs["zero2"]
+    export(summary["last_checkpoint"], str(tmp_path / "hf"))
+    a = load_model(summary["last_checkpoint"])
+    b = load_model(str(tmp_path / "hf"))
+    assert isinstance(a, MELP) and isinstance(b, MELP)
+    for x, y in zip(_embeddings(a, ecg), _embeddings(b, ecg)):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_shared_tensors_are_exported_and_reload(tmp_path):
+    """Tied parameters: safetensors refuses shared memory; the export de-aliases them."""
+    import melp_ray.hf  # noqa: F401
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+    from melp_ray.hf import MELPHFModel, save_folder
+    from melp_ray.model import MELP
+    from melp_ray.model.config import model_config_from_preset
+
+    torch.manual_seed(0)
+    melp = MELP(model_config_from_preset("tiny")).eval()
+    emb = melp.text.backbone.get_input_embeddings()
+    assert melp.decoder.lm_head.weight.shape == emb.weight.shape
+    melp.decoder.lm_head.weight = emb.weight                      # tie (vocab x 64 both)
+    save_folder(MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0), tmp_path)
+
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(weights["melp.decoder.lm_head.weight"],
+                       weights["melp.text.backbone.embeddings.word_embeddings.weight"])
+    loaded = AutoModel.from_pretrained(str(tmp_path))
+    for name, tensor in melp.state_dict().items():
+        assert torch.equal(loaded.melp.state_dict()[name], tensor), name
+
+
+def test_storage_uri_helpers():
+    assert storage.join("s3://b/p?endpoint_override=h:9000", "run", "summary.json") == \
+        "s3://b/p/run/summary.json?endpoint_override=h:9000"
+    assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+    assert storage.to_uri("s3://b/runs", "b/runs/x/checkpoint_1") == "s3://b/runs/x/checkpoint_1"
+    assert storage.to_uri("file:///tmp/r", "/tmp/r/c") == "file:///tmp/r/c"
+    assert storage.to_uri("/tmp/r", "/tmp/r/c") == "/tmp/r/c"
