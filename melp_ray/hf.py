@@ -6,7 +6,7 @@
     ecg_emb = model.encode_ecg(signals)                      # (B, 12, T) preprocessed -> (B, D)
     txt_emb = model.encode_text(["sinus rhythm. normal ecg."])
 
-(``import melp_ray`` alone does not import transformers, which takes seconds.)
+(``import melp_ray`` imports this module, so plain ``import melp_ray`` is enough.)
 
 An exported folder is self-contained, no hub access needed::
 

@@ -24,7 +24,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+        # address="local": a private instance, never a cluster some other process started.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1"}})
     yield ray
     # Left running for the rest of the session; pytest exit tears it down.
