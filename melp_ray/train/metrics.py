@@ -22,8 +22,9 @@ class MetricsLogger:
         if self.active and cfg.run.wandb:
             import wandb
 
+            local_dir = None if storage.is_uri(self.path) else run_dir(cfg)
             self.wandb = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name,
-                                    id=cfg.run.name, resume="allow",
+                                    id=cfg.run.name, resume="allow", dir=local_dir,
                                     config=json.loads(json.dumps(_asdict(cfg), default=str)))
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -44,6 +45,8 @@ class MetricsLogger:
 def format_progress(m: dict[str, Any]) -> str:
     parts = [f"step {int(m['step'])}"]
     parts += [f"{k.split('/', 1)[1]} {v:.4f}" for k, v in m.items() if k.startswith("loss/")]
+    if "logit_scale" in m:
+        parts.append(f"scale {m['logit_scale']:.2f}")
     parts += [f"lr {m['lr']:.2e}", f"{m['samples_per_s']:.1f} samples/s",
               f"input wait {100 * m['input_wait_frac']:.1f}%"]
     parts += [f"{k} {v:.4f}" for k, v in m.items()
