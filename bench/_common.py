@@ -1,0 +1,147 @@
+"""Shared plumbing of the benchmarks: arguments, machine facts, a private Ray, tables, JSON."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+# Before torch / ray / deepspeed are imported by any benchmark. (DS_ACCELERATOR is left
+# alone: the launcher sets "cpu" for CPU runs, and GPU runs must keep CUDA.)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+SHARED_DATA = BENCH_DIR.parent.parent / "shared" / "data"
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python bench/{name}.py", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"), help="where to write the JSON")
+    p.add_argument("--smoke", action="store_true", help="a few seconds' run that checks the code path (CI)")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private local Ray instance")
+    return p
+
+
+def data_root_100hz(smoke: bool) -> str:
+    """The largest 100 Hz PTB-XL root available (the bundled 259 records in smoke mode)."""
+    from melp_ray.data.sources import bundled_root
+
+    big = SHARED_DATA / "ptb-xl-100hz"
+    return str(big) if big.is_dir() and not smoke else bundled_root()
+
+
+def start_ray(num_cpus: int, **kwargs):
+    """A private local Ray instance: never attach to a cluster someone else started."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in
+                                       ("DS_ACCELERATOR", "RAY_TRAIN_V2_ENABLED", "HF_HUB_OFFLINE",
+                                        "TOKENIZERS_PARALLELISM", "WANDB_MODE") if k in os.environ}},
+             **kwargs)
+    from ray.data import DataContext
+
+    import logging
+
+    for noisy in ("ray.data", "ray.train", "ray.tune"):   # keep the tables readable
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "host_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_start": load_average(),
+    }
+    for module in ("torch", "ray", "deepspeed"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:   # noqa: BLE001 - a version we cannot read is not an error here
+            info[module] = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:   # noqa: BLE001
+        pass
+    return info
+
+
+def log(message: str) -> None:
+    """Progress on stderr with a timestamp (the table goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def check(value: float, target: float, higher_is_better: bool = True) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "PASS" if ok else "MISS"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def finish(name: str, args, result: dict[str, Any], text: str) -> None:
+    """Print the table, add machine facts + load, write the JSON."""
+    result = {"benchmark": name, "smoke": bool(args.smoke), **result}
+    result["machine"]["load_avg_end"] = load_average()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    m = result["machine"]
+    print(f"\n== {name} ({'smoke' if args.smoke else 'full'}) on {m['host_cpus']} CPUs"
+          f"{', ' + m['gpu'] if m.get('gpu') else ''}; load avg start {m['load_avg_start']} "
+          f"end {m['load_avg_end']}; torch {m['torch']}, ray {m['ray']}, deepspeed {m['deepspeed']}")
+    print(text)
+    print(f"wrote {out}")
+    sys.stdout.flush()
