@@ -1,0 +1,343 @@
+"""python -m melp_ray.evaluate end to end, from a real tiny pretraining checkpoint.
+
+One real Ray Train + DeepSpeed pretraining run on the bundled PTB-XL sample (100 Hz,
+folds 1-6) makes the checkpoint; every mode then runs through ``main`` on the shared
+2-CPU Ray instance and its results.json is checked against values recomputed here,
+in-process, with the model and the data readers directly (no Ray).
+
+Metric correctness on constructed inputs (perfect scorer = 1.0, reversed = 0.0, recall@k
+vs brute force with ties) is tested in tests/eval/test_eval_metrics.py and not repeated.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from melp_ray import evaluate
+from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
+from melp_ray.data.records import load_signal
+from melp_ray.data.stream import minmax_normalise
+
+# The bundled sample has folds 1-6 only: probe on 1-4, stop on 5, score on 6.
+LINEAR_FOLDS = ["--train-folds", "1-4", "--val-folds", "5", "--test-folds", "6"]
+TEST_FOLD = 6
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
+    from melp_ray.config import PretrainConfig, load_config
+    from melp_ray.pretrain import run
+
+    tmp = tmp_path_factory.mktemp("eval_run")
+    summary = run(load_config(PretrainConfig, "tiny", [
+        "data.limit=96", "data.val_fraction=0.2", "train.global_batch_size=8",
+        "train.max_steps=30", "train.val_every=30", "train.checkpoint_every=30",
+        "train.log_every=10", f"run.storage_path={tmp}", "run.name=eval"]))
+    return summary["last_checkpoint"]
+
+
+def _evaluate(checkpoint, root, out: Path, *options: str) -> dict:
+    argv = ["--checkpoint", str(checkpoint), "--root", str(root), "--out", str(out),
+            "--bootstrap", "200", *options]
+    if "--dataset" not in options:
+        argv += ["--dataset", "ptb-xl"]
+    assert evaluate.main(argv) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def direct_test_embeddings(tiny_checkpoint, bundled_ptbxl):
+    """Test-fold embeddings computed in-process, without Ray: the reference side."""
+    from melp_ray.checkpoint import load_model
+
+    model = load_model(tiny_checkpoint)
+    refs = [r for r in list_ptbxl(bundled_ptbxl, sample_rate=100) if r.strat_fold == TEST_FOLD]
+    ecg = np.stack([minmax_normalise(load_signal(r, bundled_ptbxl, 100, 10)) for r in refs])
+    with torch.inference_mode():
+        return {"refs": refs, "model": model,
+                "ecg_emb": model.encode_ecg(torch.from_numpy(ecg)).numpy().astype(np.float64),
+                "text_emb": model.encode_reports([r.report for r in refs]).numpy()
+                .astype(np.float64)}
+
+
+def _assert_classification_files(out: Path, results: dict) -> None:
+    for name in ("results.json", "results.md", "roc.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert 0.0 <= results["macro_auroc"] <= 1.0
+    low, high = results["ci"]
+    assert low <= results["macro_auroc"] <= high
+    assert "## Records" in (out / "results.md").read_text()
+
+
+# ---------------------------------------------------------------- zero-shot
+
+@pytest.fixture(scope="module")
+def zeroshot_reference(direct_test_embeddings, bundled_ptbxl):
+    """Superclass zero-shot AUROC on the test fold, computed without Ray."""
+    from melp_ray.eval.metrics import macro_auroc
+    from melp_ray.eval.prompts import ptbxl_prompts
+    from melp_ray.eval.zero_shot import prompt_embeddings, zero_shot_scores
+
+    refs, model = direct_test_embeddings["refs"], direct_test_embeddings["model"]
+    keep = [i for i, r in enumerate(refs) if r.labels["super"]]
+    y = np.array([[float(c in refs[i].labels["super"]) for c in SUPERCLASSES] for i in keep])
+    with torch.inference_mode():
+        prompts = prompt_embeddings(lambda t: model.encode_reports(t).numpy(),
+                                    ptbxl_prompts(SUPERCLASSES,
+                                                  bundled_ptbxl / "scp_statements.csv"))
+    scores = zero_shot_scores(direct_test_embeddings["ecg_emb"][keep], prompts)
+    macro, per_class = macro_auroc(y, scores, SUPERCLASSES)
+    return {"macro_auroc": macro, "per_class": per_class, "n_labelled": len(keep)}
+
+
+def test_zeroshot_end_to_end_matches_in_process_scores(tiny_checkpoint, bundled_ptbxl,
+                                                       direct_test_embeddings,
+                                                       zeroshot_reference, tmp_path):
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "zeroshot",
+                        "--task", "super", "--test-folds", str(TEST_FOLD))
+    _assert_classification_files(tmp_path, results)
+    assert results["class_names"] == SUPERCLASSES
+    assert results["settings"]["sample_rate"] == 100 and results["settings"]["seconds"] == 10
+    assert results["settings"]["checkpoint_kind"] == "training checkpoint"
+    assert results["prompts"]["MI"] == ["myocardial infarction"]
+
+    # Every test-fold record is accounted for: used, rejected while loading (none: the
+    # bundled records are readable), or left out before loading for having no superclass.
+    records = results["records"]
+    no_label = records["excluded_before_loading"].get("no_label", [])
+    assert records["test"]["rejected"] == {}
+    assert records["test"]["used"] == results["n_samples"] == zeroshot_reference["n_labelled"]
+    assert records["test"]["used"] + len(no_label) == len(direct_test_embeddings["refs"])
+
+    # The same numbers recomputed without Ray from the model and the default prompts.
+    assert results["macro_auroc"] == pytest.approx(zeroshot_reference["macro_auroc"], abs=1e-6)
+    assert results["per_class"] == pytest.approx(zeroshot_reference["per_class"], abs=1e-6)
+
+
+def test_exported_folder_gives_the_same_zeroshot_result(tiny_checkpoint, bundled_ptbxl,
+                                                        zeroshot_reference, tmp_path):
+    from melp_ray.export import export
+
+    export(tiny_checkpoint, str(tmp_path / "hf"))
+    results = _evaluate(tmp_path / "hf", bundled_ptbxl, tmp_path / "out", "--mode", "zeroshot",
+                        "--test-folds", str(TEST_FOLD))
+    assert results["settings"]["checkpoint_kind"] == "exported folder"
+    assert results["settings"]["sample_rate"] == 100  # read from the export's config.json
+    assert results["macro_auroc"] == pytest.approx(zeroshot_reference["macro_auroc"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- linear probe
+
+def test_linear_probe_beats_chance(tiny_checkpoint, bundled_ptbxl, tmp_path):
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "linear",
+                        "--task", "super", *LINEAR_FOLDS)
+    _assert_classification_files(tmp_path, results)
+    assert results["macro_auroc"] > 0.5
+    assert results["settings"]["folds"] == {"train": [1, 2, 3, 4], "val": [5], "test": [6]}
+    assert results["n_train"] == results["records"]["train"]["used"]  # fraction 1.0
+    assert results["fraction"] == 1.0
+
+
+def test_random_init_baseline_runs_and_reports(tiny_checkpoint, bundled_ptbxl, tmp_path):
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "linear",
+                        "--random-init", "--fraction", "0.1", *LINEAR_FOLDS)
+    _assert_classification_files(tmp_path, results)
+    assert results["settings"]["random_init"] is True
+    n_train = results["records"]["train"]["used"]
+    # Seeded 10% subsample; may exceed ceil(0.1 n) by one positive per class (linear_probe.py).
+    assert int(np.ceil(0.1 * n_train)) <= results["n_train"] <= int(np.ceil(0.1 * n_train)) + 5
+    assert "random_init" in (tmp_path / "results.md").read_text()
+
+
+def test_random_init_weights_are_untrained_and_seeded(tiny_checkpoint):
+    from melp_ray.checkpoint import load_model
+
+    trained = load_model(tiny_checkpoint).state_dict()
+    first = evaluate.build_model(tiny_checkpoint, random_init=True, seed=0).state_dict()
+    again = evaluate.build_model(tiny_checkpoint, random_init=True, seed=0).state_dict()
+    assert first.keys() == trained.keys()
+    name = "beat_proj.weight"
+    assert torch.equal(first[name], again[name])
+    assert not torch.allclose(first[name], trained[name])
+
+
+# ---------------------------------------------------------------- retrieval
+
+def _brute_force_recall(sim: np.ndarray, k: int) -> float:
+    """Mean over both directions of "the true partner is among the k best" (ties count against)."""
+    n = len(sim)
+    hits = []
+    for matrix in (sim, sim.T):
+        for i in range(n):
+            ahead = sum(1 for j in range(n) if j != i and matrix[i, j] >= matrix[i, i])
+            hits.append(ahead < k)
+    return float(np.mean(hits))
+
+
+def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled_ptbxl,
+                                                        direct_test_embeddings, tmp_path):
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "retrieval",
+                        "--test-folds", str(TEST_FOLD))
+    assert (tmp_path / "results.md").is_file()
+    keep = [i for i, r in enumerate(direct_test_embeddings["refs"]) if r.report.strip()]
+    assert results["n_pairs"] == len(keep)
+    sim = direct_test_embeddings["ecg_emb"][keep] @ direct_test_embeddings["text_emb"][keep].T
+    for k in (1, 5, 10):
+        assert results[f"recall@{k}"] == pytest.approx(_brute_force_recall(sim, k), abs=1e-9)
+    assert results["recall@1"] <= results["recall@5"] <= results["recall@10"]
+
+
+# ---------------------------------------------------------------- CPSC2018 / Chapman
+
+def _challenge_writer():
+    """The Challenge-format writer of tests/eval/test_eval_physionet.py (MAT v4 + .hea)."""
+    path = Path(__file__).parent / "eval" / "test_eval_physionet.py"
+    spec = importlib.util.spec_from_file_location("_physionet_fixture_writer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# PTB-XL statement -> the SNOMED code a Challenge release uses for it.
+SNOMED_OF_SCP = {"NORM": "426783006", "AFIB": "164889003", "CRBBB": "713427006",
+                 "CLBBB": "733534002", "1AVB": "270492004", "PVC": "427172004",
+                 "PAC": "284470004", "STD_": "429622005", "STE_": "164931005",
+                 "SR": "426783006", "STACH": "427084000", "SBRAD": "426177001",
+                 "LAFB": "445118002", "IRBBB": "713426002", "LVH": "164873001"}
+
+
+@pytest.fixture(scope="module")
+def challenge_root(tmp_path_factory, bundled_ptbxl):
+    """60 real PTB-XL waveforms in the Challenge layout, Dx from their SCP codes, plus one
+    too-short and one all-zero record that must be rejected and named."""
+    from melp_ray.data.ptbxl import parse_scp_codes, read_database
+
+    writer = _challenge_writer()
+    root = tmp_path_factory.mktemp("challenge")
+    (root / "g1").mkdir()
+    database = read_database(bundled_ptbxl).head(60)
+    for row in database.to_dict("records"):
+        ecg_id = int(row["ecg_id"])
+        adc, _, fs = writer._ptbxl_adc(bundled_ptbxl, ecg_id)
+        codes = sorted({SNOMED_OF_SCP[c] for c in parse_scp_codes(row["scp_codes"])
+                        if c in SNOMED_OF_SCP}) or ["164934002"]  # T wave abnormal
+        writer._write_challenge_record(root / "g1", f"A{ecg_id:04d}", adc, fs,
+                                       ["#Age: 60", "#Sex: Male", f"#Dx: {','.join(codes)}"])
+    adc, _, fs = writer._ptbxl_adc(bundled_ptbxl, int(database["ecg_id"].iloc[0]))
+    writer._write_challenge_record(root / "g1", "SHORT", adc[:, :500], fs,
+                                   ["#Dx: 426783006"])  # 5 s < the model's 10 s
+    writer._write_challenge_record(root / "g1", "ZERO", np.zeros_like(adc), fs,
+                                   ["#Dx: 426783006"])  # every lead flat
+    return root
+
+
+def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
+    from melp_ray.data.physionet import CPSC2018_CLASSES
+
+    results = _evaluate(tiny_checkpoint, challenge_root, tmp_path, "--dataset", "cpsc2018",
+                        "--mode", "zeroshot", "--test-folds", "1-10")
+    _assert_classification_files(tmp_path, results)
+    assert results["class_names"] == list(CPSC2018_CLASSES)
+    test = results["records"]["test"]
+    assert test["rejected"] == {"wrong_length": ["SHORT"], "flat_signal": ["ZERO"]}
+    assert test["rejected_detail"]["SHORT"].startswith("wrong_length: 500 samples at 100 Hz")
+    assert results["n_samples"] == test["used"]
+    no_label = results["records"]["excluded_before_loading"].get("no_label", [])
+    assert test["used"] + 2 + len(no_label) == 62
+    assert "wrong_length" in (tmp_path / "results.md").read_text()
+
+
+def test_chapman_classes_are_the_frequent_codes_with_pseudo_folds(tiny_checkpoint,
+                                                                   challenge_root, tmp_path):
+    """Chapman runs the CPSC2018 code path past the plan; check what differs."""
+    from melp_ray.data.physionet import frequent_dx_classes, list_physionet_records
+
+    args = evaluate.make_parser().parse_args(
+        ["--checkpoint", tiny_checkpoint, "--dataset", "chapman", "--root", str(challenge_root),
+         "--out", str(tmp_path / "o"), "--mode", "zeroshot", "--test-folds", "1-5",
+         "--min-count", "3"])
+    plan = evaluate.build_plan(args)
+    records = list_physionet_records(challenge_root)
+    assert plan.class_names == frequent_dx_classes(records, min_count=3)
+    assert plan.class_names[0] == "426783006"  # sinus rhythm: the most frequent code
+    assert {r.fold for r in plan.splits["test"]} <= {1, 2, 3, 4, 5}
+    assert len(plan.prompts) == len(plan.class_names)
+    assert evaluate.physionet_fold("A0001") == evaluate.physionet_fold("A0001")  # stable
+
+
+# ---------------------------------------------------------------- bad arguments
+
+def test_fold_parsing():
+    assert evaluate.parse_folds("1-8", "--x") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert evaluate.parse_folds("3,1,2", "--x") == [1, 2, 3]
+    assert evaluate.parse_folds("1-2,5", "--x") == [1, 2, 5]
+    for bad in ("", "a", "3-1", "0-2", "1-"):
+        with pytest.raises(evaluate.EvalError, match="folds"):
+            evaluate.parse_folds(bad, "--x")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--mode", "zeroshot", "--root", "/no/such/root"], "--root /no/such/root is not"),
+    (["--mode", "zeroshot", "--fraction", "0.1"], "--fraction only applies to --mode linear"),
+    (["--mode", "zeroshot", "--train-folds", "1-4"], "--train-folds only applies"),
+    (["--mode", "linear", "--prompts", "p.yaml"], "--prompts only applies to --mode zeroshot"),
+    (["--mode", "retrieval", "--task", "super"], "--task has no effect"),
+    (["--mode", "retrieval", "--dataset", "cpsc2018"], "needs free-text reports"),
+    (["--mode", "linear", "--fraction", "0"], "--fraction must be in (0, 1]"),
+    (["--mode", "zeroshot", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_option_combinations_fail_before_any_work(bundled_ptbxl, tmp_path, capsys,
+                                                      options, message):
+    argv = ["--checkpoint", str(tmp_path / "no_checkpoint"), "--out", str(tmp_path / "o")]
+    if "--root" not in options:
+        argv += ["--root", str(bundled_ptbxl)]
+    if "--dataset" not in options:
+        argv += ["--dataset", "ptb-xl"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv + options)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--mode", "zeroshot", "--test-folds", "9-10"],
+     "--test-folds 9,10: no record .* is in these folds \\(folds present: 1,2,3,4,5,6\\)"),
+    (["--mode", "linear", "--train-folds", "1-5", "--val-folds", "5", "--test-folds", "6"],
+     "--train-folds and --val-folds share folds 5"),
+    (["--mode", "linear", "--train-folds", "1-4", "--val-folds", "5"],
+     "--test-folds 10: no record"),
+    (["--mode", "zeroshot", "--test-folds", "6", "--sample-rate", "33", "--seconds", "0.1"],
+     "sample_rate \\* seconds must be a positive whole number"),
+])
+def test_bad_folds_and_lengths_fail_with_a_real_checkpoint(tiny_checkpoint, bundled_ptbxl,
+                                                           tmp_path, options, message):
+    args = evaluate.make_parser().parse_args(
+        ["--checkpoint", tiny_checkpoint, "--dataset", "ptb-xl", "--root", str(bundled_ptbxl),
+         "--out", str(tmp_path / "o"), *options])
+    with pytest.raises(evaluate.EvalError, match=message):
+        evaluate.build_plan(args)
+
+
+def test_missing_prompt_and_not_a_checkpoint_are_named(tiny_checkpoint, bundled_ptbxl,
+                                                       tmp_path):
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("NORM: a normal ecg\n")
+    parser = evaluate.make_parser()
+    base = ["--dataset", "ptb-xl", "--root", str(bundled_ptbxl), "--out", str(tmp_path / "o"),
+            "--mode", "zeroshot", "--test-folds", "6"]
+    plan = evaluate.build_plan(parser.parse_args(
+        ["--checkpoint", tiny_checkpoint, "--prompts", str(prompts), *base]))
+    assert plan.prompts[0] == ["a normal ecg"]  # the file overrides the default per class
+    assert plan.prompts[1] == ["myocardial infarction"]
+
+    not_a_checkpoint = tmp_path / "empty"
+    not_a_checkpoint.mkdir()
+    with pytest.raises(evaluate.EvalError, match="neither a melp_ray training checkpoint"):
+        evaluate.build_plan(parser.parse_args(["--checkpoint", str(not_a_checkpoint), *base]))
