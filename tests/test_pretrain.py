@@ -127,15 +127,23 @@ def test_resume_is_exact(ray_local, tmp_path, zero2_run):
     assert steps == [2, 3, 4, 6]
 
 
-def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
-    from ray.util.state import list_actors
+def train_worker_processes():
+    """The Ray Train worker processes of *this* test session's Ray node (children of its raylet)."""
+    import psutil
+    import ray
 
-    deadline = time.time() + 300
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return [p for p in psutil.Process(raylet).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
+    deadline = time.time() + 600
     while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
         time.sleep(0.5)
-    for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
-        os.kill(actor.pid, signal.SIGKILL)
-        killed.append(actor.pid)
+    for worker in train_worker_processes():
+        worker.send_signal(signal.SIGKILL)
+        killed.append(worker.pid)
         return
 
 
@@ -198,12 +206,16 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
         address = f"http://127.0.0.1:{dashboard}"
         wait_for_dashboard(address, env, bin_dir)
         storage = tmp_path / "runs"
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir", ".",
-             "--", "python", "-m", "melp_ray.pretrain", *FAST, "train.max_steps=2",
-             "train.checkpoint_every=2", "train.val_every=2", f"run.storage_path={storage}",
-             "run.name=job"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        submit = [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir",
+                  ".", "--", "python", "-m", "melp_ray.pretrain", *FAST, "train.max_steps=2",
+                  "train.checkpoint_every=2", "train.val_every=2", f"run.storage_path={storage}",
+                  "run.name=job"]
+        for _ in range(30):   # the head's job agent can come up a little after its dashboard
+            job = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True,
+                                 timeout=600)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(4)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         summary = json.loads((storage / "job" / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["world_size"] == 2

@@ -149,7 +149,7 @@ class DeepSpeedRecipe:
             if self.state.step < stop_at:
                 self.state.epoch += 1
                 self.state.micro_in_epoch = 0
-        return self.finish(window)
+        return self.finish()
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         seed = self.micro_seed()
@@ -162,9 +162,12 @@ class DeepSpeedRecipe:
         return {k: float(v.detach()) for k, v in losses.items()}
 
     def micro_seed(self) -> int:
+        """A seed unique to (seed, epoch, micro-batch, rank): a resumed run draws the same."""
+        import numpy as np
+
         s = self.state
-        return (self.cfg.train.seed * 1_000_003 + s.epoch * 100_003 + s.micro_in_epoch * 101
-                + self.rank) % (2**63 - 1)
+        key = [self.cfg.train.seed, s.epoch, s.micro_in_epoch, self.rank]
+        return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
 
     def after_optimizer_step(self, window: "Window", stop_at: int) -> None:
         t = self.cfg.train
@@ -228,7 +231,7 @@ class DeepSpeedRecipe:
             print(f"[melp_ray] resumed from step {self.state.step} (epoch {self.state.epoch}, "
                   f"{self.state.micro_in_epoch} micro-batches into it)", flush=True)
 
-    def finish(self, window: "Window") -> dict[str, Any]:
+    def finish(self) -> dict[str, Any]:
         metrics = getattr(self, "last_metrics", {})
         return {"step": self.state.step, "world_size": self.world,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "metrics": metrics}
