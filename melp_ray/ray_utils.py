@@ -25,6 +25,6 @@ def init_ray(address: str | None = None, **init_kwargs: Any):
         return ray
     try:
         ray.init(address="auto", **common)
-    except ConnectionError:   # no cluster to attach to
-        ray.init(**common, **init_kwargs)
+    except ConnectionError:   # none (or several) to attach to: a private local instance
+        ray.init(address="local", **common, **init_kwargs)
     return ray
