@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from ray.tune import Callback
 
 from melp_ray import storage
 from melp_ray.config import ConfigError, PretrainConfig, load_config, resolve_config_path
@@ -478,27 +479,27 @@ def make_trainable(sweep: Sweep):
 _stop_after_trials: int | None = None
 
 
-def interrupt_callback():
+class InterruptAfterTrials(Callback):
     """Interrupts the sweep like Ctrl+C once enough trials finished: state is saved and
-    unfinished trials stay resumable (Tune's stop_all would mark them terminated instead)."""
-    from ray.tune import Callback
+    unfinished trials stay resumable (Tune's stop_all would mark them terminated instead).
 
-    class InterruptAfterTrials(Callback):
-        def __init__(self):
-            self.finished = 0
+    Defined at module level so that the copy Tune restores from its pickle looks up the
+    live ``_stop_after_trials`` (a class defined in a function would carry a frozen copy).
+    """
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.finished += 1
-            limit = _stop_after_trials
-            if limit is None or self.finished < limit:
-                return
-            handler = signal.getsignal(signal.SIGUSR1)
-            if callable(handler):          # Tune's interrupt handler (main thread only)
-                print(f"[melp_ray.tune] {self.finished} trial(s) finished: interrupting the "
-                      f"sweep (resume with --restore)", flush=True)
-                os.kill(os.getpid(), signal.SIGUSR1)
+    def __init__(self):
+        self.finished = 0
 
-    return InterruptAfterTrials()
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished += 1
+        limit = _stop_after_trials
+        if limit is None or self.finished < limit:
+            return
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler):          # Tune's interrupt handler (main thread only)
+            print(f"[melp_ray.tune] {self.finished} trial(s) finished: interrupting the "
+                  f"sweep (resume with --restore)", flush=True)
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 # Ray Data's read/decode tasks take 1 whole CPU each: with less than that left over,
@@ -566,7 +567,7 @@ def build_tuner(sweep: Sweep):
                                     search_alg=search_alg, num_samples=space.num_samples,
                                     max_concurrent_trials=tune_limit),
         run_config=tune.RunConfig(name=space.name, storage_path=sweep.storage_root,
-                                  callbacks=[interrupt_callback()], verbose=1),
+                                  callbacks=[InterruptAfterTrials()], verbose=1),
     )
 
 
