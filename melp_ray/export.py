@@ -21,6 +21,7 @@ import yaml
 
 from melp_ray import checkpoint as ckpt_lib
 from melp_ray import storage
+from melp_ray.pretrain import flatten
 
 
 def export(checkpoint: str, out: str, eval_results: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,19 +61,9 @@ def run_summary(checkpoint: str) -> dict[str, Any] | None:
 
 def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     rows = ["| metric | value |", "|---|---|"]
-    for k, v in sorted(flat(metrics).items()):
+    for k, v in sorted(flatten(metrics).items()):
         rows.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
     return rows
-
-
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def model_card(source: str, step: int | None, train_config: dict[str, Any],

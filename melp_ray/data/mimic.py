@@ -17,7 +17,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from melp_ray.data.records import RecordRef
+from melp_ray.data.records import RecordRef, read_metadata_csv
 
 DATASET = "mimic-iv-ecg"
 RECORD_LIST_CSV = "record_list.csv"
@@ -55,17 +55,7 @@ def build_report(statements: Iterable) -> str:
 
 
 def _read_csv(root: str | os.PathLike, name: str, required: tuple[str, ...], **kwargs) -> pd.DataFrame:
-    path = Path(root) / name
-    if not path.is_file():
-        raise MIMICFormatError(f"MIMIC-IV-ECG root {root} has no {name}")
-    try:
-        table = pd.read_csv(path, **kwargs)
-    except Exception as err:
-        raise MIMICFormatError(f"cannot parse {path}: {err}") from None
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise MIMICFormatError(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")
-    return table
+    return read_metadata_csv(root, name, required, MIMICFormatError, "MIMIC-IV-ECG", **kwargs)
 
 
 def read_reports(root: str | os.PathLike) -> dict[str, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from melp_ray.data.records import RecordRef
+from melp_ray.data.records import RecordRef, read_metadata_csv
 
 DATASET = "ptb-xl"
 DATABASE_CSV = "ptbxl_database.csv"
@@ -71,17 +71,7 @@ class PTBXLFormatError(ValueError):
 
 
 def _read_csv(root: str | os.PathLike, name: str, required: tuple[str, ...], **kwargs) -> pd.DataFrame:
-    path = Path(root) / name
-    if not path.is_file():
-        raise PTBXLFormatError(f"PTB-XL root {root} has no {name}")
-    try:
-        table = pd.read_csv(path, **kwargs)
-    except Exception as err:
-        raise PTBXLFormatError(f"cannot parse {path}: {err}") from None
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise PTBXLFormatError(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")
-    return table
+    return read_metadata_csv(root, name, required, PTBXLFormatError, "PTB-XL", **kwargs)
 
 
 def read_database(root: str | os.PathLike) -> pd.DataFrame:

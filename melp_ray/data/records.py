@@ -25,6 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -244,3 +245,21 @@ def _check_values(signal: np.ndarray) -> None:
     peak_to_peak = signal.max(axis=0) - signal.min(axis=0)
     if np.all(peak_to_peak < FLAT_TOLERANCE_MV):
         raise RecordRejected(FLAT_SIGNAL, "all 12 leads are flat (constant or zero)")
+
+
+def read_metadata_csv(root, name: str, required: tuple[str, ...], error: type[Exception],
+                      dataset: str, **kwargs):
+    """A dataset's metadata csv as a DataFrame; ``error`` names what is missing or malformed."""
+    import pandas as pd
+
+    path = Path(root) / name
+    if not path.is_file():
+        raise error(f"{dataset} root {root} has no {name}")
+    try:
+        table = pd.read_csv(path, **kwargs)
+    except Exception as err:
+        raise error(f"cannot parse {path}: {err}") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise error(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")
+    return table
