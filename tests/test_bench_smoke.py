@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 
 
-def run_bench(name: str, tmp_path: Path, *extra: str, timeout: int = 400) -> tuple[subprocess.CompletedProcess, Path]:
+def run_bench(name: str, tmp_path: Path, *extra: str, timeout: int = 850) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "RAY_ADDRESS": ""}   # never attach to a cluster from the environment
     proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--out", str(out), *extra],
