@@ -127,8 +127,8 @@ def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None):
     columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
     ds = ray.data.read_parquet(list(files), columns=columns, filesystem=filesystem,
                                shuffle=None)
-    return ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec}, batch_format="numpy",
-                          batch_size=64)
+    return in_order(ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec},
+                                   batch_format="numpy", batch_size=64))
 
 
 def wfdb_dataset(refs: Sequence[Any], root: str, spec: StreamSpec):
@@ -138,8 +138,14 @@ def wfdb_dataset(refs: Sequence[Any], root: str, spec: StreamSpec):
     rows = [ref.to_row() for ref in refs]
     # Small blocks so reading spreads over the cluster's CPUs.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 16, 256)))
-    return ds.map_batches(read_wfdb_batch, fn_kwargs={"spec": spec, "root": root},
-                          batch_format="numpy", batch_size=32)
+    return in_order(ds.map_batches(read_wfdb_batch, fn_kwargs={"spec": spec, "root": root},
+                                   batch_format="numpy", batch_size=32))
+
+
+def in_order(ds):
+    """Rows come out in source order whoever iterates (exact resume depends on it)."""
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def resolve_root(root: str | None) -> str:

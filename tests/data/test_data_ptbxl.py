@@ -81,14 +81,28 @@ def test_bundled_root_falls_back_to_100hz_files(bundled_ptbxl, refs_by_id):
     assert load_signal(refs_by_id["1"], bundled_ptbxl, 500, 10).shape == (12, 5000)
 
 
-def test_file_choice_follows_the_rate(shared_ptbxl):
-    if not (shared_ptbxl / "records500").is_dir():
-        pytest.skip("no 500 Hz files in this checkout")
-    at_500 = list_records("ptb-xl", shared_ptbxl, limit=3, sample_rate=500)
-    at_100 = list_records("ptb-xl", shared_ptbxl, limit=3, sample_rate=100)
+def test_file_choice_follows_the_rate(bundled_ptbxl, tmp_path):
+    """With both rates on disk, 500 Hz reads the *_hr files and 100 Hz the *_lr files."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    import wfdb
+
+    root = tmp_path / "ptb-xl"
+    shutil.copytree(bundled_ptbxl, root)
+    database = pd.read_csv(root / "ptbxl_database.csv", index_col="ecg_id")
+    for ecg_id in database.index[:3]:   # real 500 Hz files: the 100 Hz signal upsampled x5
+        signal, fields = wfdb.rdsamp(str(root / database.loc[ecg_id, "filename_lr"]))
+        hr = root / database.loc[ecg_id, "filename_hr"]
+        hr.parent.mkdir(parents=True, exist_ok=True)
+        wfdb.wrsamp(hr.name, fs=500, units=fields["units"], sig_name=fields["sig_name"],
+                    p_signal=np.repeat(signal, 5, axis=0), fmt=["16"] * 12, write_dir=str(hr.parent))
+    at_500 = list_records("ptb-xl", root, limit=3, sample_rate=500)
+    at_100 = list_records("ptb-xl", root, limit=3, sample_rate=100)
     assert all(ref.path.endswith("_hr") for ref in at_500)
     assert all(ref.path.endswith("_lr") for ref in at_100)
-    assert load_signal(at_500[0], shared_ptbxl, 500, 10).shape == (12, 5000)
+    assert load_signal(at_500[0], root, 500, 10).shape == (12, 5000)
 
 
 def test_blank_report_is_rejected_at_listing(bundled_ptbxl):
