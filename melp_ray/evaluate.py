@@ -541,10 +541,33 @@ def run_retrieval(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
                          args.actors)
     data = _split_rejected(data, accounting.setdefault("test", {}))
     _require_rows(data, "test")
-    # Both sides are L2-normalised by the model, so the dot product is the cosine.
-    recalls = recall_at_k(data["ecg_emb"] @ data["text_emb"].T, ks=(1, 5, 10))
+    reports = {r.record_id: r.report for r in plan.splits["test"]}
+    sim = report_similarity(data["ecg_emb"], [reports[str(i)] for i in data["record_id"]],
+                            data["text_emb"])
+    recalls = recall_at_k(sim, ks=(1, 5, 10))
     write_retrieval_report(plan.out, recalls, plan.settings, task="ptb-xl retrieval")
     return _finish(plan, {**recalls, "n_pairs": int(len(data["record_id"]))}, accounting)
+
+
+def report_similarity(ecg_emb: np.ndarray, texts: list[str], text_emb: np.ndarray
+                      ) -> np.ndarray:
+    """(N, N) cosine of ECG i and report j, identical reports giving identical columns.
+
+    PTB-XL repeats reports verbatim ("sinus rhythm. normal ecg."), so a query often has
+    several equally right candidates, and recall_at_k counts such exact ties against the
+    query. A tie must stay exact: each distinct text is scored once (its first row's
+    embedding) and the column copied, because the same text encoded in another batch, or
+    the same dot product at another position of a matrix product, can differ in the last
+    bits and turn the tie into a coin flip. Float64: the similarities of a weak model
+    differ in the 4th digit, and float32 rounding would reorder near-ties.
+    """
+    first: dict[str, int] = {}
+    rows = [first.setdefault(text, row) for row, text in enumerate(texts)]
+    distinct = sorted(first.values())
+    column_of = {row: col for col, row in enumerate(distinct)}
+    # Both sides are L2-normalised by the model, so the dot product is the cosine.
+    sim = ecg_emb.astype(np.float64) @ text_emb[distinct].astype(np.float64).T
+    return sim[:, [column_of[row] for row in rows]]
 
 
 def _require_rows(data: dict[str, np.ndarray], split: str) -> None:

@@ -58,11 +58,16 @@ def direct_test_embeddings(tiny_checkpoint, bundled_ptbxl):
     model = load_model(tiny_checkpoint)
     refs = [r for r in list_ptbxl(bundled_ptbxl, sample_rate=100) if r.strat_fold == TEST_FOLD]
     ecg = np.stack([minmax_normalise(load_signal(r, bundled_ptbxl, 100, 10)) for r in refs])
+    # One batch of all test records, like the CLI's single inference batch (bit-equal:
+    # a different batch size changes the last float bits).
+    reports = [r.report for r in refs]
     with torch.inference_mode():
-        return {"refs": refs, "model": model,
-                "ecg_emb": model.encode_ecg(torch.from_numpy(ecg)).numpy().astype(np.float64),
-                "text_emb": model.encode_reports([r.report for r in refs]).numpy()
-                .astype(np.float64)}
+        ecg_emb = model.encode_ecg(torch.from_numpy(ecg)).numpy().astype(np.float64)
+        text_emb = model.encode_reports(reports).numpy().astype(np.float64)
+    text_by_report = {}
+    for report, emb in zip(reports, text_emb):
+        text_by_report.setdefault(report, emb)   # a repeated report is one candidate text
+    return {"refs": refs, "model": model, "ecg_emb": ecg_emb, "text_by_report": text_by_report}
 
 
 def _assert_classification_files(out: Path, results: dict) -> None:
@@ -168,15 +173,31 @@ def test_random_init_weights_are_untrained_and_seeded(tiny_checkpoint):
 
 # ---------------------------------------------------------------- retrieval
 
-def _brute_force_recall(sim: np.ndarray, k: int) -> float:
-    """Mean over both directions of "the true partner is among the k best" (ties count against)."""
-    n = len(sim)
+def _brute_force_recall(ecg_emb, text_emb, reports, k: int) -> float:
+    """Recall@k by counting, pair by pair (mean of both directions; ties count against).
+
+    Identical reports are one candidate text: they are scored with one vector
+    (``text_emb`` is per distinct report), so their similarities tie exactly.
+    """
+    n = len(reports)
+    sim = [[float(np.dot(ecg_emb[i], text_emb[reports[j]])) for j in range(n)]
+           for i in range(n)]
     hits = []
-    for matrix in (sim, sim.T):
-        for i in range(n):
-            ahead = sum(1 for j in range(n) if j != i and matrix[i, j] >= matrix[i, i])
-            hits.append(ahead < k)
+    for i in range(n):
+        ahead = sum(1 for j in range(n) if j != i and sim[i][j] >= sim[i][i])
+        hits.append(ahead < k)      # ECG i -> its report
+        ahead = sum(1 for j in range(n) if j != i and sim[j][i] >= sim[i][i])
+        hits.append(ahead < k)      # report i -> its ECG
     return float(np.mean(hits))
+
+
+def test_identical_reports_give_exactly_tied_columns():
+    rng = np.random.default_rng(0)
+    ecg, text = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    text[2] = text[0] + 1e-9   # "a" encoded again in another batch: last bits differ
+    sim = evaluate.report_similarity(ecg, ["a", "b", "a", "c"], text)
+    np.testing.assert_array_equal(sim[:, 0], sim[:, 2])
+    np.testing.assert_allclose(sim, ecg @ text.T, atol=1e-7)
 
 
 def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled_ptbxl,
@@ -184,11 +205,14 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
     results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "retrieval",
                         "--test-folds", str(TEST_FOLD))
     assert (tmp_path / "results.md").is_file()
+    refs = [r for r in direct_test_embeddings["refs"] if r.report.strip()]
+    assert results["n_pairs"] == len(refs)
     keep = [i for i, r in enumerate(direct_test_embeddings["refs"]) if r.report.strip()]
-    assert results["n_pairs"] == len(keep)
-    sim = direct_test_embeddings["ecg_emb"][keep] @ direct_test_embeddings["text_emb"][keep].T
+    ecg_emb = direct_test_embeddings["ecg_emb"][keep]
+    text_emb = direct_test_embeddings["text_by_report"]
     for k in (1, 5, 10):
-        assert results[f"recall@{k}"] == pytest.approx(_brute_force_recall(sim, k), abs=1e-9)
+        expected = _brute_force_recall(ecg_emb, text_emb, [r.report for r in refs], k)
+        assert results[f"recall@{k}"] == pytest.approx(expected, abs=1e-9), k
     assert results["recall@1"] <= results["recall@5"] <= results["recall@10"]
 
 
