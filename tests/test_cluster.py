@@ -67,7 +67,8 @@ def test_launcher_dashboard_not_public(path):
 def test_launcher_installs_package_the_readme_way(path):
     config = load(path)
     setup = config["setup_commands"]
-    pin = (REPO / "constraints.txt").read_text().split()[0]
+    pin = next(line for line in (REPO / "constraints.txt").read_text().splitlines()
+               if line.startswith("torch=="))
     assert pin.startswith("torch==")
     torch_at = next(i for i, c in enumerate(setup) if f"pip install {pin}" in c)
     pkg_at = next(i for i, c in enumerate(setup) if "pip install -c constraints.txt -e ." in c)
