@@ -30,7 +30,7 @@ REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricu
 class LiveWeightsRecipe(PretrainRecipe):
     """PretrainRecipe that also writes the final live weights beside the run (rank 0)."""
 
-    def finish(self, window):
+    def finish(self):
         from safetensors.torch import save_file
         from melp_ray.checkpoint import gathered_state_dict
         from melp_ray.train.metrics import run_dir
@@ -44,7 +44,7 @@ class LiveWeightsRecipe(PretrainRecipe):
             with open(tmp, "rb") as src, fs.open_output_stream(p) as dst:
                 dst.write(src.read())
             os.remove(tmp)
-        return super().finish(window)
+        return super().finish()
 
 
 def _run(storage_path: str, name: str, zero_stage: int) -> dict:
