@@ -183,6 +183,9 @@ class DeepSpeedRecipe:
         if want_val:
             metrics.update({f"val/{k}": v for k, v in self.validate().items()})
         metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen)
+        if getattr(self, "resumed_from_step", None) is not None:
+            metrics["resumed_from_step"] = self.resumed_from_step
+            self.resumed_from_step = None
         self.logger.log(metrics)
         self.last_metrics = metrics
         if want_ckpt:
@@ -227,6 +230,7 @@ class DeepSpeedRecipe:
             with open(os.path.join(path, TRAINER_STATE)) as f:
                 saved = json.load(f)
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        self.resumed_from_step = self.state.step   # logged once, so restarts show in metrics
         if self.rank == 0:
             print(f"[melp_ray] resumed from step {self.state.step} (epoch {self.state.epoch}, "
                   f"{self.state.micro_in_epoch} micro-batches into it)", flush=True)
