@@ -138,9 +138,11 @@ def train_worker_processes():
 
 
 def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
+    # Wait until Ray has *registered* a checkpoint (a folder on disk may not be committed yet).
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
-        time.sleep(0.5)
+    while time.time() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
+        time.sleep(0.2)
     for worker in train_worker_processes():
         worker.send_signal(signal.SIGKILL)
         killed.append(worker.pid)
