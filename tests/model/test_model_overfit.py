@@ -14,15 +14,14 @@ from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 
 REPO = Path(__file__).resolve().parents[2]
-PTBXL_ROOTS = [REPO / "melp_ray" / "data" / "bundled" / "ptb-xl", REPO.parent / "shared" / "data" / "ptb-xl"]
 N_PAIRS, STEPS = 8, 60
 
 
 def ptbxl_root() -> Path:
-    for root in PTBXL_ROOTS:
-        if (root / "ptbxl_database.csv").is_file():
-            return root
-    pytest.skip("no PTB-XL copy found")
+    """The real PTB-XL sample shipped in the package."""
+    from melp_ray.data.sources import bundled_root
+
+    return Path(bundled_root())
 
 
 def read_pairs(root: Path, n: int) -> tuple[torch.Tensor, list[str]]:
