@@ -21,7 +21,17 @@ import yaml
 
 from melp_ray import checkpoint as ckpt_lib
 from melp_ray import storage
-from melp_ray.pretrain import flatten
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a/b": 1}, for the model card's metric table."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def export(checkpoint: str, out: str, eval_results: dict[str, Any] | None = None) -> dict[str, Any]:

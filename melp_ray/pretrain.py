@@ -46,7 +46,10 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     def compute_losses(self, batch, generator):
         ecg = mask_leads(batch["ecg"], self.cfg.data.lead_mask_prob, generator)
-        out = self.forward(batch, ecg)
+        return self.losses_of(self.forward(batch, ecg))
+
+    def losses_of(self, out: dict) -> dict[str, torch.Tensor]:
+        """The three losses, computed in fp32 whatever precision the model ran in."""
         return self.loss_fn({k: v.float() if torch.is_floating_point(v) else v
                              for k, v in out.items()})
 
@@ -69,8 +72,7 @@ class PretrainRecipe(DeepSpeedRecipe):
             if batch is None:
                 break
             out = self.forward(batch, batch["ecg"])
-            for k, v in self.loss_fn({k: v.float() if torch.is_floating_point(v) else v
-                                      for k, v in out.items()}).items():
+            for k, v in self.losses_of(out).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             ecg_embs.append(out["ecg_emb"].float())
             text_embs.append(out["text_emb"].float())
@@ -136,18 +138,7 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
     from melp_ray.eval.metrics import recall_at_k
 
     sim = (ecg_emb @ text_emb.T).cpu().numpy()
-    out = recall_at_k(sim, ks=(1, 5, 10))
-    return {k.replace("@", "_at_"): float(v) for k, v in flatten(out).items()}
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return {k.replace("@", "_at_"): float(v) for k, v in recall_at_k(sim, ks=(1, 5, 10)).items()}
 
 
 # ---------------------------------------------------------------- driver
