@@ -35,7 +35,8 @@ class DataConfig:
     lead_mask_prob: float = 0.5      # random lead masking (train split only)
     val_fraction: float = 0.1        # subject-level split for raw roots
     shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
-    limit: int | None = None         # use at most this many records (smoke runs)
+    prefetch_batches: int = 4        # micro-batches fetched ahead, across epoch boundaries too
+    limit: int | None = None         # smoke runs: first N raw records; shards: one file per worker
 
 
 @dataclass
@@ -317,6 +318,8 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append(f"data.dataset must be auto, ptb-xl or mimic-iv-ecg, got {d.dataset!r}")
     if not 0 <= d.val_fraction < 1:
         problems.append("data.val_fraction must be in [0, 1)")
+    if d.shuffle_buffer < 0 or d.prefetch_batches < 1:
+        problems.append("data.shuffle_buffer must be >= 0 and data.prefetch_batches >= 1")
     if d.root is not None and "://" not in d.root and not Path(d.root).expanduser().exists():
         problems.append(f"data.root {d.root!r} does not exist")
     return problems

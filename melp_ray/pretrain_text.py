@@ -56,6 +56,7 @@ class TextDataConfig:
     text_files: list[str] = field(default_factory=list)  # extra plain text, one document a line
     val_fraction: float = 0.1        # same subject-level split as stage 2 (same seed): no leakage
     shuffle_buffer: int = 256
+    prefetch_batches: int = 4        # micro-batches fetched ahead, across epoch boundaries too
     limit: int | None = None         # at most this many records from data.root (smoke runs)
 
 
@@ -92,8 +93,10 @@ class TextPretrainConfig:
 
 
 def text_data_problems(d: TextDataConfig) -> list[str]:
-    # The checks the ECG DataConfig shares with this one (root, dataset, val_fraction).
-    problems = data_problems(DataConfig(root=d.root, dataset=d.dataset, val_fraction=d.val_fraction))
+    # The checks the ECG DataConfig shares with this one.
+    problems = data_problems(DataConfig(root=d.root, dataset=d.dataset, val_fraction=d.val_fraction,
+                                        shuffle_buffer=d.shuffle_buffer,
+                                        prefetch_batches=d.prefetch_batches))
     if d.val_fraction <= 0:
         problems.append("data.val_fraction must be > 0: stage 1 reports held-out MLM loss")
     if not d.use_reports and not d.text_files:

@@ -61,6 +61,7 @@ BAD_CONFIGS = {
     "zero stage 4": (["deepspeed.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
     "missing data root": (["data.root=/no/such/folder"], "does not exist"),
     "bad type": (["train.max_steps=many"], "expected int"),
+    "no prefetch": (["data.prefetch_batches=0"], "prefetch_batches >= 1"),
 }
 
 

@@ -125,10 +125,28 @@ def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None):
     import ray.data
 
     columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
-    ds = ray.data.read_parquet(list(files), columns=columns, filesystem=filesystem,
-                               shuffle=None)
+    ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None)
     return in_order(ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec},
                                    batch_format="numpy", batch_size=64))
+
+
+def read_parquet_v1(files: list[str], **kwargs):
+    """``ray.data.read_parquet`` through Ray Data's V1 Parquet datasource.
+
+    Why not the default V2 one (Ray 2.60): it lists files by starting a pool of
+    ``FooterReader`` actors, i.e. new worker processes, on *every* execution of the
+    dataset, so every epoch of every rank paid 2-3.6 s before its first batch (measured on
+    the 1.3k-row PTB-XL shards; 0.3 s with V1, see bench/README.md "ingest"). Our shards
+    are a known, explicit file list, so there is nothing for footer-based listing to find.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, **kwargs)
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def wfdb_dataset(refs: Sequence[Any], root: str, spec: StreamSpec):

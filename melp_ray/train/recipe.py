@@ -18,13 +18,14 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from melp_ray.train.deepspeed_config import deepspeed_config, use_bf16
 from melp_ray.train.metrics import MetricsLogger
+from melp_ray.train.prefetch import EpochPrefetcher
 
 CHECKPOINT_TAG = "deepspeed"       # sub-folder DeepSpeed writes inside a checkpoint
 TRAINER_STATE = "trainer_state.json"
@@ -92,21 +93,23 @@ class DeepSpeedRecipe:
         return self.engine.module
 
     # ---------------------------------------------------------------- data
-    def epoch_batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch_batches(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
         t = self.cfg.train
         shuffle = self.cfg.data.shuffle_buffer or None
-        return iter(self.train_data.iter_torch_batches(
+        return self.train_data.iter_torch_batches(
             batch_size=t.micro_batch_size, drop_last=True, device=self.device,
             local_shuffle_buffer_size=shuffle,
-            local_shuffle_seed=(t.seed * 10_007 + epoch) if shuffle else None))
+            local_shuffle_seed=(t.seed * 10_007 + epoch) if shuffle else None)
 
     def next_batch_everywhere(self, batches: Iterator) -> dict | None:
-        """The next micro-batch, or None on *every* rank once *any* rank runs out.
+        return self.batch_everywhere(next(batches, None))
+
+    def batch_everywhere(self, batch: dict | None) -> dict | None:
+        """``batch``, or None on *every* rank once *any* rank has run out of batches.
 
         Ranks may hold a few rows more or less (shards, rejected records); agreeing here
         keeps all ranks stepping together instead of hanging in a collective.
         """
-        batch = next(batches, None)
         have = torch.tensor([0 if batch is None else 1], device=self.device)
         if self.world > 1:
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
@@ -118,38 +121,49 @@ class DeepSpeedRecipe:
         stop_at = min(t.max_steps, t.stop_at_step or t.max_steps)
         window = Window()
         empty_epochs = 0
-        while self.state.step < stop_at:
-            batches = self.epoch_batches(self.state.epoch)
-            for _ in range(self.state.micro_in_epoch):   # resume: skip what was consumed
-                next(batches, None)
-            consumed_this_epoch = 0
+        # Epoch after epoch, a few batches ahead; a resume skips what was already consumed.
+        batches = EpochPrefetcher(self.epoch_batches, self.state.epoch, self.state.micro_in_epoch,
+                                  depth=self.cfg.data.prefetch_batches)
+        try:
             while self.state.step < stop_at:
-                wait_start = time.perf_counter()
-                batch = self.next_batch_everywhere(batches)
-                window.input_wait += time.perf_counter() - wait_start
-                if batch is None:
-                    break
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                losses = self.micro_step(batch)
-                self.state.micro_in_epoch += 1
-                self.state.samples_seen += t.micro_batch_size * self.world
-                consumed_this_epoch += 1
-                window.add(losses, t.micro_batch_size * self.world)
-                if not boundary:            # gradients still accumulating
-                    continue
-                self.state.step += 1
-                self.after_optimizer_step(window, stop_at)
-            if consumed_this_epoch == 0:
-                empty_epochs += 1
-                if empty_epochs >= 2:
-                    raise RuntimeError(f"rank {self.rank}: the training data yields no full "
-                                       f"micro-batch of {t.micro_batch_size}")
-            else:
-                empty_epochs = 0
-            if self.state.step < stop_at:
-                self.state.epoch += 1
-                self.state.micro_in_epoch = 0
+                empty_epochs = self.train_epoch(batches, window, stop_at, empty_epochs)
+        finally:
+            batches.close()
         return self.finish()
+
+    def train_epoch(self, batches: EpochPrefetcher, window: "Window", stop_at: int,
+                    empty_epochs: int) -> int:
+        """Train until this epoch's data or the step budget ends; returns how many epochs in a
+        row have yielded no micro-batch (two in a row is an error)."""
+        t = self.cfg.train
+        consumed_this_epoch = 0
+        while self.state.step < stop_at:
+            wait_start = time.perf_counter()
+            batch = self.batch_everywhere(batches.next(self.state.epoch))
+            window.input_wait += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            losses = self.micro_step(batch)
+            self.state.micro_in_epoch += 1
+            self.state.samples_seen += t.micro_batch_size * self.world
+            consumed_this_epoch += 1
+            window.add(losses, t.micro_batch_size * self.world)
+            if not boundary:            # gradients still accumulating
+                continue
+            self.state.step += 1
+            self.after_optimizer_step(window, stop_at)
+        if consumed_this_epoch == 0:
+            empty_epochs += 1
+            if empty_epochs >= 2:
+                raise RuntimeError(f"rank {self.rank}: the training data yields no full "
+                                   f"micro-batch of {t.micro_batch_size}")
+        else:
+            empty_epochs = 0
+        if self.state.step < stop_at:
+            self.state.epoch += 1
+            self.state.micro_in_epoch = 0
+        return empty_epochs
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         seed = self.micro_seed()
