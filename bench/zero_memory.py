@@ -1,7 +1,7 @@
 """Per-worker memory of model states under ZeRO 0/1/2/3, 2 workers (gloo, CPU).
 
     python bench/zero_memory.py           # a ~33 M-parameter MELP ("mid"), batch 2/worker
-    python bench/zero_memory.py --smoke   # the tiny preset
+    python bench/zero_memory.py --smoke   # the tiny preset, fp32 only
 
 For each stage, two fresh processes join a gloo group, build the model, start DeepSpeed
 with the same config our recipe uses (``melp_ray.train.deepspeed_config``), and train two
@@ -14,6 +14,8 @@ measured after backward (gradients alive) and after the step; the peak of the tw
 reported. Tensors are deduplicated by storage, so views into DeepSpeed's flat buffers are
 counted once. As a cross-check, every live CPU tensor found by the garbage collector is
 summed too, and each rank's peak RSS (``ru_maxrss``) is recorded.
+Both precisions are measured: fp32 (what runs on CPU) and bf16 (what runs on GPUs; DeepSpeed
+runs it on CPU too, so its bookkeeping is the same as on a GPU).
 Target: ZeRO-3 model states <= 0.6 x ZeRO-0.
 """
 from __future__ import annotations
@@ -131,7 +133,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def rank_main(rank: int, world: int, port: int, stage: int, smoke: bool, out_dir: str) -> None:
+def rank_main(rank: int, world: int, port: int, stage: int, precision: str, smoke: bool,
+              out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
@@ -155,7 +158,7 @@ def rank_main(rank: int, world: int, port: int, stage: int, smoke: bool, out_dir
     counts = count_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train = TrainConfig(num_workers=world, global_batch_size=BATCH * world, micro_batch_size=BATCH,
-                        precision="fp32", max_steps=10)
+                        precision=precision, max_steps=10)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(train, DeepSpeedConfig(zero_stage=stage)),
@@ -163,6 +166,8 @@ def rank_main(rank: int, world: int, port: int, stage: int, smoke: bool, out_dir
     gen = torch.Generator().manual_seed(rank)
     length = cfg.max_text_length
     ecg = torch.rand(BATCH, cfg.ecg_leads, N_SAMPLES, generator=gen)
+    if precision == "bf16":
+        ecg = ecg.to(torch.bfloat16)          # as the recipe feeds a bf16 engine
     ids = torch.randint(1000, 2000, (BATCH, length), generator=gen)
     mask = torch.ones(BATCH, length, dtype=torch.long)
     sentence_ids = torch.arange(length).repeat(BATCH, 1) % 3
@@ -176,14 +181,14 @@ def rank_main(rank: int, world: int, port: int, stage: int, smoke: bool, out_dir
     peak = max((after_backward, after_step), key=lambda d: d["total"])
     gc.collect()
     report = {
-        "rank": rank, "stage": stage, "parameters": counts["total"], "trainable": trainable,
+        "rank": rank, "stage": stage, "precision": precision, "parameters": counts["total"], "trainable": trainable,
         "after_backward": after_backward, "after_step": after_step, "model_states_peak": peak,
         "all_live_tensor_bytes": all_live_tensor_bytes(),
         "rss_before_model": rss_before_model, "rss_end": rss_bytes(),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loss": float(losses["total"].detach()),
     }
-    Path(out_dir, f"stage{stage}_rank{rank}.json").write_text(json.dumps(report))
+    Path(out_dir, f"{precision}_stage{stage}_rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -194,26 +199,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_stage(stage: int, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
+def run_stage(stage: int, precision: str, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
 
-    mp.start_processes(rank_main, args=(world, free_port(), stage, smoke, out_dir), nprocs=world,
-                       start_method="spawn", join=True)
-    return [json.loads(Path(out_dir, f"stage{stage}_rank{r}.json").read_text()) for r in range(world)]
+    mp.start_processes(rank_main, args=(world, free_port(), stage, precision, smoke, out_dir),
+                       nprocs=world, start_method="spawn", join=True)
+    return [json.loads(Path(out_dir, f"{precision}_stage{stage}_rank{r}.json").read_text())
+            for r in range(world)]
 
 
-def main(argv=None) -> int:
-    p = C.parser("zero_memory", __doc__.splitlines()[0])
-    p.add_argument("--stages", default="0,1,2,3")
-    p.add_argument("--workers", type=int, default=2, help="ranks (processes) per stage")
-    args = p.parse_args(argv)
-    info = C.machine()
-    stages = [int(s) for s in args.stages.split(",")]
+def measure_stages(stages: list[int], precision: str, workers: int, smoke: bool) -> dict:
     per_stage = {}
     with tempfile.TemporaryDirectory(prefix="melp-bench-zero-") as tmp:
         for stage in stages:
-            C.log(f"ZeRO-{stage}: {args.workers} ranks")
-            ranks = run_stage(stage, args.smoke, tmp, args.workers)
+            C.log(f"ZeRO-{stage}, {precision}: {workers} ranks")
+            ranks = run_stage(stage, precision, smoke, tmp, workers)
             worst = lambda key, sub=None: max(r[key][sub] if sub else r[key] for r in ranks)  # noqa: E731
             per_stage[stage] = {
                 "ranks": ranks,
@@ -226,28 +226,51 @@ def main(argv=None) -> int:
                 "peak_rss_over_start": max(r["peak_rss"] - r["rss_before_model"] for r in ranks),
             }
     base = per_stage.get(0)
-    for stage, row in per_stage.items():
+    for row in per_stage.values():
         for key in ("model_states", "all_live_tensors", "peak_rss", "peak_rss_over_start"):
             row[f"{key}_vs_stage0"] = row[key] / base[key] if base else None
     s3 = per_stage.get(3, {}).get("model_states_vs_stage0")
     verdict = C.check(s3, TARGET, higher_is_better=False) if s3 is not None else "n/a"
-    first = next(iter(per_stage.values()))["ranks"][0]
+    return {"stages": {str(k): v for k, v in per_stage.items()}, "stage3_vs_stage0": s3,
+            "verdict": verdict}
+
+
+def stage_table(precision: str, measured: dict) -> str:
+    mb = 1 / 2**20
+    rows = [[f"ZeRO-{k}", v["params"] * mb, v["grads"] * mb, v["optimizer"] * mb,
+             v["model_states"] * mb, v["model_states_vs_stage0"], v["all_live_tensors"] * mb,
+             v["peak_rss"] * mb, v["peak_rss_vs_stage0"]] for k, v in measured["stages"].items()]
+    s3 = measured["stage3_vs_stage0"]
+    return (f"{precision}: MiB per worker (the larger rank)\n"
+            + C.table(["stage", "params", "grads", "optimizer", "model states", "vs ZeRO-0",
+                       "gc-visible tensors", "peak RSS", "RSS vs ZeRO-0"], rows)
+            + f"\n{precision}: ZeRO-3 model states vs ZeRO-0: {s3 if s3 is None else round(s3, 3)} "
+              f"(target <= {TARGET}): {measured['verdict']}\n")
+
+
+def main(argv=None) -> int:
+    p = C.parser("zero_memory", __doc__.splitlines()[0])
+    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--precisions", default="fp32,bf16", help="fp32 (CPU runs), bf16 (GPU runs)")
+    p.add_argument("--workers", type=int, default=2, help="ranks (processes) per stage")
+    args = p.parse_args(argv)
+    info = C.machine()
+    stages = [int(s) for s in args.stages.split(",")]
+    precisions = ["fp32"] if args.smoke else args.precisions.split(",")
+    measured = {prec: measure_stages(stages, prec, args.workers, args.smoke) for prec in precisions}
+    first = next(iter(next(iter(measured.values()))["stages"].values()))["ranks"][0]
     result = {
         "machine": info, "model": "tiny" if args.smoke else "mid", "parameters": first["parameters"],
-        "trainable": first["trainable"], "workers": args.workers, "micro_batch": BATCH, "precision": "fp32",
-        "stages": {str(k): v for k, v in per_stage.items()},
-        "target": TARGET, "stage3_vs_stage0": s3, "verdict": verdict,
+        "trainable": first["trainable"], "workers": args.workers, "micro_batch": BATCH,
+        "precisions": measured, "target": TARGET,
+        # The CPU path (fp32) carries the headline verdict; bf16 is reported beside it.
+        "stage3_vs_stage0": measured[precisions[0]]["stage3_vs_stage0"],
+        "verdict": measured[precisions[0]]["verdict"],
     }
-    mb = 1 / 2**20
-    rows = [[f"ZeRO-{k}", v["params"] * mb, v["grads"] * mb, v["optimizer"] * mb, v["model_states"] * mb,
-             v["model_states_vs_stage0"], v["all_live_tensors"] * mb, v["peak_rss"] * mb,
-             v["peak_rss_vs_stage0"]] for k, v in per_stage.items()]
     text = (f"model: {result['model']}, {first['parameters'] / 1e6:.1f} M parameters "
-            f"({first['trainable'] / 1e6:.1f} M trainable), fp32, {args.workers} workers, batch {BATCH}/worker; "
-            f"MiB per worker (the larger rank)\n")
-    text += C.table(["stage", "params", "grads", "optimizer", "model states", "vs ZeRO-0",
-                     "gc-visible tensors", "peak RSS", "RSS vs ZeRO-0"], rows)
-    text += f"\nZeRO-3 model states vs ZeRO-0: {s3 if s3 is None else round(s3, 3)} (target <= {TARGET}): {verdict}"
+            f"({first['trainable'] / 1e6:.1f} M trainable), {args.workers} workers, "
+            f"batch {BATCH}/worker\n")
+    text += "\n".join(stage_table(prec, m) for prec, m in measured.items())
     C.finish("zero_memory", args, result, text)
     return 0
 

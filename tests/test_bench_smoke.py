@@ -69,13 +69,16 @@ def test_overhead_smoke(tmp_path):
 
 def test_zero_memory_smoke(tmp_path):
     data = smoke("zero_memory", tmp_path)
-    assert set(data["stages"]) == {"0", "1", "2", "3"}
-    for stage in data["stages"]:
-        assert_finite(data, f"stages.{stage}.model_states", f"stages.{stage}.peak_rss",
+    assert set(data["precisions"]) == {"fp32"}          # smoke: the CPU precision only
+    fp32 = data["precisions"]["fp32"]
+    assert set(fp32["stages"]) == {"0", "1", "2", "3"}
+    for stage in fp32["stages"]:
+        assert_finite(fp32, f"stages.{stage}.model_states", f"stages.{stage}.peak_rss",
                       f"stages.{stage}.model_states_vs_stage0")
     assert_finite(data, "stage3_vs_stage0")
+    assert data["stage3_vs_stage0"] == fp32["stage3_vs_stage0"]
     # Whatever the speed, partitioning must shrink what each rank holds.
-    assert data["stages"]["3"]["model_states"] < data["stages"]["0"]["model_states"]
+    assert fp32["stages"]["3"]["model_states"] < fp32["stages"]["0"]["model_states"]
 
 
 def test_gpu_throughput_smoke(tmp_path):

@@ -12,7 +12,7 @@ def use_bf16(train: TrainConfig) -> bool:
 
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size}
     if ds.offload_optimizer and ds.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if ds.zero_stage == 3:

@@ -1,0 +1,54 @@
+"""Typed configs: YAML + key=value overrides, type coercion, validation before anything runs."""
+from __future__ import annotations
+
+import pytest
+
+from melp_ray.config import ConfigError, PretrainConfig, load_config
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 7\n  lr: 1e-3\ndata:\n  prefetch_batches: 2\n")
+    cfg = load_config(PretrainConfig, path, ["train.max_steps=9"])
+    assert cfg.train.max_steps == 9                 # the override wins over the file
+    assert cfg.train.lr == pytest.approx(1e-3)      # YAML 1.1 reads "1e-3" as a string
+    assert cfg.data.prefetch_batches == 2
+
+
+@pytest.mark.parametrize("text, expected", [("50000000", 50_000_000), ("5e7", 50_000_000),
+                                            ("5.0e+7", 50_000_000)])
+def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
+    cfg = load_config(PretrainConfig, "tiny", [f"deepspeed.reduce_bucket_size={text}"])
+    assert cfg.deepspeed.reduce_bucket_size == expected
+    assert type(cfg.deepspeed.reduce_bucket_size) is int
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=2.5", "expected int"),
+    ("train.max_steps=many", "expected int"),
+    ("train.use_gpu=maybe", "expected bool"),
+    ("train.max_stepz=3", "unknown config key"),
+    ("data.prefetch_batches=0", "prefetch_batches >= 1"),
+    ("data.shuffle_buffer=-1", "shuffle_buffer must be >= 0"),
+    ("deepspeed.reduce_bucket_size=1000", "reduce_bucket_size must be >= 1e6"),
+    ("train", "not of the form key=value"),
+    ("train.precision=bf16", "needs train.use_gpu=true"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "tiny", [override])
+
+
+def test_deepspeed_config_carries_our_settings():
+    from melp_ray.train.deepspeed_config import deepspeed_config
+
+    cfg = load_config(PretrainConfig, "tiny", ["deepspeed.zero_stage=3", "train.use_gpu=true",
+                                               "deepspeed.reduce_bucket_size=2e7"])
+    ds = deepspeed_config(cfg.train, cfg.deepspeed)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    assert ds["bf16"]["enabled"] is True            # precision "auto" on GPUs
+    cpu = load_config(PretrainConfig, "tiny", [])
+    assert deepspeed_config(cpu.train, cpu.deepspeed)["bf16"]["enabled"] is False
+    assert ds["train_batch_size"] == (cfg.train.micro_batch_size * cfg.train.grad_accum
+                                      * cfg.train.num_workers)
