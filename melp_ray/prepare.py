@@ -30,7 +30,7 @@ from melp_ray.data.records import REJECTION_REASONS, RecordRef, RecordRejected, 
 from melp_ray.data.sources import DATASETS, DataRootError, RecordListing, scan_records, split_for_subject
 
 FORMAT_VERSION = 1
-CPUS_PER_CHUNK = 0.5   # small, so a 2-core machine runs 4 chunks at once and the driver keeps room
+CPUS_PER_CHUNK = 1.0   # one chunk per CPU: two per CPU measured 15-48 % slower on 2 cores
 
 
 @dataclass(frozen=True)
