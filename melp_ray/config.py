@@ -238,8 +238,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if tp is int and isinstance(value, (float, str)) and not isinstance(value, bool):
-        try:   # 5e7 written for an int (YAML reads it as a string, or a float)
+    if tp is int and isinstance(value, str):
+        try:   # "5e7" written for an int: YAML 1.1 reads it as a string. Floats stay errors.
             number = float(value)
         except ValueError:
             number = math.nan

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 _END_OF_EPOCH = object()
@@ -49,10 +50,15 @@ class EpochPrefetcher:
                 raise RuntimeError(f"asked for epoch {epoch} after epoch {item_epoch} began")
             return None if item is _END_OF_EPOCH else item
 
-    def close(self) -> None:
-        """Stop the thread (it may be blocked on a full queue) and drop what it fetched."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread (it may be blocked on a full queue) and drop what it fetched.
+
+        Waits at most ``timeout`` seconds: a thread stuck inside a data pipeline is a daemon
+        and must not keep the training function from returning.
+        """
         self._closed.set()
-        while self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
             try:
                 self._queue.get_nowait()
             except queue.Empty:

@@ -61,6 +61,9 @@ def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
         torch.save({"loss": loss.detach(), "grads": grads, "rows": (local.start, local.stop),
                     "ecg_in_grad": ecg_in.grad, "text_in_grad": text_in.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears down: gloo aborts a process whose peer
+        # closes the connection while it is still being used.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -29,6 +29,9 @@ def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": logits.grad, "rows": (rows.start, rows.stop)},
                    os.path.join(out_dir, f"token_rank{rank}.pt"))
+        # Both ranks done before either tears down: gloo aborts a process whose peer
+        # closes the connection while it is still being used.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -117,6 +117,19 @@ def test_close_stops_a_thread_blocked_on_a_full_queue(dataset):
     assert not prefetcher._thread.is_alive()
 
 
+def test_close_returns_even_if_the_pipeline_never_answers():
+    never = threading.Event()
+
+    def stuck_epoch(epoch):
+        never.wait()                  # a data pipeline that hangs
+        yield from ()
+
+    prefetcher = EpochPrefetcher(stuck_epoch, depth=1)
+    prefetcher.close(timeout=0.5)     # returns; the daemon thread is left behind
+    assert prefetcher._thread.is_alive()
+    never.set()
+
+
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="depth"):
         EpochPrefetcher(lambda e: [], depth=0)
