@@ -69,6 +69,21 @@ def start_ray(num_cpus: int, **kwargs):
     return ray
 
 
+def run_windows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The log windows a ``melp_ray.pretrain`` run wrote to its metrics.jsonl."""
+    path = Path(summary["run_dir"], "metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def steady(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The windows after the first (the first holds start-up: first batch, warm-up)."""
+    return windows[1:] or windows
+
+
+def mean_of(windows: list[dict[str, Any]], key: str) -> float:
+    return sum(w[key] for w in windows) / len(windows) if windows else float("nan")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -12,7 +12,6 @@ over the GPU's dense bf16 peak (``PEAK_FLOPS``: H100 SXM / H200 989 TFLOP/s).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -52,12 +51,10 @@ def run_stage(stage: int, shards_root: str, storage: str, *, smoke: bool, steps:
     cfg = load_config(PretrainConfig, config, overrides)
     cfg.data.root = shards_root          # set after prepare: the config checks that it exists
     summary = pretrain.run(cfg)
-    windows = [json.loads(line) for line in
-               Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steady = windows[1:] or windows
-    sps = sum(w["samples_per_s"] for w in steady) / len(steady)
-    return {"cfg": cfg, "samples_per_s": sps,
-            "input_wait_frac": sum(w["input_wait_frac"] for w in steady) / len(steady),
+    windows = C.run_windows(summary)
+    steady = C.steady(windows)
+    return {"cfg": cfg, "samples_per_s": C.mean_of(steady, "samples_per_s"),
+            "input_wait_frac": C.mean_of(steady, "input_wait_frac"),
             "windows": [{k: w[k] for k in ("step", "samples_per_s", "input_wait_frac")} for w in windows],
             "wall_seconds": summary["wall_seconds"]}
 

@@ -19,7 +19,6 @@ Measured, side by side in one run (the machine is shared, so ratios are what cou
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -133,11 +132,9 @@ def pretrain_input_wait(shards_root: str, storage: str, steps: int, smoke: bool)
         f"train.log_every={log_every}", "train.val_every=0", f"train.checkpoint_every={steps}",
         "train.val_batches=1", f"run.storage_path={storage}", f"run.name=ingest-{int(time.time())}"])
     summary = pretrain.run(cfg)
-    windows = [json.loads(line) for line in
-               Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steady = windows[1:] or windows      # the first window holds start-up (first batch, warm-up)
+    windows = C.run_windows(summary)
+    steady = C.steady(windows)
     crossing = [w for prev, w in zip(windows, windows[1:]) if w["epoch"] > prev["epoch"]]
-    mean = lambda ws, k: sum(w[k] for w in ws) / len(ws) if ws else float("nan")  # noqa: E731
     return {
         "steps": summary["steps"], "workers": cfg.train.num_workers,
         "micro_batch": cfg.train.micro_batch_size, "epochs_started": windows[-1]["epoch"] + 1,
@@ -145,10 +142,10 @@ def pretrain_input_wait(shards_root: str, storage: str, steps: int, smoke: bool)
         "summary_samples_per_s": summary["samples_per_s"],
         "windows": [{k: w[k] for k in ("step", "epoch", "samples_per_s", "input_wait_frac")}
                     for w in windows],
-        "steady_input_wait_frac": mean(steady, "input_wait_frac"),
-        "epoch_boundary_input_wait_frac": mean(crossing, "input_wait_frac"),
+        "steady_input_wait_frac": C.mean_of(steady, "input_wait_frac"),
+        "epoch_boundary_input_wait_frac": C.mean_of(crossing, "input_wait_frac"),
         "epoch_boundary_windows": len(crossing),
-        "steady_samples_per_s": mean(steady, "samples_per_s"),
+        "steady_samples_per_s": C.mean_of(steady, "samples_per_s"),
         "first_window_input_wait_frac": windows[0]["input_wait_frac"],
     }
 

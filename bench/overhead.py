@@ -14,7 +14,6 @@ Target: ours / bare >= 0.95 (ratio of throughputs).
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -116,13 +115,11 @@ def ours(cfg) -> dict:
     from melp_ray import pretrain
 
     summary = pretrain.run(cfg)
-    windows = [json.loads(line) for line in
-               Path(summary["run_dir"], "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steady = windows[1:] or windows
-    sps = [w["samples_per_s"] for w in steady]
-    wait = [w["input_wait_frac"] for w in steady]
+    windows = C.run_windows(summary)
+    steady = C.steady(windows)
     return {"windows": [{k: w[k] for k in ("step", "samples_per_s", "input_wait_frac")} for w in windows],
-            "samples_per_s": sum(sps) / len(sps), "input_wait_frac": sum(wait) / len(wait),
+            "samples_per_s": C.mean_of(steady, "samples_per_s"),
+            "input_wait_frac": C.mean_of(steady, "input_wait_frac"),
             "wall_seconds": summary["wall_seconds"], "steps": summary["steps"]}
 
 
