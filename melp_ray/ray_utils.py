@@ -1,17 +1,148 @@
-"""Connecting to Ray the same way from every entry point."""
+"""Connecting to Ray the same way from every entry point, and never hanging while doing so.
+
+``ray.init`` waits for a GCS it cannot reach for minutes (Ray 2.60: 20 attempts of up to
+30 s each, printing "Failed to connect to GCS at address ..."), which is what a head that
+died without ``ray stop`` leaves behind: its address file still names it. So every address
+is probed first (a TCP connect, ``MELP_RAY_CONNECT_TIMEOUT_S``, default 2 s) and
+``ray.init`` only ever sees one that answers.
+"""
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import time
 from typing import Any
+from urllib.parse import urlsplit
+
+CONNECT_TIMEOUT_ENV = "MELP_RAY_CONNECT_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+_DEFAULT_PORTS = {"ray": 10001, "http": 80, "https": 443}
+
+
+class RayAddressError(SystemExit):
+    """A Ray address the user named (argument or ``$RAY_ADDRESS``) cannot be reached.
+
+    A ``SystemExit`` with code 2, so an entry point exits 2 after ``init_ray`` has printed
+    the one-line message; code that wants to handle it catches this class (``.message``).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def connect_timeout_s() -> float:
+    try:
+        return max(0.1, float(os.environ.get(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S)))
+    except ValueError:
+        return DEFAULT_CONNECT_TIMEOUT_S
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of a Ray address (``host:port``, ``[v6]:port``, ``ray://``, ``http(s)://``)."""
+    address = address.strip()
+    if "://" in address:
+        parts = urlsplit(address)
+        scheme = parts.scheme.lower()
+    else:
+        parts = urlsplit("//" + address)
+        scheme = ""
+    try:
+        port = parts.port
+    except ValueError:     # not a number, or out of range
+        return None
+    port = port if port is not None else _DEFAULT_PORTS.get(scheme)
+    if not parts.hostname or port is None:
+        return None
+    return parts.hostname, port
+
+
+def probe(address: str, timeout: float | None = None) -> str | None:
+    """None when a server answers at ``address``, else why not, within about ``timeout`` s.
+
+    First a TCP connect (refused / unreachable / unknown host fail here at once); then, for
+    a GCS or Ray Client address (no ``http(s)://``), a gRPC channel must become ready (the
+    HTTP/2 handshake), so a port that accepts connections but is no gRPC server (a reused
+    port, a wedged process) also counts as unreachable. Skipped with ``RAY_USE_TLS``.
+    """
+    timeout = connect_timeout_s() if timeout is None else timeout
+    target = host_port(address)
+    if target is None:
+        return f"{address!r} is not of the form host:port"
+    start = time.monotonic()
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            pass
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except OSError as err:   # refused, unreachable, unknown host
+        return (err.strerror or str(err)).lower()
+    scheme = urlsplit(address).scheme.lower() if "://" in address else ""
+    if scheme in ("http", "https") or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    return _grpc_ready(f"{target[0]}:{target[1]}" if ":" not in target[0]
+                       else f"[{target[0]}]:{target[1]}",
+                       max(timeout - (time.monotonic() - start), 0.5))
+
+
+def _grpc_ready(target: str, timeout: float) -> str | None:
+    try:
+        import grpc
+    except ImportError:   # pragma: no cover - Ray depends on grpcio
+        return None
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return None
+    except grpc.FutureTimeoutError:
+        return (f"the port accepts connections but no gRPC server answered within "
+                f"{timeout:.1f} s")
+    finally:
+        channel.close()
+
+
+def address_file() -> str:
+    """Where ``ray start`` records the cluster that ``address="auto"``/``None`` attaches to
+    ($RAY_TMPDIR, else $TMPDIR, else /tmp, + ``/ray/ray_current_cluster``)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return get_ray_address_file(None)
+    except ImportError:   # pragma: no cover - older/newer Ray layout
+        base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+        return os.path.join(base, "ray", "ray_current_cluster")
+
+
+def recorded_address() -> str | None:
+    """The address in Ray's address file, if there is one."""
+    try:
+        with open(address_file()) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def warn(message: str) -> None:
+    print(f"[melp_ray] warning: {message}", file=sys.stderr, flush=True)
 
 
 def init_ray(address: str | None = None, **init_kwargs: Any):
     """Attach to a running Ray cluster if there is one, else start a local instance.
 
     - already initialised in this process (e.g. by a test fixture): reuse it;
-    - ``address`` or ``$RAY_ADDRESS`` given: connect there (errors if unreachable);
-    - otherwise try ``address="auto"`` (a cluster started with ``ray start`` on this
-      machine) and fall back to a fresh local instance when none is running.
+    - ``address`` or ``$RAY_ADDRESS`` given: connect there ("local": start a local instance;
+      "auto": what Ray's ``address="auto"`` finds); if nothing answers within a few seconds,
+      print why on stderr and raise ``RayAddressError`` (exit code 2) instead of letting Ray
+      retry for minutes;
+    - otherwise the cluster that ``ray start`` recorded in Ray's address file: attach when
+      its head answers, else (a head that died without ``ray stop``) warn with the address
+      and the reason and start a private local instance within seconds; no file: a local
+      instance. (Unlike Ray's ``address="auto"``, a lone ``gcs_server`` process that no
+      ``ray start`` recorded, e.g. another program's private instance, is not attached to.)
     ``init_kwargs`` go to the local ``ray.init`` (e.g. ``num_cpus=2``). Returns the ``ray`` module.
     """
     import ray
@@ -19,12 +150,71 @@ def init_ray(address: str | None = None, **init_kwargs: Any):
     if ray.is_initialized():
         return ray
     common = {"ignore_reinit_error": True, "configure_logging": False}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    source = "the address argument"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address == "local":
+        ray.init(address="local", **common, **init_kwargs)
+        return ray
+    if address and address != "auto":
+        start = time.monotonic()
+        problem = probe(address)
+        if problem:
+            fail(f"error: cannot reach the Ray cluster at {address} (from {source}): "
+                 f"{problem} (gave up after {time.monotonic() - start:.1f} s)")
         ray.init(address=address, **common)
         return ray
-    try:
+
+    if address == "auto":   # asked to attach: failing to is an error, not a fallback
+        found = auto_address()
+        if found is None:
+            fail(f"error: {source} is 'auto' but no running Ray cluster was found "
+                 f"(none recorded in {address_file()}; start one with `ray start --head`)")
+        start = time.monotonic()
+        problem = probe(found)
+        if problem:
+            fail(f"error: cannot reach the Ray cluster at {found} (found by {source}='auto'): "
+                 f"{problem} (gave up after {time.monotonic() - start:.1f} s)")
         ray.init(address="auto", **common)
-    except ConnectionError:   # none (or several) to attach to: a private local instance
+        return ray
+
+    recorded = recorded_address()
+    if recorded is None:
+        ray.init(address="local", **common, **init_kwargs)
+        return ray
+    start = time.monotonic()
+    problem = probe(recorded)
+    where = f"the Ray cluster at {recorded} (recorded in {address_file()})"
+    if problem:
+        warn(f"cannot attach to {where}: {problem} (gave up after "
+             f"{time.monotonic() - start:.1f} s); its head probably stopped without `ray stop` "
+             "(`ray stop` or deleting that file clears it). "
+             "Starting a private local Ray instance instead.")
+        ray.init(address="local", **common, **init_kwargs)
+        return ray
+    try:
+        # address=None, not "auto": the recorded cluster, the one probed above ("auto" would
+        # prefer a lone gcs_server process of this machine, e.g. another program's private
+        # instance). None, like "auto", keeps Ray's token-auth discovery for a local cluster.
+        ray.init(address=None, **common)
+    except ConnectionError as err:
+        warn(f"cannot attach to {where}: {err}. Starting a private local Ray instance instead.")
         ray.init(address="local", **common, **init_kwargs)
     return ray
+
+
+def auto_address() -> str | None:
+    """The cluster Ray's own ``address="auto"`` would attach to (the address file, else a lone
+    running ``gcs_server``), or None."""
+    from ray._private import services
+
+    try:
+        services.find_gcs_addresses.cache_clear()
+        return services.canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError):
+        return None
+
+
+def fail(message: str):
+    print(message, file=sys.stderr, flush=True)
+    raise RayAddressError(message)
