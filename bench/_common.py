@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import faulthandler
 import json
 import math
+import multiprocessing
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +22,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+TIMEOUT_ENV = "MELP_BENCH_TIMEOUT_S"
+
+
+def watchdog(seconds: float | None = None) -> None:
+    """Never hang silently.
+
+    - a fatal signal (segfault, abort) prints the Python stack of every thread;
+    - ``kill -USR1 PID`` prints it at any time and carries on (a stuck benchmark: where?);
+    - after ``seconds`` (default ``$MELP_BENCH_TIMEOUT_S``; unset: never) the process
+      prints the stack of every thread and exits with code 1 at once, whatever it is
+      doing, even stuck inside C code with the GIL held (faulthandler's own C thread).
+    Armed when this module is imported, i.e. in every benchmark before torch or Ray, and
+    in every ``spawn`` child of one (they import the benchmark, hence this module).
+    """
+    faulthandler.enable(all_threads=True)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if seconds is None:
+        seconds = float(os.environ.get(TIMEOUT_ENV) or 0)
+    faulthandler.cancel_dump_traceback_later()
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+
+
+watchdog()
+
+# No process pool may fork from a benchmark: by the time one starts, Ray (gRPC, its own
+# threads, thread pools) runs in this process, and a child forked from a multi-threaded
+# parent can inherit a lock some thread held and hang forever (seen: a DataLoader worker
+# stuck in wfdb.rdsamp -> pandas). "spawn" starts a fresh interpreter instead; code that
+# builds a pool should still name its context (``MP_CONTEXT``) rather than rely on this.
+multiprocessing.set_start_method("spawn", force=True)
+MP_CONTEXT = multiprocessing.get_context("spawn")
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
