@@ -3,33 +3,81 @@
 Behaviour, not speed: each script runs as its own process (its own private local Ray
 instance, never the test session's), and its JSON must hold the expected keys with
 finite numbers.
+
+Never hang: each benchmark runs with ``MELP_BENCH_TIMEOUT_S`` (``bench/_common.watchdog``),
+so a stuck one prints the Python stack of every thread and exits within its own timeout
+(default 360 s per smoke run, ``MELP_BENCH_SMOKE_TIMEOUT_S``; the slowest smoke run took
+85 s in CI). Should even that not fire, the test asks the process for its stack (SIGUSR1)
+and kills its whole process group a minute later.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+SMOKE_TIMEOUT_S = float(os.environ.get("MELP_BENCH_SMOKE_TIMEOUT_S", 360))
+GRACE_S = 60     # after the benchmark's own timeout, before the test kills it
 
 
-def run_bench(name: str, tmp_path: Path, *extra: str, timeout: int = 850) -> tuple[subprocess.CompletedProcess, Path]:
+def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
+               ) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a benchmark script with its watchdog armed; returns the process and its seconds."""
+    env = {**os.environ,
+           "RAY_ADDRESS": "",   # never attach to a cluster from the environment
+           "MELP_BENCH_TIMEOUT_S": f"{timeout:g}"}
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    note = ""
+    try:
+        out, err = proc.communicate(timeout=timeout + GRACE_S)
+    except subprocess.TimeoutExpired:
+        # Its own watchdog did not fire: ask for the stack, then stop everything it started.
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        note = f"\n[test] no exit {timeout + GRACE_S:g} s after start: stack requested, killed\n"
+    finally:
+        try:   # whatever it left behind in its own process group (loader workers, ...)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    seconds = time.monotonic() - start
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err + note), seconds
+
+
+def run_bench(name: str, tmp_path: Path, *extra: str, timeout: float = SMOKE_TIMEOUT_S,
+              ) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / f"{name}.json"
-    env = {**os.environ, "RAY_ADDRESS": ""}   # never attach to a cluster from the environment
-    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--out", str(out), *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc, _ = run_script(BENCH / f"{name}.py", "--out", str(out), *extra, timeout=timeout)
     return proc, out
+
+
+def failure(name: str, proc: subprocess.CompletedProcess) -> str:
+    """The end of the output, and a stack dump (watchdog) whole, however long the log was."""
+    err = proc.stderr
+    dump = max(err.rfind("Timeout ("), err.find("[test] no exit"))
+    tail = err[dump:][:20000] if dump >= 0 else err[-5000:]
+    return f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{tail}"
 
 
 def smoke(name: str, tmp_path: Path) -> dict:
     proc, out = run_bench(name, tmp_path, "--smoke")
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, failure(name, proc)
     assert "| " in proc.stdout          # printed its table
     data = json.loads(out.read_text())
     assert data["benchmark"] == name and data["smoke"] is True
@@ -105,3 +153,110 @@ def test_prepare_speed_smoke(tmp_path):
     data = smoke("prepare_speed", tmp_path)
     (workload,) = data["workloads"].values()
     assert_finite(workload, "records_per_s.1", "records_per_s.2", "speedup_2_over_1")
+
+
+# ---------------------------------------------------------------- never hang
+
+HUNG = """
+import sys, time
+sys.path.insert(0, {bench!r})
+import _common as C
+
+ray = C.start_ray(1)
+print("gcs", ray.get_runtime_context().gcs_address, flush=True)
+C.watchdog({seconds})          # re-armed from now: Ray's start-up is not what is timed
+
+
+def stuck_waiting_forever():
+    time.sleep(3600)
+
+
+stuck_waiting_forever()
+"""
+
+
+def accepts(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_hung_benchmark_fails_fast_and_prints_where_it_hangs(tmp_path):
+    """A benchmark stuck with Ray running (here: asleep) exits on its own short timeout with
+    the stack of every thread, and its Ray instance goes away with it."""
+    script = tmp_path / "hung_bench.py"
+    script.write_text(HUNG.format(bench=str(BENCH), seconds=5))
+    proc, seconds = run_script(script, timeout=180)   # Ray's start-up, then 5 s
+    assert proc.returncode == 1, failure("hung_bench", proc)
+    assert "[test] no exit" not in proc.stderr
+    assert "Timeout (0:00:05)!" in proc.stderr
+    dump = proc.stderr[proc.stderr.index("Timeout (0:00:05)!"):]
+    assert "stuck_waiting_forever" in dump and "hung_bench.py" in dump
+    gcs = proc.stdout.split("gcs ", 1)[1].split()[0]
+    deadline = time.monotonic() + 30      # Ray's reaper stops the instance its driver left
+    while accepts(gcs) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not accepts(gcs), f"Ray's GCS at {gcs} outlived its hung driver"
+    print(f"hung benchmark: exited after {seconds:.1f} s (Ray start-up + 5 s)")
+
+
+def test_watchdog_also_stops_a_hang_before_ray(tmp_path):
+    """The timeout from the environment is armed at import, before anything else runs."""
+    script = tmp_path / "hung_early.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(BENCH)!r})\nimport _common\n\n\n"
+                      "def asleep_at_start():\n    time.sleep(3600)\n\n\nasleep_at_start()\n")
+    proc, seconds = run_script(script, timeout=3)
+    assert proc.returncode == 1 and seconds < 30, (seconds, proc.stderr[-3000:])
+    assert "Timeout (0:00:03)!" in proc.stderr and "asleep_at_start" in proc.stderr
+
+
+def test_benchmark_pools_spawn():
+    """A benchmark runs Ray (threads) before it starts any pool, so its pools must not fork:
+    the default start method and the reference DataLoader's context are "spawn"."""
+    code = ("import multiprocessing, sys; sys.path.insert(0, sys.argv[1]); import _common, ingest; "
+            "loader = ingest.reference_loader([], '.', batch=4, workers=2); "
+            "print(multiprocessing.get_start_method(), _common.MP_CONTEXT.get_start_method(), "
+            "loader.multiprocessing_context.get_start_method(), loader.persistent_workers)")
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["spawn", "spawn", "spawn", "True"]
+
+
+POOLS = {"DataLoader", "Pool", "Process", "ProcessPoolExecutor"}
+
+
+def forking_pools(path: Path) -> list[str]:
+    """Calls in ``path`` that would start worker processes with the default start method."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name not in POOLS:
+            continue
+        keywords = {k.arg: k.value for k in node.keywords}
+        if name == "DataLoader":
+            workers = keywords.get("num_workers")
+            if workers is None or (isinstance(workers, ast.Constant) and workers.value == 0):
+                continue
+            ok = "multiprocessing_context" in keywords
+        elif name == "ProcessPoolExecutor":
+            ok = "mp_context" in keywords
+        else:   # Pool / Process of the multiprocessing module itself (default start method)
+            owner = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
+            ok = owner not in ("", "multiprocessing", "mp", "torch.multiprocessing")
+        if not ok:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_no_pool_forks_with_the_default_start_method():
+    """Every DataLoader with workers and every process pool in the project names its
+    multiprocessing context (Ray's threads make fork unsafe in any process that runs it)."""
+    files = [*BENCH.glob("*.py"), *(REPO / "melp_ray").rglob("*.py"), *(REPO / "tests").rglob("*.py")]
+    assert [hit for path in files for hit in forking_pools(path)] == []
