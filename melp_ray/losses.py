@@ -76,20 +76,22 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def beat_logits(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask: torch.Tensor,
                 attn_temp: float = 4.0, sim_temp: float = 5.0, scale: float = 10.0) -> torch.Tensor:
-    """(n_reports, n_ecgs) report-to-ECG scores from sentence-to-beat alignment.
+    """(n_reports, n_ecgs) report-to-ECG scores from sentence-to-beat alignment (GLoRIA).
 
-    For report i and ECG j: each sentence s of i attends over the K beats of j
-    (softmax of attn_temp · cosine), giving a beat context c_ijs; the score is
-    scale · log Σ_s exp(sim_temp · cos(s, c_ijs)) over the real sentences of report i.
-    Every report must have at least one sentence (see ``beat_loss``).
+    For report i and ECG j, with raw (unnormalised) sentence and beat embeddings:
+    a = dot(sentence s of i, beat k of j), softmax over the *sentences* of i, times
+    ``attn_temp``, then softmax over the beats (GLoRIA's double softmax); the beat context
+    c_ijs = sum_k a_sk beat_k; the score is scale * log sum_s exp(sim_temp * cos(s, c_ijs))
+    over the real sentences of report i. Every report must have at least one sentence.
     """
-    sentences = F.normalize(sentence_emb, dim=-1)  # (I, S, D)
-    beats = F.normalize(beat_emb, dim=-1)          # (J, K, D)
-    attention = torch.einsum("isd,jkd->ijsk", sentences, beats).mul(attn_temp).softmax(dim=-1)
-    context = torch.einsum("ijsk,jkd->ijsd", attention, beats)       # (I, J, S, D)
-    similarity = F.cosine_similarity(sentences.unsqueeze(1), context, dim=-1)  # (I, J, S)
+    real = sentence_mask[:, None, :, None]                               # (I, 1, S, 1)
+    dots = torch.einsum("isd,jkd->ijsk", sentence_emb, beat_emb)       # (I, J, S, K)
+    attention = dots.masked_fill(~real, float("-inf")).softmax(dim=2)  # over sentences
+    attention = (attention.masked_fill(~real, 0.0) * attn_temp).softmax(dim=-1)  # over beats
+    context = torch.einsum("ijsk,jkd->ijsd", attention, beat_emb)      # (I, J, S, D)
+    similarity = F.cosine_similarity(sentence_emb.unsqueeze(1), context, dim=-1)  # (I, J, S)
     similarity = (sim_temp * similarity).masked_fill(~sentence_mask.unsqueeze(1), float("-inf"))
-    return scale * torch.logsumexp(similarity, dim=-1)  # log Σ_s exp(...)
+    return scale * torch.logsumexp(similarity, dim=-1)  # log sum_s exp(...)
 
 
 def beat_loss(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask: torch.Tensor,

@@ -95,9 +95,12 @@ class PretrainRecipe(DeepSpeedRecipe):
         from melp_ray.data.stream import SUPERCLASSES
         from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
 
-        prompts = [PTBXL_SUPERCLASS_PROMPTS[c] for c in SUPERCLASSES]
-        prompt_emb = self.model.encode_reports(prompts).float().to(ecg_emb.device)
-        scores = ecg_emb @ prompt_emb.T
+        from melp_ray.eval.zero_shot import prompt_embeddings
+
+        prompt_emb = prompt_embeddings(
+            lambda texts: self.model.encode_reports(texts).float().cpu().numpy(),
+            [PTBXL_SUPERCLASS_PROMPTS[c] for c in SUPERCLASSES])
+        scores = ecg_emb @ torch.from_numpy(prompt_emb).float().to(ecg_emb.device).T
         y = labels.cpu().numpy()
         if not ((y.sum(0) > 0) & (y.sum(0) < len(y))).any():
             return {}

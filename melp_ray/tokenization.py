@@ -1,23 +1,40 @@
 """Reports -> token ids, the one text format shared by the data layer and the model.
 
-Layout of one row (the MELP text tower runs causally, so the summary token goes last):
+The reference MELP layout of one row (``max_length`` tokens; the text tower runs causally,
+so the summary token goes last, after the padding):
 
-    [BEGIN] report tokens ... [CLS] [PAD] [PAD] ...
+    [BOS] report tokens ... [SEP] [PAD] [PAD] ... [CLS]
 
-BEGIN is the tokenizer's ``bos_token`` when it has one, else its ``sep_token``. The
-hidden state at the [CLS] position is the report embedding. ``sentence_ids`` numbers the
-sentences of the report (split at the '.' token) from 0; special tokens, padding and
-the '.' separators themselves get -1. A report with no words has no sentence at all.
+[BOS] is a token MELP adds to the tokenizer (the text tower's embeddings grow by one row,
+``load_report_tokenizer``). [SEP] ends the report: it is what the captioning decoder learns
+to emit last. [CLS] always sits at the last position and its attention mask is 1, so its
+causal hidden state has seen every real token; it is the report embedding.
+
+``sentence_ids`` numbers the sentences of the report from 0 for the beat loss: a sentence
+ends with its '.' (the period belongs to it, as in the reference) and the text after the
+last '.' is a sentence too (the reference drops it; see docs/reference_deviations.md). A
+sentence needs at least one token other than '.'. Special tokens and padding get -1, so a
+report with no words has no sentence at all.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from melp_ray.model.config import MINILM_ALIAS
+
+BOS_TOKEN = "[BOS]"
+
+
+class SpecialIds(NamedTuple):
+    bos: int   # first token of every row; generation starts from it
+    eos: int   # [SEP]: end of the report, the last token the decoder predicts
+    pad: int
+    cls: int   # summary token at the last position
 
 
 def resolve_text_model_path(name_or_path: str) -> str:
@@ -31,7 +48,7 @@ def resolve_text_model_path(name_or_path: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str):
-    """A Hugging Face fast tokenizer from a hub name, a local folder or "minilm"."""
+    """The Hugging Face fast tokenizer of a hub name, a local folder or "minilm", as shipped."""
     from transformers import AutoTokenizer
 
     path = resolve_text_model_path(name_or_path)
@@ -40,34 +57,56 @@ def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def special_ids(tokenizer) -> tuple[int, int, int]:
-    """(begin, end/summary, pad) token ids."""
-    begin = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.sep_token_id
-    return begin, tokenizer.cls_token_id, tokenizer.pad_token_id
+@functools.lru_cache(maxsize=8)
+def load_report_tokenizer(name_or_path: str):
+    """``load_tokenizer`` plus MELP's [BOS] token (when the tokenizer has no BOS of its own).
+
+    The new token gets the next free id (``len(tokenizer)``), so the text tower's
+    embedding table grows by exactly one row: see ``text_tower.load_text_model``.
+    """
+    tokenizer = copy.deepcopy(load_tokenizer(name_or_path))
+    if tokenizer.bos_token_id is None:
+        tokenizer.add_special_tokens({"bos_token": BOS_TOKEN})
+    return tokenizer
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    return SpecialIds(tokenizer.bos_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                      tokenizer.cls_token_id)
+
+
+def sentence_numbers(tokens: Sequence[int], period: int) -> list[int]:
+    """Sentence index of each report token (-1 for a '.' that closes no sentence)."""
+    numbers, sentence, open_words = [], 0, False
+    for tok in tokens:
+        if tok == period:
+            numbers.append(sentence if open_words else -1)
+            sentence += open_words
+            open_words = False
+        else:
+            numbers.append(sentence)
+            open_words = True
+    return numbers
 
 
 def encode_reports(tokenizer, reports: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
     """Tokenise reports into fixed-length int64 arrays: input_ids, attention_mask, sentence_ids."""
-    if max_length < 3:
-        raise ValueError("max_length must leave room for BEGIN, one token and CLS")
-    begin, end, pad = special_ids(tokenizer)
+    if max_length < 4:
+        raise ValueError("max_length must leave room for [BOS], one token, [SEP] and [CLS]")
+    ids = special_ids(tokenizer)
+    if ids.bos is None:
+        raise ValueError("the tokenizer has no [BOS] token: load it with load_report_tokenizer")
     period = tokenizer.convert_tokens_to_ids(".")
     body = tokenizer(list(reports), add_special_tokens=False, truncation=True,
-                     max_length=max_length - 2)["input_ids"]
+                     max_length=max_length - 3)["input_ids"]
     n = len(body)
-    input_ids = np.full((n, max_length), pad, dtype=np.int64)
+    input_ids = np.full((n, max_length), ids.pad, dtype=np.int64)
     attention_mask = np.zeros((n, max_length), dtype=np.int64)
     sentence_ids = np.full((n, max_length), -1, dtype=np.int64)
+    input_ids[:, -1], attention_mask[:, -1] = ids.cls, 1
     for row, tokens in enumerate(body):
-        ids = [begin, *tokens, end]
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        sentence, in_sentence = 0, False
-        for pos, tok in enumerate(tokens, start=1):
-            if tok == period:
-                sentence += in_sentence  # empty sentences ("..") do not count
-                in_sentence = False
-            else:
-                sentence_ids[row, pos] = sentence
-                in_sentence = True
+        text = [ids.bos, *tokens, ids.eos]
+        input_ids[row, : len(text)] = text
+        attention_mask[row, : len(text)] = 1
+        sentence_ids[row, 1: len(tokens) + 1] = sentence_numbers(tokens, period)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "sentence_ids": sentence_ids}

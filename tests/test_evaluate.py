@@ -20,6 +20,7 @@ import torch
 
 from melp_ray import evaluate
 from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
+from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
 from melp_ray.data.records import load_signal
 from melp_ray.data.stream import minmax_normalise
 
@@ -109,7 +110,7 @@ def test_zeroshot_end_to_end_matches_in_process_scores(tiny_checkpoint, bundled_
     assert results["class_names"] == SUPERCLASSES
     assert results["settings"]["sample_rate"] == 100 and results["settings"]["seconds"] == 10
     assert results["settings"]["checkpoint_kind"] == "training checkpoint"
-    assert results["prompts"]["MI"] == ["myocardial infarction"]
+    assert results["prompts"]["MI"] == PTBXL_SUPERCLASS_PROMPTS["MI"]
 
     # Every test-fold record is accounted for: used, rejected while loading (none: the
     # bundled records are readable), or left out before loading for having no superclass.
@@ -359,7 +360,7 @@ def test_missing_prompt_and_not_a_checkpoint_are_named(tiny_checkpoint, bundled_
     plan = evaluate.build_plan(parser.parse_args(
         ["--checkpoint", tiny_checkpoint, "--prompts", str(prompts), *base]))
     assert plan.prompts[0] == ["a normal ecg"]  # the file overrides the default per class
-    assert plan.prompts[1] == ["myocardial infarction"]
+    assert plan.prompts[1] == PTBXL_SUPERCLASS_PROMPTS["MI"]
 
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()

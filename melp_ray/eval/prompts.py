@@ -23,21 +23,27 @@ from pathlib import Path
 
 import pandas as pd
 
-PTBXL_SUPERCLASS_PROMPTS: dict[str, str] = {
-    "NORM": "normal ecg",
-    "MI": "myocardial infarction",
-    "STTC": "st/t change",
-    "CD": "conduction disturbance",
-    "HYP": "hypertrophy",
+# Each superclass groups many statements, so its prompts name the common ones; their
+# embeddings are averaged (``zero_shot.prompt_embeddings``). Lower-case, like the reports.
+PTBXL_SUPERCLASS_PROMPTS: dict[str, list[str]] = {
+    "NORM": ["normal ecg", "sinus rhythm, normal ecg", "normal electrocardiogram"],
+    "MI": ["myocardial infarction", "anterior myocardial infarction",
+           "inferior myocardial infarction", "anteroseptal myocardial infarction, age undetermined"],
+    "STTC": ["st/t change", "non-specific st changes", "st segment depression",
+             "t wave abnormality, t waves inverted", "st-t changes compatible with ischaemia"],
+    "CD": ["conduction disturbance", "right bundle branch block", "left bundle branch block",
+           "left anterior fascicular block", "first degree av block"],
+    "HYP": ["hypertrophy", "left ventricular hypertrophy", "right ventricular hypertrophy",
+            "left atrial enlargement"],
 }
 
 # Diagnostic subclasses that group several SCP codes and are not codes themselves.
-PTBXL_SUBCLASS_GROUP_PROMPTS: dict[str, str] = {
+PTBXL_SUBCLASS_GROUP_PROMPTS: dict[str, str | list[str]] = {
     "LAFB/LPFB": "left anterior or left posterior fascicular block",
     "_AVB": "atrioventricular block",
     "ISCA": "ischemic in anterior, anteroseptal, anterolateral or lateral leads",
     "ISCI": "ischemic in inferior or inferolateral leads",
-    "STTC": "st/t change",
+    "STTC": PTBXL_SUPERCLASS_PROMPTS["STTC"],
 }
 
 Prompts = list[list[str]]
@@ -74,7 +80,7 @@ def prompts_for_classes(classes: Sequence[str], table: Mapping[str, str | Sequen
     return [_as_prompt_list(c, table[c]) for c in classes]
 
 
-def ptbxl_descriptions(scp_statements_csv: str | Path) -> dict[str, str]:
+def ptbxl_descriptions(scp_statements_csv: str | Path) -> dict[str, str | list[str]]:
     """Class name -> prompt for every PTB-XL label (codes, superclasses, subclass groups)."""
     path = Path(scp_statements_csv)
     if not path.is_file():
@@ -84,9 +90,9 @@ def ptbxl_descriptions(scp_statements_csv: str | Path) -> dict[str, str]:
         raise ValueError(f"{path} has no 'description' column")
     descriptions = {str(code): str(text).strip().lower()
                     for code, text in table["description"].items() if pd.notna(text)}
-    # Group names first, so that a name that is also an SCP code (NORM) keeps the
-    # official description.
-    return {**PTBXL_SUPERCLASS_PROMPTS, **PTBXL_SUBCLASS_GROUP_PROMPTS, **descriptions}
+    # Superclass prompts last: NORM is also an SCP code, and as a superclass it gets the
+    # same prompts in evaluation as in pretraining's validation.
+    return {**descriptions, **PTBXL_SUBCLASS_GROUP_PROMPTS, **PTBXL_SUPERCLASS_PROMPTS}
 
 
 def ptbxl_prompts(classes: Sequence[str], scp_statements_csv: str | Path) -> Prompts:

@@ -1,8 +1,9 @@
-"""Multimodal text decoder: causal self-attention over the text states + cross-attention to
-the caption-pooler queries, then vocabulary logits (CoCa's multimodal decoder).
+"""Multimodal text decoder (open_clip's MultimodalTransformer, as CoCa and MELP use it).
 
-Its input is the text tower's (already causal) token states, projected to
-``decoder_width`` when the two widths differ.
+Each of its layers is two residual blocks: causal self-attention + MLP over the text
+states, then cross-attention to the caption-pooler memory (LayerNorm-ed) + MLP. A final
+LayerNorm and a bias-free projection give the vocabulary logits. Its width is the text
+tower's hidden size: it reads the text tower's (already causal) token states directly.
 """
 from __future__ import annotations
 
@@ -10,25 +11,30 @@ import torch
 from torch import nn
 
 from melp_ray.model.config import ModelConfig
-from melp_ray.model.layers import Block
+from melp_ray.model.layers import ResidualAttentionBlock
 
 
 class MultimodalDecoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_width: int, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, width: int, vocab_size: int):
         super().__init__()
-        width = cfg.decoder_width
-        self.input_proj = nn.Linear(text_width, width) if text_width != width else nn.Identity()
-        self.blocks = nn.ModuleList([
-            Block(width, cfg.decoder_heads, int(width * cfg.decoder_mlp_ratio), cfg.dropout,
-                  cross_attention=True, context_dim=width)
-            for _ in range(cfg.decoder_layers)
-        ])
-        self.final_norm = nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, vocab_size)
+        self.resblocks = nn.ModuleList([
+            ResidualAttentionBlock(width, cfg.decoder_heads, cfg.decoder_mlp_ratio)
+            for _ in range(cfg.decoder_layers)])
+        self.cross_attn = nn.ModuleList([
+            ResidualAttentionBlock(width, cfg.decoder_heads, cfg.decoder_mlp_ratio,
+                                   cross_attention=True)
+            for _ in range(cfg.decoder_layers)])
+        self.ln_final = nn.LayerNorm(width)
+        # The reference leaves this matrix uninitialised (torch.empty); open_clip's intent:
+        self.text_projection = nn.Linear(width, vocab_size, bias=False)
+        nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
 
-    def forward(self, text_states: torch.Tensor, caption_queries: torch.Tensor) -> torch.Tensor:
-        """(B, L, text_width), (B, Q, decoder_width) -> (B, L, vocab) next-token logits."""
-        x = self.input_proj(text_states)
-        for block in self.blocks:
-            x = block(x, context=caption_queries, causal=True)
-        return self.lm_head(self.final_norm(x))
+    def forward(self, text_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """(B, L, width), (B, Q, width) -> (B, L, vocab) next-token logits."""
+        n = text_states.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=text_states.device).triu(1)
+        x = text_states
+        for self_block, cross_block in zip(self.resblocks, self.cross_attn):
+            x = self_block(x, attn_mask=causal)
+            x = cross_block(x, memory=memory)
+        return self.text_projection(self.ln_final(x))

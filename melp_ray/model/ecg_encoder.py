@@ -1,84 +1,139 @@
-"""wav2vec2-style ECG encoder: conv feature extractor -> conv positional embedding -> transformer.
+"""ECG encoder: the reference's Wav2Vec2-CMSC backbone (fairseq-signals), as MELP builds it.
 
-(B, leads, T) raw signal  ->  (B, frames, ecg_width) frame features, frames = T / stride**layers.
+    (B, leads, T) -> conv feature extractor -> LayerNorm -> Linear -> dropout_input
+                  -> + weight-normed positional conv -> LayerNorm -> dropout
+                  -> post-LN transformer layers -> (B, frames, ecg_width)
+
+The conv extractor is wav2vec2's "default" mode: bias-free convolutions, GELU after each,
+and a single GroupNorm (one group per channel: each channel normalised over time) after
+the first. That per-channel normalisation over time is what removes the large common
+offset of min-max scaled ECGs; the other mode (LayerNorm over channels in every block)
+leaves the frames of different records almost parallel. Gradients into the conv stack are
+scaled by ``feature_grad_mult`` (0.1), as MELP sets it.
 
 Nothing depends on the sampling rate or the record length: the convolutions slide over
-any T (at least ``conv_stride ** conv_layers`` samples) and the positional information
-comes from a convolution, not from a fixed-size table.
+any T (at least ``conv_stride ** conv_layers`` samples) and positions come from a
+convolution, not from a fixed-size table.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from melp_ray.model.config import ModelConfig
-from melp_ray.model.layers import Block
+from melp_ray.model.layers import PostLNLayer
 
 
-class ConvLayer(nn.Module):
-    """Conv1d -> LayerNorm over channels -> GELU (wav2vec2's "layer" normalisation mode)."""
+class ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` backward."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class GroupNormFp32(nn.GroupNorm):
+    """GroupNorm computed in fp32 (fairseq's Fp32GroupNorm): statistics over 500 Hz x 10 s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(),
+                            self.eps).type_as(x)
+
+
+class ConvFeatureExtractor(nn.Module):
+    """Conv1d(no bias) -> [GroupNorm, first block only] -> GELU, ``conv_layers`` times."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride)
-        self.norm = nn.LayerNorm(out_channels)
+        blocks, c_in = [], cfg.ecg_leads
+        for i in range(cfg.conv_layers):
+            conv = nn.Conv1d(c_in, cfg.conv_channels, cfg.conv_kernel, stride=cfg.conv_stride,
+                             bias=False)
+            nn.init.kaiming_normal_(conv.weight)
+            parts = [conv]
+            if i == 0:
+                parts.append(GroupNormFp32(cfg.conv_channels, cfg.conv_channels))
+            parts.append(nn.GELU())
+            blocks.append(nn.Sequential(*parts))
+            c_in = cfg.conv_channels
+        self.conv_layers = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T) -> (B, C', T')
-        x = self.conv(x)
-        x = self.norm(x.transpose(1, 2)).transpose(1, 2)
-        return F.gelu(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, leads, T) -> (B, C, T')
+        for block in self.conv_layers:
+            x = block(x)
+        return x
 
 
 class ConvPositionalEmbedding(nn.Module):
-    """Grouped convolution over time whose output is added to the frames (relative positions).
+    """Grouped conv over time, weight-normed over the kernel dimension (dim 2), then GELU.
 
-    "Same" padding keeps the length; for an even kernel that leaves one frame too many,
-    which we drop at the end (as wav2vec2 does).
+    Weight norm is written out here (``weight = g * v / ||v||``, the norm over every dim but
+    2) rather than through ``torch.nn.utils.parametrizations``: the parameters then belong
+    to the module whose forward uses them, which is what ZeRO-3's gathering relies on.
+    An even kernel with "same" padding yields one frame too many; the last is dropped.
     """
 
-    def __init__(self, width: int, kernel: int, groups: int, weight_norm: bool = False):
+    def __init__(self, width: int, kernel: int, groups: int):
         super().__init__()
-        conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=groups)
-        if weight_norm:  # wav2vec2 normalises over the kernel dimension
-            conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
-        self.conv = conv
+        if width % groups:
+            raise ValueError(f"ecg_width {width} is not divisible by pos_conv_groups {groups}")
+        self.padding, self.groups = kernel // 2, groups
         self.drop_last = kernel % 2 == 0
+        v = torch.randn(width, width // groups, kernel) * math.sqrt(4 / (kernel * width))
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(self._norm(v))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    @staticmethod
+    def _norm(v: torch.Tensor) -> torch.Tensor:  # (out, in/groups, K) -> (1, 1, K)
+        return v.norm(dim=(0, 1), keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, W) -> (B, N, W)
-        pos = self.conv(x.transpose(1, 2))
+        weight = self.weight_g * self.weight_v / self._norm(self.weight_v)
+        pos = F.conv1d(x.transpose(1, 2), weight, self.bias, padding=self.padding,
+                       groups=self.groups)
         if self.drop_last:
             pos = pos[..., :-1]
         return F.gelu(pos).transpose(1, 2)
 
 
 class ECGEncoder(nn.Module):
-    """Pre-LN transformer (with a final LayerNorm) over convolutional frame features."""
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        channels = [cfg.ecg_leads] + [cfg.conv_channels] * cfg.conv_layers
-        self.feature_extractor = nn.Sequential(*[
-            ConvLayer(c_in, c_out, cfg.conv_kernel, cfg.conv_stride)
-            for c_in, c_out in zip(channels[:-1], channels[1:])
-        ])
-        self.feature_norm = nn.LayerNorm(cfg.conv_channels)
-        self.feature_projection = nn.Linear(cfg.conv_channels, cfg.ecg_width)
-        self.positional = ConvPositionalEmbedding(
-            cfg.ecg_width, cfg.pos_conv_kernel, cfg.pos_conv_groups, cfg.pos_conv_weight_norm)
+        self.feature_extractor = ConvFeatureExtractor(cfg)
+        self.feature_grad_mult = cfg.feature_grad_mult
+        self.layer_norm = nn.LayerNorm(cfg.conv_channels)
+        self.post_extract_proj = (nn.Linear(cfg.conv_channels, cfg.ecg_width)
+                                  if cfg.conv_channels != cfg.ecg_width else nn.Identity())
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.pos_conv = ConvPositionalEmbedding(cfg.ecg_width, cfg.pos_conv_kernel,
+                                                cfg.pos_conv_groups)
+        self.encoder_layer_norm = nn.LayerNorm(cfg.ecg_width)  # post-LN: on the stack's input
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList([
-            Block(cfg.ecg_width, cfg.ecg_heads, cfg.ecg_ffn, cfg.dropout)
+            PostLNLayer(cfg.ecg_width, cfg.ecg_heads, cfg.ecg_ffn, cfg.dropout,
+                        cfg.attention_dropout, cfg.activation_dropout)
             for _ in range(cfg.ecg_layers)
         ])
-        self.final_norm = nn.LayerNorm(cfg.ecg_width)
         self.width = cfg.ecg_width
 
     def forward(self, ecg: torch.Tensor) -> torch.Tensor:
         """(B, leads, T) -> (B, frames, ecg_width)."""
-        frames = self.feature_extractor(ecg).transpose(1, 2)  # (B, N, C)
-        x = self.feature_projection(self.feature_norm(frames))
-        x = self.dropout(x + self.positional(x))
+        features = self.feature_extractor(ecg)
+        if self.feature_grad_mult != 1.0:
+            features = ScaleGradient.apply(features, self.feature_grad_mult)
+        x = self.layer_norm(features.transpose(1, 2))               # (B, N, C)
+        x = self.dropout_input(self.post_extract_proj(x))
+        x = x + self.pos_conv(x)
+        x = self.dropout(self.encoder_layer_norm(x))
         for layer in self.layers:
             x = layer(x)
-        return self.final_norm(x)
+        return x

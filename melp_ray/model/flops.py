@@ -48,7 +48,8 @@ def text_dims(cfg: ModelConfig) -> TextDims:
 
     path = resolve_text_model_path(cfg.text_model)
     hf = AutoConfig.from_pretrained(path, local_files_only=os.path.isdir(path), **cfg.text_overrides)
-    return TextDims(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, hf.vocab_size)
+    # + 1: the [BOS] row MELP adds to the vocabulary
+    return TextDims(hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size, hf.vocab_size + 1)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -65,12 +66,9 @@ def attention(n_q: int, n_kv: int, width: int, context_dim: int | None = None) -
             + 2 * 2 * n_q * n_kv * width)                # scores + weighted sum
 
 
-def block(n: int, width: int, ffn: int, context: int = 0, context_dim: int | None = None) -> int:
-    """A pre-LN transformer block; ``context`` > 0 adds cross-attention over that many rows."""
-    flops = attention(n, n, width) + linear(n, width, ffn) + linear(n, ffn, width)
-    if context:
-        flops += attention(n, context, width, context_dim)
-    return flops
+def block(n: int, width: int, ffn: int, context: int = 0) -> int:
+    """Attention (self, or cross over ``context`` rows of the same width) plus an MLP."""
+    return attention(n, context or n, width) + linear(n, width, ffn) + linear(n, ffn, width)
 
 
 def conv_out_length(length: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -100,9 +98,9 @@ def ecg_encoder_flops(cfg: ModelConfig, n_samples: int) -> int:
     return flops
 
 
-def pooler_flops(cfg: ModelConfig, n_frames: int) -> dict[str, int]:
+def pooler_flops(cfg: ModelConfig, n_frames: int, text_width: int) -> dict[str, int]:
     beat = attention(cfg.num_beat_queries, n_frames, cfg.beat_width, cfg.ecg_width)
-    caption = attention(cfg.num_caption_queries, n_frames, cfg.decoder_width, cfg.ecg_width)
+    caption = attention(cfg.num_caption_queries, n_frames, text_width, cfg.ecg_width)
     return {"beat_pooler": beat, "caption_pooler": caption}
 
 
@@ -119,11 +117,11 @@ def text_flops(cfg: ModelConfig, dims: TextDims, num_sentences: int) -> dict[str
 
 
 def decoder_flops(cfg: ModelConfig, dims: TextDims) -> int:
-    n, w = cfg.max_text_length - 1, cfg.decoder_width             # teacher forcing drops one
-    flops = linear(n, dims.hidden, w) if dims.hidden != w else 0  # input projection
-    flops += cfg.decoder_layers * block(n, w, int(w * cfg.decoder_mlp_ratio),
-                                        context=cfg.num_caption_queries, context_dim=w)
-    return flops + linear(n, w, dims.vocab)                       # vocabulary logits
+    """Per layer a self-attention block and a cross-attention block, each with its MLP."""
+    n, w = cfg.max_text_length - 2, dims.hidden   # teacher forcing: the text part less one
+    mlp = int(w * cfg.decoder_mlp_ratio)
+    per_layer = block(n, w, mlp) + block(n, w, mlp, context=cfg.num_caption_queries)
+    return cfg.decoder_layers * per_layer + linear(n, w, dims.vocab)   # vocabulary logits
 
 
 def flops_breakdown(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
@@ -132,7 +130,7 @@ def flops_breakdown(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
     dims = dims or text_dims(cfg)
     frames = ecg_frames(cfg, n_samples)
     parts = {"ecg_encoder": ecg_encoder_flops(cfg, n_samples)}
-    parts.update(pooler_flops(cfg, frames))
+    parts.update(pooler_flops(cfg, frames, dims.hidden))
     parts["beat_proj"] = linear(cfg.num_beat_queries, cfg.beat_width, cfg.embed_dim)
     parts.update(text_flops(cfg, dims, num_sentences))
     parts["decoder"] = decoder_flops(cfg, dims)

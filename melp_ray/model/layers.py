@@ -1,71 +1,90 @@
-"""Small transformer building blocks shared by the ECG encoder, the poolers and the decoder.
+"""Transformer building blocks of MELP, each in the layout of the reference it comes from.
 
-All blocks are pre-LN (LayerNorm before each sub-layer, residual around it): it trains
-stably without warm-up tricks at every depth we use. Attention goes through
-``F.scaled_dot_product_attention`` so PyTorch picks the fastest kernel.
+- ``SelfAttention`` + ``PostLNLayer``: the ECG encoder's layer (fairseq's
+  TransformerSentenceEncoderLayer with ``layer_norm_first=False``): LayerNorm *after* each
+  residual sum. Attention runs through ``F.scaled_dot_product_attention`` so PyTorch picks
+  the fastest kernel.
+- ``ResidualAttentionBlock``: the multimodal decoder's block (open_clip): pre-LN, built on
+  ``nn.MultiheadAttention``; as a cross-attention block it also normalises the memory.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class MultiHeadAttention(nn.Module):
-    """Self- or cross-attention. ``context`` may have a different width (``context_dim``)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (fairseq layout)."""
 
-    def __init__(self, width: int, heads: int, context_dim: int | None = None, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
-        context_dim = context_dim or width
         self.heads = heads
         self.dropout = dropout
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(context_dim, width)
-        self.value = nn.Linear(context_dim, width)
-        self.out = nn.Linear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        # fairseq's initialisation: "convergence much better with the scaled initialisation"
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, W) -> (B, H, N, W/H)
         b, n, w = x.shape
         return x.view(b, n, self.heads, w // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
-        context = x if context is None else context
-        q = self._split_heads(self.query(x))
-        k = self._split_heads(self.key(context))
-        v = self._split_heads(self.value(context))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         b, h, n, d = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, n, h * d))
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, h * d))
 
 
-class MLP(nn.Sequential):
-    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
-        super().__init__(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
-                         nn.Linear(hidden, width))
+class PostLNLayer(nn.Module):
+    """x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(drop_act(gelu(fc1(x))))))."""
 
-
-class Block(nn.Module):
-    """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
-
-    def __init__(self, width: int, heads: int, mlp_hidden: int, dropout: float = 0.0,
-                 cross_attention: bool = False, context_dim: int | None = None):
+    def __init__(self, width: int, heads: int, ffn: int, dropout: float,
+                 attention_dropout: float, activation_dropout: float):
         super().__init__()
-        self.norm_self = nn.LayerNorm(width)
-        self.self_attn = MultiHeadAttention(width, heads, dropout=dropout)
-        self.norm_cross = nn.LayerNorm(width) if cross_attention else None
-        self.cross_attn = (MultiHeadAttention(width, heads, context_dim, dropout=dropout)
-                           if cross_attention else None)
-        self.norm_mlp = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_hidden, dropout)
-        self.drop = nn.Dropout(dropout)
+        self.self_attn = SelfAttention(width, heads, attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, ffn)
+        self.fc2 = nn.Linear(ffn, width)
+        self.final_layer_norm = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(activation_dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
-        x = x + self.drop(self.self_attn(self.norm_self(x), causal=causal))
-        if self.cross_attn is not None:
-            x = x + self.drop(self.cross_attn(self.norm_cross(x), context))
-        return x + self.drop(self.mlp(self.norm_mlp(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x)))
+        y = self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+        return self.final_layer_norm(x + self.dropout(y))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """open_clip's block: x += attn(LN(x), [LN_kv(memory)]); x += mlp(LN(x)). No dropout."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0,
+                 cross_attention: bool = False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_1_kv = nn.LayerNorm(width) if cross_attention else None
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.ln_1(x)
+        kv = q if memory is None else self.ln_1_kv(memory)
+        x = x + self.attn(q, kv, kv, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))

@@ -1,11 +1,11 @@
 """MELP: ties the ECG encoder, the two poolers, the causal text tower and the decoder together.
 
-    ecg (B, leads, T) ─ ECGEncoder ─ frames ─┬─ beat pooler (K queries) ─ Linear ─ beat_emb (B, K, D)
-                                             │                               mean ─ ecg_emb (rhythm)
-                                             └─ caption pooler (Q queries) ─ memory ─┐
-    input_ids ─ TextTower (causal) ─ token states ─┬─ [CLS] state ─ MLP ─ text_emb   │
-                                                   ├─ per-sentence mean ─ sentence_emb
-                                                   └─ MultimodalDecoder (cross-attends memory) ─ logits
+    ecg (B, leads, T) ─ ECGEncoder ─ frames ─┬─ beat pooler (K queries) ─ LN ─ W (no bias) ─ beat_emb (B, K, D)
+                                             │                                     mean ─ ecg_emb (rhythm)
+                                             └─ caption pooler (Q queries) ─ LN ─ memory ─┐
+    input_ids ─ TextTower (causal) ─ token states ─┬─ last ([CLS]) state ─ MLP ─ text_emb │
+                                                   ├─ per-sentence mean ─ Linear ─ sentence_emb
+                                                   └─ MultimodalDecoder (reads memory) ─ logits
 
 The three losses that use these outputs live in ``melp_ray.losses``.
 """
@@ -32,41 +32,46 @@ class MELP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ecg_encoder = ECGEncoder(cfg)
+        self.text = TextTower(cfg)
+        text_width = self.text.hidden_size
         self.beat_pooler = AttentionalPooler(
             cfg.beat_width, cfg.ecg_width, cfg.num_beat_queries, cfg.pooler_heads)
-        self.beat_proj = nn.Linear(cfg.beat_width, cfg.embed_dim)
+        self.beat_norm = nn.LayerNorm(cfg.beat_width)
+        self.beat_proj = nn.Linear(cfg.beat_width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.beat_proj.weight, std=cfg.ecg_width ** -0.5)
         self.caption_pooler = AttentionalPooler(
-            cfg.decoder_width, cfg.ecg_width, cfg.num_caption_queries, cfg.pooler_heads)
-        self.text = TextTower(cfg)
-        self.decoder = MultimodalDecoder(cfg, self.text.hidden_size, self.text.vocab_size)
+            text_width, cfg.ecg_width, cfg.num_caption_queries, cfg.pooler_heads)
+        self.caption_norm = nn.LayerNorm(text_width)
+        self.decoder = MultimodalDecoder(cfg, text_width, self.text.vocab_size)
         # Shape [1], not a scalar: DeepSpeed cannot start with a 0-dim parameter.
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.logit_scale_init))
 
     @property
     def tokenizer(self):
-        return tokenization.load_tokenizer(self.cfg.text_model)  # cached: one tokenizer per process
+        return tokenization.load_report_tokenizer(self.cfg.text_model)  # cached per process
 
     # ----- ECG side -----
-    def _beat_features(self, ecg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frames, pooled beat-query features (B, K, beat_width))."""
-        frames = self.ecg_encoder(ecg)
-        return frames, self.beat_pooler(frames)
+    def _beats(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, K, beat_width): the beat queries' pooled, LayerNorm-ed features."""
+        return self.beat_norm(self.beat_pooler(frames))
+
+    def _caption_memory(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.caption_norm(self.caption_pooler(frames))
 
     def ecg_features(self, ecg: torch.Tensor) -> torch.Tensor:
-        """(B, beat_width): mean beat-query feature before the projection (linear-probe input)."""
-        return self._beat_features(ecg)[1].mean(dim=1)
+        """(B, beat_width): mean beat feature before the projection (the linear-probe input)."""
+        return self._beats(self.ecg_encoder(ecg)).mean(dim=1)
 
     def encode_ecg(self, ecg: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, embed_dim) rhythm embedding: the mean of the beat embeddings."""
-        rhythm = self.beat_proj(self._beat_features(ecg)[1]).mean(dim=1)
+        rhythm = self.beat_proj(self._beats(self.ecg_encoder(ecg))).mean(dim=1)
         return F.normalize(rhythm, dim=-1) if normalize else rhythm
 
     # ----- text side -----
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
         """(B, embed_dim) report embedding from the trailing [CLS] state."""
-        states = self.text.token_states(input_ids, attention_mask)
-        report = self.text.report_embedding(states, attention_mask)
+        report = self.text.report_embedding(self.text.token_states(input_ids, attention_mask))
         return F.normalize(report, dim=-1) if normalize else report
 
     def encode_reports(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
@@ -79,17 +84,17 @@ class MELP(nn.Module):
     # ----- training forward -----
     def forward(self, ecg: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 sentence_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        frames, beat_features = self._beat_features(ecg)
-        beat_emb = self.beat_proj(beat_features)                     # (B, K, D)
-        caption_memory = self.caption_pooler(frames)                 # (B, Q, decoder_width)
+        frames = self.ecg_encoder(ecg)
+        beat_emb = self.beat_proj(self._beats(frames))                # (B, K, D)
 
         states = self.text.token_states(input_ids, attention_mask)   # (B, L, hidden)
-        text_emb = self.text.report_embedding(states, attention_mask)
+        text_emb = self.text.report_embedding(states)
         sentence_emb, sentence_mask = self.text.sentence_embeddings(states, sentence_ids)
 
-        # Teacher forcing: the causal state at position t predicts token t + 1.
-        logits = self.decoder(states[:, :-1], caption_memory)
-        labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        # Teacher forcing over the text part (all but the trailing [CLS]): the causal state
+        # at position t predicts token t + 1; padding is ignored.
+        logits = self.decoder(states[:, :-2], self._caption_memory(frames))
+        labels = input_ids[:, 1:-1].masked_fill(attention_mask[:, 1:-1] == 0, IGNORE_INDEX)
 
         return {
             "ecg_emb": F.normalize(beat_emb.mean(dim=1), dim=-1),
@@ -105,31 +110,29 @@ class MELP(nn.Module):
     # ----- captioning -----
     @torch.no_grad()
     def generate(self, ecg: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
-        """Greedy report generation from ECGs. Stops at the [CLS] (end) token."""
-        begin, end, pad = tokenization.special_ids(self.tokenizer)
-        limit = self.cfg.max_text_length - 1
-        if self.text.max_positions:
-            limit = min(limit, self.text.max_positions - 1)
+        """Greedy report generation from ECGs: from [BOS] until [SEP] (or the length limit)."""
+        ids_of = tokenization.special_ids(self.tokenizer)
+        limit = self.cfg.max_text_length - 2           # room for [BOS] and the trailing [CLS]
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
 
         was_training = self.training
         self.eval()
         try:
-            memory = self.caption_pooler(self.ecg_encoder(ecg))
-            ids = torch.full((ecg.shape[0], 1), begin, dtype=torch.long, device=ecg.device)
+            memory = self._caption_memory(self.ecg_encoder(ecg))
+            ids = torch.full((ecg.shape[0], 1), ids_of.bos, dtype=torch.long, device=ecg.device)
             finished = torch.zeros(ecg.shape[0], dtype=torch.bool, device=ecg.device)
             for _ in range(max_new_tokens):
                 # No KV cache: the whole prefix is re-run each step (simple; reports are short).
                 states = self.text.token_states(ids, torch.ones_like(ids))
                 next_ids = self.decoder(states, memory)[:, -1].argmax(dim=-1)
-                next_ids = next_ids.masked_fill(finished, pad)
+                next_ids = next_ids.masked_fill(finished, ids_of.pad)
                 ids = torch.cat([ids, next_ids[:, None]], dim=1)
-                finished |= next_ids == end
+                finished |= next_ids == ids_of.eos
                 if finished.all():
                     break
         finally:
             self.train(was_training)
-        return [self._decode(row, end) for row in ids[:, 1:].tolist()]
+        return [self._decode(row, ids_of.eos) for row in ids[:, 1:].tolist()]
 
     def _decode(self, token_ids: list[int], end: int) -> str:
         if end in token_ids:
@@ -144,8 +147,9 @@ def _count(module: nn.Module, trainable: bool | None = None) -> int:
 
 def count_parameters(model: MELP) -> dict[str, int]:
     """Parameter counts per part; the text tower split into trainable and frozen."""
-    heads = _count(model.beat_proj) + _count(model.text.report_head) \
-        + _count(model.text.sentence_proj) + model.logit_scale.numel()
+    heads = _count(model.beat_norm) + _count(model.beat_proj) + _count(model.caption_norm) \
+        + _count(model.text.report_head) + _count(model.text.sentence_proj) \
+        + model.logit_scale.numel()
     return {
         "ecg_encoder": _count(model.ecg_encoder),
         "beat_pooler": _count(model.beat_pooler),

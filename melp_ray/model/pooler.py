@@ -1,27 +1,28 @@
-"""Attentional pooler: a fixed number of learned queries cross-attend to the encoder frames.
+"""Attentional pooler (open_clip's): a fixed number of learned queries cross-attend to frames.
 
 Turns a variable number of ECG frames into exactly ``num_queries`` vectors of ``width``.
 MELP uses two: the beat pooler (K queries -> beat embeddings) and the caption pooler
-(128 queries -> the memory the multimodal decoder reads).
+(128 queries -> the memory the multimodal decoder reads). Queries ~ N(0, 1); both the
+queries and the frames are LayerNorm-ed before ``nn.MultiheadAttention``. The LayerNorm
+after the pooler belongs to its user (``MELP.beat_norm`` / ``MELP.caption_norm``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from melp_ray.model.layers import MultiHeadAttention
-
 
 class AttentionalPooler(nn.Module):
     def __init__(self, width: int, context_dim: int, num_queries: int, heads: int):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_queries, width) * width ** -0.5)
-        self.norm_context = nn.LayerNorm(context_dim)
-        self.attn = MultiHeadAttention(width, heads, context_dim=context_dim)
-        self.norm_out = nn.LayerNorm(width)
+        self.query = nn.Parameter(torch.randn(num_queries, width))
+        self.attn = nn.MultiheadAttention(width, heads, kdim=context_dim, vdim=context_dim,
+                                          batch_first=True)
+        self.ln_q = nn.LayerNorm(width)
+        self.ln_k = nn.LayerNorm(context_dim)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, N, context_dim) -> (B, num_queries, width)."""
-        queries = self.queries.unsqueeze(0).expand(frames.shape[0], -1, -1)
-        pooled = self.attn(queries, context=self.norm_context(frames))
-        return self.norm_out(pooled)
+        context = self.ln_k(frames)
+        queries = self.ln_q(self.query).unsqueeze(0).expand(frames.shape[0], -1, -1)
+        return self.attn(queries, context, context, need_weights=False)[0]

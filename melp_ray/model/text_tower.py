@@ -1,15 +1,18 @@
 """Text tower: a Hugging Face BERT-style encoder run causally (a CoCa unimodal text decoder).
 
 Setting ``is_decoder=True`` in a BERT-style config makes transformers build a causal
-self-attention mask (``create_causal_mask``) instead of a bidirectional one, so the state
-at position t only sees tokens 0..t. That is what lets the same token states feed the
-captioning decoder (next-token prediction) and puts the report summary at the last
-position: the [CLS] token that ``melp_ray.tokenization`` places after the report.
+self-attention mask instead of a bidirectional one, so the state at position t only sees
+tokens 0..t. That is what lets the same token states feed the captioning decoder
+(next-token prediction) and puts the report summary at the last position: the [CLS] token
+that ``melp_ray.tokenization`` places after the padding.
 
 Outputs
 - token states (B, L, hidden) for the multimodal decoder,
-- the report embedding: the state at the [CLS] (last non-pad) position -> MLP head,
+- the report embedding: the state at the last position ([CLS]) -> Linear-GELU-Linear,
 - sentence embeddings: mean of the token states of each sentence -> Linear.
+
+As in the reference, the embedding table gains one row for the added [BOS] token, the
+embeddings train, and the first ``text_frozen_layers`` layers are frozen.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from melp_ray.model.config import ModelConfig
 from melp_ray import tokenization
 
 
-def load_text_model(name_or_path: str, pretrained: bool, overrides: dict) -> nn.Module:
-    """The backbone (no pooler), causal. Pretrained weights, or the same architecture at random."""
+def load_text_model(name_or_path: str, pretrained: bool, overrides: dict,
+                    vocab_size: int) -> nn.Module:
+    """The causal backbone (no pooler), its token table sized to ``vocab_size`` rows."""
     from transformers import AutoConfig, AutoModel
 
     path = tokenization.resolve_text_model_path(name_or_path)
@@ -39,6 +43,9 @@ def load_text_model(name_or_path: str, pretrained: bool, overrides: dict) -> nn.
         model = AutoModel.from_pretrained(path, config=config, local_files_only=local)
     else:
         model = AutoModel.from_config(config)
+    if model.get_input_embeddings().num_embeddings != vocab_size:
+        # The new [BOS] row: drawn around the pretrained rows (HF's mean resizing), or at random.
+        model.resize_token_embeddings(vocab_size, mean_resizing=pretrained)
     # BERT's [CLS] pooler (dense + tanh) is never used: drop it so no parameter lacks a gradient.
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
@@ -60,11 +67,16 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 class TextTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.backbone = load_text_model(cfg.text_model, cfg.text_pretrained, cfg.text_overrides)
+        vocab = len(tokenization.load_report_tokenizer(cfg.text_model))
+        self.backbone = load_text_model(cfg.text_model, cfg.text_pretrained, cfg.text_overrides,
+                                        vocab)
         hidden = self.backbone.config.hidden_size
         self.hidden_size = hidden
-        self.vocab_size = self.backbone.config.vocab_size
+        self.vocab_size = vocab
         self.max_positions = getattr(self.backbone.config, "max_position_embeddings", None)
+        if self.max_positions and cfg.max_text_length > self.max_positions:
+            raise ValueError(f"max_text_length {cfg.max_text_length} exceeds the text model's "
+                             f"{self.max_positions} positions")
         self.report_head = nn.Sequential(
             nn.Linear(hidden, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
         self.sentence_proj = nn.Linear(hidden, cfg.embed_dim)
@@ -89,11 +101,9 @@ class TextTower(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
-    def report_embedding(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """State at the last non-pad position (the trailing [CLS]) -> (B, embed_dim), unnormalised."""
-        last = attention_mask.long().sum(dim=1).clamp(min=1) - 1
-        summary = states[torch.arange(states.shape[0], device=states.device), last]
-        return self.report_head(summary)
+    def report_embedding(self, states: torch.Tensor) -> torch.Tensor:
+        """State at the last position (the [CLS]) -> (B, embed_dim), unnormalised."""
+        return self.report_head(states[:, -1])
 
     def sentence_embeddings(self, states: torch.Tensor, sentence_ids: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:

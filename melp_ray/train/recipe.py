@@ -74,9 +74,10 @@ class DeepSpeedRecipe:
         self.bf16 = use_bf16(self.cfg.train)
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
-        optimizer = torch.optim.AdamW(param_groups(model, self.cfg.train.weight_decay),
-                                      lr=self.cfg.train.lr, betas=tuple(self.cfg.train.betas))
-        scheduler = warmup_cosine(optimizer, self.cfg.train.warmup_steps, self.cfg.train.max_steps)
+        t = self.cfg.train
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
+                                      lr=t.lr, betas=tuple(t.betas))
+        scheduler = lr_schedule(optimizer, t)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg.train, self.cfg.deepspeed),
@@ -287,21 +288,34 @@ class Window:
         return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, embeddings-like 1-d params and the logit scale."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 decay_all: bool = False) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on biases, norms and the logit scale (CLIP practice).
+
+    ``decay_all``: decay every trainable parameter, as the reference does.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+        exempt = p.ndim < 2 or "logit_scale" in name
+        (no_decay if exempt and not decay_all else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
+def lr_schedule(optimizer, train):
+    """``warmup_cosine``: linear warm-up, then one cosine decay to 0 over ``max_steps``.
+
+    ``cosine_restarts`` (the reference): cosine annealing with warm restarts every
+    ``restart_steps`` steps (the reference uses half the run), no warm-up, floor 1e-8.
+    """
+    if train.schedule == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            optimizer, T_0=train.restart_steps or max(train.max_steps // 2, 1), eta_min=1e-8)
     from transformers import get_cosine_schedule_with_warmup
 
-    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
+    return get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, max(train.max_steps, 1))
 
 
 def config_dict(cfg) -> dict[str, Any]:

@@ -181,3 +181,33 @@ def test_compute_losses_weights_only_the_total():
     torch.testing.assert_close(other["total"],
                                0.5 * other["rhythm"] + other["token"] + 3.0 * other["beat"])
     assert not torch.isclose(other["total"], default["total"])
+
+
+def _gloria_loop_reference(beat_emb, sentence_emb, mask, t1=4.0, t2=5.0, t3=10.0):
+    """GLoRIA's local loss written report by report, the way the reference loops (own code).
+
+    For each report: raw dot products with every ECG's beats, softmax over the report's
+    sentences, x t1, softmax over the beats, context from the raw beats, cosine, exp(t2 .)
+    summed over sentences, log; x t3; symmetric cross-entropy.
+    """
+    n = beat_emb.shape[0]
+    scores = torch.empty(n, n)
+    for i in range(n):
+        sents = sentence_emb[i][mask[i]]                              # (S_i, D)
+        for j in range(n):
+            dots = sents @ beat_emb[j].T                              # (S_i, K)
+            attn = torch.softmax(dots, dim=0)                         # over the sentences
+            attn = torch.softmax(attn * t1, dim=1)                    # then over the beats
+            context = attn @ beat_emb[j]                              # (S_i, D)
+            cos = torch.nn.functional.cosine_similarity(sents, context, dim=-1)
+            scores[i, j] = t3 * torch.log(torch.exp(t2 * cos).sum())
+    labels = torch.arange(n)
+    return (F.cross_entropy(scores, labels) + F.cross_entropy(scores.T, labels)) / 2
+
+
+def test_beat_loss_is_gloria_double_softmax_over_raw_embeddings():
+    beat_emb, sentence_emb, mask = _aligned_example(noise=0.5)
+    # Unnormalised inputs of different scales: the attention must use the raw dot products.
+    beat_emb, sentence_emb = beat_emb * 3.0, sentence_emb * 0.5
+    torch.testing.assert_close(beat_loss(beat_emb, sentence_emb, mask),
+                               _gloria_loop_reference(beat_emb, sentence_emb, mask))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -57,8 +58,8 @@ def test_forward_output_shapes_and_dtypes(cfg, model, batch):
         "beat_emb": ((b, k, d), torch.float32),
         "sentence_emb": ((b, n_sentences, d), torch.float32),
         "sentence_mask": ((b, n_sentences), torch.bool),
-        "logits": ((b, length - 1, model.text.vocab_size), torch.float32),
-        "labels": ((b, length - 1), torch.int64),
+        "logits": ((b, length - 2, model.text.vocab_size), torch.float32),
+        "labels": ((b, length - 2), torch.int64),
         "logit_scale": ((1,), torch.float32),
     }
     assert set(out) == set(expected)
@@ -70,10 +71,12 @@ def test_forward_output_shapes_and_dtypes(cfg, model, batch):
     # The rhythm embedding is the normalised mean of the beat embeddings.
     torch.testing.assert_close(out["ecg_emb"],
                                torch.nn.functional.normalize(out["beat_emb"].mean(1), dim=-1))
-    # Labels: the next token, padding -> -100. The empty report still has BEGIN -> CLS.
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    assert torch.equal(out["labels"][mask[:, 1:] == 1], ids[:, 1:][mask[:, 1:] == 1])
-    assert (out["labels"][mask[:, 1:] == 0] == -100).all()
+    # Labels: the next token of the text part (never the trailing [CLS]), padding -> -100.
+    # The empty report still has [BOS] -> [SEP].
+    ids, mask = batch["input_ids"][:, 1:-1], batch["attention_mask"][:, 1:-1]
+    assert torch.equal(out["labels"][mask == 1], ids[mask == 1])
+    assert (out["labels"][mask == 0] == -100).all()
+    assert (out["labels"] == model.tokenizer.sep_token_id).sum() == b
     # Sentence mask: one real sentence per sentence id in each report.
     for row in range(b):
         n_real = len(set(batch["sentence_ids"][row].tolist()) - {-1})
@@ -89,8 +92,8 @@ def test_logit_scale_is_a_1d_parameter_clamped_in_use(model):
         model.logit_scale.fill_(10.0)
     try:
         ecg = torch.rand(2, 12, 1000)
-        ids = torch.tensor([[101, 2023, 102]] * 2)
-        out = model(ecg, ids, torch.ones_like(ids), torch.tensor([[-1, 0, -1]] * 2))
+        ids = torch.tensor([[model.tokenizer.bos_token_id, 2023, 102, 101]] * 2)
+        out = model(ecg, ids, torch.ones_like(ids), torch.tensor([[-1, 0, -1, -1]] * 2))
         assert out["logit_scale"].item() == pytest.approx(100.0, rel=1e-5)
     finally:
         with torch.no_grad():
@@ -129,22 +132,89 @@ def test_ecg_encoder_accepts_any_length(cfg):
 
 
 @pytest.mark.parametrize("kernel", [16, 15])
-@pytest.mark.parametrize("weight_norm", [False, True])
-def test_conv_positional_embedding_keeps_length(kernel, weight_norm):
-    pos = ConvPositionalEmbedding(width=32, kernel=kernel, groups=4, weight_norm=weight_norm)
+def test_conv_positional_embedding_keeps_length_and_is_weight_normed(kernel):
+    pos = ConvPositionalEmbedding(width=32, kernel=kernel, groups=4)
     x = torch.rand(2, 37, 32)
-    assert pos(x).shape == x.shape
-    if weight_norm:
-        assert any("original" in name for name, _ in pos.named_parameters())
+    before = pos(x)
+    assert before.shape == x.shape
+    # Weight norm over dim 2: one gain per kernel tap, and the direction's scale is irrelevant.
+    assert tuple(pos.weight_g.shape) == (1, 1, kernel)
+    with torch.no_grad():
+        pos.weight_v.mul_(7.0)
+    torch.testing.assert_close(pos(x), before)
 
 
-def test_attentional_pooler_outputs_fixed_number_of_queries():
+def test_conv_extractor_is_the_reference_default_mode(cfg):
+    """Bias-free convs, GELU after each, one GroupNorm(C groups) after the first conv only."""
+    encoder = ECGEncoder(cfg)
+    blocks = encoder.feature_extractor.conv_layers
+    assert len(blocks) == cfg.conv_layers
+    for i, block in enumerate(blocks):
+        conv = block[0]
+        assert isinstance(conv, torch.nn.Conv1d) and conv.bias is None
+        assert (conv.kernel_size, conv.stride) == ((cfg.conv_kernel,), (cfg.conv_stride,))
+        norms = [m for m in block if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        if i == 0:
+            assert len(norms) == 1 and norms[0].num_groups == norms[0].num_channels == cfg.conv_channels
+        else:
+            assert not norms
+        assert isinstance(block[-1], torch.nn.GELU)
+    # A constant offset added to every sample of a lead is removed by the GroupNorm over time.
+    encoder.eval()
+    x = torch.rand(2, 12, 1000)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x + 0.7), encoder(x), rtol=1e-4, atol=1e-4)
+
+
+def test_feature_grad_mult_scales_only_the_conv_gradient(cfg):
+    grads = {}
+    for mult in (1.0, 0.1):
+        torch.manual_seed(0)
+        encoder = ECGEncoder(replace(cfg, feature_grad_mult=mult, dropout=0.0,
+                                     attention_dropout=0.0, dropout_input=0.0))
+        torch.manual_seed(1)
+        encoder(torch.rand(2, 12, 1000)).pow(2).sum().backward()
+        grads[mult] = (encoder.feature_extractor.conv_layers[0][0].weight.grad,
+                       encoder.post_extract_proj.weight.grad)
+    torch.testing.assert_close(grads[0.1][0], 0.1 * grads[1.0][0])
+    torch.testing.assert_close(grads[0.1][1], grads[1.0][1])
+
+
+def test_encoder_transformer_is_post_ln(cfg):
+    """Post-LN: every layer ends in a LayerNorm, so the output frames are normalised."""
+    encoder = ECGEncoder(cfg).eval()
+    layer = encoder.layers[0]
+    assert {"self_attn_layer_norm", "final_layer_norm", "fc1", "fc2"} <= {n for n, _ in layer.named_children()}
+    with torch.no_grad():
+        out = encoder(torch.rand(2, 12, 1000))
+    torch.testing.assert_close(out.mean(-1), torch.zeros(out.shape[:2]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(-1, unbiased=False), torch.ones(out.shape[:2]), atol=1e-2, rtol=0)
+
+
+def test_attentional_pooler_has_open_clip_semantics():
+    torch.manual_seed(0)
     pooler = AttentionalPooler(width=32, context_dim=48, num_queries=5, heads=4)
-    for frames in (1, 7, 250):
-        out = pooler(torch.rand(3, frames, 48))
-        assert out.shape == (3, 5, 32)
-    # LayerNorm at the output: each query vector has mean 0 / std 1 (up to the affine init).
-    assert out.mean(-1).abs().max() < 1e-5
+    assert pooler.query.std().item() == pytest.approx(1.0, abs=0.35)   # queries ~ N(0, 1)
+    frames = torch.rand(3, 7, 48)
+    expected = pooler.attn(pooler.ln_q(pooler.query).expand(3, -1, -1), pooler.ln_k(frames),
+                           pooler.ln_k(frames), need_weights=False)[0]
+    torch.testing.assert_close(pooler(frames), expected)
+    for n_frames in (1, 250):
+        assert pooler(torch.rand(3, n_frames, 48)).shape == (3, 5, 32)
+
+
+def test_beat_and_caption_heads(cfg, model):
+    assert model.beat_proj.bias is None
+    assert tuple(model.beat_proj.weight.shape) == (cfg.embed_dim, cfg.beat_width)
+    assert model.caption_pooler.query.shape[1] == model.text.hidden_size
+    decoder = model.decoder
+    assert len(decoder.resblocks) == len(decoder.cross_attn) == cfg.decoder_layers
+    assert all(b.ln_1_kv is None for b in decoder.resblocks)
+    assert all(b.ln_1_kv is not None for b in decoder.cross_attn)
+    assert decoder.text_projection.bias is None
+    weight = decoder.text_projection.weight
+    assert torch.isfinite(weight).all()
+    assert weight.std().item() == pytest.approx(model.text.hidden_size ** -0.5, rel=0.05)
 
 
 def test_text_tower_is_causal(model):
@@ -164,7 +234,7 @@ def test_text_tower_is_causal(model):
 def test_decoder_logits_are_causal(model):
     model.eval()
     ecg = torch.rand(1, 12, 1000)
-    ids = torch.tensor([[101, 7128, 6348, 1012, 3671, 14925, 1012, 102]])
+    ids = torch.tensor([[30522, 7128, 6348, 1012, 3671, 14925, 1012, 102, 101]])
     changed = ids.clone()
     changed[0, 4] = 2731
     mask = torch.ones_like(ids)
@@ -185,7 +255,8 @@ def test_frozen_layers_and_every_trainable_parameter_gets_a_gradient(cfg, batch)
         assert not any(p.requires_grad for p in layer.parameters())
     for layer in list(layers)[cfg.text_frozen_layers:]:
         assert all(p.requires_grad for p in layer.parameters())
-    assert not any(p.requires_grad for p in model.text.backbone.embeddings.parameters())
+    # The reference trains the embeddings (the new [BOS] row included).
+    assert all(p.requires_grad for p in model.text.backbone.embeddings.parameters())
 
     losses = compute_losses(model(**batch))
     assert set(losses) == {"total", "rhythm", "token", "beat"}
