@@ -38,6 +38,7 @@ class DataConfig:
     shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
     prefetch_batches: int = 4        # micro-batches fetched ahead, across epoch boundaries too
     limit: int | None = None         # smoke runs: first N raw records; shards: one file per worker
+    exclude_folds: list[int] = field(default_factory=list)  # PTB-XL strat_folds kept out of train and val
 
 
 @dataclass
@@ -338,6 +339,9 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.shuffle_buffer must be >= 0 and data.prefetch_batches >= 1")
     if d.root is not None and "://" not in d.root and not Path(d.root).expanduser().exists():
         problems.append(f"data.root {d.root!r} does not exist")
+    bad_folds = [f for f in d.exclude_folds if isinstance(f, bool) or not isinstance(f, int) or f < 1]
+    if bad_folds:
+        problems.append(f"data.exclude_folds must list fold numbers (ints >= 1), got {bad_folds}")
     return problems
 
 

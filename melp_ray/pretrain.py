@@ -146,19 +146,37 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 
 # ---------------------------------------------------------------- driver
 
-def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
+def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """One dataset per rank and split; ``data_info`` (if given) receives what goes in."""
     from melp_ray.data.stream import StreamSpec, rank_datasets
 
     spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
     kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
-              seed=cfg.train.seed, limit=cfg.data.limit)
+              seed=cfg.train.seed, limit=cfg.data.limit, exclude_folds=cfg.data.exclude_folds)
     world = cfg.train.num_workers
-    datasets = {}
+    datasets, counts = {}, {}
     for split, prefix in (("train", "train"), ("val", "val")):
-        for rank, ds in enumerate(rank_datasets(cfg.data.root, split, world, spec, **kw)):
+        counts[split] = {}
+        for rank, ds in enumerate(rank_datasets(cfg.data.root, split, world, spec, **kw,
+                                                counts=counts[split])):
             datasets[f"{prefix}_r{rank}"] = ds
+    info = data_summary(cfg, counts)
+    print(f"[melp_ray] data: {info['train_records']} train / {info['val_records']} val records"
+          + (f"; {info['held_out']['records']} records of folds {info['held_out']['folds']} "
+             "held out" if cfg.data.exclude_folds else ""), flush=True)
+    if data_info is not None:
+        data_info.update(info)
     return datasets
+
+
+def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Records per split (before signal-level rejections) and those held out for their fold."""
+    return {"train_records": counts["train"]["records"],
+            "val_records": counts["val"]["records"],
+            "held_out": {"folds": sorted(set(cfg.data.exclude_folds)),
+                         "records": sum(c["held_out"] for c in counts.values())}}
 
 
 def check_data_root(cfg: PretrainConfig) -> None:
@@ -181,7 +199,10 @@ def run(cfg: PretrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     check_data_root(cfg)
     init_ray()
     quiet_data_progress_bars()
-    summary = fit_and_summarise(cfg, PretrainRecipe, build_datasets(cfg), callbacks=callbacks)
+    data_info: dict[str, Any] = {}
+    datasets = build_datasets(cfg, data_info)
+    summary = fit_and_summarise(cfg, PretrainRecipe, datasets, extra_summary={"data": data_info},
+                                callbacks=callbacks)
     return summary
 
 

@@ -53,3 +53,20 @@ def test_deepspeed_config_carries_our_settings():
     assert deepspeed_config(cpu.train, cpu.deepspeed)["bf16"]["enabled"] is False
     assert ds["train_batch_size"] == (cfg.train.micro_batch_size * cfg.train.grad_accum
                                       * cfg.train.num_workers)
+
+
+def test_exclude_folds_defaults_to_none_and_takes_a_list():
+    assert load_config(PretrainConfig, "tiny").data.exclude_folds == []
+    assert load_config(PretrainConfig, "tiny", ["data.exclude_folds=[8, 9]"]).data.exclude_folds == [8, 9]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[0]", r"exclude_folds must list fold numbers \(ints >= 1\), got \[0\]"),
+    ("[-1, 8]", r"got \[-1\]"),
+    ("[eight]", "exclude_folds: expected int"),
+    ("[8.5]", "exclude_folds: expected int"),
+    ("8", "exclude_folds: expected a list"),
+])
+def test_bad_exclude_folds_are_named(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "tiny", [f"data.exclude_folds={value}"])

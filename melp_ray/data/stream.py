@@ -72,9 +72,16 @@ def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: St
     return batch
 
 
-def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec) -> dict[str, np.ndarray]:
+def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec,
+                       exclude_folds: Sequence[int] = ()) -> dict[str, np.ndarray]:
     from melp_ray.data.shards import decode_ecg
 
+    if exclude_folds:   # held-out folds: dropped before anything is decoded
+        keep = ~np.isin(np.asarray(batch["strat_fold"]), list(exclude_folds))
+        batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+    if len(batch["ecg"]) == 0:
+        return finish_batch(np.zeros((0, 12, spec.n_samples), np.float32), [],
+                            [] if spec.with_labels else None, spec)
     ecg = np.stack([decode_ecg(b) for b in batch["ecg"]])
     if ecg.shape[-1] != spec.n_samples:
         raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
@@ -120,13 +127,17 @@ def _plain(value: Any) -> Any:
 
 # ---------------------------------------------------------------- dataset builders
 
-def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None):
-    """Parquet shard files -> model-ready rows."""
+def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
+                   exclude_folds: Sequence[int] = ()):
+    """Parquet shard files -> model-ready rows (rows of ``exclude_folds`` left out)."""
     import ray.data
 
     columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
+    if exclude_folds:
+        columns.append("strat_fold")
     ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None)
-    return in_order(ds.map_batches(decode_shard_batch, fn_kwargs={"spec": spec},
+    kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
+    return in_order(ds.map_batches(decode_shard_batch, fn_kwargs=kwargs,
                                    batch_format="numpy", batch_size=64))
 
 
@@ -174,8 +185,15 @@ def resolve_root(root: str | None) -> str:
 
 def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpec, *,
                   dataset: str = "auto", val_fraction: float = 0.1, seed: int = 0,
-                  limit: int | None = None) -> list:
-    """One dataset per rank for ``split`` ("train" | "val"), from shards or a raw root."""
+                  limit: int | None = None, exclude_folds: Sequence[int] = (),
+                  counts: dict[str, int] | None = None) -> list:
+    """One dataset per rank for ``split`` ("train" | "val"), from shards or a raw root.
+
+    Records whose PTB-XL ``strat_fold`` is in ``exclude_folds`` never enter the split (a
+    fold held out for evaluation). ``counts``, when given, receives ``records`` (what the
+    split will stream, before signal-level rejections) and ``held_out`` (left out for
+    their fold).
+    """
     from melp_ray.data.sources import detect_layout
 
     root = resolve_root(root)
@@ -188,11 +206,41 @@ def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpe
             raise ValueError(
                 f"{root} has {len(files)} {split} shard(s) for {world_size} workers: each worker "
                 f"reads whole shards; re-run prepare with a smaller --shard-size")
-        return [shards_dataset(files[r::world_size], spec) for r in range(world_size)]
+        if counts is not None:
+            counts.update(count_shard_folds(files, exclude_folds))
+        return [shards_dataset(files[r::world_size], spec, exclude_folds=exclude_folds)
+                for r in range(world_size)]
     refs = split_refs(layout, root, split, val_fraction, seed, limit, spec.sample_rate)
+    refs, held_out = drop_folds(refs, exclude_folds)
+    if counts is not None:
+        counts.update(records=len(refs), held_out=len(held_out))
     if len(refs) < world_size:
-        raise ValueError(f"{root}: only {len(refs)} {split} record(s) for {world_size} workers")
+        raise ValueError(f"{root}: only {len(refs)} {split} record(s) for {world_size} workers"
+                         + (f" ({len(held_out)} of folds {sorted(set(exclude_folds))} held out)"
+                            if held_out else ""))
     return [wfdb_dataset(refs[r::world_size], root, spec) for r in range(world_size)]
+
+
+def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list, list]:
+    """(kept, held out): the RecordRefs outside / inside ``exclude_folds``."""
+    folds = set(exclude_folds)
+    kept = [r for r in refs if r.strat_fold not in folds]
+    held = [r for r in refs if r.strat_fold in folds]
+    return kept, held
+
+
+def count_shard_folds(files: Sequence[str], exclude_folds: Sequence[int]) -> dict[str, int]:
+    """Rows of shard ``files`` kept / held out for their fold (reads only ``strat_fold``)."""
+    import pyarrow.parquet as pq
+
+    folds = set(exclude_folds)
+    kept = held = 0
+    for path in files:
+        values = pq.read_table(path, columns=["strat_fold"])["strat_fold"].to_numpy()
+        n_held = int(np.isin(values, list(folds)).sum()) if folds else 0
+        held += n_held
+        kept += len(values) - n_held
+    return {"records": kept, "held_out": held}
 
 
 def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: int,

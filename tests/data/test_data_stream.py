@@ -77,3 +77,66 @@ def test_iter_torch_batches_feeds_tensors(ray_local, shards):
     batch = next(iter(ds.iter_torch_batches(batch_size=4, drop_last=True)))
     assert set(batch) == {"ecg", "input_ids", "attention_mask", "sentence_ids", "labels_super"}
     assert batch["ecg"].shape == (4, 12, 1000) and batch["input_ids"].dtype == torch.int64
+
+
+# ---------------------------------------------------------------- held-out folds
+
+def expected_ecg(refs, root) -> np.ndarray:
+    from melp_ray.data.records import load_signal
+
+    return np.stack([minmax_normalise(load_signal(r, str(root), 100, 10)) for r in refs])
+
+
+def test_excluded_folds_never_reach_a_raw_root_stream(ray_local, bundled_ptbxl):
+    refs = split_refs("ptb-xl", str(bundled_ptbxl), "train", 0.1, 0, 48, 100)
+    held = [r for r in refs if r.strat_fold == 2]
+    kept = [r for r in refs if r.strat_fold != 2]
+    assert held and kept   # the first 48 records of the sample span folds 1-6
+    counts: dict[str, int] = {}
+    (ds,) = rank_datasets(str(bundled_ptbxl), "train", 1, SPEC, limit=48, exclude_folds=[2],
+                          counts=counts)
+    got = collect(ds)["ecg"]
+    assert counts == {"records": len(kept), "held_out": len(held)}
+    # Exactly the records of the other folds, in order; none of fold 2.
+    np.testing.assert_array_equal(got, expected_ecg(kept, bundled_ptbxl))
+    for ecg in expected_ecg(held, bundled_ptbxl):
+        assert not any(np.array_equal(ecg, row) for row in got)
+
+
+def test_excluding_every_fold_is_a_clear_error(ray_local, bundled_ptbxl):
+    with pytest.raises(ValueError, match=r"only 0 val record\(s\) for 1 workers \(.* held out\)"):
+        rank_datasets(str(bundled_ptbxl), "val", 1, SPEC, exclude_folds=[1, 2, 3, 4, 5, 6])
+
+
+def test_excluded_folds_never_reach_a_shard_stream(ray_local, shards):
+    import pyarrow.parquet as pq
+
+    from melp_ray.data.shards import decode_ecg
+    from melp_ray.data.stream import shard_files
+
+    table = pq.read_table(shard_files(str(shards), "train"), columns=["ecg", "strat_fold"])
+    folds = np.asarray(table["strat_fold"])
+    assert (folds == 3).any() and (folds != 3).any()
+    counts: dict[str, int] = {}
+    (ds,) = rank_datasets(str(shards), "train", 1, SPEC, exclude_folds=[3], counts=counts)
+    got = collect(ds)["ecg"]
+    assert counts == {"records": int((folds != 3).sum()), "held_out": int((folds == 3).sum())}
+    rows = [minmax_normalise(decode_ecg(b)) for b, f in zip(table["ecg"].to_pylist(), folds) if f != 3]
+    np.testing.assert_array_equal(got, np.stack(rows))
+
+
+def test_pretrain_datasets_hold_out_folds_and_say_how_many(ray_local, bundled_ptbxl, capsys):
+    from melp_ray.config import PretrainConfig, load_config
+    from melp_ray.data.sources import list_records
+    from melp_ray.pretrain import build_datasets
+
+    cfg = load_config(PretrainConfig, "tiny", ["data.exclude_folds=[6]"])
+    info: dict = {}
+    datasets = build_datasets(cfg, info)
+    refs = list_records("ptb-xl", str(bundled_ptbxl), sample_rate=100)
+    n_fold6 = sum(r.strat_fold == 6 for r in refs)
+    assert info["held_out"] == {"folds": [6], "records": n_fold6}
+    assert info["train_records"] + info["val_records"] == len(refs) - n_fold6
+    assert f"{n_fold6} records of folds [6] held out" in capsys.readouterr().out
+    streamed = sum(len(collect(ds)["ecg"]) for ds in datasets.values())
+    assert streamed == len(refs) - n_fold6
