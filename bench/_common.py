@@ -24,6 +24,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TIMEOUT_ENV = "MELP_BENCH_TIMEOUT_S"
+_stall_s = 0.0   # the armed watchdog's seconds (0: none); every log() line re-arms it
 
 
 def watchdog(seconds: float | None = None) -> None:
@@ -31,20 +32,24 @@ def watchdog(seconds: float | None = None) -> None:
 
     - a fatal signal (segfault, abort) prints the Python stack of every thread;
     - ``kill -USR1 PID`` prints it at any time and carries on (a stuck benchmark: where?);
-    - after ``seconds`` (default ``$MELP_BENCH_TIMEOUT_S``; unset: never) the process
-      prints the stack of every thread and exits with code 1 at once, whatever it is
-      doing, even stuck inside C code with the GIL held (faulthandler's own C thread).
+    - with ``seconds`` (default ``$MELP_BENCH_TIMEOUT_S``; unset or 0: never), a process
+      that goes that long without a progress line (``log``) prints the stack of every
+      thread and exits with code 1 at once, whatever it is doing, even stuck inside C code
+      with the GIL held (faulthandler's own C thread). Each ``log`` line starts the clock
+      again, so the limit is on one stage (a hang), not on the whole run (a slow machine).
     Armed when this module is imported, i.e. in every benchmark before torch or Ray, and
     in every ``spawn`` child of one (they import the benchmark, hence this module).
     """
+    global _stall_s
     faulthandler.enable(all_threads=True)
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     if seconds is None:
         seconds = float(os.environ.get(TIMEOUT_ENV) or 0)
+    _stall_s = max(seconds, 0.0)
     faulthandler.cancel_dump_traceback_later()
-    if seconds > 0:
-        faulthandler.dump_traceback_later(seconds, exit=True)
+    if _stall_s:
+        faulthandler.dump_traceback_later(_stall_s, exit=True)
 
 
 watchdog()
@@ -150,8 +155,10 @@ def machine() -> dict[str, Any]:
 
 
 def log(message: str) -> None:
-    """Progress on stderr with a timestamp (the table goes to stdout)."""
+    """Progress on stderr with a timestamp (the table goes to stdout); re-arms the watchdog."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    if _stall_s:
+        faulthandler.dump_traceback_later(_stall_s, exit=True)   # replaces the running timer
 
 
 class Timer:

@@ -213,8 +213,9 @@ def main(argv=None) -> int:
     # a once-per-cluster cost that no training epoch pays again.
     cold = {} if smoke else {name: run() for name, run in paths.items()}
     runs = {name: [] for name in paths}
-    for _ in range(rounds):   # interleaved, so a burst of outside load hits every path alike
+    for i in range(rounds):   # interleaved, so a burst of outside load hits every path alike
         for name, run in paths.items():
+            C.log(f"round {i + 1}/{rounds}: {name}")
             runs[name].append(run())
     rate = {k: sum(r["rows"] for r in v) / sum(r["seconds"] for r in v) for k, v in runs.items()}
     streaming = {k: sum(r["streaming_rows_per_s"] for r in v) / len(v) for k, v in runs.items()}

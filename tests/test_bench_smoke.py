@@ -5,10 +5,12 @@ instance, never the test session's), and its JSON must hold the expected keys wi
 finite numbers.
 
 Never hang: each benchmark runs with ``MELP_BENCH_TIMEOUT_S`` (``bench/_common.watchdog``),
-so a stuck one prints the Python stack of every thread and exits within its own timeout
-(default 360 s per smoke run, ``MELP_BENCH_SMOKE_TIMEOUT_S``; the slowest smoke run took
-85 s in CI). Should even that not fire, the test asks the process for its stack (SIGUSR1)
-and kills its whole process group a minute later.
+so one that makes no progress (no ``[bench ...]`` line) for that long prints the Python
+stack of every thread and exits: 300 s per stage by default (``MELP_BENCH_SMOKE_TIMEOUT_S``;
+a whole smoke run took 85 s in CI, up to 6 min on a 2-core machine at load average 15).
+Should even that not fire, the test asks the process for its stack (SIGUSR1) and kills its
+whole process group after 840 s in all (``MELP_BENCH_SMOKE_TOTAL_S``), before pytest's own
+900 s timeout.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-SMOKE_TIMEOUT_S = float(os.environ.get("MELP_BENCH_SMOKE_TIMEOUT_S", 360))
-GRACE_S = 60     # after the benchmark's own timeout, before the test kills it
+SMOKE_TIMEOUT_S = float(os.environ.get("MELP_BENCH_SMOKE_TIMEOUT_S", 300))   # one stage
+SMOKE_TOTAL_S = float(os.environ.get("MELP_BENCH_SMOKE_TOTAL_S", 840))       # the whole run
 
 
 def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
-               ) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a benchmark script with its watchdog armed; returns the process and its seconds."""
+               total: float = SMOKE_TOTAL_S) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a benchmark script with its watchdog armed (``timeout`` s without progress); kill
+    it after ``total`` s. Returns the process and its seconds."""
     env = {**os.environ,
            "RAY_ADDRESS": "",   # never attach to a cluster from the environment
            "MELP_BENCH_TIMEOUT_S": f"{timeout:g}"}
@@ -43,14 +46,14 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
                             start_new_session=True)
     note = ""
     try:
-        out, err = proc.communicate(timeout=timeout + GRACE_S)
+        out, err = proc.communicate(timeout=total)
     except subprocess.TimeoutExpired:
         # Its own watchdog did not fire: ask for the stack, then stop everything it started.
         proc.send_signal(signal.SIGUSR1)
         time.sleep(3)
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
-        note = f"\n[test] no exit {timeout + GRACE_S:g} s after start: stack requested, killed\n"
+        note = f"\n[test] no exit {total:g} s after start: stack requested, killed\n"
     finally:
         try:   # whatever it left behind in its own process group (loader workers, ...)
             os.killpg(proc.pid, signal.SIGKILL)
@@ -61,18 +64,23 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
 
 
 def run_bench(name: str, tmp_path: Path, *extra: str, timeout: float = SMOKE_TIMEOUT_S,
-              ) -> tuple[subprocess.CompletedProcess, Path]:
+              total: float = SMOKE_TOTAL_S) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / f"{name}.json"
-    proc, _ = run_script(BENCH / f"{name}.py", "--out", str(out), *extra, timeout=timeout)
+    proc, _ = run_script(BENCH / f"{name}.py", "--out", str(out), *extra, timeout=timeout,
+                         total=total)
     return proc, out
 
 
 def failure(name: str, proc: subprocess.CompletedProcess) -> str:
-    """The end of the output, and a stack dump (watchdog) whole, however long the log was."""
+    """The end of the output; for a stuck run, its progress lines (when each stage began)
+    and the stack dump whole, however long the log was."""
     err = proc.stderr
     dump = max(err.rfind("Timeout ("), err.find("[test] no exit"))
-    tail = err[dump:][:20000] if dump >= 0 else err[-5000:]
-    return f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{tail}"
+    if dump < 0:
+        return f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{err[-5000:]}"
+    progress = "\n".join(line for line in err[:dump].splitlines() if line.startswith("[bench "))
+    return (f"{name} got stuck (exit {proc.returncode}); its progress lines, then where it "
+            f"was:\n{progress}\n{err[dump:][:20000]}")
 
 
 def smoke(name: str, tmp_path: Path) -> dict:
@@ -143,7 +151,7 @@ def test_gpu_throughput_refuses_without_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run for real")
-    proc, out = run_bench("gpu_throughput", tmp_path, timeout=120)
+    proc, out = run_bench("gpu_throughput", tmp_path, timeout=120, total=180)
     assert proc.returncode == 2
     assert "no CUDA GPU" in proc.stderr
     assert not out.exists()
@@ -189,7 +197,7 @@ def test_a_hung_benchmark_fails_fast_and_prints_where_it_hangs(tmp_path):
     the stack of every thread, and its Ray instance goes away with it."""
     script = tmp_path / "hung_bench.py"
     script.write_text(HUNG.format(bench=str(BENCH), seconds=5))
-    proc, seconds = run_script(script, timeout=180)   # Ray's start-up, then 5 s
+    proc, seconds = run_script(script, timeout=180, total=240)   # Ray's start-up, then 5 s
     assert proc.returncode == 1, failure("hung_bench", proc)
     assert "[test] no exit" not in proc.stderr
     assert "Timeout (0:00:05)!" in proc.stderr
@@ -208,9 +216,27 @@ def test_watchdog_also_stops_a_hang_before_ray(tmp_path):
     script = tmp_path / "hung_early.py"
     script.write_text(f"import sys, time\nsys.path.insert(0, {str(BENCH)!r})\nimport _common\n\n\n"
                       "def asleep_at_start():\n    time.sleep(3600)\n\n\nasleep_at_start()\n")
-    proc, seconds = run_script(script, timeout=3)
+    proc, seconds = run_script(script, timeout=3, total=60)
     assert proc.returncode == 1 and seconds < 30, (seconds, proc.stderr[-3000:])
     assert "Timeout (0:00:03)!" in proc.stderr and "asleep_at_start" in proc.stderr
+
+
+def test_watchdog_limits_a_stage_not_the_whole_run(tmp_path):
+    """Progress lines re-arm the watchdog: a run that keeps logging outlives its timeout; the
+    first stage that goes quiet for that long is stopped, and the dump names it."""
+    script = tmp_path / "slow_then_stuck.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(BENCH)!r})\nimport _common as C\n"
+                      "C.watchdog(3)\n\n\n"
+                      "def busy_but_progressing():\n"
+                      "    for i in range(6):\n        time.sleep(1)\n        C.log(f'step {i}')\n\n\n"
+                      "def quiet_stage():\n    time.sleep(3600)\n\n\n"
+                      "busy_but_progressing()\nprint('past the timeout', flush=True)\nquiet_stage()\n")
+    proc, seconds = run_script(script, timeout=3, total=60)
+    assert "past the timeout" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 1 and seconds < 40
+    dump = proc.stderr[proc.stderr.index("Timeout (0:00:03)!"):]
+    assert "quiet_stage" in dump and "busy_but_progressing" not in dump
+    assert "got stuck" in failure("slow_then_stuck", proc) and "step 5" in failure("slow_then_stuck", proc)
 
 
 def test_benchmark_pools_spawn():
