@@ -60,8 +60,11 @@ class TrainConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.2
-    warmup_steps: int = 5
-    grad_clip: float = 1.0
+    decay_all_parameters: bool = False  # True: decay biases/norms too (the reference does)
+    schedule: str = "warmup_cosine"  # warmup_cosine | cosine_restarts (the reference's)
+    warmup_steps: int = 5            # warmup_cosine only
+    restart_steps: int | None = None  # cosine_restarts period; None: half of max_steps
+    grad_clip: float = 1.0           # 0: no clipping (the reference clips nothing)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     seed: int = 0
     log_every: int = 5
@@ -301,6 +304,12 @@ def train_problems(t: TrainConfig) -> list[str]:
         problems.append("train.cpus_per_worker must be > 0")
     if t.lr <= 0:
         problems.append("train.lr must be > 0")
+    if t.schedule not in ("warmup_cosine", "cosine_restarts"):
+        problems.append(f"train.schedule must be warmup_cosine or cosine_restarts, got {t.schedule!r}")
+    if t.restart_steps is not None and t.restart_steps < 1:
+        problems.append("train.restart_steps must be >= 1 (or null: half of train.max_steps)")
+    if t.grad_clip < 0:
+        problems.append("train.grad_clip must be >= 0 (0: no clipping)")
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name} must be >= 1")

@@ -1,6 +1,6 @@
 """Stage 2: MELP ECG-language pretraining as a Ray Train job with DeepSpeed ZeRO workers.
 
-    python -m melp_ray.pretrain                                   # tiny model, bundled PTB-XL
+    python -m melp_ray.pretrain                                   # small model, bundled PTB-XL
     python -m melp_ray.pretrain --config paper data.root=/data/mimic-shards train.num_workers=8
     ray job submit --working-dir . -- python -m melp_ray.pretrain train.max_steps=100
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from melp_ray.config import ConfigError, PretrainConfig, load_config
 from melp_ray.train.recipe import DeepSpeedRecipe
 
-DEFAULT_CONFIG = "tiny"
+DEFAULT_CONFIG = "small"
 
 
 class PretrainRecipe(DeepSpeedRecipe):
@@ -138,10 +138,17 @@ def mean_over_ranks(value: float, device) -> float:
 
 
 def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
+    """ECG<->report recall@1/5/10 over the validation pairs, each beside its chance level.
+
+    Chance = k / N: the recall of a ranking that knows nothing (N pairs, one true match).
+    """
     from melp_ray.eval.metrics import recall_at_k
 
     sim = (ecg_emb @ text_emb.T).cpu().numpy()
-    return {k.replace("@", "_at_"): float(v) for k, v in recall_at_k(sim, ks=(1, 5, 10)).items()}
+    out = {k.replace("@", "_at_"): float(v) for k, v in recall_at_k(sim, ks=(1, 5, 10)).items()}
+    for k in (1, 5, 10):
+        out[f"recall_at_{k}_chance"] = min(k, len(sim)) / len(sim)
+    return out
 
 
 # ---------------------------------------------------------------- driver
@@ -221,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
                "model.preset=paper deepspeed.zero_stage=3 data.root=/data/shards. "
                "Keys: " + ", ".join(config_keys(PretrainConfig)))
     parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help="YAML file, or a shipped config name (tiny, paper). Default: tiny")
+                        help="YAML file, or a shipped config name (small, tiny, paper). Default: small")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     return args.config, args.overrides

