@@ -9,8 +9,11 @@ import math
 import multiprocessing
 import os
 import platform
+import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,7 +27,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 TIMEOUT_ENV = "MELP_BENCH_TIMEOUT_S"
-_stall_s = 0.0   # the armed watchdog's seconds (0: none); every log() line re-arms it
+WATCHDOG_MARK = "[bench watchdog]"
+BACKSTOP_S = 30      # faulthandler's own exit, should the watchdog thread never get to run
+_stall_s = 0.0       # the armed watchdog's seconds (0: none); every log() line re-arms it
+_deadline = 0.0
+_thread = None
 
 
 def watchdog(seconds: float | None = None) -> None:
@@ -32,24 +39,91 @@ def watchdog(seconds: float | None = None) -> None:
 
     - a fatal signal (segfault, abort) prints the Python stack of every thread;
     - ``kill -USR1 PID`` prints it at any time and carries on (a stuck benchmark: where?);
-    - with ``seconds`` (default ``$MELP_BENCH_TIMEOUT_S``; unset or 0: never), a process
-      that goes that long without a progress line (``log``) prints the stack of every
-      thread and exits with code 1 at once, whatever it is doing, even stuck inside C code
-      with the GIL held (faulthandler's own C thread). Each ``log`` line starts the clock
-      again, so the limit is on one stage (a hang), not on the whole run (a slow machine).
-    Armed when this module is imported, i.e. in every benchmark before torch or Ray, and
-    in every ``spawn`` child of one (they import the benchmark, hence this module).
+    - with ``seconds`` (default ``$MELP_BENCH_TIMEOUT_S``; unset or 0: never), a benchmark
+      that goes that long without a progress line (``log``) prints the stack of every thread
+      of its own, those of its ``spawn`` children (SIGUSR1) and, when ``py-spy`` is
+      installed, those of the Ray processes it started, then exits with code 1. Each
+      ``log`` line starts the clock again: the limit is on one stage (a hang), not on the
+      whole run (a slow machine). Should Python itself be stuck (a C call holding the GIL),
+      faulthandler's C thread prints the stacks and exits ``BACKSTOP_S`` later.
+    Armed when this module is imported, i.e. in every benchmark before torch or Ray. A
+    ``spawn`` child of a benchmark (it imports the benchmark, hence this module) only
+    registers SIGUSR1: its parent's watchdog asks it for its stack.
     """
-    global _stall_s
+    global _stall_s, _thread
     faulthandler.enable(all_threads=True)
     if hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if "--multiprocessing-fork" in sys.argv or multiprocessing.parent_process() is not None:
+        return   # a spawn child (parent_process() is only set after it imported its main)
     if seconds is None:
         seconds = float(os.environ.get(TIMEOUT_ENV) or 0)
     _stall_s = max(seconds, 0.0)
     faulthandler.cancel_dump_traceback_later()
     if _stall_s:
-        faulthandler.dump_traceback_later(_stall_s, exit=True)
+        _rearm()
+        if _thread is None:
+            _thread = threading.Thread(target=_watch, name="bench-watchdog", daemon=True)
+            _thread.start()
+
+
+def _rearm() -> None:
+    global _deadline
+    _deadline = time.monotonic() + _stall_s
+    faulthandler.dump_traceback_later(_stall_s + BACKSTOP_S, exit=True)   # replaces the last
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(0.2)
+        if _stall_s and time.monotonic() > _deadline:
+            break
+    faulthandler.dump_traceback_later(BACKSTOP_S, exit=True)   # should the dumps below hang
+    print(f"\n{WATCHDOG_MARK} no progress for {_stall_s:g} s: the stack of every thread of "
+          f"this process (pid {os.getpid()}), then of its child processes", file=sys.stderr,
+          flush=True)
+    faulthandler.dump_traceback(all_threads=True)
+    try:
+        dump_children()
+    finally:
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def dump_children(limit_s: float = 20.0) -> None:
+    """Stacks of this process's descendants: ``spawn`` children by SIGUSR1 (they registered
+    faulthandler through this module), Ray's Python processes with ``py-spy`` if installed."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    end = time.monotonic() + limit_s
+    signalled = False
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "multiprocessing.spawn" in cmd or "spawn_main" in cmd:
+            print(f"{WATCHDOG_MARK} spawn child pid {child.pid}: its stack (SIGUSR1)",
+                  file=sys.stderr, flush=True)
+            os.kill(child.pid, signal.SIGUSR1)
+            signalled = True
+        elif spy and cmd.startswith("ray::") and not cmd.startswith(("ray::IDLE", "ray::Dashboard",
+                                                                          "ray::RuntimeEnvAgent")):
+            left = end - time.monotonic()
+            if left <= 1:
+                break
+            print(f"{WATCHDOG_MARK} {cmd.split()[0]} pid {child.pid} (py-spy dump):",
+                  file=sys.stderr, flush=True)
+            try:
+                subprocess.run([spy, "dump", "--pid", str(child.pid)], stdout=sys.stderr,
+                               stderr=sys.stderr, timeout=min(left, 10))
+            except (subprocess.SubprocessError, OSError) as err:
+                print(f"  (py-spy: {err})", file=sys.stderr, flush=True)
+    if signalled:
+        time.sleep(2)   # their handlers write to the same stderr
 
 
 watchdog()
@@ -158,7 +232,7 @@ def log(message: str) -> None:
     """Progress on stderr with a timestamp (the table goes to stdout); re-arms the watchdog."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
     if _stall_s:
-        faulthandler.dump_traceback_later(_stall_s, exit=True)   # replaces the running timer
+        _rearm()
 
 
 class Timer:

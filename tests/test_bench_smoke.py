@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,22 +45,34 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    streams = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda f=f, k=k: streams[k].extend(f), daemon=True)
+               for f, k in ((proc.stdout, "out"), (proc.stderr, "err"))]
+    for reader in readers:
+        reader.start()
     note = ""
     try:
-        out, err = proc.communicate(timeout=total)
+        proc.wait(timeout=total)
+        seconds = time.monotonic() - start
     except subprocess.TimeoutExpired:
+        seconds = time.monotonic() - start
         # Its own watchdog did not fire: ask for the stack, then stop everything it started.
         proc.send_signal(signal.SIGUSR1)
         time.sleep(3)
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
         note = f"\n[test] no exit {total:g} s after start: stack requested, killed\n"
     finally:
-        try:   # whatever it left behind in its own process group (loader workers, ...)
+        # What it left in its process group (a stuck loader worker holding our pipes, ...)
+        # gets a few seconds to finish writing, then goes.
+        for reader in readers:
+            reader.join(timeout=5)
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    seconds = time.monotonic() - start
+        proc.wait()
+        for reader in readers:
+            reader.join(timeout=30)
+    out, err = "".join(streams["out"]), "".join(streams["err"])
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err + note), seconds
 
 
@@ -75,7 +88,8 @@ def failure(name: str, proc: subprocess.CompletedProcess) -> str:
     """The end of the output; for a stuck run, its progress lines (when each stage began)
     and the stack dump whole, however long the log was."""
     err = proc.stderr
-    dump = max(err.rfind("Timeout ("), err.find("[test] no exit"))
+    marks = [err.find(m) for m in ("[bench watchdog]", "Timeout (", "[test] no exit")]
+    dump = min([m for m in marks if m >= 0], default=-1)
     if dump < 0:
         return f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{err[-5000:]}"
     progress = "\n".join(line for line in err[:dump].splitlines() if line.startswith("[bench "))
@@ -200,9 +214,10 @@ def test_a_hung_benchmark_fails_fast_and_prints_where_it_hangs(tmp_path):
     proc, seconds = run_script(script, timeout=180, total=240)   # Ray's start-up, then 5 s
     assert proc.returncode == 1, failure("hung_bench", proc)
     assert "[test] no exit" not in proc.stderr
-    assert "Timeout (0:00:05)!" in proc.stderr
-    dump = proc.stderr[proc.stderr.index("Timeout (0:00:05)!"):]
+    assert "[bench watchdog] no progress for 5 s" in proc.stderr
+    dump = proc.stderr[proc.stderr.index("[bench watchdog]"):]
     assert "stuck_waiting_forever" in dump and "hung_bench.py" in dump
+    assert "Timeout (" not in dump      # the watchdog thread did it, not the backstop
     gcs = proc.stdout.split("gcs ", 1)[1].split()[0]
     deadline = time.monotonic() + 30      # Ray's reaper stops the instance its driver left
     while accepts(gcs) and time.monotonic() < deadline:
@@ -218,7 +233,57 @@ def test_watchdog_also_stops_a_hang_before_ray(tmp_path):
                       "def asleep_at_start():\n    time.sleep(3600)\n\n\nasleep_at_start()\n")
     proc, seconds = run_script(script, timeout=3, total=60)
     assert proc.returncode == 1 and seconds < 30, (seconds, proc.stderr[-3000:])
-    assert "Timeout (0:00:03)!" in proc.stderr and "asleep_at_start" in proc.stderr
+    assert "[bench watchdog] no progress for 3 s" in proc.stderr
+    assert "asleep_at_start" in proc.stderr
+
+
+STUCK_CHILD = """
+import sys, time
+sys.path.insert(0, {bench!r})
+import _common as C
+
+
+def child_stuck_here():
+    time.sleep(3600)
+
+
+def parent_waits(process):
+    process.join()
+
+
+if __name__ == "__main__":
+    child = C.MP_CONTEXT.Process(target=child_stuck_here)
+    child.start()
+    C.log("child started")
+    time.sleep(5)         # the child has imported this module and registered its handler
+    C.watchdog(3)
+    parent_waits(child)
+"""
+
+
+def test_a_stuck_spawn_child_prints_its_stack_too(tmp_path):
+    """The CI hang's shape: the driver waits on a worker process that never answers. Both
+    stacks are printed: the driver's waiting frame and the child's stuck one."""
+    script = tmp_path / "stuck_child.py"
+    script.write_text(STUCK_CHILD.format(bench=str(BENCH)))
+    proc, seconds = run_script(script, timeout=120, total=120)
+    assert proc.returncode == 1 and seconds < 90, failure("stuck_child", proc)
+    dump = proc.stderr[proc.stderr.index("[bench watchdog] no progress for 3 s"):]
+    assert "parent_waits" in dump and "spawn child pid" in dump
+    assert "child_stuck_here" in dump, dump[-3000:]
+
+
+def test_the_backstop_fires_when_python_itself_is_stuck(tmp_path):
+    """A C call that holds the GIL (here a catastrophic regex) starves the watchdog thread:
+    faulthandler's own C thread prints the stack and exits BACKSTOP_S later."""
+    script = tmp_path / "gil_held.py"
+    script.write_text(f"import re, sys\nsys.path.insert(0, {str(BENCH)!r})\nimport _common as C\n"
+                      "C.BACKSTOP_S = 2\nC.watchdog(2)\n\n\n"
+                      "def holds_the_gil():\n    re.match(r'(a+)+$', 'a' * 64 + 'b')\n\n\n"
+                      "holds_the_gil()\n")
+    proc, seconds = run_script(script, timeout=2, total=60)
+    assert proc.returncode == 1 and seconds < 30, (seconds, proc.stderr[-3000:])
+    assert "Timeout (0:00:04)!" in proc.stderr and "holds_the_gil" in proc.stderr
 
 
 def test_watchdog_limits_a_stage_not_the_whole_run(tmp_path):
@@ -234,7 +299,7 @@ def test_watchdog_limits_a_stage_not_the_whole_run(tmp_path):
     proc, seconds = run_script(script, timeout=3, total=60)
     assert "past the timeout" in proc.stdout, proc.stderr[-3000:]
     assert proc.returncode == 1 and seconds < 40
-    dump = proc.stderr[proc.stderr.index("Timeout (0:00:03)!"):]
+    dump = proc.stderr[proc.stderr.index("[bench watchdog]"):]
     assert "quiet_stage" in dump and "busy_but_progressing" not in dump
     assert "got stuck" in failure("slow_then_stuck", proc) and "step 5" in failure("slow_then_stuck", proc)
 
