@@ -177,3 +177,23 @@ def recall_at_k(sim, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
             out[f"{direction}/recall@{k}"] = value
         out[f"recall@{k}"] = float(np.mean(per_direction))
     return out
+
+
+def mean_pairwise_cosine(emb) -> float:
+    """Mean cosine similarity over the pairs of *different* rows of ``emb`` (N, D).
+
+    Rows are L2-normalised first. A collapse detector: embeddings of different records
+    that all point the same way (a model that ignores its input) give ~1; unrelated
+    random directions in D dimensions give ~0.
+    """
+    x = np.asarray(emb, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"need (N, D) embeddings with N >= 2, got {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any() or not np.isfinite(x).all():
+        raise ValueError("embeddings must be finite and non-zero")
+    x = x / norms
+    n = x.shape[0]
+    total = x.sum(axis=0)
+    # sum over all ordered pairs i != j of <x_i, x_j> = |sum x|^2 - sum |x_i|^2 (= n)
+    return float((total @ total - n) / (n * (n - 1)))

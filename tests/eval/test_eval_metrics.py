@@ -107,3 +107,17 @@ def test_bad_inputs_raise():
         recall_at_k(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="0/1"):
         macro_auroc(np.full((4, 1), 2), np.zeros((4, 1)))
+
+
+def test_mean_pairwise_cosine_detects_collapse():
+    from melp_ray.eval.metrics import mean_pairwise_cosine
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16))
+    brute = np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)
+                     for i, a in enumerate(x) for j, b in enumerate(x) if i != j])
+    assert mean_pairwise_cosine(x) == pytest.approx(brute, abs=1e-12)
+    assert mean_pairwise_cosine(np.tile(x[:1], (5, 1)) * np.arange(1, 6)[:, None]) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(np.eye(4)) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        mean_pairwise_cosine(np.zeros((3, 4)))
