@@ -84,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ecg_width=128, ecg_layers=4, ecg_heads=4, ecg_ffn=512,
         beat_width=128, num_caption_queries=16, pooler_heads=4, embed_dim=128,
         text_model="minilm-reports", text_frozen_layers=3, freeze_text_embeddings=True,
-        max_text_length=64, decoder_layers=1, decoder_heads=4,
+        max_text_length=48, decoder_layers=1, decoder_heads=4,
     ),
     # Every part kept, everything shrunk: for tests.
     "tiny": dict(
