@@ -1,8 +1,8 @@
 """Does pretraining learn? The shipped CPU config, judged on a PTB-XL fold it never saw.
 
-    python bench/learning.py                        # shipped CPU config, 1,490 PTB-XL records
+    python bench/learning.py                        # shipped CPU config (small), 1,490 PTB-XL records
     python bench/learning.py train.max_steps=200    # key=value overrides of the pretrain config
-    python bench/learning.py --smoke                # bundled sample, a few steps (CI)
+    python bench/learning.py --smoke                # tiny config, bundled sample, 4 steps (CI)
 
 1. pretrain: a real ``melp_ray.pretrain`` run (Ray Train + DeepSpeed) with the config
    ``--config`` on ``--root``, with ``data.exclude_folds=[HOLDOUT]``: no record of the
@@ -33,7 +33,8 @@ from pathlib import Path
 import _common as C
 
 # The shipped CPU config the benchmark judges (a name in melp_ray/configs or a YAML path).
-DEFAULT_CONFIG = "tiny"
+DEFAULT_CONFIG = "small"
+SMOKE_CONFIG = "tiny"    # --smoke only checks the code path: the cheapest config will do
 DEFAULT_ROOT = C.SHARED_DATA / "ptb-xl-100hz"   # ../shared/data/ptb-xl-100hz from the repo
 HOLDOUT_FOLD = 8
 SMOKE_HOLDOUT_FOLD = 6   # the bundled sample has folds 1-6
@@ -205,8 +206,9 @@ def probe_folds(holdout: int, val: int | None, available: list[int], parser) -> 
 
 def main(argv=None) -> int:
     p = C.parser("learning", __doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="pretrain config: a shipped name (melp_ray/configs) or a YAML file")
+    p.add_argument("--config", default=None,
+                   help=f"pretrain config: a shipped name (melp_ray/configs) or a YAML file "
+                        f"(default {DEFAULT_CONFIG}; --smoke: {SMOKE_CONFIG})")
     p.add_argument("--root", default=None,
                    help=f"PTB-XL root with strat_folds 1-{HOLDOUT_FOLD} (default {DEFAULT_ROOT}; "
                         "--smoke: the bundled sample)")
@@ -228,6 +230,7 @@ def main(argv=None) -> int:
                                                 "e.g. train.max_steps=200")
     args = p.parse_args(argv)
     smoke = args.smoke
+    args.config = args.config or (SMOKE_CONFIG if smoke else DEFAULT_CONFIG)
     for item in args.overrides:
         if item.split("=", 1)[0].strip() in OWNED_KEYS:
             p.error(f"{item!r}: the benchmark sets {', '.join(OWNED_KEYS)} itself "
