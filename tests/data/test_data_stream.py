@@ -6,7 +6,7 @@ import pytest
 
 from melp_ray.data.stream import StreamSpec, minmax_normalise, rank_datasets, split_refs
 from melp_ray.prepare import PrepareSettings, prepare
-from melp_ray.tokenization import encode_reports, load_tokenizer
+from melp_ray.tokenization import encode_reports, load_report_tokenizer
 
 SPEC = StreamSpec(sample_rate=100, seconds=10, text_model="minilm", max_text_length=32)
 
@@ -40,7 +40,7 @@ def test_raw_wfdb_stream_gives_model_batches_split_by_rank(ray_local, bundled_pt
     assert first["ecg"].shape[1:] == (12, 1000) and first["ecg"].dtype == np.float32
     assert first["ecg"].min() >= 0 and first["ecg"].max() <= 1
     # Tokenised on the data workers, exactly as the shared tokenisation does it.
-    expected = encode_reports(load_tokenizer("minilm"), [r.report for r in refs[0::2]], 32)
+    expected = encode_reports(load_report_tokenizer("minilm"), [r.report for r in refs[0::2]], 32)
     for key in ("input_ids", "attention_mask", "sentence_ids"):
         np.testing.assert_array_equal(first[key], expected[key])
     assert first["labels_super"].shape == (len(refs[0::2]), 5)
