@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from melp_ray.data.physionet import CPSC2018_CLASSES
-from melp_ray.eval.prompts import (MissingPromptError, cpsc2018_prompts, load_prompt_file,
+from melp_ray.eval.prompts import (PTBXL_SUPERCLASS_PROMPTS, MissingPromptError,
+                                   cpsc2018_prompts, load_prompt_file,
                                    ptbxl_prompts, resolve_prompts)
 from melp_ray.eval.zero_shot import evaluate_zero_shot, prompt_embeddings, zero_shot_scores
 
@@ -39,8 +40,10 @@ def test_ptbxl_prompts_cover_every_label_set(scp_csv):
 
 def test_ptbxl_prompts_use_official_descriptions_in_class_order(scp_csv):
     prompts = ptbxl_prompts(["AFIB", "MI", "IRBBB", "NORM"], scp_csv)
-    assert prompts == [["atrial fibrillation"], ["myocardial infarction"],
-                       ["incomplete right bundle branch block"], ["normal ecg"]]
+    # SCP codes get their official description; superclass names (MI, NORM) get our
+    # descriptive prompt lists, the same ones pretraining validates with.
+    assert prompts == [["atrial fibrillation"], PTBXL_SUPERCLASS_PROMPTS["MI"],
+                       ["incomplete right bundle branch block"], PTBXL_SUPERCLASS_PROMPTS["NORM"]]
 
 
 def test_missing_class_is_an_error_naming_it(scp_csv):
