@@ -31,7 +31,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
     from melp_ray.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.pretrain import mask_leads
-    from melp_ray.train.recipe import param_groups, warmup_cosine
+    from melp_ray.train.recipe import lr_schedule, param_groups
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -40,9 +40,9 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
         model = MELP(cfg.model).train()
         loss_fn = MELPLoss.from_model_config(cfg.model, rhythm=cfg.loss.rhythm,
                                              token=cfg.loss.token, beat=cfg.loss.beat)
-        opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                betas=tuple(cfg.train.betas))
-        sched = warmup_cosine(opt, cfg.train.warmup_steps, cfg.train.max_steps)
+        groups = param_groups(model, cfg.train.weight_decay, cfg.train.decay_all_parameters)
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+        sched = lr_schedule(opt, cfg.train)
         engine = start_engine(cfg, model, opt, sched) if deepspeed else None
         gen = torch.Generator().manual_seed(cfg.train.seed)
         parts = {"forward": 0.0, "backward": 0.0, "step": 0.0}

@@ -45,7 +45,7 @@ def model_config(smoke: bool):
         "tiny", conv_layers=4, conv_channels=128, pos_conv_kernel=32, pos_conv_groups=8,
         ecg_width=384, ecg_layers=4, ecg_heads=6, ecg_ffn=1536,
         num_beat_queries=8, beat_width=128, num_caption_queries=32, pooler_heads=4,
-        embed_dim=128, decoder_layers=2, decoder_width=384, decoder_heads=6,
+        embed_dim=128, decoder_layers=2, decoder_heads=4,  # decoder width = the text width (256)
         text_overrides=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=1024))
 
