@@ -87,7 +87,7 @@ def beat_logits(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mas
     real = sentence_mask[:, None, :, None]                               # (I, 1, S, 1)
     dots = torch.einsum("isd,jkd->ijsk", sentence_emb, beat_emb)       # (I, J, S, K)
     attention = dots.masked_fill(~real, float("-inf")).softmax(dim=2)  # over sentences
-    attention = (attention.masked_fill(~real, 0.0) * attn_temp).softmax(dim=-1)  # over beats
+    attention = (attention * attn_temp).softmax(dim=-1)               # then over the beats
     context = torch.einsum("ijsk,jkd->ijsd", attention, beat_emb)      # (I, J, S, D)
     similarity = F.cosine_similarity(sentence_emb.unsqueeze(1), context, dim=-1)  # (I, J, S)
     similarity = (sim_temp * similarity).masked_fill(~sentence_mask.unsqueeze(1), float("-inf"))

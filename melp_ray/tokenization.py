@@ -25,6 +25,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+# Re-exported: the data layer, the model and the tests resolve text model names here.
+from melp_ray.text_models import resolve_text_model_path  # noqa: F401
+
 
 BOS_TOKEN = "[BOS]"
 
@@ -36,11 +39,6 @@ class SpecialIds(NamedTuple):
     cls: int   # summary token at the last position
 
 
-def resolve_text_model_path(name_or_path: str) -> str:
-    """Folder of an offline alias ("minilm", "minilm-reports"); other names pass through."""
-    from melp_ray.text_models import resolve_text_model_path as resolve
-
-    return resolve(name_or_path)
 
 
 @functools.lru_cache(maxsize=8)
