@@ -229,12 +229,12 @@ def test_shared_tensors_are_exported_and_reload(tmp_path):
     torch.manual_seed(0)
     melp = MELP(model_config_from_preset("tiny")).eval()
     emb = melp.text.backbone.get_input_embeddings()
-    assert melp.decoder.lm_head.weight.shape == emb.weight.shape
-    melp.decoder.lm_head.weight = emb.weight                      # tie (vocab x 64 both)
+    assert melp.decoder.text_projection.weight.shape == emb.weight.shape
+    melp.decoder.text_projection.weight = emb.weight                      # tie (vocab x 64 both)
     save_folder(MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0), tmp_path)
 
     weights = load_file(str(tmp_path / "model.safetensors"))
-    assert torch.equal(weights["melp.decoder.lm_head.weight"],
+    assert torch.equal(weights["melp.decoder.text_projection.weight"],
                        weights["melp.text.backbone.embeddings.word_embeddings.weight"])
     loaded = AutoModel.from_pretrained(str(tmp_path))
     for name, tensor in melp.state_dict().items():

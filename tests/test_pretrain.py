@@ -180,6 +180,7 @@ def test_same_global_batch_same_first_loss_with_1_and_2_workers(ray_local, tmp_p
     """The global (gathered) contrastive loss and the captioning loss do not depend on how
     the global batch is split over workers. (The beat loss is per worker by design.)"""
     no_randomness = ["data.lead_mask_prob=0", "data.shuffle_buffer=0", "model.dropout=0.0",
+                     "model.dropout_input=0.0", "model.attention_dropout=0.0",
                      "train.max_steps=1", "train.log_every=1", "train.val_every=0",
                      "train.checkpoint_every=1"]
     results = {}

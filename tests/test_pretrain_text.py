@@ -166,8 +166,11 @@ def test_stage_two_uses_the_exported_folder(scratch_run, ray_local, tmp_path):
     folder = scratch_run["hf_text_model"]
     # The text tower of the tiny MELP preset loads these weights (no shape override needed).
     tower = TextTower(model_config_from_preset("tiny", text_model=folder, text_pretrained=True))
-    assert torch.equal(tower.backbone.embeddings.word_embeddings.weight,
-                       AutoModel.from_pretrained(folder).embeddings.word_embeddings.weight)
+    exported = AutoModel.from_pretrained(folder).embeddings.word_embeddings.weight
+    loaded = tower.backbone.embeddings.word_embeddings.weight
+    # Every exported row is loaded; the report tokenizer's added [BOS] is the one new row.
+    assert loaded.shape[0] == tower.vocab_size == exported.shape[0] + 1
+    assert torch.equal(loaded[: exported.shape[0]], exported)
     assert tower.backbone.config.is_decoder       # run causally, as stage 2 does
 
     cfg = load_config(PretrainConfig, "tiny", [
