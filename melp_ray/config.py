@@ -46,6 +46,9 @@ class LossConfig:
     rhythm: float = 1.0   # global ECG-report contrastive
     token: float = 2.0    # captioning
     beat: float = 0.2     # beat-sentence alignment
+    # rhythm: ECGs whose reports are identical are positives, not negatives (the reference:
+    # False). Repeated reports ("sinus rhythm. normal ecg.") are common in PTB-XL and MIMIC.
+    same_report_positives: bool = False
 
 
 @dataclass

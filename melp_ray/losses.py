@@ -1,7 +1,8 @@
 """MELP's three objectives, one per time scale.
 
 - rhythm: CLIP-style symmetric InfoNCE between the ECG rhythm embedding and the report
-  embedding, negatives from the whole global batch (all-gather with gradient);
+  embedding, negatives from the whole global batch (all-gather with gradient); optionally,
+  pairs whose reports are word for word the same count as positives, not negatives;
 - token:  captioning cross-entropy of the multimodal decoder, padding ignored;
 - beat:   GLoRIA-style local alignment between sentences and beat embeddings, per rank.
 
@@ -37,8 +38,25 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
-def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x`` concatenated along dim 0 (no gradient: for integer keys)."""
+    _, world = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def same_report_targets(report_keys: torch.Tensor, all_keys: torch.Tensor) -> torch.Tensor:
+    """(b, N) soft targets: each row spreads its mass evenly over the columns whose report
+    (a row of token ids) is identical to its own, the pair itself included."""
+    same = (report_keys[:, None, :] == all_keys[None, :, :]).all(dim=-1).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                report_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch.
 
     Each rank scores its b local rows against all W·b gathered columns; the positive of local
@@ -46,13 +64,23 @@ def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor,
     the mean of the W per-rank losses is exactly the full-batch loss. Gradients also match:
     the gather's backward hands each rank W × (d full loss / d its embeddings), and the
     1/W averaging that DDP / DeepSpeed apply to parameter gradients cancels the W.
+
+    ``report_keys`` (b, L): one row of token ids per report. When given, the ECGs of
+    identical reports are all positives of each other's report (soft targets) instead of
+    negatives: PTB-XL and machine-read MIMIC reports repeat word for word ("sinus rhythm.
+    normal ecg."), and pushing ECGs with the same diagnosis apart is what spreads them by
+    chance rather than by content. With no repeats the loss equals the plain one.
     """
     rank, _ = _world()
     all_ecg, all_text = gather_with_grad(ecg_emb), gather_with_grad(text_emb)
     logits_per_ecg = logit_scale * ecg_emb @ all_text.T   # (b, W·b)
     logits_per_text = logit_scale * text_emb @ all_ecg.T  # (b, W·b)
-    labels = torch.arange(ecg_emb.shape[0], device=ecg_emb.device) + rank * ecg_emb.shape[0]
-    return (F.cross_entropy(logits_per_ecg, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    if report_keys is None:
+        targets = torch.arange(ecg_emb.shape[0], device=ecg_emb.device) + rank * ecg_emb.shape[0]
+    else:
+        # The same report matrix serves both directions: "same report" is symmetric.
+        targets = same_report_targets(report_keys, gather_no_grad(report_keys))
+    return (F.cross_entropy(logits_per_ecg, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -115,10 +143,13 @@ def beat_loss(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask:
 
 def compute_losses(out: dict[str, torch.Tensor], rhythm: float = 1.0, token: float = 2.0,
                    beat: float = 0.2, attn_temp: float = 4.0, sim_temp: float = 5.0,
-                   scale: float = 10.0) -> dict[str, torch.Tensor]:
-    """All three losses from ``MELP.forward``'s output: unweighted parts + weighted ``total``."""
+                   scale: float = 10.0, same_report_positives: bool = False
+                   ) -> dict[str, torch.Tensor]:
+    """All three losses from ``MELP.forward``'s output: unweighted parts + weighted ``total``.
+    ``same_report_positives``: see ``rhythm_loss`` (the report's key is its token labels)."""
+    keys = out["labels"] if same_report_positives else None
     parts = {
-        "rhythm": rhythm_loss(out["ecg_emb"], out["text_emb"], out["logit_scale"]),
+        "rhythm": rhythm_loss(out["ecg_emb"], out["text_emb"], out["logit_scale"], keys),
         "token": token_loss(out["logits"], out["labels"]),
         "beat": beat_loss(out["beat_emb"], out["sentence_emb"], out["sentence_mask"],
                           attn_temp, sim_temp, scale),
@@ -131,14 +162,17 @@ class MELPLoss(nn.Module):
     """``compute_losses`` with its weights and temperatures fixed at construction."""
 
     def __init__(self, rhythm: float = 1.0, token: float = 2.0, beat: float = 0.2,
-                 attn_temp: float = 4.0, sim_temp: float = 5.0, scale: float = 10.0):
+                 attn_temp: float = 4.0, sim_temp: float = 5.0, scale: float = 10.0,
+                 same_report_positives: bool = False):
         super().__init__()
-        self.kwargs = dict(rhythm=rhythm, token=token, beat=beat,
-                           attn_temp=attn_temp, sim_temp=sim_temp, scale=scale)
+        self.kwargs = dict(rhythm=rhythm, token=token, beat=beat, attn_temp=attn_temp,
+                           sim_temp=sim_temp, scale=scale,
+                           same_report_positives=same_report_positives)
 
     @classmethod
     def from_model_config(cls, cfg, **weights: float) -> "MELPLoss":
-        """Temperatures from a ``ModelConfig``; weights (rhythm/token/beat) as keywords."""
+        """Temperatures from a ``ModelConfig``; weights (rhythm/token/beat) and
+        ``same_report_positives`` as keywords."""
         return cls(attn_temp=cfg.beat_attention_temperature,
                    sim_temp=cfg.beat_similarity_temperature, scale=cfg.beat_logit_scale, **weights)
 

@@ -37,7 +37,8 @@ class PretrainRecipe(DeepSpeedRecipe):
 
         w = self.cfg.loss
         self.loss_fn = MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
-                                                  beat=w.beat)
+                                                  beat=w.beat,
+                                                  same_report_positives=w.same_report_positives)
 
     def forward(self, batch: dict[str, torch.Tensor], ecg: torch.Tensor) -> dict:
         if self.bf16:

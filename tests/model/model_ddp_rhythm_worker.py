@@ -4,7 +4,8 @@ Launched as a script by test_model_losses.py (spawned children cannot import tes
 loaded by pytest's importlib mode). Usage: python model_ddp_rhythm_worker.py CASE.pt OUT_DIR
 
 CASE.pt holds the full batch and the initial weights of a tiny "model": two Linear layers
-that produce the ECG and text embeddings, and a [1]-shaped logit scale. Each rank writes
+that produce the ECG and text embeddings, a [1]-shaped logit scale and, optionally, the
+reports' token ids (``report_keys``) for same-report positives. Each rank writes
 its loss and its gradients, the parameter gradients already averaged over ranks as
 DDP / DeepSpeed do.
 """
@@ -47,7 +48,9 @@ def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
 
         ecg_emb = torch.nn.functional.normalize(ecg_proj(ecg_in), dim=-1)
         text_emb = torch.nn.functional.normalize(text_proj(text_in), dim=-1)
-        loss = rhythm_loss(ecg_emb, text_emb, logit_scale.exp())
+        keys = case.get("report_keys")   # same-report positives, when the case has them
+        loss = rhythm_loss(ecg_emb, text_emb, logit_scale.exp(),
+                           None if keys is None else keys[local])
         loss.backward()
 
         params = {"ecg_weight": ecg_proj.weight, "ecg_bias": ecg_proj.bias,

@@ -32,7 +32,36 @@ def test_rhythm_loss_single_process_matches_clip_formula():
     assert rhythm_loss(ecg, ecg, scale) < rhythm_loss(ecg, ecg.roll(1, 0), scale)
 
 
-def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path):
+def test_same_report_positives_match_soft_target_formula():
+    """Identical reports are each other's positives: the target mass of a row is spread
+    evenly over them; with no repeated report the loss is the plain one."""
+    torch.manual_seed(0)
+    ecg = F.normalize(torch.randn(6, 8), dim=-1)
+    text = F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor([14.0])
+    distinct = torch.arange(6 * 3).reshape(6, 3)
+    torch.testing.assert_close(rhythm_loss(ecg, text, scale, distinct), rhythm_loss(ecg, text, scale))
+
+    keys = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [1, 2], [3, 4]])  # 0=2=4, 1=5
+    logits = scale * ecg @ text.T
+    by_hand = 0.0
+    for i in range(6):
+        positives = [j for j in range(6) if torch.equal(keys[i], keys[j])]
+        by_hand += -(logits[i].log_softmax(0)[positives].mean()
+                     + logits.T[i].log_softmax(0)[positives].mean()) / 2
+    torch.testing.assert_close(rhythm_loss(ecg, text, scale, keys), by_hand / 6)
+    # It is not the plain loss: repeats no longer count as negatives.
+    assert not torch.isclose(rhythm_loss(ecg, text, scale, keys), rhythm_loss(ecg, text, scale))
+    # compute_losses takes the keys from the captioning labels (the report's token ids).
+    out = {"ecg_emb": ecg, "text_emb": text, "logit_scale": scale, "labels": keys,
+           "logits": torch.zeros(6, 2, 7), "beat_emb": torch.randn(6, 3, 8),
+           "sentence_emb": torch.randn(6, 2, 8), "sentence_mask": torch.ones(6, 2, dtype=torch.bool)}
+    torch.testing.assert_close(compute_losses(out, same_report_positives=True)["rhythm"],
+                               rhythm_loss(ecg, text, scale, keys))
+
+
+@pytest.mark.parametrize("repeats", [False, True], ids=["plain", "same_report_positives"])
+def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
     torch.manual_seed(0)
     batch, d_in, d_emb = 8, 5, 6
     ecg_proj, text_proj = torch.nn.Linear(d_in, d_emb), torch.nn.Linear(d_in, d_emb)
@@ -42,13 +71,17 @@ def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path):
             "text_weight": text_proj.weight.detach().clone(),
             "text_bias": text_proj.bias.detach().clone(),
             "logit_scale": logit_scale.detach().clone()}
+    # Repeated reports across the two ranks' halves (rows 0, 5, 6 and rows 2, 3).
+    keys = torch.tensor([[1], [2], [3], [3], [4], [1], [1], [5]]) if repeats else None
+    if repeats:
+        case["report_keys"] = keys
     torch.save(case, tmp_path / "case.pt")
 
     # Reference: one process, the whole batch.
     ecg_in = case["ecg_in"].clone().requires_grad_(True)
     text_in = case["text_in"].clone().requires_grad_(True)
     full_loss = rhythm_loss(F.normalize(ecg_proj(ecg_in), dim=-1),
-                            F.normalize(text_proj(text_in), dim=-1), logit_scale.exp())
+                            F.normalize(text_proj(text_in), dim=-1), logit_scale.exp(), keys)
     full_loss.backward()
     full_grads = {"ecg_weight": ecg_proj.weight.grad, "ecg_bias": ecg_proj.bias.grad,
                   "text_weight": text_proj.weight.grad, "text_bias": text_proj.bias.grad,
