@@ -39,7 +39,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``x`` concatenated along dim 0 (no gradient: for integer keys)."""
+    """All ranks' ``x`` concatenated along dim 0, without gradient (report keys, validation
+    embeddings and labels)."""
     _, world = _world()
     if world == 1:
         return x

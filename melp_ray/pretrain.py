@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from melp_ray.config import ConfigError, PretrainConfig, load_config
+from melp_ray.losses import gather_no_grad
 from melp_ray.train.recipe import DeepSpeedRecipe
 
 DEFAULT_CONFIG = "small"
@@ -83,11 +84,11 @@ class PretrainRecipe(DeepSpeedRecipe):
         if n == 0:
             return {}
         metrics = {f"loss_{k}": mean_over_ranks(v / n, self.device) for k, v in sums.items()}
-        ecg_all = gather_rows(torch.cat(ecg_embs))
-        text_all = gather_rows(torch.cat(text_embs))
+        ecg_all = gather_no_grad(torch.cat(ecg_embs))
+        text_all = gather_no_grad(torch.cat(text_embs))
         metrics.update(retrieval_recall(ecg_all, text_all))
         if labels:
-            metrics.update(self.zero_shot_auroc(ecg_all, gather_rows(torch.cat(labels))))
+            metrics.update(self.zero_shot_auroc(ecg_all, gather_no_grad(torch.cat(labels))))
         self.engine.train()
         return metrics
 
@@ -120,14 +121,6 @@ def mask_leads(ecg: torch.Tensor, prob: float, generator: torch.Generator) -> to
         return ecg
     keep = torch.rand(ecg.shape[0], ecg.shape[1], 1, generator=generator) >= prob
     return ecg * keep.to(device=ecg.device, dtype=ecg.dtype)
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def mean_over_ranks(value: float, device) -> float:
