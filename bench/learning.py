@@ -65,7 +65,8 @@ def pretrain(config: str, overrides: list[str]) -> dict:
     summary = P.run(cfg)
     windows = C.run_windows(summary)
     keep = ("step", "loss/rhythm", "loss/token", "loss/beat", "loss/total", "samples_per_s",
-            "val/loss_rhythm", "val/recall_at_10", "val/zeroshot_auroc", "logit_scale")
+            "input_wait_frac", "val/loss_rhythm", "val/recall_at_10", "val/zeroshot_auroc",
+            "logit_scale")
     return {"config": config, "overrides": overrides, "steps": summary["steps"],
             "global_batch_size": summary["global_batch_size"],
             "wall_seconds": summary["wall_seconds"], "data": summary.get("data"),

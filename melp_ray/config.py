@@ -37,6 +37,10 @@ class DataConfig:
     val_fraction: float = 0.1        # subject-level split for raw roots
     shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
     prefetch_batches: int = 4        # micro-batches fetched ahead, across epoch boundaries too
+    # Run the read/decode/tokenise pipeline once, before training, and keep its output in
+    # Ray's object store (Dataset.materialize): epochs then only re-shuffle. For data that
+    # fits the object store many times over (the bundled sample, PTB-XL at 100 Hz).
+    materialize: bool = False
     limit: int | None = None         # smoke runs: first N raw records; shards: one file per worker
     exclude_folds: list[int] = field(default_factory=list)  # PTB-XL strat_folds kept out of train and val
 

@@ -162,7 +162,7 @@ def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
         counts[split] = {}
         for rank, ds in enumerate(rank_datasets(cfg.data.root, split, world, spec, **kw,
                                                 counts=counts[split])):
-            datasets[f"{prefix}_r{rank}"] = ds
+            datasets[f"{prefix}_r{rank}"] = ds.materialize() if cfg.data.materialize else ds
     info = data_summary(cfg, counts)
     print(f"[melp_ray] data: {info['train_records']} train / {info['val_records']} val records"
           + (f"; {info['held_out']['records']} records of folds {info['held_out']['folds']} "
