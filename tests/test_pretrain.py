@@ -118,10 +118,15 @@ def test_zero_stage_trains_and_checkpoints(ray_local, tmp_path, stage):
 # ---------------------------------------------------------------- resume and faults
 
 def test_resume_is_exact(ray_local, tmp_path, zero2_run):
-    """Stopped at step 3 and resumed to 6 == the uninterrupted 6-step run."""
-    first = run(tiny_cfg(tmp_path, "resumed", "deepspeed.zero_stage=2", "train.stop_at_step=3"))
+    """Stopped at step 3 and resumed to 6 == the uninterrupted 6-step run.
+
+    The interrupted run reads materialized datasets (``data.materialize``), the reference
+    streams: caching the pipeline must change nothing either.
+    """
+    cached = ("deepspeed.zero_stage=2", "data.materialize=true")
+    first = run(tiny_cfg(tmp_path, "resumed", *cached, "train.stop_at_step=3"))
     assert first["steps"] == 3
-    second = run(tiny_cfg(tmp_path, "resumed", "deepspeed.zero_stage=2"))
+    second = run(tiny_cfg(tmp_path, "resumed", *cached))
     assert second["steps"] == 6
     resumed, reference = consolidated(second["last_checkpoint"]), consolidated(zero2_run["last_checkpoint"])
     assert resumed.keys() == reference.keys()

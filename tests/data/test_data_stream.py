@@ -147,7 +147,7 @@ def test_materialized_datasets_give_the_same_shuffled_batches(ray_local, bundled
     in exactly the seeded shuffle order, that the streaming pipeline gives (exact resume)."""
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.pretrain import build_datasets
-    from ray.data import MaterializedDataset
+    from ray.data.dataset import MaterializedDataset
 
     def epoch(ds, seed):
         batches = ds.iter_batches(batch_size=8, batch_format="numpy", drop_last=True,
