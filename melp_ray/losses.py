@@ -33,9 +33,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    # torch's functional all-gather: differentiable, its backward a summing reduce-scatter
+    # (torch.distributed.nn.functional.all_gather, which does the same, is deprecated).
+    from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(all_gather(x), dim=0)
+    return all_gather_single(x.contiguous(), 0, dist.group.WORLD)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
