@@ -161,7 +161,8 @@ def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
     for split, prefix in (("train", "train"), ("val", "val")):
         counts[split] = {}
         for rank, ds in enumerate(rank_datasets(cfg.data.root, split, world, spec, **kw,
-                                                counts=counts[split])):
+                                                counts=counts[split],
+                                                log_rejected=split == "train")):
             datasets[f"{prefix}_r{rank}"] = ds.materialize() if cfg.data.materialize else ds
     info = data_summary(cfg, counts)
     print(f"[melp_ray] data: {info['train_records']} train / {info['val_records']} val records"

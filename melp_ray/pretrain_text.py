@@ -296,8 +296,9 @@ def corpus(cfg: TextPretrainConfig) -> dict[str, list[str]]:
                            for r in pq.read_table(f, columns=["report"]).column("report").to_pylist()]
                 texts[split] += reports[: d.limit] if d.limit is not None else reports
             else:
-                texts[split] += [ref.report for ref in split_refs(layout, root, split,
-                                                                  d.val_fraction, seed, d.limit)]
+                texts[split] += [ref.report for ref in split_refs(
+                    layout, root, split, d.val_fraction, seed, d.limit,
+                    log_rejected=split == "train")]
     for path in d.text_files:
         for line in storage.read_text(path).splitlines():
             line = line.strip()

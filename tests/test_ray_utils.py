@@ -286,6 +286,8 @@ def test_pretrain_trains_locally_past_a_stale_address_file(tmp_path, ray_tmpdir)
     assert warned and address in warned[1] and str(stale) in warned[1] and "local" in warned[1]
     stepped = first(lines, "[melp_ray] step 1 ")
     assert stepped and first(lines, '"steps": 2'), output[-6000:]
+    # Each progress line reaches the console once (Ray Train's print patch used to double it).
+    assert sum("[melp_ray] step 1 " in line for _, line in lines) == 1, output[-6000:]
     print(f"stale address file: warned after {warned[0]:.1f} s, first step after "
           f"{stepped[0]:.1f} s, done after {lines[-1][0]:.1f} s")
     # Imports, the probe and the warning: seconds (a dead head used to cost 7+ minutes).

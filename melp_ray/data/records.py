@@ -120,14 +120,17 @@ class RecordRef:
 def check_report(text: str | None, min_words: int) -> str:
     """The report with outer whitespace removed; raises RecordRejected when too short.
 
-    Empty (or missing / whitespace-only) -> empty_report; fewer than ``min_words``
-    whitespace-separated words -> short_report.
+    Empty (or missing / whitespace-only, or punctuation only: nothing to align an ECG
+    with) -> empty_report; fewer than ``min_words`` whitespace-separated words (the
+    reference's count) -> short_report.
     """
     if text is None or (isinstance(text, float) and math.isnan(text)):
         text = ""
     cleaned = str(text).strip()
     if not cleaned:
         raise RecordRejected(EMPTY_REPORT, "no report text")
+    if not any(ch.isalnum() for ch in cleaned):
+        raise RecordRejected(EMPTY_REPORT, f"no words, only punctuation: {cleaned!r}")
     n_words = len(cleaned.split())
     if n_words < min_words:
         raise RecordRejected(SHORT_REPORT, f"{n_words} words < {min_words}: {cleaned!r}")

@@ -186,13 +186,14 @@ def resolve_root(root: str | None) -> str:
 def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpec, *,
                   dataset: str = "auto", val_fraction: float = 0.1, seed: int = 0,
                   limit: int | None = None, exclude_folds: Sequence[int] = (),
-                  counts: dict[str, int] | None = None) -> list:
+                  counts: dict[str, int] | None = None, log_rejected: bool = True) -> list:
     """One dataset per rank for ``split`` ("train" | "val"), from shards or a raw root.
 
     Records whose PTB-XL ``strat_fold`` is in ``exclude_folds`` never enter the split (a
     fold held out for evaluation). ``counts``, when given, receives ``records`` (what the
     split will stream, before signal-level rejections) and ``held_out`` (left out for
-    their fold).
+    their fold). ``log_rejected``: name the records rejected from the metadata (say True for
+    one of the two splits).
     """
     from melp_ray.data.sources import detect_layout
 
@@ -210,7 +211,8 @@ def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpe
             counts.update(count_shard_folds(files, exclude_folds))
         return [shards_dataset(files[r::world_size], spec, exclude_folds=exclude_folds)
                 for r in range(world_size)]
-    refs = split_refs(layout, root, split, val_fraction, seed, limit, spec.sample_rate)
+    refs = split_refs(layout, root, split, val_fraction, seed, limit, spec.sample_rate,
+                      log_rejected)
     refs, held_out = drop_folds(refs, exclude_folds)
     if counts is not None:
         counts.update(records=len(refs), held_out=len(held_out))
@@ -244,12 +246,16 @@ def count_shard_folds(files: Sequence[str], exclude_folds: Sequence[int]) -> dic
 
 
 def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: int,
-               limit: int | None, sample_rate: int = 500) -> list:
-    """The records of one split; those rejected from the metadata alone are logged by name."""
+               limit: int | None, sample_rate: int = 500, log_rejected: bool = True) -> list:
+    """The records of one split; those rejected from the metadata alone are logged by name.
+
+    A rejected record belongs to no split: callers that list both splits log it with one
+    of them (``log_rejected``), so it is named once.
+    """
     from melp_ray.data.sources import scan_records, split_for_subject
 
     listing = scan_records(layout, root, limit=limit, sample_rate=sample_rate)
-    for record_id, why in listing.details.items():
+    for record_id, why in listing.details.items() if log_rejected else ():
         logger.warning("rejected record %s: %s", record_id, why)
     return [r for r in listing.refs if split_for_subject(r.subject_id, val_fraction, seed) == split]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 from melp_ray import storage
@@ -12,6 +13,10 @@ from melp_ray.train.metrics import run_dir
 def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
     """What every Ray Train worker runs."""
     cfg = config["cfg"]
+    # DeepSpeed 0.19's ZeRO all-gathers call this torch API, deprecated in torch 2.13: a
+    # warning on every step that no user of ours can act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
     recipe = config["recipe_cls"](cfg)

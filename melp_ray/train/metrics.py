@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from melp_ray import storage
@@ -30,7 +31,7 @@ class MetricsLogger:
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
-        print(format_progress(metrics), flush=True)
+        worker_print(format_progress(metrics))
         self.lines.append(json.dumps(metrics, sort_keys=True))
         # Object stores cannot append: the (small) file is rewritten whole.
         storage.write_text(self.path, "\n".join(self.lines) + "\n")
@@ -40,6 +41,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def worker_print(line: str) -> None:
+    """Print one line from a Ray Train worker, once.
+
+    Why not plain ``print``: Ray Train replaces ``print`` in its workers with a function that
+    sends the line to the logging system *and*, when ``sys.stdout`` has been wrapped (it is,
+    in a Ray worker), also prints it: every line reached the console twice. Writing to the
+    process's own stdout is one plain print, forwarded to the driver like any worker output.
+    """
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def format_progress(m: dict[str, Any]) -> str:

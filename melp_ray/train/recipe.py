@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from melp_ray.train.deepspeed_config import deepspeed_config, use_bf16
-from melp_ray.train.metrics import MetricsLogger
+from melp_ray.train.metrics import MetricsLogger, worker_print
 from melp_ray.train.prefetch import EpochPrefetcher
 
 CHECKPOINT_TAG = "deepspeed"       # sub-folder DeepSpeed writes inside a checkpoint
@@ -247,8 +247,8 @@ class DeepSpeedRecipe:
         self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
         self.resumed_from_step = self.state.step   # logged once, so restarts show in metrics
         if self.rank == 0:
-            print(f"[melp_ray] resumed from step {self.state.step} (epoch {self.state.epoch}, "
-                  f"{self.state.micro_in_epoch} micro-batches into it)", flush=True)
+            worker_print(f"[melp_ray] resumed from step {self.state.step} (epoch "
+                         f"{self.state.epoch}, {self.state.micro_in_epoch} micro-batches into it)")
 
     def finish(self) -> dict[str, Any]:
         metrics = getattr(self, "last_metrics", {})

@@ -24,13 +24,14 @@ def test_row_round_trip():
 
 def test_check_report():
     assert check_report("  sinus rhythm. normal ecg. ", 4) == "sinus rhythm. normal ecg."
-    for empty in ("", "   ", None, float("nan")):
+    for empty in ("", "   ", None, float("nan"), " . , . ", "-- ; --"):
         with pytest.raises(RecordRejected) as info:
             check_report(empty, 1)
         assert info.value.reason == records.EMPTY_REPORT
     with pytest.raises(RecordRejected) as info:
         check_report("normal ecg.", 4)
     assert info.value.reason == records.SHORT_REPORT
+    assert check_report("sinusrytm. Ök. qrs(t).", 3) == "sinusrytm. Ök. qrs(t)."  # any letters count
 
 
 def test_unknown_reason_is_a_bug():

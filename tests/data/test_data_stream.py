@@ -125,14 +125,22 @@ def test_excluded_folds_never_reach_a_shard_stream(ray_local, shards):
     np.testing.assert_array_equal(got, np.stack(rows))
 
 
-def test_pretrain_datasets_hold_out_folds_and_say_how_many(ray_local, bundled_ptbxl, capsys):
+def test_pretrain_datasets_hold_out_folds_and_say_how_many(ray_local, bundled_ptbxl, capsys,
+                                                           caplog):
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.sources import list_records
+    from melp_ray.data.sources import list_records, scan_records
     from melp_ray.pretrain import build_datasets
 
     cfg = load_config(PretrainConfig, "tiny", ["data.exclude_folds=[6]"])
     info: dict = {}
-    datasets = build_datasets(cfg, info)
+    with caplog.at_level("WARNING", logger="melp_ray.data.stream"):
+        datasets = build_datasets(cfg, info)
+    # Records rejected from the metadata (the sample has one: an empty report) are named
+    # once, not once per split.
+    rejected = scan_records("ptb-xl", str(bundled_ptbxl), sample_rate=100).details
+    assert rejected
+    for record_id in rejected:
+        assert sum(f"rejected record {record_id}:" in m for m in caplog.messages) == 1
     refs = list_records("ptb-xl", str(bundled_ptbxl), sample_rate=100)
     n_fold6 = sum(r.strat_fold == 6 for r in refs)
     assert info["held_out"] == {"folds": [6], "records": n_fold6}
