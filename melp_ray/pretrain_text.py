@@ -36,6 +36,7 @@ from melp_ray.config import (ConfigError, DataConfig, DeepSpeedConfig, RunConfig
                              data_problems, deepspeed_problems, from_dict, load_config, raise_if,
                              run_problems, train_problems)
 from melp_ray.text_tokenizer import nfc
+from melp_ray.train.metrics import worker_print
 from melp_ray.train.recipe import CHECKPOINT_TAG, RUN_CONFIG, DeepSpeedRecipe
 
 DEFAULT_CONFIG = "text_tiny"
@@ -263,8 +264,8 @@ class TextPretrainRecipe(DeepSpeedRecipe):
         # The untrained model's held-out loss: the baseline a run is judged against.
         initial = self.validate() if self.state.step == 0 else {}
         if initial and self.rank == 0:
-            print("[melp_ray] before training: " + ", ".join(f"val/{k} {v:.4f}"
-                                                           for k, v in initial.items()), flush=True)
+            worker_print("[melp_ray] before training: "
+                         + ", ".join(f"val/{k} {v:.4f}" for k, v in initial.items()))
         out = super().train()
         out["metrics"] = {**out.get("metrics", {}),
                           **{f"val/initial_{k}": v for k, v in initial.items()}}
