@@ -100,7 +100,6 @@ def _module_entry(tag_dir: str) -> dict[str, Any]:
 
 
 def _local_consolidated(ckpt: str) -> dict[str, Any]:
-    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = os.path.join(ckpt, CHECKPOINT_TAG)

@@ -193,8 +193,13 @@ def check_data_root(cfg: PretrainConfig) -> None:
         raise ConfigError(f"data.root: {err}") from None
 
 
-def run(cfg: PretrainConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Train with an already validated config; returns (and writes) the run summary."""
+def run(cfg: PretrainConfig, callbacks: list | None = None,
+        recipe_cls: type[PretrainRecipe] = PretrainRecipe) -> dict[str, Any]:
+    """Train with an already validated config; returns (and writes) the run summary.
+
+    ``recipe_cls``: a PretrainRecipe subclass to run instead (e.g. one that also saves
+    something at the end); the data, launcher and summary are the same.
+    """
     from melp_ray.ray_utils import init_ray
     from melp_ray.train.launcher import fit_and_summarise
 
@@ -203,7 +208,7 @@ def run(cfg: PretrainConfig, callbacks: list | None = None) -> dict[str, Any]:
     quiet_data_progress_bars()
     data_info: dict[str, Any] = {}
     datasets = build_datasets(cfg, data_info)
-    summary = fit_and_summarise(cfg, PretrainRecipe, datasets, extra_summary={"data": data_info},
+    summary = fit_and_summarise(cfg, recipe_cls, datasets, extra_summary={"data": data_info},
                                 callbacks=callbacks)
     return summary
 

@@ -48,3 +48,84 @@ def shared_ptbxl() -> Path:
     from melp_ray.data.sources import bundled_root
 
     return Path(bundled_root())
+
+
+# ---------------------------------------------------------------- tiny pretraining runs
+
+# Small and quick: 96 bundled records, global batch 8 (4 per worker), a handful of steps.
+FAST = ["data.limit=96", "data.val_fraction=0.2", "data.shuffle_buffer=16",
+        "train.global_batch_size=8", "train.max_steps=6", "train.warmup_steps=1", "train.lr=1e-3",
+        "train.log_every=2", "train.val_every=6", "train.val_batches=2",
+        "train.checkpoint_every=3", "run.max_failures=0"]
+LIVE_WEIGHTS = "live_weights.safetensors"
+
+
+@pytest.fixture(scope="session")
+def fast_overrides() -> list[str]:
+    """The tiny config's overrides for a 6-step, 96-record run (``FAST``)."""
+    return list(FAST)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    """``tiny_cfg(storage_path, name, *overrides)``: the tiny config with ``FAST`` applied."""
+    from melp_ray.config import PretrainConfig, load_config
+
+    def make(storage_path, name: str, *overrides: str):
+        return load_config(PretrainConfig, "tiny", [*FAST, f"run.storage_path={storage_path}",
+                                                     f"run.name={name}", *overrides])
+    return make
+
+
+def _live_weights_recipe():
+    """PretrainRecipe that also writes the final *live* weights beside the run (rank 0):
+    gathered from the DeepSpeed engine on every rank, not read from the checkpoint files,
+    so weights rebuilt from a checkpoint can be checked against an independent source."""
+    from melp_ray import storage
+    from melp_ray.pretrain import PretrainRecipe
+
+    class LiveWeightsRecipe(PretrainRecipe):
+        def finish(self):
+            import os
+            import tempfile
+
+            from safetensors.torch import save_file
+            from melp_ray.checkpoint import gathered_state_dict
+            from melp_ray.train.metrics import run_dir
+
+            state = gathered_state_dict(self.engine.module)   # collective: every rank
+            if self.rank == 0:
+                fs, path = storage.filesystem_and_path(storage.join(run_dir(self.cfg), LIVE_WEIGHTS))
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = os.path.join(tmp, LIVE_WEIGHTS)
+                    save_file({k: v.contiguous() for k, v in state.items()}, local)
+                    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+                        dst.write(src.read())
+            return super().finish()
+
+    return LiveWeightsRecipe
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(ray_local, tiny_cfg, tmp_path_factory) -> dict:
+    """Two real 6-step pretraining runs (2 workers, ``FAST``), shared by the pretraining,
+    resume and export tests: ``"zero2"`` into a local folder, ``"zero3"`` into a
+    ``file://`` URI (it goes through ``pyarrow.fs.FileSystem.from_uri`` exactly like
+    ``s3://``/``gs://``, with the local disk standing in for the bucket).
+    Each value is ``(summary, live_weights)``; ``"bucket"`` is the URI's local folder."""
+    from safetensors.torch import load_file
+    from melp_ray import storage
+    from melp_ray.pretrain import run
+
+    bucket = tmp_path_factory.mktemp("bucket")
+    out = {"bucket": bucket}
+    for key, storage_path, stage in (("zero2", tmp_path_factory.mktemp("runs_local"), 2),
+                                     ("zero3", f"file://{bucket}/melp", 3)):
+        cfg = tiny_cfg(storage_path, f"tiny-{key}", f"deepspeed.zero_stage={stage}")
+        summary = run(cfg, recipe_cls=_live_weights_recipe())
+        fs, path = storage.filesystem_and_path(storage.join(summary["run_dir"], LIVE_WEIGHTS))
+        local = tmp_path_factory.mktemp(f"live_{key}") / LIVE_WEIGHTS
+        with fs.open_input_stream(path) as src:
+            local.write_bytes(src.read())
+        out[key] = (summary, load_file(str(local)))
+    return out

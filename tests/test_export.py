@@ -1,6 +1,7 @@
 """Checkpoint consolidation, Hugging Face export and object-store URIs, on real tiny runs.
 
-Two real Ray Train + DeepSpeed pretraining runs (2 workers, 2 steps) are made once:
+Two real Ray Train + DeepSpeed pretraining runs (2 workers, 6 steps; ``tiny_runs`` in
+conftest, shared with the pretraining tests) are made once per session:
 ZeRO-2 into a local folder, ZeRO-3 into a ``file://`` URI. The URI goes through
 ``pyarrow.fs.FileSystem.from_uri`` exactly like ``s3://``/``gs://`` do (in Ray Train and
 in ``melp_ray.storage``), with the local disk standing in for the bucket.
@@ -13,74 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from melp_ray import storage
-from melp_ray.config import PretrainConfig, load_config
-from melp_ray.pretrain import PretrainRecipe
 
-LIVE_WEIGHTS = "live_weights.safetensors"
 REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response.",
            "left bundle branch block."]
 
 
-class LiveWeightsRecipe(PretrainRecipe):
-    """PretrainRecipe that also writes the final live weights beside the run (rank 0)."""
-
-    def finish(self):
-        from safetensors.torch import save_file
-        from melp_ray.checkpoint import gathered_state_dict
-        from melp_ray.train.metrics import run_dir
-
-        state = gathered_state_dict(self.engine.module)   # collective: every rank
-        if self.rank == 0:
-            path = storage.join(run_dir(self.cfg), LIVE_WEIGHTS)
-            fs, p = storage.filesystem_and_path(path)
-            tmp = "/tmp/melp_live_" + str(os.getpid()) + ".safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-            with open(tmp, "rb") as src, fs.open_output_stream(p) as dst:
-                dst.write(src.read())
-            os.remove(tmp)
-        return super().finish()
-
-
-def _run(storage_path: str, name: str, zero_stage: int) -> dict:
-    import ray.cloudpickle
-    from melp_ray.pretrain import build_datasets, quiet_data_progress_bars
-    from melp_ray.train.launcher import fit_and_summarise
-
-    # Ray workers cannot import this test module: ship the recipe subclass by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = load_config(PretrainConfig, "tiny", [
-        "train.max_steps=2", "data.limit=48", "train.global_batch_size=8",
-        "train.checkpoint_every=2", f"deepspeed.zero_stage={zero_stage}",
-        f"run.storage_path={storage_path}", f"run.name={name}", "run.max_failures=0"])
-    quiet_data_progress_bars()
-    return fit_and_summarise(cfg, LiveWeightsRecipe, build_datasets(cfg))
-
-
 @pytest.fixture(scope="module")
-def runs(ray_local, tmp_path_factory):
-    """{"zero2": (summary, live_state), "zero3": ...}: one real run per ZeRO stage."""
-    from safetensors.torch import load_file
-
-    out = {}
-    local = tmp_path_factory.mktemp("runs_local")
-    bucket = tmp_path_factory.mktemp("bucket")
-    for key, storage_path, stage in (("zero2", str(local), 2),
-                                     ("zero3", f"file://{bucket}/melp", 3)):
-        summary = _run(storage_path, f"export-{key}", stage)
-        live = storage.join(summary["run_dir"], LIVE_WEIGHTS)
-        fs, p = storage.filesystem_and_path(live)
-        tmp = tmp_path_factory.mktemp(f"live_{key}") / LIVE_WEIGHTS
-        with fs.open_input_stream(p) as src:
-            tmp.write_bytes(src.read())
-        out[key] = (summary, load_file(str(tmp)))
-    out["bucket"] = bucket
-    return out
+def runs(tiny_runs) -> dict:
+    """{"zero2": (summary, live_weights), "zero3": ..., "bucket": path}: conftest's two runs."""
+    return tiny_runs
 
 
 def _embeddings(model, ecg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +82,7 @@ def test_export_round_trip_gives_identical_embeddings(runs, key, tmp_path, ecg):
     summary, live = runs[key]
     out = tmp_path / "hf"
     info = export(summary["last_checkpoint"], str(out))
-    assert info["step"] == 2
+    assert info["step"] == 6
 
     # Weights: a plain safetensors file, every MELP tensor, fp32, equal to the live ones.
     weights = load_file(str(out / "model.safetensors"))
@@ -178,7 +125,7 @@ def test_export_cli_from_run_folder_writes_model_card(runs, tmp_path):
     card = (out / "README.md").read_text()
     assert "zeroshot/ptbxl_super_auroc | 0.6123" in card
     assert os.path.basename(summary["last_checkpoint"]) in card      # latest checkpoint picked
-    assert "zero_stage: 2" in card and "max_steps: 2" in card          # training config
+    assert "zero_stage: 2" in card and "max_steps: 6" in card          # training config
     assert "total |" in card                                           # losses from summary.json
 
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
@@ -189,9 +136,9 @@ def test_run_writes_checkpoints_and_summary_to_uri_storage(runs):
 
     summary, _ = runs["zero3"]
     bucket = runs["bucket"]
-    assert summary["run_dir"] == f"file://{bucket}/melp/export-zero3"
+    assert summary["run_dir"] == f"file://{bucket}/melp/tiny-zero3"
     # The summary keeps the scheme, so the checkpoint can be found again from anywhere.
-    assert summary["last_checkpoint"].startswith(f"file://{bucket}/melp/export-zero3/checkpoint_")
+    assert summary["last_checkpoint"].startswith(f"file://{bucket}/melp/tiny-zero3/checkpoint_")
     assert storage.read_json(storage.join(summary["run_dir"], "summary.json")) == \
         json.loads(json.dumps(summary, default=str))
     assert storage.exists(storage.join(summary["run_dir"], "metrics.jsonl"))

@@ -13,24 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from melp_ray.config import PretrainConfig, load_config
+from melp_ray.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small and quick: 96 bundled records, global batch 8 (4 per worker), a handful of steps.
-FAST = ["data.limit=96", "data.val_fraction=0.2", "data.shuffle_buffer=16",
-        "train.global_batch_size=8", "train.max_steps=6", "train.warmup_steps=1", "train.lr=1e-3",
-        "train.log_every=2", "train.val_every=6", "train.val_batches=2",
-        "train.checkpoint_every=3", "run.max_failures=0"]
 
-
-def tiny_cfg(tmp_path: Path, name: str, *overrides: str) -> PretrainConfig:
-    return load_config(PretrainConfig, "tiny",
-                       [*FAST, f"run.storage_path={tmp_path}", f"run.name={name}", *overrides])
+def local(path_or_uri: str) -> Path:
+    """A run folder or checkpoint as a local path (the ZeRO-3 run lives behind file://)."""
+    return Path(path_or_uri.removeprefix("file://"))
 
 
 def metrics_of(summary: dict) -> list[dict]:
-    path = Path(summary["run_dir"]) / "metrics.jsonl"
+    path = local(summary["run_dir"]) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -47,10 +41,10 @@ def run(cfg: PretrainConfig) -> dict:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(ray_local, tmp_path_factory):
-    """One uninterrupted ZeRO-2 run: shared by the ZeRO and the exact-resume tests."""
-    root = tmp_path_factory.mktemp("zero2")
-    return run(tiny_cfg(root, "full", "deepspeed.zero_stage=2"))
+def zero2_run(tiny_runs):
+    """One uninterrupted 6-step ZeRO-2 run (conftest): the ZeRO, exact-resume and export
+    tests share it."""
+    return tiny_runs["zero2"][0]
 
 
 # ---------------------------------------------------------------- configs fail before Ray
@@ -94,7 +88,7 @@ def assert_trained(summary: dict, stage: int) -> None:
     val = summary["validation"]
     n_pairs = round(1 / val["recall_at_1_chance"])
     assert n_pairs >= 2 and val["recall_at_10_chance"] == min(10, n_pairs) / n_pairs
-    checkpoint = Path(summary["last_checkpoint"])
+    checkpoint = local(summary["last_checkpoint"])
     assert (checkpoint / "trainer_state.json").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 6
     state = consolidated(str(checkpoint))   # fp32 weights from any stage
@@ -103,21 +97,24 @@ def assert_trained(summary: dict, stage: int) -> None:
 
 def test_zero2_trains_checkpoints_and_summarises(zero2_run):
     assert_trained(zero2_run, 2)
-    summary_file = Path(zero2_run["run_dir"]) / "summary.json"
+    summary_file = local(zero2_run["run_dir"]) / "summary.json"
     on_disk = json.loads(summary_file.read_text())
     assert on_disk["last_checkpoint"] == zero2_run["last_checkpoint"]
     assert set(on_disk["losses"]) >= {"rhythm", "token", "beat", "total"}
     assert on_disk["samples_per_s"] > 0
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stage_trains_and_checkpoints(ray_local, tmp_path, stage):
-    assert_trained(run(tiny_cfg(tmp_path, f"zero{stage}", f"deepspeed.zero_stage={stage}")), stage)
+def test_zero1_trains_and_checkpoints(ray_local, tiny_cfg, tmp_path):
+    assert_trained(run(tiny_cfg(tmp_path, "zero1", "deepspeed.zero_stage=1")), 1)
+
+
+def test_zero3_trains_and_checkpoints_to_uri_storage(tiny_runs):
+    assert_trained(tiny_runs["zero3"][0], 3)     # run.storage_path=file://... (conftest)
 
 
 # ---------------------------------------------------------------- resume and faults
 
-def test_resume_is_exact(ray_local, tmp_path, zero2_run):
+def test_resume_is_exact(ray_local, tiny_cfg, tmp_path, zero2_run):
     """Stopped at step 3 and resumed to 6 == the uninterrupted 6-step run.
 
     The interrupted run reads materialized datasets (``data.materialize``), the reference
@@ -159,7 +156,7 @@ def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
         return
 
 
-def test_killed_worker_is_survived(ray_local, tmp_path):
+def test_killed_worker_is_survived(ray_local, tiny_cfg, tmp_path):
     cfg = tiny_cfg(tmp_path, "faulty", "run.max_failures=1", "train.max_steps=8",
                    "train.checkpoint_every=2", "train.val_every=8")
     killed: list[int] = []
@@ -181,7 +178,7 @@ def test_killed_worker_is_survived(ray_local, tmp_path):
 
 # ---------------------------------------------------------------- worker-count invariance
 
-def test_same_global_batch_same_first_loss_with_1_and_2_workers(ray_local, tmp_path):
+def test_same_global_batch_same_first_loss_with_1_and_2_workers(ray_local, tiny_cfg, tmp_path):
     """The global (gathered) contrastive loss and the captioning loss do not depend on how
     the global batch is split over workers. (The beat loss is per worker by design.)"""
     no_randomness = ["data.lead_mask_prob=0", "data.shuffle_buffer=0", "model.dropout=0.0",
@@ -207,7 +204,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_against_a_running_head(tmp_path):
+def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
     """`ray start --head` + `ray job submit -- python -m melp_ray.pretrain` writes summary.json."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -227,7 +224,7 @@ def test_ray_job_submit_against_a_running_head(tmp_path):
         wait_for_dashboard(address, env, bin_dir)
         storage = tmp_path / "runs"
         submit = [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir",
-                  ".", "--", "python", "-m", "melp_ray.pretrain", *FAST, "train.max_steps=2",
+                  ".", "--", "python", "-m", "melp_ray.pretrain", *fast_overrides, "train.max_steps=2",
                   "train.checkpoint_every=2", "train.val_every=2", f"run.storage_path={storage}",
                   "run.name=job"]
         for _ in range(30):   # the head's job agent can come up a little after its dashboard

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import os
 from functools import lru_cache
-from pathlib import Path
 
 import pandas as pd
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -130,7 +129,6 @@ def _plain(value: Any) -> Any:
 def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
                    exclude_folds: Sequence[int] = ()):
     """Parquet shard files -> model-ready rows (rows of ``exclude_folds`` left out)."""
-    import ray.data
 
     columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
     if exclude_folds:

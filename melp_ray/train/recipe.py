@@ -13,7 +13,6 @@ order (``melp_ray.data.stream``), every random draw of a micro-step is seeded fr
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
