@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 # Before torch / ray / deepspeed are imported by any benchmark. (DS_ACCELERATOR is left
 # alone: the launcher sets "cpu" for CPU runs, and GPU runs must keep CUDA.)

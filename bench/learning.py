@@ -93,7 +93,8 @@ def given_checkpoint(checkpoint: str) -> dict:
     path = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(path)
     return {"config": "--checkpoint (trained elsewhere)", "overrides": [],
-            "steps": storage.read_json(storage.join(path, TRAINER_STATE))["step"], "global_batch_size": cfg["train"]["global_batch_size"],
+            "steps": storage.read_json(storage.join(path, TRAINER_STATE))["step"],
+            "global_batch_size": cfg["train"]["global_batch_size"],
             "wall_seconds": None, "data": {"held_out": {"folds": cfg["data"]["exclude_folds"]}},
             "losses": {}, "validation": {}, "windows": [],
             "checkpoint": str(path)}

@@ -214,7 +214,8 @@ def measure_stages(stages: list[int], precision: str, workers: int, smoke: bool)
         for stage in stages:
             C.log(f"ZeRO-{stage}, {precision}: {workers} ranks")
             ranks = run_stage(stage, precision, smoke, tmp, workers)
-            worst = lambda key, sub=None: max(r[key][sub] if sub else r[key] for r in ranks)  # noqa: E731
+            worst = lambda key, sub=None, ranks=ranks: max(  # noqa: E731
+                r[key][sub] if sub else r[key] for r in ranks)
             per_stage[stage] = {
                 "ranks": ranks,
                 "params": worst("model_states_peak", "params"),

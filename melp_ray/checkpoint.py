@@ -24,7 +24,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 

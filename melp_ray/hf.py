@@ -23,7 +23,8 @@ the saved architecture and all its weights come from model.safetensors.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class MELPHFModel(PreTrainedModel):
 
     @classmethod
     def from_melp(cls, melp: MELP, sample_rate: int | None = None,
-                  seconds: float | None = None) -> "MELPHFModel":
+                  seconds: float | None = None) -> MELPHFModel:
         """Wrap a trained MELP (no copy) with the config an export folder needs."""
         melp_dict = melp.cfg.to_dict()
         # Bake the text architecture (incl. text_overrides) into the saved text_model/ config.

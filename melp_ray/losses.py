@@ -173,7 +173,7 @@ class MELPLoss(nn.Module):
                            same_report_positives=same_report_positives)
 
     @classmethod
-    def from_model_config(cls, cfg, **weights: float) -> "MELPLoss":
+    def from_model_config(cls, cfg, **weights: float) -> MELPLoss:
         """Temperatures from a ``ModelConfig``; weights (rhythm/token/beat) and
         ``same_report_positives`` as keywords."""
         return cls(attn_temp=cfg.beat_attention_temperature,

@@ -77,7 +77,7 @@ def probe(address: str, timeout: float | None = None) -> str | None:
     try:
         with socket.create_connection(target, timeout=timeout):
             pass
-    except socket.timeout:
+    except TimeoutError:
         return f"no answer within {timeout:g} s"
     except OSError as err:   # refused, unreachable, unknown host
         return (err.strerror or str(err)).lower()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 

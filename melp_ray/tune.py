@@ -28,7 +28,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import yaml
 from ray.tune import Callback
@@ -520,11 +521,12 @@ def max_concurrent(sweep: Sweep) -> int:
         fits = min(fits, int(total.get("GPU", 0) // sweep.trial_gpus()))
     if fits < 1:
         t = sweep.base_cfg.train
+        gpus = f" / {total.get('GPU', 0):g} GPU" if sweep.trial_gpus() else ""
         raise ConfigError(
             f"one trial needs {sweep.trial_cpus():g} CPU (trial_resources "
             f"{sweep.space.trial_resources} + {t.num_workers} x train.cpus_per_worker="
             f"{t.cpus_per_worker:g}) plus {DATA_CPUS:g} CPU left for Ray Data, and the cluster "
-            f"has {cpus:g} CPU{' / %g GPU' % total.get('GPU', 0) if sweep.trial_gpus() else ''}; "
+            f"has {cpus:g} CPU{gpus}; "
             "lower train.cpus_per_worker / train.num_workers, or set max_concurrent_trials "
             "in the space if the cluster autoscales")
     return fits

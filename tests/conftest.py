@@ -18,6 +18,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the session's Ray instance (itself or through a fixture that
+    trains with it) is marked ``slow``, like the ones marked by hand (subprocess runs,
+    benchmark smokes, plain training loops): ``pytest -m "not slow"`` is the quick suite."""
+    for item in items:
+        if "ray_local" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray instance with 2 CPUs, shared by every test of the session."""

@@ -11,6 +11,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow   # real end-to-end runs: minutes (pytest -m 'not slow' skips)
+
 _spec = importlib.util.spec_from_file_location(
     "bench_smoke_helpers", Path(__file__).resolve().parent / "test_bench_smoke.py")
 _helpers = importlib.util.module_from_spec(_spec)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # each smoke starts its own Ray: minutes (pytest -m 'not slow' skips)
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SMOKE_TIMEOUT_S = float(os.environ.get("MELP_BENCH_SMOKE_TIMEOUT_S", 300))   # one stage
@@ -312,6 +314,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import _common as C
 import ray
+
 
 calls = []
 

@@ -198,6 +198,7 @@ def test_broken_rayjob_fails_clearly(tmp_path, edit, expected):
 
 # ---------------------------------------------------------------- CLI
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "melp_ray.cluster", "validate", *map(str, LAUNCHERS),
                          str(RAYCLUSTER), str(RAYJOB)], capture_output=True, text=True, cwd=REPO)

@@ -204,6 +204,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
     """`ray start --head` + `ray job submit -- python -m melp_ray.pretrain` writes summary.json."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

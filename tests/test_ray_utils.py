@@ -117,7 +117,7 @@ def test_probe_gives_up_on_a_port_that_accepts_but_never_answers(mute_port, monk
 def test_probe_reports_a_connect_timeout(monkeypatch):
     def slow(target, timeout):
         assert timeout == 0.5
-        raise socket.timeout("timed out")
+        raise TimeoutError("timed out")
 
     monkeypatch.setenv(ray_utils.CONNECT_TIMEOUT_ENV, "0.5")
     monkeypatch.setattr(socket, "create_connection", slow)
@@ -270,6 +270,7 @@ def first(lines: list[tuple[float, str]], text: str) -> tuple[float, str] | None
     return next(((t, line) for t, line in lines if text in line), None)
 
 
+@pytest.mark.slow
 def test_pretrain_trains_locally_past_a_stale_address_file(tmp_path, ray_tmpdir):
     """The head named in Ray's address file is gone: a warning within seconds, then a normal
     run on a private local instance (before this fix: 7+ minutes of GCS retries)."""
@@ -297,6 +298,7 @@ def test_pretrain_trains_locally_past_a_stale_address_file(tmp_path, ray_tmpdir)
     assert stepped[0] < float(os.environ.get("MELP_STALE_PRETRAIN_BUDGET_S", 150)), output[-6000:]
 
 
+@pytest.mark.slow
 def test_pretrain_exits_2_on_an_unreachable_named_address(tmp_path, ray_tmpdir):
     address = f"127.0.0.1:{dead_port()}"
     start = time.monotonic()

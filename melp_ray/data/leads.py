@@ -5,7 +5,7 @@ Sources disagree on lead order (MIMIC-IV-ECG stores aVF before aVL) and on spell
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF",
                           "V1", "V2", "V3", "V4", "V5", "V6")

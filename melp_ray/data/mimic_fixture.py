@@ -109,7 +109,8 @@ def write_mimic_fixture(dest: str | os.PathLike, n_studies: int = 8, source_root
         if i and i % 3 != 1:           # studies 1+2, 4+5, ... share a subject
             subject_id += 7
         study = Study(subject_id=subject_id, study_id=40689238 + 1013 * i,
-                      statements=tuple(statements[i] if statements else DEFAULT_STATEMENTS[i % len(DEFAULT_STATEMENTS)]),
+                      statements=tuple(statements[i] if statements
+                                       else DEFAULT_STATEMENTS[i % len(DEFAULT_STATEMENTS)]),
                       source_record=source_name)
         order = [LEADS.index(name) for name in MIMIC_LEAD_ORDER]
         write_wfdb(dest / study.path, signal[:, order], MIMIC_LEAD_ORDER)
@@ -124,7 +125,8 @@ def write_csvs(fixture: MimicFixture) -> None:
         writer = csv.writer(handle)
         writer.writerow(["subject_id", "study_id", "file_name", "ecg_time", "path"])
         for i, s in enumerate(fixture.studies):
-            writer.writerow([s.subject_id, s.study_id, s.study_id, f"2180-07-{1 + i % 28:02d} 08:{i % 60:02d}:00", s.path])
+            ecg_time = f"2180-07-{1 + i % 28:02d} 08:{i % 60:02d}:00"
+            writer.writerow([s.subject_id, s.study_id, s.study_id, ecg_time, s.path])
     with open(fixture.root / "machine_measurements.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["subject_id", "study_id", "cart_id", "machine", "ecg_time",

@@ -158,7 +158,7 @@ def cpsc2018_labels(dx_codes: Iterable[str]) -> np.ndarray:
     return labels_from_codes(dx_codes, CPSC2018_CLASSES, CPSC2018_CODES)
 
 
-def frequent_dx_classes(records: Iterable["PhysioNetRecord"], min_count: int = 10
+def frequent_dx_classes(records: Iterable[PhysioNetRecord], min_count: int = 10
                         ) -> list[str]:
     """SNOMED codes present in at least ``min_count`` records, most frequent first.
 

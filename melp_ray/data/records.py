@@ -99,7 +99,7 @@ class RecordRef:
         return row
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "RecordRef":
+    def from_row(cls, row: dict[str, Any]) -> RecordRef:
         """Inverse of to_row (also accepts numpy arrays for the label lists, as Ray gives them)."""
         labels = {}
         for task in LABEL_TASKS:

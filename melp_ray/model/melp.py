@@ -11,7 +11,7 @@ The three losses that use these outputs live in ``melp_ray.losses``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

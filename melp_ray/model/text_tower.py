@@ -87,7 +87,8 @@ class TextTower(nn.Module):
         layers = transformer_layers(self.backbone)
         if num_layers >= len(layers):
             warnings.warn(f"text_frozen_layers={num_layers} freezes all {len(layers)} layers of "
-                          f"{type(self.backbone).__name__}: only the heads of the text tower train")
+                          f"{type(self.backbone).__name__}: only the heads of the text tower train",
+                          stacklevel=2)
         for layer in list(layers)[:num_layers]:
             layer.requires_grad_(False)
         if embeddings:

@@ -17,7 +17,8 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -131,7 +132,7 @@ class DeepSpeedRecipe:
             batches.close()
         return self.finish()
 
-    def train_epoch(self, batches: EpochPrefetcher, window: "Window", stop_at: int,
+    def train_epoch(self, batches: EpochPrefetcher, window: Window, stop_at: int,
                     empty_epochs: int) -> int:
         """Train until this epoch's data or the step budget ends; returns how many epochs in a
         row have yielded no micro-batch (two in a row is an error)."""
@@ -183,7 +184,7 @@ class DeepSpeedRecipe:
         key = [self.cfg.train.seed, s.epoch, s.micro_in_epoch, self.rank]
         return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
 
-    def after_optimizer_step(self, window: "Window", stop_at: int) -> None:
+    def after_optimizer_step(self, window: Window, stop_at: int) -> None:
         t = self.cfg.train
         step = self.state.step
         last = step >= stop_at

@@ -31,7 +31,8 @@ def test_malformed_csv_message(tmp_path, bundled_ptbxl):
     root.mkdir()
     shutil.copy(bundled_ptbxl / "scp_statements.csv", root)
     (root / "ptbxl_database.csv").write_text("ecg_id,patient_id,report\n1,2,hello\n")
-    with pytest.raises(DataRootError, match=r"lacks columns \['scp_codes', 'strat_fold', 'filename_lr', 'filename_hr'\]"):
+    missing = r"lacks columns \['scp_codes', 'strat_fold', 'filename_lr', 'filename_hr'\]"
+    with pytest.raises(DataRootError, match=missing):
         list_records("ptb-xl", root)
     (root / "scp_statements.csv").unlink()
     shutil.copy(bundled_ptbxl / "ptbxl_database.csv", root)

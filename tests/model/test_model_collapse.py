@@ -37,6 +37,8 @@ from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.pretrain import mask_leads
 
+pytestmark = pytest.mark.slow   # real end-to-end runs: minutes (pytest -m 'not slow' skips)
+
 PRESET = "small"       # the shipped CPU default (its pretrained text tower is what learns)
 BATCH = 16            # ln 16 = 2.773
 STEPS = 40

@@ -60,6 +60,7 @@ def test_same_report_positives_match_soft_target_formula():
                                rhythm_loss(ecg, text, scale, keys))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repeats", [False, True], ids=["plain", "same_report_positives"])
 def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
     torch.manual_seed(0)
@@ -109,6 +110,7 @@ def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
         torch.testing.assert_close(rank["text_in_grad"] / 2, text_in.grad[rows], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_token_loss_two_gloo_processes_equal_full_batch(tmp_path):
     """Unequal padding per rank: the loss is still the per-token mean of the whole batch."""
     torch.manual_seed(0)

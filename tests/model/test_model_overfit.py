@@ -13,6 +13,8 @@ from melp_ray import tokenization
 from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 
+pytestmark = pytest.mark.slow   # real end-to-end runs: minutes (pytest -m 'not slow' skips)
+
 REPO = Path(__file__).resolve().parents[2]
 N_PAIRS, STEPS = 8, 60
 
