@@ -85,10 +85,9 @@ def check_held_out(checkpoint: str, holdout: int, parser) -> None:
 
 def given_checkpoint(checkpoint: str) -> dict:
     """What the JSON records about a checkpoint trained elsewhere (--checkpoint)."""
-    from melp_ray.checkpoint import checkpoint_config, resolve_checkpoint
+    from melp_ray.checkpoint import TRAINER_STATE, checkpoint_config, resolve_checkpoint
 
     from melp_ray import storage
-    from melp_ray.train.recipe import TRAINER_STATE
 
     path = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(path)

@@ -92,6 +92,7 @@ def start_engine(cfg, model, opt, sched):
     import deepspeed
     import torch.distributed as dist
 
+    from melp_ray.distributed import free_port
     from melp_ray.train.deepspeed_config import deepspeed_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
@@ -101,14 +102,6 @@ def start_engine(cfg, model, opt, sched):
                                       config=deepspeed_config(cfg.train, cfg.deepspeed),
                                       dist_init_required=False)
     return engine
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ours(cfg) -> dict:

@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import resource
-import socket
 import tempfile
 from pathlib import Path
 
@@ -193,14 +192,10 @@ def rank_main(rank: int, world: int, port: int, stage: int, precision: str, smok
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage(stage: int, precision: str, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
+
+    from melp_ray.distributed import free_port
 
     mp.start_processes(rank_main, args=(world, free_port(), stage, precision, smoke, out_dir),
                        nprocs=world, start_method="spawn", join=True)

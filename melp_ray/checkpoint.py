@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 
 from melp_ray import storage
 
-CHECKPOINT_TAG = "deepspeed"          # = melp_ray.train.recipe.CHECKPOINT_TAG (no torch import here)
+CHECKPOINT_TAG = "deepspeed"          # the sub-folder DeepSpeed writes inside a checkpoint
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "melp_config.json"
 CHECKPOINT_PREFIX = "checkpoint_"     # Ray Train's checkpoint folder names
@@ -81,10 +81,8 @@ def local_checkpoint(path: str) -> Iterator[str]:
     if not storage.is_uri(path):
         yield path
         return
-    src_fs, src = storage.filesystem_and_path(path)
     with tempfile.TemporaryDirectory(prefix="melp_ckpt_") as tmp:
-        pafs.copy_files(src, tmp, source_filesystem=src_fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        storage.copy_folder(path, tmp)
         yield tmp
 
 
@@ -135,14 +133,6 @@ def checkpoint_config(ckpt_dir: str) -> dict[str, Any]:
     return storage.read_json(storage.join(resolve_checkpoint(ckpt_dir), RUN_CONFIG))
 
 
-def model_config_from_dict(d: dict[str, Any]):
-    """ModelConfig from its saved dict (types checked; unknown keys are an error)."""
-    from melp_ray.config import from_dict
-    from melp_ray.model.config import ModelConfig
-
-    return from_dict(ModelConfig, dict(d), "model.")
-
-
 def model_from_state_dict(model_cfg, state: dict[str, Any]):
     """MELP(model_cfg) with exactly ``state`` loaded (strict), in eval mode."""
     import torch
@@ -156,6 +146,8 @@ def model_from_state_dict(model_cfg, state: dict[str, Any]):
 
 def load_model_from_checkpoint(path: str):
     """The MELP of a training checkpoint (or the latest one of a run folder), fp32, eval mode."""
+    from melp_ray.config import model_config_from_dict
+
     with local_checkpoint(path) as local:
         with open(os.path.join(local, RUN_CONFIG)) as f:
             model_cfg = model_config_from_dict(json.load(f)["model"])

@@ -8,6 +8,7 @@ before any Ray resource is asked for.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -264,8 +265,15 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from its saved dict (a checkpoint's, an export's): types checked, an
+    unknown key is an error."""
+    return from_dict(ModelConfig, dict(d), "model.")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config as plain JSON types (what checkpoints, summaries and W&B store)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 # ---------------------------------------------------------------- validation

@@ -360,7 +360,8 @@ def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
     """
     import torch
 
-    from melp_ray.checkpoint import load_model, model_config_from_dict
+    from melp_ray.checkpoint import load_model
+    from melp_ray.config import model_config_from_dict
 
     if not random_init:
         return load_model(checkpoint).eval()
@@ -384,7 +385,7 @@ def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
 
 def read_record(dataset: str, path: str, sample_rate: int, seconds: float) -> np.ndarray:
     """One record as float32 (12, sample_rate*seconds) in mV; raises RecordRejected."""
-    from melp_ray.data.records import RecordRef, RecordRejected, UNREADABLE, load_signal
+    from melp_ray.data.records import RecordRef, RecordRejected, UNREADABLE, fit_signal, load_signal
 
     if dataset == "ptb-xl":
         ref = RecordRef(record_id="", subject_id="", dataset=dataset, path=path, report="")
@@ -396,30 +397,6 @@ def read_record(dataset: str, path: str, sample_rate: int, seconds: float) -> np
     except (PhysioNetFormatError, OSError) as err:
         raise RecordRejected(UNREADABLE, str(err)) from None
     return fit_signal(signal, fs, sample_rate, seconds)
-
-
-def fit_signal(signal: np.ndarray, fs: float, sample_rate: int, seconds: float) -> np.ndarray:
-    """(12, T) at ``fs`` -> (12, sample_rate*seconds): the rules of ``records.load_signal``.
-
-    The first ``seconds`` are kept, a shorter record is rejected (wrong_length), the rate
-    is converted with resample_poly; NaN/Inf or all-flat leads are rejected.
-    """
-    from scipy.signal import resample_poly
-
-    from melp_ray.data import records as R
-
-    source_rate = R._source_rate(fs)
-    n_out = R.n_samples_for(sample_rate, seconds)
-    up, down = R._resample_ratio(source_rate, sample_rate)
-    n_in = -(-n_out * down // up)
-    if signal.shape[1] < n_in:
-        raise R.RecordRejected(R.WRONG_LENGTH, f"{signal.shape[1]} samples at {source_rate} "
-                                               f"Hz < {n_in} needed for {seconds} s")
-    window = signal[:, :n_in].astype(np.float64)
-    R._check_values(window.T)  # same NaN/flat rules as load_signal (it takes (T, leads))
-    if up != down:
-        window = resample_poly(window, up, down, axis=1)
-    return np.ascontiguousarray(window[:, :n_out], dtype=np.float32)
 
 
 def load_batch(batch: dict[str, np.ndarray], dataset: str, sample_rate: int,

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 
-from melp_ray.checkpoint import model_config_from_dict
 from melp_ray.model import MELP
+from melp_ray.config import model_config_from_dict
 
 MODEL_TYPE = "melp"
 TEXT_SUBFOLDER = "text_model"

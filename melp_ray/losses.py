@@ -15,12 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from melp_ray.distributed import sum_over_ranks, world
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -30,8 +25,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank's slice, so every rank gets the gradient of the *sum* of all ranks' losses.
     Every rank must pass the same shape (use equal local batch sizes, e.g. drop_last).
     """
-    _, world = _world()
-    if world == 1:
+    if world()[1] == 1:
         return x
     # torch's functional all-gather: differentiable, its backward a summing reduce-scatter
     # (torch.distributed.nn.functional.all_gather, which does the same, is deprecated).
@@ -43,10 +37,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated along dim 0, without gradient (report keys, validation
     embeddings and labels)."""
-    _, world = _world()
-    if world == 1:
+    n = world()[1]
+    if n == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
+    parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
 
@@ -74,7 +68,7 @@ def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     normal ecg."), and pushing ECGs with the same diagnosis apart is what spreads them by
     chance rather than by content. With no repeats the loss equals the plain one.
     """
-    rank, _ = _world()
+    rank, _ = world()
     all_ecg, all_text = gather_with_grad(ecg_emb), gather_with_grad(text_emb)
     logits_per_ecg = logit_scale * ecg_emb @ all_text.T   # (b, W·b)
     logits_per_text = logit_scale * text_emb @ all_ecg.T  # (b, W·b)
@@ -97,11 +91,9 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                             ignore_index=-100, reduction="sum")
     count = labels.ne(-100).sum().to(total.dtype)
-    _, world = _world()
-    if world > 1:
-        count = count.detach().clone()
-        dist.all_reduce(count)
-        count = count / world
+    _, n = world()
+    if n > 1:
+        count = sum_over_ranks(count.detach().clone()) / n
     return total / count.clamp(min=1)
 
 

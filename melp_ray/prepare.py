@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from melp_ray import storage
 from melp_ray.data import shards
 from melp_ray.data.leads import LEADS
 from melp_ray.data.records import REJECTION_REASONS, RecordRef, RecordRejected, load_signal, n_samples_for
@@ -99,7 +100,7 @@ def _check_output_folder(out: Path, settings: PrepareSettings) -> None:
             raise PrepareError(f"{out} was prepared with other settings ({previous}); "
                                f"use a new --out or delete it")
     else:
-        shards.atomic_write_json(settings_path, settings.fingerprint())
+        storage.write_json(settings_path, settings.fingerprint())
     shards.remove_temp_files(out)
 
 
@@ -130,7 +131,7 @@ def process_chunk(chunk: dict[str, Any], settings: PrepareSettings) -> dict[str,
         "settings": settings.fingerprint(),
     }
     # Written last: its presence marks the chunk as done.
-    shards.atomic_write_json(out / shards.state_relpath(chunk["split"], chunk["index"]), state)
+    storage.write_json(out / shards.state_relpath(chunk["split"], chunk["index"]), state)
     return state
 
 
@@ -219,7 +220,7 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
             raise PrepareError(f"chunk {chunk['split']}/{chunk['index']} did not finish")
         states.append(state)
     manifest = build_manifest(listing, states, settings)
-    shards.atomic_write_json(out / shards.MANIFEST_NAME, manifest)
+    storage.write_json(out / shards.MANIFEST_NAME, manifest)
     return manifest
 
 

@@ -15,9 +15,9 @@ import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from melp_ray.config import ConfigError, PretrainConfig, load_config
+from melp_ray.distributed import mean_over_ranks
 from melp_ray.losses import gather_no_grad
 from melp_ray.train.recipe import DeepSpeedRecipe
 
@@ -83,7 +83,7 @@ class PretrainRecipe(DeepSpeedRecipe):
             n += 1
         if n == 0:
             return {}
-        metrics = {f"loss_{k}": mean_over_ranks(v / n, self.device) for k, v in sums.items()}
+        metrics = mean_over_ranks({f"loss_{k}": v / n for k, v in sums.items()}, self.device)
         ecg_all = gather_no_grad(torch.cat(ecg_embs))
         text_all = gather_no_grad(torch.cat(text_embs))
         metrics.update(retrieval_recall(ecg_all, text_all))
@@ -94,7 +94,7 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     def zero_shot_auroc(self, ecg_emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         from melp_ray.eval.metrics import macro_auroc
-        from melp_ray.data.stream import SUPERCLASSES
+        from melp_ray.data.ptbxl import SUPERCLASSES
         from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
 
         from melp_ray.eval.zero_shot import prompt_embeddings
@@ -121,14 +121,6 @@ def mask_leads(ecg: torch.Tensor, prob: float, generator: torch.Generator) -> to
         return ecg
     keep = torch.rand(ecg.shape[0], ecg.shape[1], 1, generator=generator) >= prob
     return ecg * keep.to(device=ecg.device, dtype=ecg.dtype)
-
-
-def mean_over_ranks(value: float, device) -> float:
-    t = torch.tensor([value], device=device, dtype=torch.float32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t)
 
 
 def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:

@@ -28,16 +28,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from melp_ray import storage
+from melp_ray.distributed import sum_over_ranks
 from melp_ray.config import (ConfigError, DataConfig, DeepSpeedConfig, RunConfig, TrainConfig,
                              data_problems, deepspeed_problems, from_dict, load_config, raise_if,
                              run_problems, train_problems)
 from melp_ray.text_tokenizer import nfc
 from melp_ray.train.metrics import worker_print
-from melp_ray.train.recipe import CHECKPOINT_TAG, RUN_CONFIG, DeepSpeedRecipe
+from melp_ray.train.recipe import DeepSpeedRecipe
 
 DEFAULT_CONFIG = "text_tiny"
 HF_FOLDER = "hf_text_model"          # <storage>/<name>/hf_text_model
@@ -251,9 +251,7 @@ class TextPretrainRecipe(DeepSpeedRecipe):
             totals += torch.tensor([float(v) for v in mlm_sums(logits, labels)], dtype=torch.float64)
         self.engine.train()
         totals = totals.to(self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)
-        loss_sum, correct, count = totals.tolist()
+        loss_sum, correct, count = sum_over_ranks(totals).tolist()
         if count == 0:
             return {}
         loss = loss_sum / count
@@ -376,35 +374,15 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
 
 # ---------------------------------------------------------------- export
 
-def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint folder, whatever the ZeRO stage."""
-    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
-        state = json.load(f)
-    ds_dir = os.path.join(checkpoint_dir, CHECKPOINT_TAG)
-    if state.get("zero_stage", 0) == 0 and not any("zero_pp_rank" in n for n in os.listdir(ds_dir)):
-        # No ZeRO: rank 0's model file holds every weight.
-        module = torch.load(os.path.join(ds_dir, "mp_rank_00_model_states.pt"),
-                            map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # Partitioned fp32 master weights (ZeRO 1-3) gathered back into whole tensors.
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
-
-
 def export_hf_model(checkpoint: str, out: str) -> str:
     """Checkpoint (local folder or URI) -> Hugging Face folder: config, safetensors, tokenizer."""
-    import ray.train
+    from melp_ray.checkpoint import checkpoint_config, consolidated_state_dict
+    from melp_ray.text_tokenizer import load_tokenizer_folder
 
-    from melp_ray.text_tokenizer import copy_folder, load_tokenizer_folder
-
-    with ray.train.Checkpoint(checkpoint).as_directory() as ckpt:
-        with open(os.path.join(ckpt, RUN_CONFIG)) as f:
-            cfg = from_dict(TextPretrainConfig, json.load(f))
-        tokenizer = load_tokenizer_folder(tokenizer_source(cfg))
-        model = build_mlm_model(cfg, tokenizer, load_weights=False)
-        weights = consolidated_state_dict(ckpt)
+    cfg = from_dict(TextPretrainConfig, checkpoint_config(checkpoint))
+    tokenizer = load_tokenizer_folder(tokenizer_source(cfg))
+    model = build_mlm_model(cfg, tokenizer, load_weights=False)
+    weights = consolidated_state_dict(checkpoint)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = tied_parameter_names(model)
     missing = [k for k in missing if k not in tied]
@@ -417,7 +395,7 @@ def export_hf_model(checkpoint: str, out: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            copy_folder(tmp, out)
+            storage.copy_folder(tmp, out)
     else:
         out = os.path.expanduser(out)
         model.save_pretrained(out)

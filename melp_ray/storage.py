@@ -12,16 +12,18 @@ from typing import Any
 import pyarrow.fs as pafs
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
 
 
-def normalise_storage_path(path: str) -> str:
+def normalise_storage_path(path: str | os.PathLike) -> str:
     """Expand ``~`` and make local paths absolute; URIs pass through unchanged."""
+    path = os.fspath(path)
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
-def filesystem_and_path(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_and_path(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    path = os.fspath(path)
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), normalise_storage_path(path)
@@ -45,14 +47,27 @@ def to_uri(storage_path: str, fs_path: str) -> str:
     return f"{scheme}://{fs_path}{sep}{query}"
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a whole file atomically where the filesystem allows it (tmp + move)."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file so that readers never see half of it: a temp file beside it
+    (``*.tmp-<pid>``: two writers never share one), then a rename. Local files are
+    fsync-ed first, so a crash leaves either the old file or the new one."""
     fs, p = filesystem_and_path(path)
     fs.create_dir(os.path.dirname(p), recursive=True)
-    tmp = p + ".tmp"
+    tmp = f"{p}.tmp-{os.getpid()}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        return
     with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
+        f.write(data)
     fs.move(tmp, p)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
 def read_text(path: str) -> str:
@@ -72,3 +87,11 @@ def write_json(path: str, obj: Any) -> None:
 
 def read_json(path: str) -> Any:
     return json.loads(read_text(path))
+
+
+def copy_folder(src: str, dst: str) -> None:
+    """Copy a folder between local paths and URIs (either side may be either)."""
+    src_fs, src_path = filesystem_and_path(src)
+    dst_fs, dst_path = filesystem_and_path(dst)
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)

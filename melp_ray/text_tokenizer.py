@@ -83,20 +83,8 @@ def save_tokenizer(tokenizer, path: str) -> str:
         return path
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        copy_folder(tmp, path)
+        storage.copy_folder(tmp, path)
     return path
-
-
-def copy_folder(src: str, dst: str) -> None:
-    """Copy a folder between local paths and URIs (pyarrow filesystems)."""
-    import pyarrow.fs as pafs
-
-    from melp_ray import storage
-
-    src_fs, src_path = storage.filesystem_and_path(src)
-    dst_fs, dst_path = storage.filesystem_and_path(dst)
-    dst_fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
 def load_tokenizer_folder(path: str):
@@ -109,7 +97,7 @@ def load_tokenizer_folder(path: str):
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        copy_folder(path, tmp)
+        storage.copy_folder(path, tmp)
         return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 

@@ -63,7 +63,8 @@ def test_consolidated_weights_equal_live_weights(runs, key):
         assert torch.equal(tensor, live[name]), name
     # The run really trained: the live weights moved away from the seeded initialisation.
     from melp_ray.model import MELP
-    from melp_ray.checkpoint import checkpoint_config, model_config_from_dict
+    from melp_ray.checkpoint import checkpoint_config
+    from melp_ray.config import model_config_from_dict
 
     torch.manual_seed(0)
     init = MELP(model_config_from_dict(checkpoint_config(summary["last_checkpoint"])["model"]))

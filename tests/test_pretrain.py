@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from melp_ray.config import PretrainConfig
+from melp_ray.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,14 +196,6 @@ def test_same_global_batch_same_first_loss_with_1_and_2_workers(ray_local, tiny_
 
 
 # ---------------------------------------------------------------- ray job submit
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):

@@ -12,7 +12,8 @@ import torch
 
 from melp_ray.config import PretrainConfig, load_config
 from melp_ray.data.sources import bundled_root, scan_records, split_for_subject
-from melp_ray.pretrain_text import (IGNORE, TextPretrainConfig, consolidated_state_dict,
+from melp_ray.checkpoint import consolidated_state_dict
+from melp_ray.pretrain_text import (IGNORE, TextPretrainConfig,
                                     mask_tokens, run)
 from melp_ray.text_tokenizer import (ALPHABET, SPECIAL_TOKENS, nfc, save_tokenizer,
                                      train_wordpiece, unk_rate, words)

@@ -166,23 +166,31 @@ def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int
     except LeadMappingError as err:
         raise RecordRejected(MISSING_LEADS, str(err)) from None
     to_mv = _millivolt_factors(record.units, columns)
+    signal = (record.p_signal[:, columns] * to_mv).T        # (12, T), canonical order, mV
+    return fit_signal(signal, source_rate, sample_rate, seconds)
 
+
+def fit_signal(signal: np.ndarray, fs, sample_rate: int, seconds: float) -> np.ndarray:
+    """(12, T) in mV at ``fs`` -> float32 (12, sample_rate*seconds); every reader ends here.
+
+    The first ``seconds`` are kept (a shorter record is wrong_length), NaN/Inf or all-flat
+    leads are rejected, and the rate is converted with ``resample_poly``.
+    """
+    source_rate = _source_rate(fs)
     # Samples needed at the source rate to produce exactly the wanted output length.
     n_out = n_samples_for(sample_rate, seconds)
     up, down = _resample_ratio(source_rate, sample_rate)
     n_in = math.ceil(n_out * down / up)
-    n_read = record.p_signal.shape[0]
-    if n_read < n_in:
-        raise RecordRejected(WRONG_LENGTH, f"{n_read} samples at {source_rate} Hz < {n_in} "
-                                           f"needed for {seconds} s")
-
-    signal = record.p_signal[:n_in, columns] * to_mv       # canonical lead order, cropped, in mV
-    _check_values(signal)
+    if signal.shape[1] < n_in:
+        raise RecordRejected(WRONG_LENGTH, f"{signal.shape[1]} samples at {source_rate} Hz < "
+                                           f"{n_in} needed for {seconds} s")
+    window = signal[:, :n_in].astype(np.float64)
+    _check_values(window.T)
     if up != down:
         from scipy.signal import resample_poly
 
-        signal = resample_poly(signal, up, down, axis=0)
-    return np.ascontiguousarray(signal[:n_out].T, dtype=np.float32)
+        window = resample_poly(window, up, down, axis=1)
+    return np.ascontiguousarray(window[:, :n_out], dtype=np.float32)
 
 
 def _read_record(wfdb, record_path: str):

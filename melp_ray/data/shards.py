@@ -88,23 +88,6 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file next to ``path``, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(path, text.encode())
-
-
 def write_shard(rows: list[dict[str, Any]], path: str | os.PathLike) -> int:
     """Write rows of SCHEMA to one Parquet file, atomically; returns the row count."""
     path = Path(path)

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.tokenization import encode_reports, load_report_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SUPERCLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
 MODEL_COLUMNS = ("ecg", "input_ids", "attention_mask", "sentence_ids")
 
 

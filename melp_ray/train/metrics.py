@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from melp_ray import storage
+from melp_ray.config import to_dict
 
 
 def run_dir(cfg) -> str:
@@ -26,7 +27,7 @@ class MetricsLogger:
             local_dir = None if storage.is_uri(self.path) else run_dir(cfg)
             self.wandb = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name,
                                     id=cfg.run.name, resume="allow", dir=local_dir,
-                                    config=json.loads(json.dumps(_asdict(cfg), default=str)))
+                                    config=to_dict(cfg))
 
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.active:
@@ -66,7 +67,4 @@ def format_progress(m: dict[str, Any]) -> str:
     return "[melp_ray] " + " | ".join(parts)
 
 
-def _asdict(cfg) -> dict[str, Any]:
-    from dataclasses import asdict
 
-    return asdict(cfg)

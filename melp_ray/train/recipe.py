@@ -23,13 +23,13 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from melp_ray.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
+from melp_ray.config import to_dict
+from melp_ray.distributed import mean_over_ranks
 from melp_ray.train.deepspeed_config import deepspeed_config, use_bf16
 from melp_ray.train.metrics import MetricsLogger, worker_print
 from melp_ray.train.prefetch import EpochPrefetcher
 
-CHECKPOINT_TAG = "deepspeed"       # sub-folder DeepSpeed writes inside a checkpoint
-TRAINER_STATE = "trainer_state.json"
-RUN_CONFIG = "melp_config.json"
 
 
 @dataclass
@@ -193,7 +193,10 @@ class DeepSpeedRecipe:
         want_log = step % t.log_every == 0 or want_ckpt or want_val
         if not want_log:
             return
-        metrics = self.mean_over_ranks(window.summary(step, self.scheduler.get_last_lr()[0]))
+        metrics = window.summary(step, self.scheduler.get_last_lr()[0])
+        # Loss means of the whole world (each rank only saw its own micro-batches).
+        metrics |= mean_over_ranks({k: v for k, v in metrics.items() if k.startswith("loss/")},
+                                   self.device)
         metrics.update(self.extra_metrics())
         if want_val:
             metrics.update({f"val/{k}": v for k, v in self.validate().items()})
@@ -211,15 +214,6 @@ class DeepSpeedRecipe:
             ray.train.report(metrics)
         window.reset()
 
-    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Loss means of the whole world (each rank only saw its own micro-batches)."""
-        keys = sorted(k for k in metrics if k.startswith("loss/"))
-        if self.world == 1 or not keys:
-            return metrics
-        values = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
-        dist.all_reduce(values)
-        return {**metrics, **{k: float(v) / self.world for k, v in zip(keys, values)}}
-
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         """Every rank writes its DeepSpeed shard; Ray merges them into one checkpoint."""
@@ -232,7 +226,7 @@ class DeepSpeedRecipe:
                     json.dump({**asdict(self.state), "world_size": self.world,
                                "zero_stage": self.cfg.deepspeed.zero_stage}, f, indent=2)
                 with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-                    json.dump(config_dict(self.cfg), f, indent=2, default=str)
+                    json.dump(to_dict(self.cfg), f, indent=2)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def load_checkpoint(self, checkpoint) -> None:
@@ -317,6 +311,3 @@ def lr_schedule(optimizer, train):
 
     return get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, max(train.max_steps, 1))
 
-
-def config_dict(cfg) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(cfg), default=str))

@@ -12,20 +12,15 @@ DDP / DeepSpeed do.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from melp_ray.distributed import free_port
+
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(rank: int, case_path: str, out_dir: str, port: int) -> None:

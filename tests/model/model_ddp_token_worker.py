@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model_ddp_rhythm_worker import WORLD, free_port
+from model_ddp_rhythm_worker import WORLD
+
+from melp_ray.distributed import free_port
 
 
 def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
