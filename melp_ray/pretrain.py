@@ -142,20 +142,18 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """One dataset per rank and split; ``data_info`` (if given) receives what goes in."""
-    from melp_ray.data.stream import StreamSpec, rank_datasets
+    from melp_ray.data.stream import StreamSpec, split_datasets
 
     spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
     kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
               seed=cfg.train.seed, limit=cfg.data.limit, exclude_folds=cfg.data.exclude_folds)
     world = cfg.train.num_workers
-    datasets, counts = {}, {}
-    for split, prefix in (("train", "train"), ("val", "val")):
-        counts[split] = {}
-        for rank, ds in enumerate(rank_datasets(cfg.data.root, split, world, spec, **kw,
-                                                counts=counts[split],
-                                                log_rejected=split == "train")):
-            datasets[f"{prefix}_r{rank}"] = ds.materialize() if cfg.data.materialize else ds
+    counts: dict[str, dict[str, int]] = {}
+    datasets = {}
+    for split, per_rank in split_datasets(cfg.data.root, world, spec, **kw, counts=counts).items():
+        for rank, ds in enumerate(per_rank):
+            datasets[f"{split}_r{rank}"] = ds.materialize() if cfg.data.materialize else ds
     info = data_summary(cfg, counts)
     print(f"[melp_ray] data: {info['train_records']} train / {info['val_records']} val records"
           + (f"; {info['held_out']['records']} records of folds {info['held_out']['folds']} "

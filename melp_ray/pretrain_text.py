@@ -35,7 +35,7 @@ from melp_ray.distributed import sum_over_ranks
 from melp_ray.config import (ConfigError, DataConfig, DeepSpeedConfig, RunConfig, TrainConfig,
                              data_problems, deepspeed_problems, from_dict, load_config, raise_if,
                              run_problems, train_problems)
-from melp_ray.text_tokenizer import nfc
+from melp_ray.wordpiece import nfc
 from melp_ray.train.metrics import worker_print
 from melp_ray.train.recipe import DeepSpeedRecipe
 
@@ -203,7 +203,7 @@ class TextPretrainRecipe(DeepSpeedRecipe):
     """What stage 1 trains: a BERT-style masked language model on reports."""
 
     def setup(self) -> None:
-        from melp_ray.text_tokenizer import load_tokenizer_folder
+        from melp_ray.wordpiece import load_tokenizer_folder
 
         # Before super().setup(): build_model needs the vocabulary.
         self.tokenizer = load_tokenizer_folder(tokenizer_source(self.cfg))
@@ -280,24 +280,23 @@ def corpus(cfg: TextPretrainConfig) -> dict[str, list[str]]:
     on one side. Order is fixed: the per-rank streams built from it are deterministic.
     """
     from melp_ray.data.sources import detect_layout, split_for_subject
-    from melp_ray.data.stream import resolve_root, shard_files, split_refs
+    from melp_ray.data.stream import list_splits, resolve_root, shard_files
 
     d, seed = cfg.data, cfg.train.seed
     texts: dict[str, list[str]] = {"train": [], "val": []}
     if d.use_reports:
         root = resolve_root(d.root)
         layout = detect_layout(root) if d.dataset == "auto" else d.dataset
-        for split in texts:
-            if layout == "shards":
-                import pyarrow.parquet as pq
+        if layout == "shards":
+            import pyarrow.parquet as pq
 
+            for split in texts:
                 reports = [r for f in shard_files(root, split)
                            for r in pq.read_table(f, columns=["report"]).column("report").to_pylist()]
                 texts[split] += reports[: d.limit] if d.limit is not None else reports
-            else:
-                texts[split] += [ref.report for ref in split_refs(
-                    layout, root, split, d.val_fraction, seed, d.limit,
-                    log_rejected=split == "train")]
+        else:
+            for split, refs in list_splits(layout, root, d.val_fraction, seed, d.limit).items():
+                texts[split] += [ref.report for ref in refs]
     for path in d.text_files:
         for line in storage.read_text(path).splitlines():
             line = line.strip()
@@ -354,7 +353,7 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
     It is saved under the run folder; a re-run (resume) finds it there and reuses it, so a
     resumed run keeps its vocabulary. Returns the config with ``text.tokenizer`` set.
     """
-    from melp_ray.text_tokenizer import save_tokenizer, train_wordpiece, unk_rate
+    from melp_ray.wordpiece import save_tokenizer, train_wordpiece, unk_rate
     from melp_ray.train.metrics import run_dir
 
     if cfg.text.init != "scratch" or cfg.text.tokenizer is not None:
@@ -377,7 +376,7 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
 def export_hf_model(checkpoint: str, out: str) -> str:
     """Checkpoint (local folder or URI) -> Hugging Face folder: config, safetensors, tokenizer."""
     from melp_ray.checkpoint import checkpoint_config, consolidated_state_dict
-    from melp_ray.text_tokenizer import load_tokenizer_folder
+    from melp_ray.wordpiece import load_tokenizer_folder
 
     cfg = from_dict(TextPretrainConfig, checkpoint_config(checkpoint))
     tokenizer = load_tokenizer_folder(tokenizer_source(cfg))
@@ -422,7 +421,7 @@ def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None 
     """Train (or resume), export the final checkpoint as a HF folder; returns the summary."""
     from melp_ray.pretrain import check_data_root, quiet_data_progress_bars
     from melp_ray.ray_utils import init_ray
-    from melp_ray.text_tokenizer import load_tokenizer_folder
+    from melp_ray.wordpiece import load_tokenizer_folder
     from melp_ray.train.launcher import fit_and_summarise
     from melp_ray.train.metrics import run_dir
 

@@ -183,43 +183,61 @@ def resolve_root(root: str | None) -> str:
 
 
 def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpec, *,
-                  dataset: str = "auto", val_fraction: float = 0.1, seed: int = 0,
-                  limit: int | None = None, exclude_folds: Sequence[int] = (),
-                  counts: dict[str, int] | None = None, log_rejected: bool = True) -> list:
-    """One dataset per rank for ``split`` ("train" | "val"), from shards or a raw root.
+                  counts: dict[str, int] | None = None, **kwargs) -> list:
+    """One dataset per rank for one ``split`` ("train" | "val"): see ``split_datasets``."""
+    by_split = split_datasets(root, world_size, spec, splits=(split,),
+                              counts=None if counts is None else {split: counts}, **kwargs)
+    return by_split[split]
 
-    Records whose PTB-XL ``strat_fold`` is in ``exclude_folds`` never enter the split (a
-    fold held out for evaluation). ``counts``, when given, receives ``records`` (what the
-    split will stream, before signal-level rejections) and ``held_out`` (left out for
-    their fold). ``log_rejected``: name the records rejected from the metadata (say True for
-    one of the two splits).
+
+def split_datasets(root: str | None, world_size: int, spec: StreamSpec, *,
+                   splits: Sequence[str] = ("train", "val"), dataset: str = "auto",
+                   val_fraction: float = 0.1, seed: int = 0, limit: int | None = None,
+                   exclude_folds: Sequence[int] = (),
+                   counts: dict[str, dict[str, int]] | None = None) -> dict[str, list]:
+    """{split: one dataset per rank}, from shards or a raw root (listed once for all splits).
+
+    Records whose PTB-XL ``strat_fold`` is in ``exclude_folds`` never enter a split (a fold
+    held out for evaluation). ``counts``, when given, receives per split ``records`` (what
+    the split will stream, before signal-level rejections) and ``held_out`` (left out for
+    their fold).
     """
     from melp_ray.data.sources import detect_layout
 
     root = resolve_root(root)
     layout = detect_layout(root) if dataset == "auto" else dataset
-    if layout == "shards":
-        files = shard_files(root, split)
-        if limit is not None:
-            files = files[: max(world_size, 1)]
-        if len(files) < world_size:
-            raise ValueError(
-                f"{root} has {len(files)} {split} shard(s) for {world_size} workers: each worker "
-                f"reads whole shards; re-run prepare with a smaller --shard-size")
-        if counts is not None:
-            counts.update(count_shard_folds(files, exclude_folds))
-        return [shards_dataset(files[r::world_size], spec, exclude_folds=exclude_folds)
-                for r in range(world_size)]
-    refs = split_refs(layout, root, split, val_fraction, seed, limit, spec.sample_rate,
-                      log_rejected)
-    refs, held_out = drop_folds(refs, exclude_folds)
-    if counts is not None:
-        counts.update(records=len(refs), held_out=len(held_out))
-    if len(refs) < world_size:
-        raise ValueError(f"{root}: only {len(refs)} {split} record(s) for {world_size} workers"
-                         + (f" ({len(held_out)} of folds {sorted(set(exclude_folds))} held out)"
-                            if held_out else ""))
-    return [wfdb_dataset(refs[r::world_size], root, spec) for r in range(world_size)]
+    listed = None if layout == "shards" else list_splits(layout, root, val_fraction, seed, limit,
+                                                         spec.sample_rate)
+    out = {}
+    for split in splits:
+        split_counts = {} if counts is None else counts.setdefault(split, {})
+        if listed is None:
+            out[split] = _shard_rank_datasets(root, split, world_size, spec, limit, exclude_folds,
+                                              split_counts)
+            continue
+        refs, held_out = drop_folds(listed[split], exclude_folds)
+        split_counts.update(records=len(refs), held_out=len(held_out))
+        if len(refs) < world_size:
+            raise ValueError(f"{root}: only {len(refs)} {split} record(s) for {world_size} workers"
+                             + (f" ({len(held_out)} of folds {sorted(set(exclude_folds))} held out)"
+                                if held_out else ""))
+        out[split] = [wfdb_dataset(refs[r::world_size], root, spec) for r in range(world_size)]
+    return out
+
+
+def _shard_rank_datasets(root: str, split: str, world_size: int, spec: StreamSpec,
+                         limit: int | None, exclude_folds: Sequence[int],
+                         counts: dict[str, int]) -> list:
+    files = shard_files(root, split)
+    if limit is not None:
+        files = files[: max(world_size, 1)]
+    if len(files) < world_size:
+        raise ValueError(
+            f"{root} has {len(files)} {split} shard(s) for {world_size} workers: each worker "
+            f"reads whole shards; re-run prepare with a smaller --shard-size")
+    counts.update(count_shard_folds(files, exclude_folds))
+    return [shards_dataset(files[r::world_size], spec, exclude_folds=exclude_folds)
+            for r in range(world_size)]
 
 
 def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list, list]:
@@ -244,19 +262,25 @@ def count_shard_folds(files: Sequence[str], exclude_folds: Sequence[int]) -> dic
     return {"records": kept, "held_out": held}
 
 
-def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: int,
-               limit: int | None, sample_rate: int = 500, log_rejected: bool = True) -> list:
-    """The records of one split; those rejected from the metadata alone are logged by name.
-
-    A rejected record belongs to no split: callers that list both splits log it with one
-    of them (``log_rejected``), so it is named once.
-    """
+def list_splits(layout: str, root: str, val_fraction: float, seed: int, limit: int | None,
+                sample_rate: int = 500) -> dict[str, list]:
+    """{"train": [...], "val": [...]}: a raw root's records split by subject, listed once;
+    the records rejected from the metadata alone (they belong to no split) are logged by name."""
     from melp_ray.data.sources import scan_records, split_for_subject
 
     listing = scan_records(layout, root, limit=limit, sample_rate=sample_rate)
-    for record_id, why in listing.details.items() if log_rejected else ():
+    for record_id, why in listing.details.items():
         logger.warning("rejected record %s: %s", record_id, why)
-    return [r for r in listing.refs if split_for_subject(r.subject_id, val_fraction, seed) == split]
+    splits: dict[str, list] = {"train": [], "val": []}
+    for ref in listing.refs:
+        splits[split_for_subject(ref.subject_id, val_fraction, seed)].append(ref)
+    return splits
+
+
+def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: int,
+               limit: int | None, sample_rate: int = 500) -> list:
+    """The records of one split (``list_splits``)."""
+    return list_splits(layout, root, val_fraction, seed, limit, sample_rate)[split]
 
 
 def shard_files(root: str, split: str) -> list[str]:
