@@ -278,6 +278,30 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- validation
 
+def config_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class (what ``key=value`` overrides may name)."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += config_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def check_data_root(data: DataConfig) -> None:
+    """Fail on a missing or malformed local ``data.root`` before Ray starts (a URI is
+    checked where it is read)."""
+    from melp_ray.data.sources import DataRootError, detect_layout
+
+    if data.root is None or "://" in data.root:
+        return
+    try:
+        detect_layout(data.root)
+    except DataRootError as err:
+        raise ConfigError(f"data.root: {err}") from None
+
+
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
     problems = (train_problems(cfg.train) + deepspeed_problems(cfg.deepspeed)
                 + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))

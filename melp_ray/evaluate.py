@@ -596,7 +596,7 @@ def _finish(plan: Plan, extra: dict[str, Any], accounting: dict) -> dict[str, An
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Check the arguments, run the mode on Ray, write OUT/results.*; returns results.json."""
     plan = build_plan(args)
-    from melp_ray.pretrain import quiet_data_progress_bars
+    from melp_ray.ray_utils import quiet_data_progress_bars
     from melp_ray.ray_utils import init_ray
 
     init_ray()

@@ -9,14 +9,13 @@ Re-running with the same run.name and run.storage_path resumes from the latest c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import Any
 
 import torch
 
-from melp_ray.config import ConfigError, PretrainConfig, load_config
+from melp_ray.config import ConfigError, PretrainConfig, check_data_root, config_keys, load_config
 from melp_ray.distributed import mean_over_ranks
 from melp_ray.losses import gather_no_grad
 from melp_ray.train.recipe import DeepSpeedRecipe
@@ -171,18 +170,6 @@ def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict
                          "records": sum(c["held_out"] for c in counts.values())}}
 
 
-def check_data_root(cfg: PretrainConfig) -> None:
-    """Fail on a missing or malformed data root before Ray starts."""
-    from melp_ray.data.sources import DataRootError, detect_layout
-
-    if cfg.data.root is None or "://" in cfg.data.root:
-        return
-    try:
-        detect_layout(cfg.data.root)
-    except DataRootError as err:
-        raise ConfigError(f"data.root: {err}") from None
-
-
 def run(cfg: PretrainConfig, callbacks: list | None = None,
         recipe_cls: type[PretrainRecipe] = PretrainRecipe) -> dict[str, Any]:
     """Train with an already validated config; returns (and writes) the run summary.
@@ -190,10 +177,10 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     ``recipe_cls``: a PretrainRecipe subclass to run instead (e.g. one that also saves
     something at the end); the data, launcher and summary are the same.
     """
-    from melp_ray.ray_utils import init_ray
+    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
     from melp_ray.train.launcher import fit_and_summarise
 
-    check_data_root(cfg)
+    check_data_root(cfg.data)
     init_ray()
     quiet_data_progress_bars()
     data_info: dict[str, Any] = {}
@@ -201,13 +188,6 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     summary = fit_and_summarise(cfg, recipe_cls, datasets, extra_summary={"data": data_info},
                                 callbacks=callbacks)
     return summary
-
-
-def quiet_data_progress_bars() -> None:
-    """Training prints its own progress line; Ray Data's per-dataset bars would drown it."""
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
@@ -222,18 +202,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     return args.config, args.overrides
-
-
-def config_keys(cls, prefix: str = "") -> list[str]:
-    import typing
-
-    keys = []
-    for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys += config_keys(tp, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
 
 
 def main(argv: list[str] | None = None) -> int:

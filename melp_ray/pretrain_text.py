@@ -419,14 +419,15 @@ def tied_parameter_names(model: torch.nn.Module) -> set[str]:
 def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None = None
         ) -> dict[str, Any]:
     """Train (or resume), export the final checkpoint as a HF folder; returns the summary."""
-    from melp_ray.pretrain import check_data_root, quiet_data_progress_bars
+    from melp_ray.config import check_data_root
+    from melp_ray.ray_utils import quiet_data_progress_bars
     from melp_ray.ray_utils import init_ray
     from melp_ray.wordpiece import load_tokenizer_folder
     from melp_ray.train.launcher import fit_and_summarise
     from melp_ray.train.metrics import run_dir
 
     if cfg.data.use_reports:
-        check_data_root(cfg)
+        check_data_root(cfg.data)
     init_ray()
     quiet_data_progress_bars()
     cfg = prepare_tokenizer(cfg)
@@ -444,7 +445,7 @@ def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from melp_ray.pretrain import config_keys
+    from melp_ray.config import config_keys
 
     parser = argparse.ArgumentParser(
         prog="python -m melp_ray.pretrain_text",

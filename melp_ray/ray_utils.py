@@ -218,3 +218,10 @@ def auto_address() -> str | None:
 def fail(message: str):
     print(message, file=sys.stderr, flush=True)
     raise RayAddressError(message)
+
+
+def quiet_data_progress_bars() -> None:
+    """Our recipes print their own progress lines; Ray Data's per-dataset bars would drown them."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False

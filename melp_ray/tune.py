@@ -584,7 +584,7 @@ def run_sweep(sweep: Sweep, space_path: str = "", restore: bool = False,
     global _stop_after_trials
     from ray import tune
 
-    from melp_ray.pretrain import quiet_data_progress_bars
+    from melp_ray.ray_utils import quiet_data_progress_bars
     from melp_ray.ray_utils import init_ray
 
     record_path = storage.join(sweep.dir, SWEEP_FILE)
