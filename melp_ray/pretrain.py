@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     config, overrides = parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, config, overrides)
+        check_data_root(cfg.data)      # a folder of unknown layout: exit 2, not a traceback
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

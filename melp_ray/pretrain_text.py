@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from melp_ray import storage
 from melp_ray.distributed import sum_over_ranks
-from melp_ray.config import (ConfigError, DataConfig, DeepSpeedConfig, RunConfig, TrainConfig,
+from melp_ray.config import (ConfigError, check_data_root, DataConfig, DeepSpeedConfig, RunConfig, TrainConfig,
                              data_problems, deepspeed_problems, from_dict, load_config, raise_if,
                              run_problems, train_problems)
 from melp_ray.wordpiece import nfc
@@ -419,9 +419,7 @@ def tied_parameter_names(model: torch.nn.Module) -> set[str]:
 def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None = None
         ) -> dict[str, Any]:
     """Train (or resume), export the final checkpoint as a HF folder; returns the summary."""
-    from melp_ray.config import check_data_root
-    from melp_ray.ray_utils import quiet_data_progress_bars
-    from melp_ray.ray_utils import init_ray
+    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
     from melp_ray.wordpiece import load_tokenizer_folder
     from melp_ray.train.launcher import fit_and_summarise
     from melp_ray.train.metrics import run_dir
@@ -476,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(TextPretrainConfig, args.config, args.overrides)
+        if cfg.data.use_reports:
+            check_data_root(cfg.data)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

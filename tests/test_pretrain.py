@@ -55,6 +55,7 @@ BAD_CONFIGS = {
     "batch not divisible": (["train.global_batch_size=15"], "not divisible"),
     "zero stage 4": (["deepspeed.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
     "missing data root": (["data.root=/no/such/folder"], "does not exist"),
+    "data root of unknown layout": (["data.root=docs"], "is not a known layout"),  # a real folder
     "bad type": (["train.max_steps=many"], "expected int"),
     "no prefetch": (["data.prefetch_batches=0"], "prefetch_batches >= 1"),
 }
