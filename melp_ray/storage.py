@@ -47,13 +47,19 @@ def to_uri(storage_path: str, fs_path: str) -> str:
     return f"{scheme}://{fs_path}{sep}{query}"
 
 
+def temp_path(path: str) -> str:
+    """Where a file is written before its rename: unique per process, so two writers (two
+    attempts at the same chunk) never share one; ``*.tmp-*`` finds what a kill left."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file so that readers never see half of it: a temp file beside it
     (``*.tmp-<pid>``: two writers never share one), then a rename. Local files are
     fsync-ed first, so a crash leaves either the old file or the new one."""
     fs, p = filesystem_and_path(path)
     fs.create_dir(os.path.dirname(p), recursive=True)
-    tmp = f"{p}.tmp-{os.getpid()}"
+    tmp = temp_path(p)
     if isinstance(fs, pafs.LocalFileSystem):
         with open(tmp, "wb") as f:
             f.write(data)

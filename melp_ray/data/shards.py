@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from melp_ray import storage
 from melp_ray.data.leads import LEADS
 from melp_ray.data.records import LABEL_TASKS, RecordRef
 
@@ -83,17 +84,12 @@ def state_relpath(split: str, index: int) -> str:
 
 
 # ---------------------------------------------------------------- atomic writes
-def _tmp_name(path: Path) -> Path:
-    # Unique per process, so two attempts at the same chunk never share a temp file.
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
 def write_shard(rows: list[dict[str, Any]], path: str | os.PathLike) -> int:
     """Write rows of SCHEMA to one Parquet file, atomically; returns the row count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = _tmp_name(path)
+    tmp = storage.temp_path(str(path))
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return table.num_rows
