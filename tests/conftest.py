@@ -21,10 +21,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def pytest_collection_modifyitems(items):
     """Every test that needs the session's Ray instance (itself or through a fixture that
     trains with it) is marked ``slow``, like the ones marked by hand (subprocess runs,
-    benchmark smokes, plain training loops): ``pytest -m "not slow"`` is the quick suite."""
+    benchmark smokes, plain training loops); every other test is ``unit``, so
+    ``pytest -m unit`` (the same as ``-m "not slow"``) is the quick suite."""
     for item in items:
         if "ray_local" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
