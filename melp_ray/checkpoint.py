@@ -50,7 +50,9 @@ def is_training_checkpoint(path: str) -> bool:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """``path`` itself when it is a checkpoint; for a run folder, its latest checkpoint.
+    """``path`` itself when it is a checkpoint; for a run folder, its selected checkpoint:
+    the best one by ``train.checkpoint_metric`` when the run ranked them (the latest
+    checkpoint's trainer state names the best step), else the latest.
 
     "Latest" = highest trainer step, ties broken by the (timestamped) folder name, so a
     resumed run that re-reported an older step cannot shadow a newer one.
@@ -67,11 +69,13 @@ def resolve_checkpoint(path: str) -> str:
             continue          # a checkpoint Ray was still writing, or one of another recipe
         state = storage.read_json(storage.join(ckpt, TRAINER_STATE)) \
             if storage.exists(storage.join(ckpt, TRAINER_STATE)) else {}
-        candidates.append((int(state.get("step", -1)), info.base_name, ckpt))
+        candidates.append((int(state.get("step", -1)), info.base_name, ckpt, state.get("best_step")))
     if not candidates:
         raise FileNotFoundError(f"{path} is neither a melp_ray training checkpoint (with "
                                 f"{RUN_CONFIG} and {CHECKPOINT_TAG}/) nor a run folder holding one")
-    return max(candidates)[2]
+    latest = max(candidates)
+    best = [c for c in candidates if latest[3] is not None and c[0] == latest[3]]
+    return max(best)[2] if best else latest[2]
 
 
 @contextlib.contextmanager

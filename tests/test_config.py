@@ -34,6 +34,10 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ("deepspeed.reduce_bucket_size=1000", "reduce_bucket_size must be >= 1e6"),
     ("train", "not of the form key=value"),
     ("train.precision=bf16", "needs train.use_gpu=true"),
+    ("train.checkpoint_metric=zeroshot_auroc", "must name a validation metric"),
+    ("train.checkpoint_mode=best", "checkpoint_mode must be max or min"),
+    ("train.early_stop_patience=3", "needs train.checkpoint_metric"),
+    ("train.early_stop_patience=-1", "early_stop_patience must be >= 0"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -51,7 +51,11 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
             name=cfg.run.name,
             storage_path=storage.normalise_storage_path(cfg.run.storage_path),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # With a checkpoint_metric Ray keeps the best keep_checkpoints by it (and always
+            # the newest, which a restart resumes from).
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                               checkpoint_score_attribute=t.checkpoint_metric,
+                                               checkpoint_score_order=t.checkpoint_mode),
             callbacks=callbacks or None,
         ),
     )
@@ -81,8 +85,22 @@ def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=N
         # Ray reports the path on its filesystem (scheme stripped): keep it usable as a URI.
         "last_checkpoint": (storage.to_uri(cfg.run.storage_path, result.checkpoint.path)
                             if result.checkpoint else None),
+        **model_selection_summary(cfg, result, out),
         "run_dir": run_dir(cfg),
         **(extra_summary or {}),
     }
     storage.write_json(storage.join(run_dir(cfg), "summary.json"), summary)
     return summary
+
+
+def model_selection_summary(cfg, result, out: dict[str, Any]) -> dict[str, Any]:
+    """With ``train.checkpoint_metric``: the best checkpoint Ray kept, its step and score."""
+    metric = cfg.train.checkpoint_metric
+    if metric is None:
+        return {}
+    best = None
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if metrics.get("step") == out.get("best_step"):
+            best = {"path": storage.to_uri(cfg.run.storage_path, checkpoint.path),
+                    "step": metrics["step"], "metric": metric, "score": metrics[metric]}
+    return {"best_checkpoint": best, "stopped_early": bool(out.get("stopped_early"))}

@@ -38,6 +38,12 @@ class TrainState:
     epoch: int = 0
     micro_in_epoch: int = 0       # micro-batches of this epoch already consumed
     samples_seen: int = 0         # global samples
+    # Model selection (train.checkpoint_metric): the best score so far, its step, how many
+    # validations since, and whether early stopping ended the run.
+    best_score: float | None = None
+    best_step: int | None = None
+    validations_since_best: int = 0
+    stopped_early: bool = False
 
 
 class DeepSpeedRecipe:
@@ -126,7 +132,7 @@ class DeepSpeedRecipe:
         batches = EpochPrefetcher(self.epoch_batches, self.state.epoch, self.state.micro_in_epoch,
                                   depth=self.cfg.data.prefetch_batches)
         try:
-            while self.state.step < stop_at:
+            while self.state.step < stop_at and not self.state.stopped_early:
                 empty_epochs = self.train_epoch(batches, window, stop_at, empty_epochs)
         finally:
             batches.close()
@@ -138,7 +144,7 @@ class DeepSpeedRecipe:
         row have yielded no micro-batch (two in a row is an error)."""
         t = self.cfg.train
         consumed_this_epoch = 0
-        while self.state.step < stop_at:
+        while self.state.step < stop_at and not self.state.stopped_early:
             wait_start = time.perf_counter()
             batch = self.batch_everywhere(batches.next(self.state.epoch))
             window.input_wait += time.perf_counter() - wait_start
@@ -161,7 +167,7 @@ class DeepSpeedRecipe:
                                    f"micro-batch of {t.micro_batch_size}")
         else:
             empty_epochs = 0
-        if self.state.step < stop_at:
+        if self.state.step < stop_at and not self.state.stopped_early:
             self.state.epoch += 1
             self.state.micro_in_epoch = 0
         return empty_epochs
@@ -188,8 +194,9 @@ class DeepSpeedRecipe:
         t = self.cfg.train
         step = self.state.step
         last = step >= stop_at
-        want_val = (t.val_every and step % t.val_every == 0) or step == t.max_steps
         want_ckpt = step % t.checkpoint_every == 0 or last
+        want_val = ((t.val_every and step % t.val_every == 0) or step == t.max_steps
+                    or (want_ckpt and t.checkpoint_metric is not None))  # each checkpoint is scored
         want_log = step % t.log_every == 0 or want_ckpt or want_val
         if not want_log:
             return
@@ -200,6 +207,9 @@ class DeepSpeedRecipe:
         metrics.update(self.extra_metrics())
         if want_val:
             metrics.update({f"val/{k}": v for k, v in self.validate().items()})
+            if t.checkpoint_metric is not None:
+                self.track_best(metrics)
+                want_ckpt = want_ckpt or self.state.stopped_early   # the run ends here
         metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen)
         if getattr(self, "resumed_from_step", None) is not None:
             metrics["resumed_from_step"] = self.resumed_from_step
@@ -213,6 +223,27 @@ class DeepSpeedRecipe:
 
             ray.train.report(metrics)
         window.reset()
+
+    def track_best(self, metrics: dict[str, Any]) -> None:
+        """Update the best score (all ranks see the same mean) and the early-stopping count."""
+        t = self.cfg.train
+        if t.checkpoint_metric not in metrics:
+            val_keys = sorted(k for k in metrics if k.startswith("val/"))
+            raise RuntimeError(f"train.checkpoint_metric={t.checkpoint_metric!r} is not among "
+                               f"this run's validation metrics {val_keys}")
+        score, s = float(metrics[t.checkpoint_metric]), self.state
+        better = s.best_score is None or (score > s.best_score if t.checkpoint_mode == "max"
+                                          else score < s.best_score)
+        if better:
+            s.best_score, s.best_step, s.validations_since_best = score, s.step, 0
+        else:
+            s.validations_since_best += 1
+        if t.early_stop_patience and s.validations_since_best >= t.early_stop_patience:
+            s.stopped_early = True
+            if self.rank == 0:
+                worker_print(f"[melp_ray] early stop at step {s.step}: {t.checkpoint_metric} has not "
+                             f"improved on {s.best_score:.4f} (step {s.best_step}) in "
+                             f"{s.validations_since_best} validations")
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
@@ -238,7 +269,8 @@ class DeepSpeedRecipe:
                 raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
             with open(os.path.join(path, TRAINER_STATE)) as f:
                 saved = json.load(f)
-        self.state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+        defaults = asdict(TrainState())
+        self.state = TrainState(**{k: saved.get(k, v) for k, v in defaults.items()})
         self.resumed_from_step = self.state.step   # logged once, so restarts show in metrics
         if self.rank == 0:
             worker_print(f"[melp_ray] resumed from step {self.state.step} (epoch "
@@ -246,8 +278,10 @@ class DeepSpeedRecipe:
 
     def finish(self) -> dict[str, Any]:
         metrics = getattr(self, "last_metrics", {})
-        return {"step": self.state.step, "world_size": self.world,
-                "zero_stage": self.cfg.deepspeed.zero_stage, "metrics": metrics}
+        s = self.state
+        return {"step": s.step, "world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "metrics": metrics, "stopped_early": s.stopped_early,
+                "best_step": s.best_step, "best_score": s.best_score}
 
     def cleanup(self) -> None:
         self.logger.close()

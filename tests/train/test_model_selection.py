@@ -1,0 +1,45 @@
+"""Model selection: Ray keeps the best checkpoint by a validation metric, the run summary
+names it, a run folder resolves to it, and early stopping ends the run (a real 2-worker run)."""
+from __future__ import annotations
+
+import os
+
+from melp_ray import storage
+from melp_ray.checkpoint import TRAINER_STATE, resolve_checkpoint
+
+PEAK_STEP = 4
+
+
+def _peaking_recipe():
+    """PretrainRecipe whose validation also reports ``peak``, highest at PEAK_STEP: a metric
+    whose best step is known in advance (the real validation metrics still run beside it)."""
+    from melp_ray.pretrain import PretrainRecipe
+
+    class PeakingRecipe(PretrainRecipe):
+        def validate(self):
+            return {**super().validate(), "peak": -abs(self.state.step - PEAK_STEP) / 10}
+
+    return PeakingRecipe
+
+
+def test_best_checkpoint_is_kept_named_and_resolved_and_patience_stops_the_run(ray_local, tiny_cfg,
+                                                                                tmp_path):
+    from melp_ray.pretrain import run
+
+    # Validated and checkpointed every 2 steps: peak = -0.2, 0 (best), -0.2, -0.4, ...
+    # patience 2 stops at step 8 of 12; keep 1 = the best one (plus the newest, for resume).
+    cfg = tiny_cfg(tmp_path, "select", "train.max_steps=12", "train.val_every=2",
+                   "train.checkpoint_every=2", "train.keep_checkpoints=1",
+                   "train.checkpoint_metric=val/peak", "train.early_stop_patience=2")
+    summary = run(cfg, recipe_cls=_peaking_recipe())
+
+    assert summary["steps"] == 8 and summary["stopped_early"] is True
+    best = summary["best_checkpoint"]
+    assert best["step"] == PEAK_STEP and best["metric"] == "val/peak" and best["score"] == 0.0
+    kept = sorted(d for d in os.listdir(summary["run_dir"]) if d.startswith("checkpoint"))
+    steps = sorted(storage.read_json(os.path.join(summary["run_dir"], d, TRAINER_STATE))["step"]
+                   for d in kept)
+    assert steps == [PEAK_STEP, 8]          # the best, and the newest; 2 and 6 were deleted
+    assert resolve_checkpoint(summary["run_dir"]).rstrip("/") == best["path"].rstrip("/")
+    # The real validation metrics were computed at every checkpoint too.
+    assert "recall_at_10" in summary["validation"]
