@@ -14,10 +14,12 @@ import pytest
 import yaml
 
 from melp_ray.config import ConfigError
-from melp_ray.tune import (PLOT_FILE, SUMMARY_FILE, load_space, main, run_sweep,
-                           validate_sweep)
+from melp_ray.sweeps.space import load_space
+from melp_ray.sweeps.summary import PLOT_FILE, SUMMARY_FILE
+from melp_ray.sweeps.tuner import run_sweep
+from melp_ray.sweeps.validate import validate_sweep
+from melp_ray.tune import main
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 4
 NUM_TRIALS = 2                       # one finishes before the interruption, one after it
 TINY_TRIAL = {                       # each trial: 4 optimizer steps of 8 records
@@ -162,11 +164,3 @@ def test_invalid_space_fails_before_any_trial(tmp_path, capsys, fields, message)
     assert main(["--space", str(space_file), f"run.storage_path={tmp_path}"]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "weights").exists()            # no sweep folder was started
-
-
-@pytest.mark.parametrize("space", sorted((REPO / "tune_spaces").glob("*.yaml")))
-def test_shipped_spaces_are_valid(space, tmp_path):
-    sweep = validate_sweep(load_space(space), "tiny", [f"run.storage_path={tmp_path}"])
-    assert sweep.metric == "val/zeroshot_auroc"
-    assert {"loss.rhythm", "loss.token", "loss.beat"} <= {p.key for p in sweep.space.params}
-    assert sweep.trial_cpus() == 0.5 + 2 * 0.25            # trial + 2 train workers
