@@ -194,6 +194,34 @@ def check_data_root(data: DataConfig) -> None:
         raise ConfigError(f"data.root: {err}") from None
 
 
+def data_has_labels(data: DataConfig) -> bool | None:
+    """Whether validation records carry PTB-XL labels (None: cannot tell, e.g. a URI root)."""
+    from melp_ray.data.sources import DataRootError, detect_layout
+
+    if data.root is None:
+        return True                               # the bundled PTB-XL sample
+    if "://" in data.root:
+        return None
+    try:
+        layout = data.dataset if data.dataset != "auto" else detect_layout(data.root)
+        if layout == "shards":
+            from melp_ray.data.shards import load_manifest
+
+            layout = load_manifest(data.root).get("dataset")
+    except (DataRootError, OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"data.root: {err}") from None
+    return layout == "ptb-xl"
+
+
+def check_checkpoint_metric(cfg: PretrainConfig) -> None:
+    """Zero-shot AUROC needs labelled validation data: fail before Ray, not at the first
+    validation of the run."""
+    if cfg.train.checkpoint_metric == "val/zeroshot_auroc" and data_has_labels(cfg.data) is False:
+        raise ConfigError(f"train.checkpoint_metric=val/zeroshot_auroc needs PTB-XL labels in the "
+                          f"validation data (data.root={cfg.data.root!r} has none); use e.g. "
+                          f"val/recall_at_10 or val/loss_rhythm with train.checkpoint_mode=min")
+
+
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
     problems = (train_problems(cfg.train) + deepspeed_problems(cfg.deepspeed)
                 + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from melp_ray.config import ConfigError, PretrainConfig, check_data_root, config_keys, load_config
+from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
+                             config_keys, load_config)
 from melp_ray.distributed import mean_over_ranks
 from melp_ray.losses import gather_no_grad
 from melp_ray.train.recipe import DeepSpeedRecipe
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, config, overrides)
         check_data_root(cfg.data)      # a folder of unknown layout: exit 2, not a traceback
+        check_checkpoint_metric(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -72,6 +72,21 @@ def test_bad_config_fails_fast_without_touching_ray(case):
     assert message in proc.stderr
 
 
+def test_zero_shot_model_selection_on_unlabelled_data_fails_fast(tmp_path):
+    """MIMIC-IV-ECG has no labels: selecting checkpoints by zero-shot AUROC is a config error
+    before Ray starts, not a failure at the run's first validation."""
+    from mimic_fixture import write_mimic_fixture
+
+    root = write_mimic_fixture(tmp_path / "mimic", n_studies=3).root
+    code = ("import sys; from melp_ray.pretrain import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, f"data.root={root}",
+                           "train.checkpoint_metric=val/zeroshot_auroc"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert "needs PTB-XL labels" in proc.stderr
+
+
 # ---------------------------------------------------------------- ZeRO stages
 
 def assert_trained(summary: dict, stage: int) -> None:

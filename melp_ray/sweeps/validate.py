@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import yaml
 
 from melp_ray import storage
-from melp_ray.config import ConfigError, PretrainConfig, load_config, resolve_config_path
+from melp_ray.config import ConfigError, PretrainConfig, data_has_labels, load_config, resolve_config_path
 from melp_ray.sweeps.space import SweepSpace
 
 DEFAULT_CONFIG = "tiny"
@@ -112,27 +112,8 @@ def validate_sweep(space: SweepSpace, config: str | os.PathLike = DEFAULT_CONFIG
                  storage_root=storage_root)
 
 
-def data_has_labels(cfg: PretrainConfig) -> bool | None:
-    """Whether validation records carry PTB-XL labels (None: cannot tell, e.g. a URI root)."""
-    from melp_ray.data.sources import DataRootError, detect_layout
-
-    if cfg.data.root is None:
-        return True                               # the bundled PTB-XL sample
-    if "://" in cfg.data.root:
-        return None
-    try:
-        layout = cfg.data.dataset if cfg.data.dataset != "auto" else detect_layout(cfg.data.root)
-        if layout == "shards":
-            from melp_ray.data.shards import load_manifest
-
-            layout = load_manifest(cfg.data.root).get("dataset")
-    except (DataRootError, OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"data.root: {err}") from None
-    return layout == "ptb-xl"
-
-
 def resolve_metric(metric: str, cfg: PretrainConfig) -> str:
-    labels = data_has_labels(cfg)
+    labels = data_has_labels(cfg.data)
     if metric == "auto":
         return "val/zeroshot_auroc" if labels else "val/recall_at_1"
     if metric == "val/zeroshot_auroc" and labels is False:

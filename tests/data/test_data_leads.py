@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from melp_ray.data.leads import LEADS, LeadMappingError, canonical_lead_name, lead_indices
-from melp_ray.data.mimic_fixture import write_wfdb
+from mimic_fixture import write_wfdb
 from melp_ray.data.records import RecordRef, load_signal
 
 

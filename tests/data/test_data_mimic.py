@@ -9,7 +9,7 @@ import wfdb
 
 from melp_ray.data import mimic
 from melp_ray.data.leads import LEADS
-from melp_ray.data.mimic_fixture import MIMIC_LEAD_ORDER, write_mimic_fixture
+from mimic_fixture import MIMIC_LEAD_ORDER, write_mimic_fixture
 from melp_ray.data.records import load_signal
 from melp_ray.data.sources import detect_layout, list_records, scan_records
 

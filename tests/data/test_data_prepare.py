@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from melp_ray.data import records, shards
-from melp_ray.data.mimic_fixture import BREAKAGES, break_record, write_mimic_fixture
+from mimic_fixture import BREAKAGES, break_record, write_mimic_fixture
 from melp_ray.data.records import RecordRef, load_signal
 from melp_ray.data.sources import split_for_subject
 from melp_ray.prepare import PrepareError, PrepareSettings, main, prepare

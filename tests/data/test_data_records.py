@@ -7,7 +7,7 @@ import wfdb
 
 from melp_ray.data import records
 from melp_ray.data.leads import LEADS
-from melp_ray.data.mimic_fixture import write_wfdb
+from mimic_fixture import write_wfdb
 from melp_ray.data.records import RecordRef, RecordRejected, check_report, load_signal
 
 PTBXL_RECORD = "records100/00000/00001_lr"
