@@ -35,7 +35,7 @@ from melp_ray.distributed import sum_over_ranks
 from melp_ray.config import (ConfigError, check_data_root, DataConfig, DeepSpeedConfig, RunConfig, TrainConfig,
                              data_problems, deepspeed_problems, from_dict, load_config, raise_if,
                              run_problems, train_problems)
-from melp_ray.wordpiece import nfc
+from melp_ray.text.wordpiece import nfc
 from melp_ray.train.metrics import worker_print
 from melp_ray.train.recipe import DeepSpeedRecipe
 
@@ -203,7 +203,7 @@ class TextPretrainRecipe(DeepSpeedRecipe):
     """What stage 1 trains: a BERT-style masked language model on reports."""
 
     def setup(self) -> None:
-        from melp_ray.wordpiece import load_tokenizer_folder
+        from melp_ray.text.wordpiece import load_tokenizer_folder
 
         # Before super().setup(): build_model needs the vocabulary.
         self.tokenizer = load_tokenizer_folder(tokenizer_source(self.cfg))
@@ -353,7 +353,7 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
     It is saved under the run folder; a re-run (resume) finds it there and reuses it, so a
     resumed run keeps its vocabulary. Returns the config with ``text.tokenizer`` set.
     """
-    from melp_ray.wordpiece import save_tokenizer, train_wordpiece, unk_rate
+    from melp_ray.text.wordpiece import save_tokenizer, train_wordpiece, unk_rate
     from melp_ray.train.metrics import run_dir
 
     if cfg.text.init != "scratch" or cfg.text.tokenizer is not None:
@@ -376,7 +376,7 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
 def export_hf_model(checkpoint: str, out: str) -> str:
     """Checkpoint (local folder or URI) -> Hugging Face folder: config, safetensors, tokenizer."""
     from melp_ray.checkpoint import checkpoint_config, consolidated_state_dict
-    from melp_ray.wordpiece import load_tokenizer_folder
+    from melp_ray.text.wordpiece import load_tokenizer_folder
 
     cfg = from_dict(TextPretrainConfig, checkpoint_config(checkpoint))
     tokenizer = load_tokenizer_folder(tokenizer_source(cfg))
@@ -420,7 +420,7 @@ def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None 
         ) -> dict[str, Any]:
     """Train (or resume), export the final checkpoint as a HF folder; returns the summary."""
     from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
-    from melp_ray.wordpiece import load_tokenizer_folder
+    from melp_ray.text.wordpiece import load_tokenizer_folder
     from melp_ray.train.launcher import fit_and_summarise
     from melp_ray.train.metrics import run_dir
 

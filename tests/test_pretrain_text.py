@@ -15,7 +15,7 @@ from melp_ray.data.sources import bundled_root, scan_records, split_for_subject
 from melp_ray.checkpoint import consolidated_state_dict
 from melp_ray.pretrain_text import (IGNORE, TextPretrainConfig,
                                     mask_tokens, run)
-from melp_ray.wordpiece import (ALPHABET, SPECIAL_TOKENS, nfc, save_tokenizer,
+from melp_ray.text.wordpiece import (ALPHABET, SPECIAL_TOKENS, nfc, save_tokenizer,
                                      train_wordpiece, unk_rate, words)
 
 
