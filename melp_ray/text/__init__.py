@@ -1,2 +1,3 @@
-"""Stage 1, the text side: the WordPiece tokenizer, offline text models, and the masked-language
-model that ``python -m melp_ray.pretrain_text`` trains and exports (config, corpus, MLM, export)."""
+"""The text side: offline text models (models), stage 1's WordPiece tokenizer (wordpiece), and
+the masked-language model that ``python -m melp_ray.pretrain_text`` trains: its config, corpus,
+MLM recipe and Hugging Face export."""
