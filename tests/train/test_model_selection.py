@@ -36,7 +36,8 @@ def test_best_checkpoint_is_kept_named_and_resolved_and_patience_stops_the_run(r
     assert summary["steps"] == 8 and summary["stopped_early"] is True
     best = summary["best_checkpoint"]
     assert best["step"] == PEAK_STEP and best["metric"] == "val/peak" and best["score"] == 0.0
-    kept = sorted(d for d in os.listdir(summary["run_dir"]) if d.startswith("checkpoint"))
+    kept = [d for d in os.listdir(summary["run_dir"])
+            if d.startswith("checkpoint_") and os.path.isdir(os.path.join(summary["run_dir"], d))]
     steps = sorted(storage.read_json(os.path.join(summary["run_dir"], d, TRAINER_STATE))["step"]
                    for d in kept)
     assert steps == [PEAK_STEP, 8]          # the best, and the newest; 2 and 6 were deleted
