@@ -80,6 +80,8 @@ def extract_embeddings(dataset, build_model: Callable[[], torch.nn.Module],
     One GPU per actor when the cluster has GPUs (pool size = number of GPUs unless
     ``concurrency`` is given), otherwise CPU actors (pool size 1 unless given).
     """
+    from ray.data import ActorPoolStrategy
+
     gpus = _gpus_in_cluster()
     return dataset.map_batches(
         EmbeddingExtractor,
@@ -87,7 +89,7 @@ def extract_embeddings(dataset, build_model: Callable[[], torch.nn.Module],
         fn_constructor_kwargs={"outputs": outputs, "keep_columns": keep_columns},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency or max(gpus, 1),
+        compute=ActorPoolStrategy(size=concurrency or max(gpus, 1)),
         num_gpus=1 if gpus else 0,
     )
 
