@@ -7,8 +7,8 @@
 1. pretrain: a real ``melp_ray.pretrain`` run (Ray Train + DeepSpeed) with the config
    ``--config`` on ``--root``, with ``data.exclude_folds=[HOLDOUT]``: no record of the
    held-out fold reaches training or validation (the run's summary counts them);
-2. evaluate the final checkpoint on the held-out fold with ``melp_ray.evaluate`` (the same
-   code as ``python -m melp_ray.evaluate``, called in-process):
+2. evaluate the final checkpoint on the held-out fold with ``melp_ray.eval.modes.evaluate``
+   (the code behind ``python -m melp_ray.evaluate``, called in-process):
    - linear probe on the PTB-XL superclasses, for the pretrained encoder and for the same
      architecture at random init (``--random-init``): trained on the other folds, early
      stopped on ``--probe-val-fold`` (default HOLDOUT - 1), macro AUROC on HOLDOUT;
@@ -101,42 +101,43 @@ def given_checkpoint(checkpoint: str) -> dict:
 
 def evaluate_args(checkpoint: str, root: str, out: Path, mode: str, test_fold: int,
                   *extra: str):
-    from melp_ray import evaluate as E
+    from melp_ray.evaluate import make_parser
 
-    return E.make_parser().parse_args([
+    return make_parser().parse_args([
         "--checkpoint", checkpoint, "--dataset", "ptb-xl", "--root", root, "--mode", mode,
         "--out", str(out), "--test-folds", str(test_fold), *extra])
 
 
 def linear_probe(checkpoint, root, out, folds: dict, random_init: bool, bootstrap: int) -> dict:
-    from melp_ray import evaluate as E
+    from melp_ray.eval.modes import evaluate
 
     args = evaluate_args(checkpoint, root, out, "linear", folds["test"], "--task", "super",
                          "--train-folds", ",".join(map(str, folds["train"])),
                          "--val-folds", str(folds["val"]), "--bootstrap", str(bootstrap),
                          *(["--random-init"] if random_init else []))
-    r = E.evaluate(args)
+    r = evaluate(args)
     return {k: r[k] for k in ("macro_auroc", "ci", "per_class", "best_val_auroc", "n_train")
             if k in r} | {"records": used(r)}
 
 
 def zero_shot(checkpoint, root, out, test_fold: int, bootstrap: int) -> dict:
-    from melp_ray import evaluate as E
+    from melp_ray.eval.modes import evaluate
 
-    r = E.evaluate(evaluate_args(checkpoint, root, out, "zeroshot", test_fold, "--task", "super",
-                                 "--bootstrap", str(bootstrap)))
+    r = evaluate(evaluate_args(checkpoint, root, out, "zeroshot", test_fold, "--task", "super",
+                               "--bootstrap", str(bootstrap)))
     return {"macro_auroc": r["macro_auroc"], "ci": r["ci"], "per_class": r["per_class"],
             "prompts": r.get("prompts"), "records": used(r)}
 
 
 def retrieval(checkpoint, root, out, test_fold: int) -> dict:
     """Recall@k (both directions and their mean), chance k/N, and the duplicate reports."""
-    from melp_ray import evaluate as E
+    from melp_ray.eval.modes import evaluate
+    from melp_ray.eval.plan import build_plan
 
-    r = E.evaluate(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
+    r = evaluate(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
     n = int(r["n_pairs"])
     # build_plan fills defaults into the args it checks: a fresh set for this second look.
-    plan = E.build_plan(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
+    plan = build_plan(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
     rejected = {rid for ids in r["records"]["test"]["rejected"].values() for rid in ids}
     reports = [rec.report for rec in plan.splits["test"] if rec.record_id not in rejected]
     counts: dict[str, int] = {}
@@ -161,7 +162,7 @@ def chance_with_ties(reports: list[str], draws: int = 200, seed: int = 0) -> dic
     import numpy as np
 
     from melp_ray.eval.metrics import recall_at_k
-    from melp_ray.evaluate import report_similarity
+    from melp_ray.eval.modes import report_similarity
 
     rng = np.random.default_rng(seed)
     n = len(reports)
@@ -176,15 +177,16 @@ def chance_with_ties(reports: list[str], draws: int = 200, seed: int = 0) -> dic
 
 def ecg_cosine(checkpoint, root, out, test_fold: int, random_init: bool) -> dict:
     """Mean pairwise cosine of the rhythm embeddings of the held-out records."""
-    from melp_ray import evaluate as E
+    from melp_ray.eval.embeddings import build_model, drop_rejected, embed_records
     from melp_ray.eval.metrics import mean_pairwise_cosine
+    from melp_ray.eval.plan import build_plan
 
     args = evaluate_args(checkpoint, root, out, "retrieval", test_fold)
-    plan = E.build_plan(args)
-    model_fn = functools.partial(E.build_model, plan.checkpoint, random_init, args.seed)
-    data = E.embed_records(plan, plan.splits["test"], {"ecg_emb": ("encode_ecg", "ecg")},
-                           model_fn, args.batch_size, args.actors)
-    data = E._split_rejected(data, {})
+    plan = build_plan(args)
+    model_fn = functools.partial(build_model, plan.checkpoint, random_init, args.seed)
+    data = embed_records(plan, plan.splits["test"], {"ecg_emb": ("encode_ecg", "ecg")},
+                         model_fn, args.batch_size, args.actors)
+    data = drop_rejected(data, {})
     return {"mean_pairwise_cosine": mean_pairwise_cosine(data["ecg_emb"]),
             "n_records": int(len(data["ecg_emb"]))}
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: one real local Ray instance per session, and the data roots."""
+"""Shared test fixtures: one real local Ray instance per session, the data roots, and the
+real tiny pretraining runs and checkpoints that several test files use."""
 from __future__ import annotations
 
 import os
@@ -141,3 +142,66 @@ def tiny_runs(ray_local, tiny_cfg, tmp_path_factory) -> dict:
             local.write_bytes(src.read())
         out[key] = (summary, load_file(str(local)))
     return out
+
+
+# ---------------------------------------------------------------- evaluation
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
+    """A real 30-step tiny pretraining checkpoint (96 bundled records), shared by
+    tests/test_evaluate.py and the evaluation library tests in tests/eval/."""
+    from melp_ray.config import PretrainConfig, load_config
+    from melp_ray.pretrain import run
+
+    tmp = tmp_path_factory.mktemp("eval_run")
+    summary = run(load_config(PretrainConfig, "tiny", [
+        "data.limit=96", "data.val_fraction=0.2", "train.global_batch_size=8",
+        "train.max_steps=30", "train.val_every=30", "train.checkpoint_every=30",
+        "train.log_every=10", f"run.storage_path={tmp}", "run.name=eval"]))
+    return summary["last_checkpoint"]
+
+
+def _challenge_writer():
+    """The Challenge-format writer of tests/eval/test_eval_physionet.py (MAT v4 + .hea)."""
+    import importlib.util
+
+    path = Path(__file__).parent / "eval" / "test_eval_physionet.py"
+    spec = importlib.util.spec_from_file_location("_physionet_fixture_writer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# PTB-XL statement -> the SNOMED code a Challenge release uses for it.
+SNOMED_OF_SCP = {"NORM": "426783006", "AFIB": "164889003", "CRBBB": "713427006",
+                 "CLBBB": "733534002", "1AVB": "270492004", "PVC": "427172004",
+                 "PAC": "284470004", "STD_": "429622005", "STE_": "164931005",
+                 "SR": "426783006", "STACH": "427084000", "SBRAD": "426177001",
+                 "LAFB": "445118002", "IRBBB": "713426002", "LVH": "164873001"}
+
+
+@pytest.fixture(scope="session")
+def challenge_root(tmp_path_factory, bundled_ptbxl):
+    """60 real PTB-XL waveforms in the Challenge layout, Dx from their SCP codes, plus one
+    too-short and one all-zero record that must be rejected and named."""
+    import numpy as np
+
+    from melp_ray.data.ptbxl import parse_scp_codes, read_database
+
+    writer = _challenge_writer()
+    root = tmp_path_factory.mktemp("challenge")
+    (root / "g1").mkdir()
+    database = read_database(bundled_ptbxl).head(60)
+    for row in database.to_dict("records"):
+        ecg_id = int(row["ecg_id"])
+        adc, _, fs = writer._ptbxl_adc(bundled_ptbxl, ecg_id)
+        codes = sorted({SNOMED_OF_SCP[c] for c in parse_scp_codes(row["scp_codes"])
+                        if c in SNOMED_OF_SCP}) or ["164934002"]  # T wave abnormal
+        writer._write_challenge_record(root / "g1", f"A{ecg_id:04d}", adc, fs,
+                                       ["#Age: 60", "#Sex: Male", f"#Dx: {','.join(codes)}"])
+    adc, _, fs = writer._ptbxl_adc(bundled_ptbxl, int(database["ecg_id"].iloc[0]))
+    writer._write_challenge_record(root / "g1", "SHORT", adc[:, :500], fs,
+                                   ["#Dx: 426783006"])  # 5 s < the model's 10 s
+    writer._write_challenge_record(root / "g1", "ZERO", np.zeros_like(adc), fs,
+                                   ["#Dx: 426783006"])  # every lead flat
+    return root

@@ -6,11 +6,14 @@ folds 1-6) makes the checkpoint; every mode then runs through ``main`` on the sh
 in-process, with the model and the data readers directly (no Ray).
 
 Metric correctness on constructed inputs (perfect scorer = 1.0, reversed = 0.0, recall@k
-vs brute force with ties) is tested in tests/eval/test_eval_metrics.py and not repeated.
+vs brute force with ties) is tested in tests/eval/test_eval_metrics.py and not repeated;
+the library behind the command line in tests/eval/test_eval_plan.py (folds, Chapman
+classes, the checks of build_plan), test_eval_embeddings.py (--random-init weights) and
+test_eval_modes.py (report ties). The checkpoint and the Challenge-format root are
+session fixtures in tests/conftest.py, shared with those tests.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -27,19 +30,6 @@ from melp_ray.data.stream import minmax_normalise
 # The bundled sample has folds 1-6 only: probe on 1-4, stop on 5, score on 6.
 LINEAR_FOLDS = ["--train-folds", "1-4", "--val-folds", "5", "--test-folds", "6"]
 TEST_FOLD = 6
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
-    from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.pretrain import run
-
-    tmp = tmp_path_factory.mktemp("eval_run")
-    summary = run(load_config(PretrainConfig, "tiny", [
-        "data.limit=96", "data.val_fraction=0.2", "train.global_batch_size=8",
-        "train.max_steps=30", "train.val_every=30", "train.checkpoint_every=30",
-        "train.log_every=10", f"run.storage_path={tmp}", "run.name=eval"]))
-    return summary["last_checkpoint"]
 
 
 def _evaluate(checkpoint, root, out: Path, *options: str) -> dict:
@@ -160,18 +150,6 @@ def test_random_init_baseline_runs_and_reports(tiny_checkpoint, bundled_ptbxl, t
     assert "random_init" in (tmp_path / "results.md").read_text()
 
 
-def test_random_init_weights_are_untrained_and_seeded(tiny_checkpoint):
-    from melp_ray.checkpoint import load_model
-
-    trained = load_model(tiny_checkpoint).state_dict()
-    first = evaluate.build_model(tiny_checkpoint, random_init=True, seed=0).state_dict()
-    again = evaluate.build_model(tiny_checkpoint, random_init=True, seed=0).state_dict()
-    assert first.keys() == trained.keys()
-    name = "beat_proj.weight"
-    assert torch.equal(first[name], again[name])
-    assert not torch.allclose(first[name], trained[name])
-
-
 # ---------------------------------------------------------------- retrieval
 
 def _brute_force_recall(ecg_emb, text_emb, reports, k: int) -> float:
@@ -192,15 +170,6 @@ def _brute_force_recall(ecg_emb, text_emb, reports, k: int) -> float:
     return float(np.mean(hits))
 
 
-def test_identical_reports_give_exactly_tied_columns():
-    rng = np.random.default_rng(0)
-    ecg, text = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
-    text[2] = text[0] + 1e-9   # "a" encoded again in another batch: last bits differ
-    sim = evaluate.report_similarity(ecg, ["a", "b", "a", "c"], text)
-    np.testing.assert_array_equal(sim[:, 0], sim[:, 2])
-    np.testing.assert_allclose(sim, ecg @ text.T, atol=1e-7)
-
-
 def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled_ptbxl,
                                                         direct_test_embeddings, tmp_path):
     results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "retrieval",
@@ -217,49 +186,7 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
     assert results["recall@1"] <= results["recall@5"] <= results["recall@10"]
 
 
-# ---------------------------------------------------------------- CPSC2018 / Chapman
-
-def _challenge_writer():
-    """The Challenge-format writer of tests/eval/test_eval_physionet.py (MAT v4 + .hea)."""
-    path = Path(__file__).parent / "eval" / "test_eval_physionet.py"
-    spec = importlib.util.spec_from_file_location("_physionet_fixture_writer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# PTB-XL statement -> the SNOMED code a Challenge release uses for it.
-SNOMED_OF_SCP = {"NORM": "426783006", "AFIB": "164889003", "CRBBB": "713427006",
-                 "CLBBB": "733534002", "1AVB": "270492004", "PVC": "427172004",
-                 "PAC": "284470004", "STD_": "429622005", "STE_": "164931005",
-                 "SR": "426783006", "STACH": "427084000", "SBRAD": "426177001",
-                 "LAFB": "445118002", "IRBBB": "713426002", "LVH": "164873001"}
-
-
-@pytest.fixture(scope="module")
-def challenge_root(tmp_path_factory, bundled_ptbxl):
-    """60 real PTB-XL waveforms in the Challenge layout, Dx from their SCP codes, plus one
-    too-short and one all-zero record that must be rejected and named."""
-    from melp_ray.data.ptbxl import parse_scp_codes, read_database
-
-    writer = _challenge_writer()
-    root = tmp_path_factory.mktemp("challenge")
-    (root / "g1").mkdir()
-    database = read_database(bundled_ptbxl).head(60)
-    for row in database.to_dict("records"):
-        ecg_id = int(row["ecg_id"])
-        adc, _, fs = writer._ptbxl_adc(bundled_ptbxl, ecg_id)
-        codes = sorted({SNOMED_OF_SCP[c] for c in parse_scp_codes(row["scp_codes"])
-                        if c in SNOMED_OF_SCP}) or ["164934002"]  # T wave abnormal
-        writer._write_challenge_record(root / "g1", f"A{ecg_id:04d}", adc, fs,
-                                       ["#Age: 60", "#Sex: Male", f"#Dx: {','.join(codes)}"])
-    adc, _, fs = writer._ptbxl_adc(bundled_ptbxl, int(database["ecg_id"].iloc[0]))
-    writer._write_challenge_record(root / "g1", "SHORT", adc[:, :500], fs,
-                                   ["#Dx: 426783006"])  # 5 s < the model's 10 s
-    writer._write_challenge_record(root / "g1", "ZERO", np.zeros_like(adc), fs,
-                                   ["#Dx: 426783006"])  # every lead flat
-    return root
-
+# ---------------------------------------------------------------- CPSC2018
 
 def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
     from melp_ray.data.physionet import CPSC2018_CLASSES
@@ -277,34 +204,7 @@ def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_roo
     assert "wrong_length" in (tmp_path / "results.md").read_text()
 
 
-def test_chapman_classes_are_the_frequent_codes_with_pseudo_folds(tiny_checkpoint,
-                                                                   challenge_root, tmp_path):
-    """Chapman runs the CPSC2018 code path past the plan; check what differs."""
-    from melp_ray.data.physionet import frequent_dx_classes, list_physionet_records
-
-    args = evaluate.make_parser().parse_args(
-        ["--checkpoint", tiny_checkpoint, "--dataset", "chapman", "--root", str(challenge_root),
-         "--out", str(tmp_path / "o"), "--mode", "zeroshot", "--test-folds", "1-5",
-         "--min-count", "3"])
-    plan = evaluate.build_plan(args)
-    records = list_physionet_records(challenge_root)
-    assert plan.class_names == frequent_dx_classes(records, min_count=3)
-    assert plan.class_names[0] == "426783006"  # sinus rhythm: the most frequent code
-    assert {r.fold for r in plan.splits["test"]} <= {1, 2, 3, 4, 5}
-    assert len(plan.prompts) == len(plan.class_names)
-    assert evaluate.physionet_fold("A0001") == evaluate.physionet_fold("A0001")  # stable
-
-
 # ---------------------------------------------------------------- bad arguments
-
-def test_fold_parsing():
-    assert evaluate.parse_folds("1-8", "--x") == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert evaluate.parse_folds("3,1,2", "--x") == [1, 2, 3]
-    assert evaluate.parse_folds("1-2,5", "--x") == [1, 2, 5]
-    for bad in ("", "a", "3-1", "0-2", "1-"):
-        with pytest.raises(evaluate.EvalError, match="folds"):
-            evaluate.parse_folds(bad, "--x")
-
 
 @pytest.mark.parametrize("options, message", [
     (["--mode", "zeroshot", "--root", "/no/such/root"], "--root /no/such/root is not"),
@@ -329,40 +229,3 @@ def test_bad_option_combinations_fail_before_any_work(bundled_ptbxl, tmp_path, c
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("options, message", [
-    (["--mode", "zeroshot", "--test-folds", "9-10"],
-     "--test-folds 9,10: no record .* is in these folds \\(folds present: 1,2,3,4,5,6\\)"),
-    (["--mode", "linear", "--train-folds", "1-5", "--val-folds", "5", "--test-folds", "6"],
-     "--train-folds and --val-folds share folds 5"),
-    (["--mode", "linear", "--train-folds", "1-4", "--val-folds", "5"],
-     "--test-folds 10: no record"),
-    (["--mode", "zeroshot", "--test-folds", "6", "--sample-rate", "33", "--seconds", "0.1"],
-     "sample_rate \\* seconds must be a positive whole number"),
-])
-def test_bad_folds_and_lengths_fail_with_a_real_checkpoint(tiny_checkpoint, bundled_ptbxl,
-                                                           tmp_path, options, message):
-    args = evaluate.make_parser().parse_args(
-        ["--checkpoint", tiny_checkpoint, "--dataset", "ptb-xl", "--root", str(bundled_ptbxl),
-         "--out", str(tmp_path / "o"), *options])
-    with pytest.raises(evaluate.EvalError, match=message):
-        evaluate.build_plan(args)
-
-
-def test_missing_prompt_and_not_a_checkpoint_are_named(tiny_checkpoint, bundled_ptbxl,
-                                                       tmp_path):
-    prompts = tmp_path / "p.yaml"
-    prompts.write_text("NORM: a normal ecg\n")
-    parser = evaluate.make_parser()
-    base = ["--dataset", "ptb-xl", "--root", str(bundled_ptbxl), "--out", str(tmp_path / "o"),
-            "--mode", "zeroshot", "--test-folds", "6"]
-    plan = evaluate.build_plan(parser.parse_args(
-        ["--checkpoint", tiny_checkpoint, "--prompts", str(prompts), *base]))
-    assert plan.prompts[0] == ["a normal ecg"]  # the file overrides the default per class
-    assert plan.prompts[1] == PTBXL_SUPERCLASS_PROMPTS["MI"]
-
-    not_a_checkpoint = tmp_path / "empty"
-    not_a_checkpoint.mkdir()
-    with pytest.raises(evaluate.EvalError, match="neither a melp_ray training checkpoint"):
-        evaluate.build_plan(parser.parse_args(["--checkpoint", str(not_a_checkpoint), *base]))

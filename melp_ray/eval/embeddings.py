@@ -1,0 +1,121 @@
+"""The model under evaluation and its embeddings of the plan's records (Ray Data).
+
+``build_model`` loads the checkpoint (or builds its architecture with seeded, untrained
+weights for ``--random-init``). ``embed_records`` computes embedding columns with Ray Data
+batch inference (``melp_ray.eval.inference``): the records are read with wfdb and min-max
+normalised on Ray Data workers (``load_batch``) and encoded by an actor pool (one GPU per
+actor when the cluster has GPUs). Records that cannot be read keep a row naming the reason;
+``drop_rejected`` removes them and records who was rejected and why, so the results can
+name them instead of silently dropping them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from melp_ray.eval.plan import EvalRecord, Plan, checkpoint_info
+
+# ---------------------------------------------------------------- models
+
+def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
+    """The MELP to evaluate; picklable via functools.partial for the Ray actors.
+
+    ``random_init``: the same architecture (the checkpoint's ModelConfig), seeded, no
+    trained weights loaded; the baseline that shows what pretraining bought.
+    """
+    import torch
+
+    from melp_ray.checkpoint import load_model
+    from melp_ray.config import model_config_from_dict
+
+    if not random_init:
+        return load_model(checkpoint).eval()
+    from melp_ray.model import MELP
+
+    kind, model_cfg, _ = checkpoint_info(checkpoint)
+    if kind == "exported folder":
+        # An export names its text tower relative to the folder; hf.py resolves it.
+        from melp_ray.hf import MELPHFConfig, runtime_model_config
+
+        cfg = runtime_model_config(MELPHFConfig.from_pretrained(checkpoint))
+    else:
+        cfg = model_config_from_dict(model_cfg)
+    with torch.random.fork_rng(devices=[]):  # same weights in every actor, global RNG untouched
+        torch.manual_seed(seed)
+        model = MELP(cfg)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- Ray Data side
+
+def read_record(dataset: str, path: str, sample_rate: int, seconds: float) -> np.ndarray:
+    """One record as float32 (12, sample_rate*seconds) in mV; raises RecordRejected."""
+    from melp_ray.data.records import RecordRef, RecordRejected, UNREADABLE, fit_signal, load_signal
+
+    if dataset == "ptb-xl":
+        ref = RecordRef(record_id="", subject_id="", dataset=dataset, path=path, report="")
+        return load_signal(ref, None, sample_rate, seconds)
+    from melp_ray.data.physionet import PhysioNetFormatError, load_physionet_signal
+
+    try:
+        signal, fs = load_physionet_signal(path)
+    except (PhysioNetFormatError, OSError) as err:
+        raise RecordRejected(UNREADABLE, str(err)) from None
+    return fit_signal(signal, fs, sample_rate, seconds)
+
+
+def load_batch(batch: dict[str, np.ndarray], dataset: str, sample_rate: int,
+               seconds: float) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: paths -> normalised signals, plus why a record was rejected.
+
+    A rejected record keeps its row (zeros as signal, the reason in ``rejected``) so one
+    pass both encodes the good records and names the bad ones; the driver drops it.
+    """
+    from melp_ray.data.records import RecordRejected, n_samples_for
+    from melp_ray.data.stream import minmax_normalise
+
+    n = n_samples_for(sample_rate, seconds)
+    signals, reasons = [], []
+    for path in batch["path"]:
+        try:
+            signals.append(minmax_normalise(read_record(dataset, str(path), sample_rate,
+                                                        seconds)))
+            reasons.append("")
+        except RecordRejected as err:
+            signals.append(np.zeros((12, n), dtype=np.float32))
+            reasons.append(str(err))
+    out = {k: v for k, v in batch.items() if k != "path"}
+    out["ecg"] = np.stack(signals)
+    out["rejected"] = np.array(reasons, dtype=object)
+    return out
+
+
+def embed_records(plan: Plan, records: list[EvalRecord], outputs: dict[str, tuple[str, str]],
+                  model_fn, batch_size: int, actors: int | None) -> dict[str, np.ndarray]:
+    """Embedding columns for ``records``, sorted by record_id, with a ``rejected`` column."""
+    import ray.data
+
+    from melp_ray.eval.inference import collect_columns, extract_embeddings
+
+    items = [{"record_id": r.record_id, "path": r.path, "report": r.report} for r in records]
+    blocks = max(1, min(len(items) // max(batch_size, 1), 64))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(load_batch, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"dataset": plan.dataset, "sample_rate": plan.sample_rate,
+                                   "seconds": plan.seconds})
+    ds = extract_embeddings(ds, model_fn, outputs=outputs, batch_size=batch_size,
+                            concurrency=actors)
+    data = collect_columns(ds, [*outputs, "rejected"], sort_by="record_id")
+    if len(data["record_id"]) != len(records):
+        raise RuntimeError(f"inference returned {len(data['record_id'])} rows for "
+                           f"{len(records)} records")
+    return data
+
+
+def drop_rejected(data: dict[str, np.ndarray], accounting: dict) -> dict[str, np.ndarray]:
+    """Drop rejected rows, naming them (reason -> ids) in ``accounting``."""
+    rejected = np.array([bool(r) for r in data["rejected"]], dtype=bool)
+    for rid, why in zip(data["record_id"][rejected], data["rejected"][rejected]):
+        reason = str(why).split(":", 1)[0]
+        accounting.setdefault("rejected", {}).setdefault(reason, []).append(str(rid))
+        accounting.setdefault("rejected_detail", {})[str(rid)] = str(why)
+    return {k: v[~rejected] for k, v in data.items() if k != "rejected"}

@@ -1,0 +1,346 @@
+"""What to evaluate: the command line checked against the data and the checkpoint.
+
+``build_plan`` turns the parsed arguments into a ``Plan``: the records of each split with
+their labels (and reports), the class names and prompts, and the settings written to
+results.json. Everything that can be checked without Ray (paths, the checkpoint, folds,
+prompts, option combinations) is checked here and raises ``EvalError``, so a typo fails in
+a second, not after the cluster starts. No Ray, no model weights.
+
+Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10). CPSC2018 and
+Chapman-Shaoxing ship no folds, so each record gets a fixed pseudo-fold 1-10 from a hash of
+its record id (``physionet_fold``): the same fold options then work on every dataset and
+the split never changes between runs or machines.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATASETS = ("ptb-xl", "cpsc2018", "chapman")
+MODES = ("zeroshot", "linear", "retrieval")
+PTBXL_TASKS = ("super", "sub", "form", "rhythm")
+N_PSEUDO_FOLDS = 10
+DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
+DEFAULT_CHAPMAN_MIN_COUNT = 10
+
+
+class EvalError(ValueError):
+    """Bad arguments or unusable data, found before any work starts."""
+
+
+@dataclass
+class EvalRecord:
+    """One record to evaluate, before its signal is read."""
+
+    record_id: str
+    path: str                          # absolute; WFDB record (PTB-XL) or .hea (PhysioNet)
+    fold: int
+    report: str = ""
+    labels: np.ndarray | None = None   # multi-hot over the class list
+
+
+@dataclass
+class Plan:
+    """The checked, resolved form of the command line."""
+
+    mode: str
+    dataset: str
+    root: str
+    out: Path
+    checkpoint: str
+    checkpoint_kind: str               # "training checkpoint" | "exported folder"
+    sample_rate: int
+    seconds: float
+    task: str | None
+    class_names: list[str]
+    splits: dict[str, list[EvalRecord]]     # the splits the mode uses
+    folds: dict[str, list[int]]
+    excluded: dict[str, list[str]]          # reason -> record ids left out before loading
+    prompts: list[list[str]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- records and folds
+
+def parse_folds(text: str, option: str) -> list[int]:
+    """"1-8" -> [1..8]; "1,2,3" and "1-3,5" work too. Sorted, unique, each >= 1."""
+    folds: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                folds.update(range(lo, hi + 1))
+            else:
+                folds.add(int(part))
+        except ValueError:
+            raise EvalError(f"{option} {text!r}: expected folds like 1-8 or 1,2,3") from None
+    if not folds or min(folds) < 1:
+        raise EvalError(f"{option} {text!r}: folds are numbered from 1")
+    return sorted(folds)
+
+
+def physionet_fold(record_id: str) -> int:
+    """Fixed pseudo-fold 1..10 of a PhysioNet record (crc32: stable across runs and hosts)."""
+    return zlib.crc32(record_id.encode()) % N_PSEUDO_FOLDS + 1
+
+
+def _multi_hot(names, classes: list[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.zeros(len(classes), dtype=np.float32)
+    for name in names:
+        if name in index:
+            out[index[name]] = 1.0
+    return out
+
+
+def _ptbxl_records(root: str, task: str | None, sample_rate: int
+                   ) -> tuple[list[EvalRecord], list[str]]:
+    from melp_ray.data.ptbxl import class_names, list_ptbxl
+
+    classes = class_names(task, root) if task else []
+    records = [EvalRecord(record_id=ref.record_id, path=os.path.join(root, ref.path),
+                          fold=ref.strat_fold, report=ref.report,
+                          labels=_multi_hot(ref.labels[task], classes) if task else None)
+               for ref in list_ptbxl(root, sample_rate=sample_rate)]
+    return records, classes
+
+
+def _physionet_records(dataset: str, root: str, min_count: int
+                       ) -> tuple[list[EvalRecord], list[str]]:
+    from melp_ray.data import physionet
+
+    listed = physionet.list_physionet_records(root)
+    if dataset == "cpsc2018":
+        classes = list(physionet.CPSC2018_CLASSES)
+        label = physionet.cpsc2018_labels
+    else:  # Chapman-Shaoxing: the SNOMED codes frequent in this data (see physionet.py)
+        classes = physionet.frequent_dx_classes(listed, min_count=min_count)
+        if not classes:
+            raise EvalError(f"no SNOMED code occurs in >= {min_count} records under {root}; "
+                            "lower --min-count")
+        label = functools.partial(physionet.labels_from_codes, classes=classes)
+    records = [EvalRecord(record_id=rec.record_id, path=str(rec.header_path),
+                          fold=physionet_fold(rec.record_id), labels=label(rec.dx_codes))
+               for rec in listed]
+    return records, classes
+
+
+# ---------------------------------------------------------------- the plan
+
+def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(kind, model config dict, data config dict) of a training checkpoint or an export."""
+    from melp_ray import checkpoint as ckpt
+    from melp_ray import storage
+
+    local = path if storage.is_uri(path) else storage.normalise_storage_path(path)
+    if not storage.is_uri(path) and not os.path.exists(local):
+        raise EvalError(f"--checkpoint {path} does not exist")
+    if not storage.is_uri(path) and ckpt.is_exported_folder(local):
+        config = storage.read_json(storage.join(local, "config.json"))
+        data = {"sample_rate": config.get("sample_rate"), "seconds": config.get("seconds")}
+        return "exported folder", config.get("melp", {}), data
+    try:
+        config = ckpt.checkpoint_config(path)
+    except FileNotFoundError as err:
+        raise EvalError(f"--checkpoint: {err}, nor an exported folder (config.json with "
+                        "model_type melp)") from None
+    return "training checkpoint", config["model"], config.get("data", {})
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    """Check every argument against the data and the checkpoint; no Ray, no model weights."""
+    _check_option_combinations(args)
+    root = _check_root(args.dataset, args.root)
+    kind, _, data_cfg = checkpoint_info(args.checkpoint)
+    sample_rate = args.sample_rate or data_cfg.get("sample_rate")
+    seconds = args.seconds or data_cfg.get("seconds")
+    if not sample_rate or not seconds:
+        raise EvalError(f"the {kind} does not record its input sample rate/length; "
+                        "pass --sample-rate and --seconds")
+    _check_length(sample_rate, seconds)
+
+    task = None
+    if args.dataset == "ptb-xl" and args.mode != "retrieval":
+        task = args.task or "super"
+    if task is not None:
+        records, classes = _ptbxl_records(root, task, int(sample_rate))
+    elif args.dataset == "ptb-xl":
+        records, classes = _ptbxl_records(root, None, int(sample_rate))
+    else:
+        records, classes = _physionet_records(args.dataset, root, args.min_count)
+
+    ids = [r.record_id for r in records]
+    if len(set(ids)) != len(ids):  # results are aligned by record id
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise EvalError(f"--root {root}: record ids are not unique (e.g. {dupes})")
+    split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
+    folds = {s: parse_folds(getattr(args, f"{s}_folds") or DEFAULT_FOLDS[s], f"--{s}-folds")
+             for s in split_names}
+    _check_disjoint(folds)
+    available = sorted({r.fold for r in records})
+    splits: dict[str, list[EvalRecord]] = {}
+    excluded: dict[str, list[str]] = {}
+    for split in split_names:
+        in_folds = [r for r in records if r.fold in folds[split]]
+        if not in_folds:
+            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: no record of {root} "
+                            f"is in these folds (folds present: {_fmt_folds(available)})")
+        kept = _drop_unusable(in_folds, args.mode, excluded)
+        if not kept:
+            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: every record was "
+                            f"left out ({ {k: len(v) for k, v in excluded.items()} })")
+        splits[split] = kept
+
+    prompts = None
+    if args.mode == "zeroshot":
+        prompts = _resolve_prompts(args.dataset, root, classes, args.prompts)
+    if args.mode == "linear":
+        _check_probe_labels(splits, classes)
+
+    plan = Plan(mode=args.mode, dataset=args.dataset, root=root, out=Path(args.out),
+                checkpoint=args.checkpoint, checkpoint_kind=kind, sample_rate=int(sample_rate),
+                seconds=float(seconds), task=task, class_names=classes, splits=splits,
+                folds=folds, excluded=excluded, prompts=prompts)
+    plan.settings = {
+        "mode": args.mode, "dataset": args.dataset, "root": root, "task": task,
+        "checkpoint": args.checkpoint, "checkpoint_kind": kind,
+        "random_init": args.random_init, "sample_rate": plan.sample_rate,
+        "seconds": plan.seconds, "folds": folds,
+        "n_records": {s: len(v) for s, v in splits.items()},
+        "batch_size": args.batch_size, "seed": args.seed,
+        **({"bootstrap": args.bootstrap} if args.mode != "retrieval" else {}),
+        **({"fraction": args.fraction} if args.mode == "linear" else {}),
+        **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
+        **({"min_count": args.min_count} if args.dataset == "chapman" else {}),
+    }
+    return plan
+
+
+# ---------------------------------------------------------------- checks behind build_plan
+
+def _check_option_combinations(args) -> None:
+    only = [("--fraction", args.fraction is not None, "linear"),
+            ("--train-folds", args.train_folds is not None, "linear"),
+            ("--val-folds", args.val_folds is not None, "linear"),
+            ("--prompts", args.prompts is not None, "zeroshot")]
+    for option, given, mode in only:
+        if given and args.mode != mode:
+            raise EvalError(f"{option} only applies to --mode {mode}")
+    if args.task is not None and args.dataset != "ptb-xl":
+        raise EvalError(f"--task selects a PTB-XL label set; {args.dataset} has one fixed "
+                        "label set (leave --task out)")
+    if args.task is not None and args.mode == "retrieval":
+        raise EvalError("--task has no effect on --mode retrieval (leave it out)")
+    if args.mode == "retrieval" and args.dataset != "ptb-xl":
+        raise EvalError(f"--mode retrieval needs free-text reports; {args.dataset} has none "
+                        "(use --dataset ptb-xl)")
+    if args.min_count is not None and args.dataset != "chapman":
+        raise EvalError("--min-count only applies to --dataset chapman")
+    if args.min_count is None:
+        args.min_count = DEFAULT_CHAPMAN_MIN_COUNT
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise EvalError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise EvalError(f"--prompts {args.prompts} is not a file")
+    for option, value, low in (("--batch-size", args.batch_size, 1),
+                               ("--bootstrap", args.bootstrap, 0),
+                               ("--actors", args.actors, 1)):
+        if value is not None and value < low:
+            raise EvalError(f"{option} must be >= {low}, got {value}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} exists and is not a folder")
+
+
+def _check_root(dataset: str, root: str) -> str:
+    from melp_ray.data.ptbxl import DATABASE_CSV, STATEMENTS_CSV
+
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise EvalError(f"--root {root} is not an existing folder")
+    if dataset == "ptb-xl":
+        missing = [f for f in (DATABASE_CSV, STATEMENTS_CSV) if not (path / f).is_file()]
+        if missing:
+            raise EvalError(f"--root {root} is not a PTB-XL folder (no {', '.join(missing)})")
+    elif not any(path.rglob("*.hea")):
+        raise EvalError(f"--root {root} holds no PhysioNet .hea headers for {dataset}")
+    return str(path.resolve())
+
+
+def _check_length(sample_rate, seconds) -> None:
+    from melp_ray.data.records import n_samples_for
+
+    try:
+        n_samples_for(sample_rate, seconds)
+    except ValueError as err:
+        raise EvalError(f"--sample-rate/--seconds: {err}") from None
+
+
+def _check_disjoint(folds: dict[str, list[int]]) -> None:
+    names = list(folds)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(folds[a]) & set(folds[b]))
+            if shared:
+                raise EvalError(f"--{a}-folds and --{b}-folds share folds {_fmt_folds(shared)}")
+
+
+def _fmt_folds(folds) -> str:
+    return ",".join(str(f) for f in folds) or "none"
+
+
+def _drop_unusable(records: list[EvalRecord], mode: str,
+                   excluded: dict[str, list[str]]) -> list[EvalRecord]:
+    """Leave out records the mode cannot use, named under their reason.
+
+    Classification: a record with no label of the task (the PTB-XL benchmark convention;
+    e.g. a record with only non-diagnostic statements has no superclass). Retrieval: a
+    record with an empty report (nothing to retrieve).
+    """
+    kept = []
+    for r in records:
+        if mode == "retrieval":
+            reason = None if r.report.strip() else "empty_report"
+        else:
+            reason = None if r.labels.any() else "no_label"
+        if reason:
+            excluded.setdefault(reason, []).append(r.record_id)
+        else:
+            kept.append(r)
+    return kept
+
+
+def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: str | None):
+    from melp_ray.data import physionet
+    from melp_ray.eval import prompts as P
+
+    if dataset == "ptb-xl":
+        defaults = P.ptbxl_descriptions(Path(root) / "scp_statements.csv")
+    elif dataset == "cpsc2018":
+        defaults = physionet.CPSC2018_DESCRIPTIONS
+    else:
+        defaults = physionet.SNOMED_DESCRIPTIONS
+    try:
+        return P.resolve_prompts(classes, defaults, prompt_file)
+    except (KeyError, ValueError) as err:
+        raise EvalError(f"prompts: {err}") from None
+
+
+def _check_probe_labels(splits: dict[str, list[EvalRecord]], classes: list[str]) -> None:
+    from melp_ray.eval.metrics import scorable_classes
+
+    for split in ("val", "test"):
+        y = np.stack([r.labels for r in splits[split]])
+        if not scorable_classes(y).any():
+            raise EvalError(f"--{split}-folds: no class has both positive and negative records "
+                            f"({len(y)} records), so AUROC is undefined; use more folds")
