@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from melp_ray.data.ptbxl import SUPERCLASSES
-from melp_ray.tokenization import encode_reports, load_report_tokenizer
+from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 logger = logging.getLogger(__name__)
 

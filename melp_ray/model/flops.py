@@ -43,7 +43,7 @@ def text_dims(cfg: ModelConfig) -> TextDims:
     """Read the text tower's sizes from its Hugging Face config (no weights are loaded)."""
     from transformers import AutoConfig
 
-    from melp_ray.tokenization import resolve_text_model_path
+    from melp_ray.text.models import resolve_text_model_path
     import os
 
     path = resolve_text_model_path(cfg.text_model)

@@ -4,7 +4,7 @@ Setting ``is_decoder=True`` in a BERT-style config makes transformers build a ca
 self-attention mask instead of a bidirectional one, so the state at position t only sees
 tokens 0..t. That is what lets the same token states feed the captioning decoder
 (next-token prediction) and puts the report summary at the last position: the [CLS] token
-that ``melp_ray.tokenization`` places after the padding.
+that ``melp_ray.text.report_ids`` places after the padding.
 
 Outputs
 - token states (B, L, hidden) for the multimodal decoder,
@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from melp_ray.model.config import ModelConfig
-# Module import (not `from ... import name`): tokenization imports model.config, and this
-# keeps `import melp_ray.tokenization` first working without a circular-import error.
-from melp_ray import tokenization
+from melp_ray.text import report_ids
+from melp_ray.text.models import resolve_text_model_path
 
 
 def load_text_model(name_or_path: str, pretrained: bool, overrides: dict,
@@ -33,7 +32,7 @@ def load_text_model(name_or_path: str, pretrained: bool, overrides: dict,
     """The causal backbone (no pooler), its token table sized to ``vocab_size`` rows."""
     from transformers import AutoConfig, AutoModel
 
-    path = tokenization.resolve_text_model_path(name_or_path)
+    path = resolve_text_model_path(name_or_path)
     local = os.path.isdir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=local, **overrides)
     config.is_decoder = True            # causal self-attention
@@ -67,7 +66,7 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 class TextTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        vocab = len(tokenization.load_report_tokenizer(cfg.text_model))
+        vocab = len(report_ids.load_report_tokenizer(cfg.text_model))
         self.backbone = load_text_model(cfg.text_model, cfg.text_pretrained, cfg.text_overrides,
                                         vocab)
         hidden = self.backbone.config.hidden_size

@@ -27,7 +27,7 @@ def build_mlm_model(cfg: TextPretrainConfig, tokenizer, load_weights: bool = Tru
     """A BertForMaskedLM-style model: pretrained (encoder weights loaded) or a new small BERT."""
     from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    from melp_ray.tokenization import resolve_text_model_path
+    from melp_ray.text.models import resolve_text_model_path
 
     t = cfg.text
     if t.init == "pretrained":

@@ -90,7 +90,7 @@ def save_tokenizer(tokenizer, path: str) -> str:
 def load_tokenizer_folder(path: str):
     """A tokenizer from a local folder, a URI folder (fetched to a temp dir), a hub name or "minilm"."""
     from melp_ray import storage
-    from melp_ray.tokenization import load_tokenizer
+    from melp_ray.text.report_ids import load_tokenizer
 
     if not storage.is_uri(path):
         return load_tokenizer(os.path.expanduser(path))

@@ -6,7 +6,7 @@ import pytest
 
 from melp_ray.data.stream import StreamSpec, minmax_normalise, rank_datasets, split_refs
 from melp_ray.prepare import PrepareSettings, prepare
-from melp_ray.tokenization import encode_reports, load_report_tokenizer
+from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 SPEC = StreamSpec(sample_rate=100, seconds=10, text_model="minilm", max_text_length=32)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import wfdb
 
-from melp_ray import tokenization
+from melp_ray.text import report_ids
 from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 
@@ -47,7 +47,7 @@ def trained():
                                    text_overrides={**tiny.text_overrides, **no_dropout})
     torch.manual_seed(0)
     model = MELP(cfg).train()
-    arrays = tokenization.encode_reports(model.tokenizer, reports, cfg.max_text_length)
+    arrays = report_ids.encode_reports(model.tokenizer, reports, cfg.max_text_length)
     longest = int(arrays["attention_mask"].sum(1).max())  # trim shared padding: faster steps
     batch = {k: torch.from_numpy(v[:, :longest]) for k, v in arrays.items()}
 

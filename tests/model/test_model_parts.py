@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from melp_ray import tokenization
+from melp_ray.text import report_ids
 from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, count_parameters, model_config_from_preset
 from melp_ray.model.ecg_encoder import ConvPositionalEmbedding, ECGEncoder
@@ -40,7 +40,7 @@ def model(cfg):
 
 @pytest.fixture(scope="module")
 def batch(cfg, model):
-    arrays = tokenization.encode_reports(model.tokenizer, REPORTS, cfg.max_text_length)
+    arrays = report_ids.encode_reports(model.tokenizer, REPORTS, cfg.max_text_length)
     torch.manual_seed(1)
     return {"ecg": torch.rand(len(REPORTS), 12, 1000),
             **{k: torch.from_numpy(v) for k, v in arrays.items()}}

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from melp_ray.model import MELP, count_parameters, model_config_from_preset
 from melp_ray.model.text_tower import TextTower
-from melp_ray.tokenization import resolve_text_model_path
+from melp_ray.text.models import resolve_text_model_path
 
 
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # Re-exported: the data layer, the model and the tests resolve text model names here.
-from melp_ray.text.models import resolve_text_model_path  # noqa: F401
+from melp_ray.text.models import resolve_text_model_path
 
 
 BOS_TOKEN = "[BOS]"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from melp_ray.tokenization import (encode_reports, load_report_tokenizer, load_tokenizer,
+from melp_ray.text.report_ids import (encode_reports, load_report_tokenizer, load_tokenizer,
                                    sentence_numbers, special_ids)
 
 
