@@ -16,6 +16,9 @@
    - ECG -> report retrieval recall@1/5/10, with chance k/N;
    - collapse detector: mean pairwise cosine of the L2-normalised rhythm embeddings of
      different records of HOLDOUT, pretrained and random init.
+   Every record any of them needs is embedded once per model (one Ray Data inference pass
+   for the checkpoint, one for the random init: ``EmbeddingTable``) and the modes score
+   from those tables, exactly as they score their own passes.
 
 Targets: probe AUROC >= random init + 0.05, zero-shot AUROC >= 0.65, ECG->report
 recall@10 >= 3x chance, mean pairwise ECG cosine <= 0.5. In --smoke they are reported, not
@@ -108,33 +111,56 @@ def evaluate_args(checkpoint: str, root: str, out: Path, mode: str, test_fold: i
         "--out", str(out), "--test-folds", str(test_fold), *extra])
 
 
-def linear_probe(checkpoint, root, out, folds: dict, random_init: bool, bootstrap: int) -> dict:
-    from melp_ray.eval.modes import evaluate
-
-    args = evaluate_args(checkpoint, root, out, "linear", folds["test"], "--task", "super",
+def linear_args(checkpoint, root, out, folds: dict, random_init: bool, bootstrap: int):
+    return evaluate_args(checkpoint, root, out, "linear", folds["test"], "--task", "super",
                          "--train-folds", ",".join(map(str, folds["train"])),
                          "--val-folds", str(folds["val"]), "--bootstrap", str(bootstrap),
                          *(["--random-init"] if random_init else []))
-    r = evaluate(args)
+
+
+def embedding_table(checkpoint, root, out, folds: dict, random_init: bool):
+    """One inference pass over every record the evaluations below use (the probe's folds and
+    all of the held-out fold), with every column they ask for."""
+    from melp_ray.eval.embeddings import EmbeddingTable, build_model
+    from melp_ray.eval.plan import build_plan
+
+    args = linear_args(checkpoint, root, out / "probe", folds, random_init, 0)
+    probe_plan = build_plan(args)
+    retrieval_plan = build_plan(evaluate_args(checkpoint, root, out / "retrieval", "retrieval",
+                                              folds["test"]))
+    records = [r for plan in (probe_plan, retrieval_plan) for split in plan.splits.values()
+               for r in split]
+    outputs = {"ecg_feat": ("ecg_features", "ecg"), "ecg_emb": ("encode_ecg", "ecg")}
+    if not random_init:
+        outputs["text_emb"] = ("encode_reports", "report")
+    model_fn = functools.partial(build_model, probe_plan.checkpoint, random_init, args.seed)
+    return EmbeddingTable.compute(probe_plan, records, outputs, model_fn, args.batch_size, args.actors)
+
+
+def linear_probe(checkpoint, root, out, folds: dict, random_init: bool, bootstrap: int,
+                 table) -> dict:
+    from melp_ray.eval.modes import evaluate
+
+    r = evaluate(linear_args(checkpoint, root, out, folds, random_init, bootstrap), embed=table)
     return {k: r[k] for k in ("macro_auroc", "ci", "per_class", "best_val_auroc", "n_train")
             if k in r} | {"records": used(r)}
 
 
-def zero_shot(checkpoint, root, out, test_fold: int, bootstrap: int) -> dict:
+def zero_shot(checkpoint, root, out, test_fold: int, bootstrap: int, table) -> dict:
     from melp_ray.eval.modes import evaluate
 
     r = evaluate(evaluate_args(checkpoint, root, out, "zeroshot", test_fold, "--task", "super",
-                               "--bootstrap", str(bootstrap)))
+                               "--bootstrap", str(bootstrap)), embed=table)
     return {"macro_auroc": r["macro_auroc"], "ci": r["ci"], "per_class": r["per_class"],
             "prompts": r.get("prompts"), "records": used(r)}
 
 
-def retrieval(checkpoint, root, out, test_fold: int) -> dict:
+def retrieval(checkpoint, root, out, test_fold: int, table) -> dict:
     """Recall@k (both directions and their mean), chance k/N, and the duplicate reports."""
     from melp_ray.eval.modes import evaluate
     from melp_ray.eval.plan import build_plan
 
-    r = evaluate(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
+    r = evaluate(evaluate_args(checkpoint, root, out, "retrieval", test_fold), embed=table)
     n = int(r["n_pairs"])
     # build_plan fills defaults into the args it checks: a fresh set for this second look.
     plan = build_plan(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
@@ -175,18 +201,14 @@ def chance_with_ties(reports: list[str], draws: int = 200, seed: int = 0) -> dic
     return {f"recall@{k}": v for k, v in totals.items()}
 
 
-def ecg_cosine(checkpoint, root, out, test_fold: int, random_init: bool) -> dict:
+def ecg_cosine(checkpoint, root, out, test_fold: int, table) -> dict:
     """Mean pairwise cosine of the rhythm embeddings of the held-out records."""
-    from melp_ray.eval.embeddings import build_model, drop_rejected, embed_records
+    from melp_ray.eval.embeddings import drop_rejected
     from melp_ray.eval.metrics import mean_pairwise_cosine
     from melp_ray.eval.plan import build_plan
 
-    args = evaluate_args(checkpoint, root, out, "retrieval", test_fold)
-    plan = build_plan(args)
-    model_fn = functools.partial(build_model, plan.checkpoint, random_init, args.seed)
-    data = embed_records(plan, plan.splits["test"], {"ecg_emb": ("encode_ecg", "ecg")},
-                         model_fn, args.batch_size, args.actors)
-    data = drop_rejected(data, {})
+    plan = build_plan(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
+    data = drop_rejected(table(plan.splits["test"], {"ecg_emb": ("encode_ecg", "ecg")}), {})
     return {"mean_pairwise_cosine": mean_pairwise_cosine(data["ecg_emb"]),
             "n_records": int(len(data["ecg_emb"]))}
 
@@ -275,17 +297,22 @@ def main(argv=None) -> int:
                 pre = pretrain(args.config, overrides)
         ckpt = pre["checkpoint"]
         ev = work / "eval"
+        with phase(phases, "embed_pretrained"):
+            table = embedding_table(ckpt, root, ev / "embed", folds, random_init=False)
+        with phase(phases, "embed_random_init"):
+            table_random = embedding_table(ckpt, root, ev / "embed-random", folds, random_init=True)
         with phase(phases, "linear_probe_pretrained"):
-            probe = linear_probe(ckpt, root, ev / "linear", folds, False, bootstrap)
+            probe = linear_probe(ckpt, root, ev / "linear", folds, False, bootstrap, table)
         with phase(phases, "linear_probe_random_init"):
-            probe_random = linear_probe(ckpt, root, ev / "linear-random", folds, True, bootstrap)
+            probe_random = linear_probe(ckpt, root, ev / "linear-random", folds, True, bootstrap,
+                                        table_random)
         with phase(phases, "zeroshot"):
-            zs = zero_shot(ckpt, root, ev / "zeroshot", holdout, bootstrap)
+            zs = zero_shot(ckpt, root, ev / "zeroshot", holdout, bootstrap, table)
         with phase(phases, "retrieval"):
-            ret = retrieval(ckpt, root, ev / "retrieval", holdout)
+            ret = retrieval(ckpt, root, ev / "retrieval", holdout, table)
         with phase(phases, "ecg_cosine"):
-            cos = ecg_cosine(ckpt, root, ev / "cosine", holdout, False)
-            cos_random = ecg_cosine(ckpt, root, ev / "cosine", holdout, True)
+            cos = ecg_cosine(ckpt, root, ev / "cosine", holdout, table)
+            cos_random = ecg_cosine(ckpt, root, ev / "cosine", holdout, table_random)
     finally:
         ray.shutdown()
         if tmp is not None:

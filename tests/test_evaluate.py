@@ -229,3 +229,40 @@ def test_bad_option_combinations_fail_before_any_work(bundled_ptbxl, tmp_path, c
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- one inference pass, many modes
+
+def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, bundled_ptbxl,
+                                                              tmp_path):
+    """An EmbeddingTable computed once (what bench/learning.py does for probe, zero-shot and
+    retrieval) gives every mode the results of its own inference pass."""
+    import functools
+
+    from melp_ray.eval.embeddings import EmbeddingTable, build_model
+    from melp_ray.eval.modes import evaluate as run_mode
+    from melp_ray.eval.plan import build_plan
+
+    def args_for(out, *options):
+        return evaluate.make_parser().parse_args([
+            "--checkpoint", str(tiny_checkpoint), "--root", str(bundled_ptbxl), "--dataset",
+            "ptb-xl", "--out", str(out), "--bootstrap", "50", *options])
+
+    linear = ("--mode", "linear", "--task", "super", *LINEAR_FOLDS)
+    retrieval = ("--mode", "retrieval", "--test-folds", str(TEST_FOLD))
+    plans = [build_plan(args_for(tmp_path / "plan" / m[1], *m)) for m in (linear, retrieval)]
+    records = [r for plan in plans for split in plan.splits.values() for r in split]
+    outputs = {"ecg_feat": ("ecg_features", "ecg"), "ecg_emb": ("encode_ecg", "ecg"),
+               "text_emb": ("encode_reports", "report")}
+    model_fn = functools.partial(build_model, plans[0].checkpoint, False, 0)
+    table = EmbeddingTable.compute(plans[0], records, outputs, model_fn, 64, None)
+    assert len(table.data["record_id"]) == len({r.record_id for r in records})
+
+    for options in (linear, retrieval):
+        own = run_mode(args_for(tmp_path / "own" / options[1], *options))
+        shared = run_mode(args_for(tmp_path / "shared" / options[1], *options), embed=table)
+        keys = ("macro_auroc", "per_class") if options is linear else \
+            ("recall@1", "recall@5", "recall@10", "n_pairs")
+        for key in keys:
+            assert shared[key] == pytest.approx(own[key], abs=1e-6), (options[1], key)
+        assert shared["records"] == own["records"]

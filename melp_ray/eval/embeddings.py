@@ -119,3 +119,29 @@ def drop_rejected(data: dict[str, np.ndarray], accounting: dict) -> dict[str, np
         accounting.setdefault("rejected", {}).setdefault(reason, []).append(str(rid))
         accounting.setdefault("rejected_detail", {})[str(rid)] = str(why)
     return {k: v[~rejected] for k, v in data.items() if k != "rejected"}
+
+
+class EmbeddingTable:
+    """Embeddings of a set of records from one inference pass, served to every mode that
+    asks for some of them: a benchmark scoring one checkpoint several ways (probe, zero-shot,
+    retrieval) starts one actor pool, not one per mode. Called like ``embed_records`` without
+    the plan and model arguments: ``table(records, outputs)``."""
+
+    def __init__(self, data: dict[str, np.ndarray]):
+        self.data = data
+        self.row_of = {str(rid): i for i, rid in enumerate(data["record_id"])}
+
+    @classmethod
+    def compute(cls, plan: Plan, records: list[EvalRecord], outputs: dict[str, tuple[str, str]],
+                model_fn, batch_size: int, actors: int | None) -> EmbeddingTable:
+        unique = list({r.record_id: r for r in records}.values())
+        return cls(embed_records(plan, unique, outputs, model_fn, batch_size, actors))
+
+    def __call__(self, records: list[EvalRecord], outputs: dict[str, tuple[str, str]]
+                 ) -> dict[str, np.ndarray]:
+        missing = [c for c in outputs if c not in self.data]
+        absent = [r.record_id for r in records if r.record_id not in self.row_of]
+        if missing or absent:
+            raise KeyError(f"embedding table lacks columns {missing} / records {absent[:5]}")
+        rows = sorted(self.row_of[r.record_id] for r in records)   # record_id order, as embed_records
+        return {k: self.data[k][rows] for k in ("record_id", "rejected", *outputs)}

@@ -12,15 +12,22 @@ import argparse
 import functools
 import json
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
 from melp_ray.eval.embeddings import build_model, drop_rejected, embed_records
 from melp_ray.eval.plan import EvalRecord, Plan, build_plan
 
+# (records, {column: (model method, input column)}) -> columns by record_id, with "rejected"
+Embed = Callable[[list[EvalRecord], dict[str, tuple[str, str]]], dict[str, np.ndarray]]
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Check the arguments, run the mode on Ray, write OUT/results.*; returns results.json."""
+
+def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, Any]:
+    """Check the arguments, run the mode on Ray, write OUT/results.*; returns results.json.
+
+    ``embed(records, outputs)`` supplies the embeddings (e.g. an ``EmbeddingTable`` computed
+    once for several modes); by default each mode runs its own inference pass."""
     plan = build_plan(args)
     from melp_ray.ray_utils import quiet_data_progress_bars
     from melp_ray.ray_utils import init_ray
@@ -28,8 +35,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     init_ray()
     quiet_data_progress_bars()
     model_fn = functools.partial(build_model, plan.checkpoint, args.random_init, args.seed)
+    if embed is None:
+        embed = functools.partial(embed_records, plan, model_fn=model_fn,
+                                  batch_size=args.batch_size, actors=args.actors)
     run = {"zeroshot": run_zeroshot, "linear": run_linear, "retrieval": run_retrieval}
-    return run[plan.mode](plan, model_fn, args, {})
+    return run[plan.mode](plan, model_fn, embed, args, {})
 
 
 def _labels(records: list[EvalRecord], ids) -> np.ndarray:
@@ -37,7 +47,7 @@ def _labels(records: list[EvalRecord], ids) -> np.ndarray:
     return np.stack([by_id[str(i)] for i in ids])
 
 
-def run_zeroshot(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
+def run_zeroshot(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[str, Any]:
     import torch
 
     from melp_ray.eval.zero_shot import evaluate_zero_shot, prompt_embeddings
@@ -47,8 +57,7 @@ def run_zeroshot(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
         prompt_emb = prompt_embeddings(
             lambda texts: model.encode_reports(texts).float().numpy(), plan.prompts)
     test = plan.splits["test"]
-    data = embed_records(plan, test, {"ecg_emb": ("encode_ecg", "ecg")}, model_fn,
-                         args.batch_size, args.actors)
+    data = embed(test, {"ecg_emb": ("encode_ecg", "ecg")})
     data = drop_rejected(data, accounting.setdefault("test", {}))
     _require_rows(data, "test")
     y = _labels(test, data["record_id"])
@@ -58,13 +67,12 @@ def run_zeroshot(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
     return _write_classification(plan, result, y, result.pop("scores"), accounting)
 
 
-def run_linear(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
+def run_linear(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[str, Any]:
     from melp_ray.eval.linear_probe import ProbeConfig, train_linear_probe
 
     # One inference pass over all three splits (one actor pool start), split afterwards.
     everything = [r for split in ("train", "val", "test") for r in plan.splits[split]]
-    data = embed_records(plan, everything, {"ecg_feat": ("ecg_features", "ecg")}, model_fn,
-                         args.batch_size, args.actors)
+    data = embed(everything, {"ecg_feat": ("ecg_features", "ecg")})
     row_of = {rid: i for i, rid in enumerate(data["record_id"])}
     features, labels = {}, {}
     for split in ("train", "val", "test"):
@@ -82,13 +90,12 @@ def run_linear(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
                                  accounting)
 
 
-def run_retrieval(plan: Plan, model_fn, args, accounting) -> dict[str, Any]:
+def run_retrieval(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[str, Any]:
     from melp_ray.eval.metrics import recall_at_k
     from melp_ray.eval.report import write_retrieval_report
 
     outputs = {"ecg_emb": ("encode_ecg", "ecg"), "text_emb": ("encode_reports", "report")}
-    data = embed_records(plan, plan.splits["test"], outputs, model_fn, args.batch_size,
-                         args.actors)
+    data = embed(plan.splits["test"], outputs)
     data = drop_rejected(data, accounting.setdefault("test", {}))
     _require_rows(data, "test")
     reports = {r.record_id: r.report for r in plan.splits["test"]}
