@@ -176,3 +176,20 @@ def test_files_under_a_uri_are_listed_and_read_as_uris(tmp_path):
     storage.delete_file(files[0])
     assert storage.list_files(folder) == [f"{folder}/train/a.txt"]
     assert storage.list_files(f"file://{tmp_path}/nothing") == []
+
+
+def test_pretrain_reads_the_bucket_and_checkpoints_into_it(prepared, s3_endpoint, tiny_cfg, empty_cwd):
+    """2 steps of the tiny model, 2 workers: data.root and run.storage_path both in the bucket."""
+    from melp_ray.pretrain import run
+
+    uri, _, _ = prepared
+    runs = s3_uri(s3_endpoint, "runs")
+    cfg = tiny_cfg(runs, "from-s3", f"data.root={uri}", "data.limit=null", "train.max_steps=2",
+                   "train.log_every=1", "train.val_every=2", "train.checkpoint_every=2")
+    summary = run(cfg)
+    assert summary["steps"] == 2 and np.isfinite(summary["losses"]["total"])
+    checkpoint = summary["last_checkpoint"]
+    assert checkpoint.startswith(f"s3://{BUCKET}/runs/from-s3/checkpoint_") and checkpoint.endswith("&scheme=http")
+    assert storage.list_files(checkpoint)
+    assert storage.read_json(storage.join(summary["run_dir"], "summary.json"))["steps"] == 2
+    assert os.listdir(empty_cwd) == []
