@@ -32,17 +32,22 @@ def filesystem_and_path(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 def filesystem_and_paths(paths: list[str]) -> tuple[pafs.FileSystem | None, list[str]]:
     """For readers that take one filesystem and many files (Ray Data, pyarrow): (None, paths)
     for local paths, else one filesystem for all the URIs and each file's path on it.
-    The URIs must share scheme, bucket and query, as the files of one prepared folder do."""
-    if not any(is_uri(p) for p in paths):
+    The URIs must share scheme and query, as the files of one prepared folder do."""
+    uris = [is_uri(p) for p in paths]
+    if not any(uris):
         return None, list(paths)
+    if not all(uris):
+        raise ValueError(f"cannot read local paths and URIs together: {paths[uris.index(False)]}, {paths[0]}")
     fs, first_path = filesystem_and_path(paths[0])
     first_base, _, query = paths[0].partition("?")
-    prefix = first_base[: len(first_base) - len(first_path)]          # "s3://", "file://"
+    if not first_base.endswith(first_path):   # a scheme whose paths are not the URI's tail
+        raise ValueError(f"cannot map {paths[0]} to a path on its filesystem ({first_path})")
+    prefix = first_base.removesuffix(first_path)          # "s3://", "gs://", "file://"
     fs_paths = []
-    for path in paths:   # no from_uri per file: that can cost a request each (bucket region)
+    for path in paths:   # not from_uri per file: for S3 that can cost a request each (bucket region)
         base, _, other_query = path.partition("?")
-        if not base.startswith(prefix) or other_query != query or not first_base.endswith(first_path):
-            raise ValueError(f"{path} is not on the filesystem of {paths[0]}")
+        if not base.startswith(prefix) or other_query != query:
+            raise ValueError(f"{path} is not on the filesystem of {paths[0]} (same scheme and query needed)")
         fs_paths.append(base[len(prefix):])
     return fs, fs_paths
 

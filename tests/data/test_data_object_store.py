@@ -173,6 +173,8 @@ def test_files_under_a_uri_are_listed_and_read_as_uris(tmp_path):
     assert storage.filesystem_and_paths([str(tmp_path / "x")]) == (None, [str(tmp_path / "x")])
     with pytest.raises(ValueError, match="not on the filesystem"):
         storage.filesystem_and_paths([files[0], "s3://other/b.txt"])
+    with pytest.raises(ValueError, match="local paths and URIs"):
+        storage.filesystem_and_paths([files[0], str(tmp_path / "x")])
     storage.delete_file(files[0])
     assert storage.list_files(folder) == [f"{folder}/train/a.txt"]
     assert storage.list_files(f"file://{tmp_path}/nothing") == []
