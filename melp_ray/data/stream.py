@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from melp_ray import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.tokenization import encode_reports, load_report_tokenizer
 
@@ -129,10 +130,7 @@ def _plain(value: Any) -> Any:
 
 def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
                    exclude_folds: Sequence[int] = ()):
-    """Parquet shard files -> model-ready rows (rows of ``exclude_folds`` left out)."""
-
-    from melp_ray import storage
-
+    """Parquet shard files (local paths or URIs) -> model-ready rows (rows of ``exclude_folds`` left out)."""
     columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
     if exclude_folds:
         columns.append("strat_fold")
