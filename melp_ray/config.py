@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import yaml
 
+from melp_ray import storage
 from melp_ray.config_parsing import ConfigError, apply_preset, from_dict, parse_override, set_dotted
 from melp_ray.model.config import ModelConfig
 
@@ -182,11 +183,11 @@ def config_keys(cls, prefix: str = "") -> list[str]:
 
 
 def check_data_root(data: DataConfig) -> None:
-    """Fail on a missing or malformed local ``data.root`` before Ray starts (a URI is
-    checked where it is read)."""
+    """Fail on a missing or malformed ``data.root`` before Ray starts (a URI must hold a
+    manifest.json of prepared shards, read with the driver's credentials)."""
     from melp_ray.data.sources import DataRootError, detect_layout
 
-    if data.root is None or "://" in data.root:
+    if data.root is None:
         return
     try:
         detect_layout(data.root)
@@ -195,13 +196,11 @@ def check_data_root(data: DataConfig) -> None:
 
 
 def data_has_labels(data: DataConfig) -> bool | None:
-    """Whether validation records carry PTB-XL labels (None: cannot tell, e.g. a URI root)."""
+    """Whether validation records carry PTB-XL labels (the manifest says, for shards)."""
     from melp_ray.data.sources import DataRootError, detect_layout
 
     if data.root is None:
         return True                               # the bundled PTB-XL sample
-    if "://" in data.root:
-        return None
     try:
         layout = data.dataset if data.dataset != "auto" else detect_layout(data.root)
         if layout == "shards":
@@ -320,7 +319,7 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.val_fraction must be in [0, 1)")
     if d.shuffle_buffer < 0 or d.prefetch_batches < 1:
         problems.append("data.shuffle_buffer must be >= 0 and data.prefetch_batches >= 1")
-    if d.root is not None and "://" not in d.root and not Path(d.root).expanduser().exists():
+    if d.root is not None and not storage.is_uri(d.root) and not Path(d.root).expanduser().exists():
         problems.append(f"data.root {d.root!r} does not exist")
     bad_folds = [f for f in d.exclude_folds if isinstance(f, bool) or not isinstance(f, int) or f < 1]
     if bad_folds:

@@ -12,7 +12,8 @@ How it works (docs/data.md has the formats):
    resumes where it stopped and produces the same bytes.
 3. The driver merges the states into ``OUT/manifest.json`` and checks that every
    record seen is either kept or rejected under a named reason.
-The root and OUT must be visible to every node (a shared file system) on a cluster.
+The root must be visible to every node (a shared file system) on a cluster; OUT may be
+one too, or an object store URI (s3://, gs://) reached through pyarrow filesystems.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from melp_ray import storage
@@ -70,15 +70,12 @@ def plan_chunks(refs: list[RecordRef], settings: PrepareSettings) -> list[dict[s
     return chunks
 
 
-def _read_state(out: Path, chunk: dict[str, Any]) -> dict[str, Any] | None:
-    path = out / shards.state_relpath(chunk["split"], chunk["index"])
-    if not path.is_file():
-        return None
-    with open(path) as handle:
-        return json.load(handle)
+def _read_state(out: str, chunk: dict[str, Any]) -> dict[str, Any] | None:
+    path = storage.join(out, shards.state_relpath(chunk["split"], chunk["index"]))
+    return storage.read_json(path) if storage.is_file(path) else None
 
 
-def chunk_is_done(out: Path, chunk: dict[str, Any], settings: PrepareSettings) -> bool:
+def chunk_is_done(out: str, chunk: dict[str, Any], settings: PrepareSettings) -> bool:
     """Its state json exists for these settings and its shard (if it kept rows) is on disk."""
     state = _read_state(out, chunk)
     if state is None:
@@ -86,16 +83,19 @@ def chunk_is_done(out: Path, chunk: dict[str, Any], settings: PrepareSettings) -
     if state["settings"] != settings.fingerprint():
         raise PrepareError(f"{out} holds chunks prepared with other settings ({state['settings']}); "
                            f"use a new --out or delete it")
-    return state["rows"] == 0 or (out / state["shard"]).is_file()
+    return state["rows"] == 0 or storage.is_file(storage.join(out, state["shard"]))
 
 
-def _check_output_folder(out: Path, settings: PrepareSettings) -> None:
-    """Refuse to mix settings in one output folder; clean temp files of a killed run."""
-    out.mkdir(parents=True, exist_ok=True)
-    settings_path = out / shards.STATE_DIR / "settings.json"
-    if settings_path.is_file():
-        with open(settings_path) as handle:
-            previous = json.load(handle)
+def _check_output_folder(out: str, settings: PrepareSettings) -> None:
+    """Refuse to mix settings in one output folder; clean temp files of a killed run.
+    The first storage access of a run: an unreachable or forbidden --out fails here."""
+    try:
+        storage.make_dirs(out)
+        settings_path = storage.join(out, shards.STATE_DIR, "settings.json")
+        previous = storage.read_json(settings_path) if storage.is_file(settings_path) else None
+    except OSError as err:
+        raise PrepareError(f"cannot use --out {out}: {err}") from None
+    if previous is not None:
         if previous != settings.fingerprint():
             raise PrepareError(f"{out} was prepared with other settings ({previous}); "
                                f"use a new --out or delete it")
@@ -107,7 +107,7 @@ def _check_output_folder(out: Path, settings: PrepareSettings) -> None:
 # ---------------------------------------------------------------- one chunk (Ray task)
 def process_chunk(chunk: dict[str, Any], settings: PrepareSettings) -> dict[str, Any]:
     """Load every record of a chunk, write its shard and its state json; returns the state."""
-    out = Path(settings.out)
+    out = settings.out
     rows, kept, subjects = [], [], set()
     rejected: dict[str, list[str]] = {}
     details: dict[str, str] = {}
@@ -124,14 +124,14 @@ def process_chunk(chunk: dict[str, Any], settings: PrepareSettings) -> dict[str,
         subjects.add(ref.subject_id)
     shard = shards.shard_relpath(chunk["split"], chunk["index"])
     if rows:
-        shards.write_shard(rows, out / shard)
+        shards.write_shard(rows, storage.join(out, shard))
     state = {
         "split": chunk["split"], "index": chunk["index"], "shard": shard if rows else None,
         "rows": len(rows), "kept": kept, "subjects": sorted(subjects), "rejected": rejected, "details": details,
         "settings": settings.fingerprint(),
     }
     # Written last: its presence marks the chunk as done.
-    storage.write_json(out / shards.state_relpath(chunk["split"], chunk["index"]), state)
+    storage.write_json(storage.join(out, shards.state_relpath(chunk["split"], chunk["index"])), state)
     return state
 
 
@@ -199,8 +199,13 @@ def build_manifest(listing: RecordListing, states: list[dict[str, Any]], setting
 # ---------------------------------------------------------------- entry points
 def prepare(settings: PrepareSettings) -> dict[str, Any]:
     """Prepare (or resume preparing) ``settings.out``; returns the manifest it wrote."""
+    if storage.is_uri(settings.root):
+        raise DataRootError(f"--root {settings.root}: raw records are read with wfdb from a local folder "
+                            f"(or a shared file system); only --out may be a URI")
     # Ray workers do not share the driver's working directory: use absolute paths.
-    settings = replace(settings, root=os.path.abspath(settings.root), out=os.path.abspath(settings.out))
+    # A URI (s3://, gs://, file://) is never a local path: it goes through pyarrow as it is.
+    settings = replace(settings, root=os.path.abspath(settings.root),
+                       out=storage.normalise_storage_path(settings.out))
     if settings.dataset not in DATASETS:
         raise DataRootError(f"unknown dataset {settings.dataset!r}; expected one of {DATASETS}")
     if settings.shard_size < 1:
@@ -208,7 +213,7 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
     n_samples_for(settings.sample_rate, settings.seconds)   # fails early on impossible settings
     listing = scan_records(settings.dataset, settings.root, settings.limit,
                            settings.min_report_words, settings.sample_rate)
-    out = Path(settings.out)
+    out = settings.out
     _check_output_folder(out, settings)
     chunks = plan_chunks(listing.refs, settings)
     pending = [chunk for chunk in chunks if not chunk_is_done(out, chunk, settings)]
@@ -220,7 +225,7 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
             raise PrepareError(f"chunk {chunk['split']}/{chunk['index']} did not finish")
         states.append(state)
     manifest = build_manifest(listing, states, settings)
-    storage.write_json(out / shards.MANIFEST_NAME, manifest)
+    storage.write_json(storage.join(out, shards.MANIFEST_NAME), manifest)
     return manifest
 
 
@@ -236,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="layout of --root")
     parser.add_argument("--root", required=True, help="dataset root (holds ptbxl_database.csv or record_list.csv)")
-    parser.add_argument("--out", required=True, help="output folder for <split>/part-NNNNN.parquet and manifest.json")
+    parser.add_argument("--out", required=True,
+                        help="output folder for <split>/part-NNNNN.parquet and manifest.json: a local path or "
+                             "a URI (s3://bucket/x, gs://bucket/x, file:///x; an S3-compatible endpoint via "
+                             "s3://bucket/x?endpoint_override=host:port&scheme=http)")
     parser.add_argument("--sample-rate", type=int, default=500, help="target sampling rate in Hz")
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="duration kept per record; shorter records are rejected, longer ones cropped")
@@ -257,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, limit=args.limit, min_report_words=args.min_report_words)
     try:
         manifest = prepare(settings)
-    except (DataRootError, PrepareError, ValueError) as err:
+    except (DataRootError, PrepareError, ValueError, OSError) as err:   # OSError: storage went away
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2
     counts = {reason: n for reason, n in manifest["rejected_counts"].items() if n}
     print(f"prepared {manifest['kept']} of {manifest['input']} records into {len(manifest['shards'])} shards "
           f"(train {manifest['splits']['train']['records']}, val {manifest['splits']['val']['records']}); "
-          f"rejected: {counts or 'none'}; manifest: {Path(settings.out) / shards.MANIFEST_NAME}")
+          f"rejected: {counts or 'none'}; manifest: {storage.join(settings.out, shards.MANIFEST_NAME)}")
     return 0
 
 

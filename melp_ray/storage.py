@@ -29,6 +29,29 @@ def filesystem_and_path(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), normalise_storage_path(path)
 
 
+def filesystem_and_paths(paths: list[str]) -> tuple[pafs.FileSystem | None, list[str]]:
+    """For readers that take one filesystem and many files (Ray Data, pyarrow): (None, paths)
+    for local paths, else one filesystem for all the URIs and each file's path on it.
+    The URIs must share scheme and query, as the files of one prepared folder do."""
+    uris = [is_uri(p) for p in paths]
+    if not any(uris):
+        return None, list(paths)
+    if not all(uris):
+        raise ValueError(f"cannot read local paths and URIs together: {paths[uris.index(False)]}, {paths[0]}")
+    fs, first_path = filesystem_and_path(paths[0])
+    first_base, _, query = paths[0].partition("?")
+    if not first_base.endswith(first_path):   # a scheme whose paths are not the URI's tail
+        raise ValueError(f"cannot map {paths[0]} to a path on its filesystem ({first_path})")
+    prefix = first_base.removesuffix(first_path)          # "s3://", "gs://", "file://"
+    fs_paths = []
+    for path in paths:   # not from_uri per file: for S3 that can cost a request each (bucket region)
+        base, _, other_query = path.partition("?")
+        if not base.startswith(prefix) or other_query != query:
+            raise ValueError(f"{path} is not on the filesystem of {paths[0]} (same scheme and query needed)")
+        fs_paths.append(base[len(prefix):])
+    return fs, fs_paths
+
+
 def join(base: str, *parts: str) -> str:
     if not is_uri(base):
         return os.path.join(base, *parts)
@@ -85,6 +108,31 @@ def read_text(path: str) -> str:
 def exists(path: str) -> bool:
     fs, p = filesystem_and_path(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_file(path: str) -> bool:
+    fs, p = filesystem_and_path(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def make_dirs(path: str) -> None:
+    """Create a folder and its parents (on object stores: a marker, or nothing)."""
+    fs, p = filesystem_and_path(path)
+    fs.create_dir(p, recursive=True)
+
+
+def list_files(folder: str) -> list[str]:
+    """Every file under ``folder`` (recursively, sorted), named like ``folder`` is: local
+    paths stay paths, files under a URI come back as URIs (with its query)."""
+    fs, root = filesystem_and_path(folder)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    relative = sorted(info.path[len(root):].lstrip("/") for info in infos if info.type == pafs.FileType.File)
+    return [join(folder, rel) for rel in relative]
+
+
+def delete_file(path: str) -> None:
+    fs, p = filesystem_and_path(path)
+    fs.delete_file(p)
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -15,6 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+# Dummy credentials for the local S3 server of tests/data/test_data_object_store.py. Ray
+# workers keep the environment of the moment Ray started, so the session's workers get them
+# here; a test sets them in its own process with monkeypatch. No test talks to real S3.
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -39,7 +45,8 @@ def ray_local():
     if not ray.is_initialized():
         # address="local": a private instance, never a cluster some other process started.
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1"}})
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "RAY_TRAIN_V2_ENABLED": "1",
+                                           **S3_TEST_CREDENTIALS}})
     yield ray
     # Left running for the rest of the session; pytest exit tears it down.
 
@@ -205,3 +212,9 @@ def challenge_root(tmp_path_factory, bundled_ptbxl):
     writer._write_challenge_record(root / "g1", "ZERO", np.zeros_like(adc), fs,
                                    ["#Dx: 426783006"])  # every lead flat
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_test_credentials() -> dict[str, str]:
+    """The dummy credentials the session's Ray workers have (``S3_TEST_CREDENTIALS``)."""
+    return dict(S3_TEST_CREDENTIALS)

@@ -12,9 +12,7 @@ C order, shape (12, n_samples), millivolts; ``decode_ecg`` turns it back into an
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
 
@@ -85,29 +83,37 @@ def state_relpath(split: str, index: int) -> str:
 
 # ---------------------------------------------------------------- atomic writes
 def write_shard(rows: list[dict[str, Any]], path: str | os.PathLike) -> int:
-    """Write rows of SCHEMA to one Parquet file, atomically; returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows of SCHEMA to one Parquet file (local path or URI), atomically: a temp
+    file beside it, then a move; returns the row count."""
+    fs, fs_path = storage.filesystem_and_path(path)
+    fs.create_dir(os.path.dirname(fs_path), recursive=True)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = storage.temp_path(str(path))
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    tmp = storage.temp_path(fs_path)
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, fs_path)
     return table.num_rows
 
 
 def remove_temp_files(out: str | os.PathLike) -> list[str]:
     """Delete temp files a killed run left behind (``*.tmp-<pid>``); returns their paths."""
     removed = []
-    for tmp in sorted(Path(out).rglob("*.tmp-*")):
-        tmp.unlink()
-        removed.append(str(tmp))
+    for path in storage.list_files(os.fspath(out)):
+        if ".tmp-" in path.rpartition("/")[2].partition("?")[0]:
+            storage.delete_file(path)
+            removed.append(path)
     return removed
 
 
 # ---------------------------------------------------------------- reading
+def read_shard_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """One shard (local path or URI) as a table of SCHEMA, or of ``columns`` only."""
+    fs, fs_path = storage.filesystem_and_path(path)
+    return pq.read_table(fs_path, columns=columns, schema=SCHEMA, filesystem=fs)
+
+
 def read_shard_rows(path: str | os.PathLike, decode: bool = True) -> list[dict[str, Any]]:
     """All rows of one shard as dicts; with ``decode`` the ``ecg`` value is a (12, T) array."""
-    rows = pq.read_table(path, schema=SCHEMA).to_pylist()
+    rows = read_shard_table(path).to_pylist()
     if decode:
         for row in rows:
             row["ecg"] = decode_ecg(row["ecg"])
@@ -116,17 +122,16 @@ def read_shard_rows(path: str | os.PathLike, decode: bool = True) -> list[dict[s
 
 def load_manifest(out: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared folder (FileNotFoundError with a hint when absent)."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
+    path = storage.join(os.fspath(out), MANIFEST_NAME)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path} not found: is {out} a folder written by `python -m melp_ray.prepare`?")
-    with open(path) as handle:
-        return json.load(handle)
+    return storage.read_json(path)
 
 
 def shard_paths(out: str | os.PathLike, split: str | None = None) -> list[str]:
-    """Absolute paths of the manifest's shards (of one split, or all), in manifest order."""
+    """Paths (URIs under a URI) of the manifest's shards (of one split, or all), in manifest order."""
     manifest = load_manifest(out)
-    return [str(Path(out) / shard["path"]) for shard in manifest["shards"]
+    return [storage.join(os.fspath(out), shard["path"]) for shard in manifest["shards"]
             if split is None or shard["split"] == split]
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from melp_ray import storage
 from melp_ray.data import mimic, ptbxl
 from melp_ray.data.records import RecordRef, RecordRejected, check_report
 
@@ -38,13 +39,31 @@ def bundled_root() -> str:
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-    """"shards" (has manifest.json), "ptb-xl" (ptbxl_database.csv) or "mimic-iv-ecg" (record_list.csv)."""
+    """"shards" (has manifest.json), "ptb-xl" (ptbxl_database.csv) or "mimic-iv-ecg" (record_list.csv).
+
+    A URI (s3://, gs://, file://) must hold prepared shards: raw roots are read with wfdb,
+    which needs local files."""
+    if root is not None and storage.is_uri(root):
+        return _uri_layout(os.fspath(root))
     folder = _existing_folder(root)
     for marker, layout in _LAYOUT_MARKERS:
         if (folder / marker).is_file():
             return layout
     looked_for = ", ".join(f"{marker} ({layout})" for marker, layout in _LAYOUT_MARKERS)
     raise DataRootError(f"data root {folder} is not a known layout: none of {looked_for} found in it")
+
+
+def _uri_layout(root: str) -> str:
+    manifest = storage.join(root, "manifest.json")
+    try:
+        found = storage.is_file(manifest)
+    except OSError as err:   # unreachable endpoint, no credentials, no such bucket
+        raise DataRootError(f"cannot read data root {root}: {err}") from None
+    if not found:
+        raise DataRootError(f"data root {root} holds no manifest.json: a URI data root must be a folder of "
+                            f"prepared shards (raw WFDB roots must be local; run `python -m melp_ray.prepare "
+                            f"--root <local raw root> --out {root}` first)")
+    return SHARDS
 
 
 def _existing_folder(root: str | os.PathLike) -> Path:
@@ -99,6 +118,10 @@ def list_records(dataset: str, root: str | os.PathLike, limit: int | None = None
 
 
 def _raw_refs(dataset: str, root, limit, sample_rate) -> list[RecordRef]:
+    if storage.is_uri(root):
+        raise DataRootError(f"raw root {root} is a URI: raw WFDB records must be read from a local folder "
+                            f"(or a shared file system); prepare them into shards with `python -m "
+                            f"melp_ray.prepare --root <local folder> --out <URI>` and use the shards")
     layout = detect_layout(root)
     if dataset in (None, "auto"):
         dataset = layout

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from melp_ray import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
@@ -129,11 +130,12 @@ def _plain(value: Any) -> Any:
 
 def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
                    exclude_folds: Sequence[int] = ()):
-    """Parquet shard files -> model-ready rows (rows of ``exclude_folds`` left out)."""
-
+    """Parquet shard files (local paths or URIs) -> model-ready rows (rows of ``exclude_folds`` left out)."""
     columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
     if exclude_folds:
         columns.append("strat_fold")
+    if filesystem is None:   # shards behind a URI: one pyarrow filesystem, paths on it
+        filesystem, files = storage.filesystem_and_paths(list(files))
     ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None)
     kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
     return in_order(ds.map_batches(decode_shard_batch, fn_kwargs=kwargs,
@@ -250,12 +252,12 @@ def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list,
 
 def count_shard_folds(files: Sequence[str], exclude_folds: Sequence[int]) -> dict[str, int]:
     """Rows of shard ``files`` kept / held out for their fold (reads only ``strat_fold``)."""
-    import pyarrow.parquet as pq
+    from melp_ray.data.shards import read_shard_table
 
     folds = set(exclude_folds)
     kept = held = 0
     for path in files:
-        values = pq.read_table(path, columns=["strat_fold"])["strat_fold"].to_numpy()
+        values = read_shard_table(path, columns=["strat_fold"])["strat_fold"].to_numpy()
         n_held = int(np.isin(values, list(folds)).sum()) if folds else 0
         held += n_held
         kept += len(values) - n_held

@@ -35,11 +35,11 @@ def corpus(cfg: TextPretrainConfig) -> dict[str, list[str]]:
         root = resolve_root(d.root)
         layout = detect_layout(root) if d.dataset == "auto" else d.dataset
         if layout == "shards":
-            import pyarrow.parquet as pq
+            from melp_ray.data.shards import read_shard_table
 
             for split in texts:
                 reports = [r for f in shard_files(root, split)
-                           for r in pq.read_table(f, columns=["report"]).column("report").to_pylist()]
+                           for r in read_shard_table(f, columns=["report"]).column("report").to_pylist()]
                 texts[split] += reports[: d.limit] if d.limit is not None else reports
         else:
             for split, refs in list_splits(layout, root, d.val_fraction, seed, d.limit).items():
