@@ -45,7 +45,8 @@ def test_learning_smoke(tmp_path):
     assert set(data["verdicts"]) == {"probe_gain_over_random", "zeroshot_auroc",
                                      "recall10_over_chance", "mean_pairwise_cosine"}
     assert set(data["verdicts"].values()) <= {"PASS", "MISS"}
-    assert set(data["phase_seconds"]) == {"pretrain", "linear_probe_pretrained",
+    assert set(data["phase_seconds"]) == {"pretrain", "embed_pretrained", "embed_random_init",
+                                          "linear_probe_pretrained",
                                           "linear_probe_random_init", "zeroshot", "retrieval",
                                           "ecg_cosine"}
     # The held-out fold never reached pretraining, and the run said how many records that was.
