@@ -132,7 +132,7 @@ class DeepSpeedRecipe:
         batches = EpochPrefetcher(self.epoch_batches, self.state.epoch, self.state.micro_in_epoch,
                                   depth=self.cfg.data.prefetch_batches)
         try:
-            while self.state.step < stop_at and not self.state.stopped_early:
+            while self.steps_left(stop_at):
                 empty_epochs = self.train_epoch(batches, window, stop_at, empty_epochs)
         finally:
             batches.close()
@@ -144,7 +144,7 @@ class DeepSpeedRecipe:
         row have yielded no micro-batch (two in a row is an error)."""
         t = self.cfg.train
         consumed_this_epoch = 0
-        while self.state.step < stop_at and not self.state.stopped_early:
+        while self.steps_left(stop_at):
             wait_start = time.perf_counter()
             batch = self.batch_everywhere(batches.next(self.state.epoch))
             window.input_wait += time.perf_counter() - wait_start
@@ -167,10 +167,14 @@ class DeepSpeedRecipe:
                                    f"micro-batch of {t.micro_batch_size}")
         else:
             empty_epochs = 0
-        if self.state.step < stop_at and not self.state.stopped_early:
+        if self.steps_left(stop_at):
             self.state.epoch += 1
             self.state.micro_in_epoch = 0
         return empty_epochs
+
+    def steps_left(self, stop_at: int) -> bool:
+        """Whether training goes on: steps remain and early stopping has not ended the run."""
+        return self.state.step < stop_at and not self.state.stopped_early
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         seed = self.micro_seed()
