@@ -10,7 +10,7 @@ def _register_with_transformers() -> None:
     import importlib.util
 
     if importlib.util.find_spec("transformers") is not None:
-        from melp_ray import hf  # noqa: F401  (registers model_type "melp")
+        from melp_ray import hf  # noqa: F401  (registers model_type "melp_ray")
 
 
 _register_with_transformers()

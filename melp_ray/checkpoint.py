@@ -160,11 +160,13 @@ def load_model_from_checkpoint(path: str):
 
 
 def is_exported_folder(path: str) -> bool:
-    """A folder written by ``python -m melp_ray.export`` (config.json with model_type melp)."""
+    """A folder written by ``python -m melp_ray.export`` (config.json with model_type melp_ray)."""
+    from melp_ray.hf_config import MODEL_TYPE
+
     config = storage.join(path, "config.json")
     if not storage.exists(config):
         return False
-    return storage.read_json(config).get("model_type") == "melp"
+    return storage.read_json(config).get("model_type") == MODEL_TYPE
 
 
 def load_model(path: str):

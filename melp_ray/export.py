@@ -1,13 +1,14 @@
 """python -m melp_ray.export: a training checkpoint -> a Hugging Face model folder.
 
-    python -m melp_ray.export --checkpoint ~/ray_results/melp_ray/melp-tiny --out exported/
+    python -m melp_ray.export --checkpoint ~/ray_results/melp_ray/melp-small --out exported/
     python -m melp_ray.export --checkpoint s3://bucket/melp_ray/run/checkpoint_... --out exported/ \
         --eval-results results.json
 
---checkpoint is a checkpoint folder or a run folder (its latest checkpoint is used), a
-local path or a URI; any ZeRO stage. The folder written (see ``melp_ray.hf``) loads with
+--checkpoint is a checkpoint folder or a run folder (its selected checkpoint is used), a
+local path or a URI; any ZeRO stage. The folder carries its own code (see ``melp_ray.hf``)
+and loads anywhere with only torch and transformers:
 
-    import melp_ray.hf; transformers.AutoModel.from_pretrained("exported/")
+    transformers.AutoModel.from_pretrained("exported/", trust_remote_code=True)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import yaml
 
 from melp_ray import checkpoint as ckpt_lib
 from melp_ray import storage
+from melp_ray.data.leads import LEADS
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,7 +45,7 @@ def export(checkpoint: str, out: str, eval_results: dict[str, Any] | None = None
     model = ckpt_lib.load_model_from_checkpoint(source)
     data = train_config.get("data", {})
     hf_model = MELPHFModel.from_melp(model, sample_rate=data.get("sample_rate"),
-                                     seconds=data.get("seconds"))
+                                     seconds=data.get("seconds"), leads=list(LEADS))
     save_folder(hf_model, out)
 
     step = ckpt_lib.checkpoint_step(source)
@@ -76,35 +78,93 @@ def _metrics_table(metrics: dict[str, Any]) -> list[str]:
     return rows
 
 
+CITATION = """@inproceedings{melp2025,
+  title         = {From Token to Rhythm: A Multi-Scale Approach for ECG-Language Pretraining},
+  author        = {Wang, Fuying and others},
+  booktitle     = {International Conference on Machine Learning (ICML)},
+  year          = {2025},
+  eprint        = {2506.21803},
+  archivePrefix = {arXiv},
+  note          = {Reference code: https://github.com/HKU-MedAI/MELP}
+}"""
+
+
+def _training_lines(train_config: dict[str, Any], step: int | None, source: str,
+                    n_params: int) -> list[str]:
+    model, train, loss = (train_config.get(k, {}) for k in ("model", "train", "loss"))
+    return [
+        f"- Source checkpoint: `{source}`" + (f" (optimizer step {step})" if step is not None else ""),
+        f"- Architecture: MELP, `{model.get('preset', '?')}` preset, {n_params:,} parameters "
+        f"(ECG encoder, beat and caption poolers, causal text tower, multimodal decoder)",
+        f"- Objectives and weights: rhythm (contrastive) {loss.get('rhythm')}, token "
+        f"(captioning) {loss.get('token')}, beat (beat-sentence alignment) {loss.get('beat')}",
+        f"- {train.get('max_steps')} steps at global batch {train.get('global_batch_size')}, "
+        f"lr {train.get('lr')} ({train.get('schedule')}), weight decay {train.get('weight_decay')}, "
+        f"ZeRO stage {train_config.get('deepspeed', {}).get('zero_stage')}, precision "
+        f"{train.get('precision')}; melp_ray (Ray Train + DeepSpeed)",
+    ]
+
+
+def _data_lines(train_config: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
+    data = train_config.get("data", {})
+    root = data.get("root") or "the PTB-XL sample bundled with melp_ray (259 records, CC BY 4.0)"
+    lines = [f"- Records: `{root}`" if data.get("root") else f"- Records: {root}",
+             f"- Input: 12-lead ECG in the order {', '.join(LEADS)}, {data.get('sample_rate')} Hz, "
+             f"{data.get('seconds')} s, min-max scaled to [0, 1] per record; the paired free-text "
+             f"report"]
+    counts = (summary or {}).get("data") or {}
+    if counts:
+        held = counts.get("held_out") or {}
+        lines.append(f"- {counts.get('train_records')} training / {counts.get('val_records')} "
+                     f"validation records" +
+                     (f"; {held.get('records')} records of folds {held.get('folds')} held out"
+                      if held else ""))
+    if data.get("exclude_folds"):
+        lines.append(f"- Folds never used for training: {data['exclude_folds']}")
+    return lines
+
+
 def model_card(source: str, step: int | None, train_config: dict[str, Any],
                summary: dict[str, Any] | None, eval_results: dict[str, Any] | None,
                n_params: int) -> str:
-    model = train_config.get("model", {})
+    preset = train_config.get("model", {}).get("preset", "?")
     lines = [
         "---",
-        "library_name: melp_ray",
-        "tags: [ecg, multimodal, contrastive, melp]",
+        "library_name: transformers",
+        "license: apache-2.0",
+        "tags: [ecg, electrocardiogram, multimodal, contrastive, melp, custom_code]",
         "---",
         "",
-        f"# MELP ({model.get('preset', '?')} preset)",
+        f"# MELP ({preset} preset), trained with melp_ray",
         "",
-        "An ECG-language model pretrained with melp_ray (MELP: rhythm contrastive, captioning "
-        "and beat-sentence alignment losses).",
-        "",
-        f"- Source checkpoint: `{source}`" + (f" (optimizer step {step})" if step is not None else ""),
-        f"- Parameters: {n_params:,}",
-        f"- Input: 12-lead ECG, {train_config.get('data', {}).get('sample_rate')} Hz, "
-        f"{train_config.get('data', {}).get('seconds')} s, min-max scaled to [0, 1] per record",
+        "An ECG-language model (MELP: multi-scale ECG-language pretraining) that embeds "
+        "12-lead ECGs and report text in one space, scores zero-shot classes and writes "
+        "reports.",
         "",
         "## Usage",
         "",
+        "Only `torch` and `transformers` are needed: the folder carries its own code.",
+        "",
         "```python",
-        "import melp_ray.hf  # registers model_type 'melp'",
         "from transformers import AutoModel",
-        "model = AutoModel.from_pretrained('PATH/TO/THIS/FOLDER')",
-        "ecg_emb = model.encode_ecg(signals)            # (B, 12, T) -> (B, D), L2-normalised",
+        "model = AutoModel.from_pretrained('PATH/TO/THIS/FOLDER', trust_remote_code=True)",
+        "ecg_emb = model.encode_ecg(signals)              # (B, 12, T) -> (B, D), L2-normalised",
         "text_emb = model.encode_text(['sinus rhythm.'])  # (N, D)",
+        "scores = model.zero_shot_scores(signals, {'NORM': ['normal ecg'], "
+        "'AFIB': ['atrial fibrillation']})",
+        "reports = model.generate(signals)                # greedy, one string per ECG",
         "```",
+        "",
+        "`signals` must be preprocessed as in training (below); `config.leads`, "
+        "`config.sample_rate` and `config.seconds` say how.",
+        "",
+        "## How it was trained",
+        "",
+        *_training_lines(train_config, step, source, n_params),
+        "",
+        "## Training data",
+        "",
+        *_data_lines(train_config, summary),
         "",
         "## Evaluation results",
         "",
@@ -123,8 +183,20 @@ def model_card(source: str, step: int | None, train_config: dict[str, Any],
                       *_metrics_table(summary["losses"]), ""]
     if not have_results:
         lines += ["No evaluation results were available when this folder was exported.", ""]
-    lines += ["## Training configuration", "", "```yaml",
-              yaml.safe_dump(train_config, sort_keys=False).rstrip(), "```", ""]
+    lines += [
+        "## Licence",
+        "",
+        "Code (this folder's `*.py`, from melp_ray): Apache-2.0. The weights were trained on "
+        "the records above: their terms apply too (PTB-XL: CC BY 4.0; MIMIC-IV-ECG: the "
+        "PhysioNet credentialed health data licence, no redistribution outside it).",
+        "",
+        "## Citation",
+        "",
+        "```bibtex", CITATION, "```",
+        "",
+        "## Training configuration", "", "```yaml",
+        yaml.safe_dump(train_config, sort_keys=False).rstrip(), "```", "",
+    ]
     return "\n".join(lines)
 
 

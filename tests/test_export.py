@@ -73,7 +73,7 @@ def test_consolidated_weights_equal_live_weights(runs, key):
 
 @pytest.mark.parametrize("key", ["zero2", "zero3"])
 def test_export_round_trip_gives_identical_embeddings(runs, key, tmp_path, ecg):
-    import melp_ray.hf  # noqa: F401  (registers model_type "melp")
+    import melp_ray.hf  # noqa: F401  (registers model_type "melp_ray")
     from safetensors.torch import load_file
     from transformers import AutoModel
     from melp_ray.checkpoint import load_model_from_checkpoint, model_from_state_dict
@@ -93,7 +93,11 @@ def test_export_round_trip_gives_identical_embeddings(runs, key, tmp_path, ecg):
 
     # Self-contained: no path outside the folder, text tower rebuilt, not downloaded.
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "melp"
+    assert config["model_type"] == "melp_ray"
+    assert config["auto_map"] == {"AutoConfig": "configuration_melp_ray.MELPHFConfig",
+                                  "AutoModel": "modeling_melp_ray.MELPHFModel"}
+    assert config["leads"][:6] == ["I", "II", "III", "aVR", "aVL", "aVF"]
+    assert (out / "modeling_melp_ray.py").is_file() and (out / "configuration_melp_ray.py").is_file()
     assert config["melp"]["text_model"] == "text_model" and not config["melp"]["text_pretrained"]
     assert (out / "text_model" / "config.json").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "text_model" / "tokenizer.json").is_file()
@@ -128,8 +132,110 @@ def test_export_cli_from_run_folder_writes_model_card(runs, tmp_path):
     assert os.path.basename(summary["last_checkpoint"]) in card      # latest checkpoint picked
     assert "zero_stage: 2" in card and "max_steps: 6" in card          # training config
     assert "total |" in card                                           # losses from summary.json
+    assert "trust_remote_code=True" in card and "## Citation" in card and "2506.21803" in card
+    assert "## Licence" in card and "Apache-2.0" in card
+    assert "training /" in card and "validation records" in card       # data counts from summary
 
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+
+
+# A child process that cannot import melp_ray: only torch + transformers + the folder's code.
+_LOAD_WITHOUT_MELP_RAY = """
+import json, sys
+class RefuseMelpRay:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "melp_ray":
+            raise ImportError("melp_ray must not be imported here")
+sys.meta_path.insert(0, RefuseMelpRay())
+import numpy as np
+from transformers import AutoModel
+folder, inputs, out = sys.argv[1:4]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+ecg = np.load(inputs)
+prompts = json.loads(sys.argv[4])
+reports = json.loads(sys.argv[5])
+np.savez(out, ecg_emb=model.encode_ecg(ecg).numpy(), text_emb=model.encode_text(reports).numpy(),
+         zero_shot=model.zero_shot_scores(ecg, prompts).numpy())
+print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}",
+                  "training": model.training, "generated": model.generate(ecg, max_new_tokens=8),
+                  "melp_ray_modules": [m for m in sys.modules if m.startswith("melp_ray")]}))
+"""
+
+PROMPTS = {"NORM": ["normal ecg", "sinus rhythm"], "AFIB": ["atrial fibrillation"],
+           "LBBB": ["left bundle branch block"]}
+
+
+@pytest.fixture(scope="module")
+def loaded_without_melp_ray(runs, tmp_path_factory, ecg) -> dict:
+    """Export the ZeRO-2 run, load it in a child process where melp_ray cannot be imported."""
+    import subprocess
+    import sys
+    import numpy as np
+    from melp_ray.export import export
+
+    tmp = tmp_path_factory.mktemp("remote_code")
+    summary, _ = runs["zero2"]
+    export(summary["last_checkpoint"], str(tmp / "hf"))
+    np.save(tmp / "ecg.npy", ecg.numpy())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HOME"] = str(tmp / "hf_home")          # transformers copies the code under here
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_MELP_RAY, str(tmp / "hf"), str(tmp / "ecg.npy"),
+         str(tmp / "out.npz"), json.dumps(PROMPTS), json.dumps(REPORTS)],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"info": info, "arrays": dict(np.load(tmp / "out.npz")),
+            "checkpoint": summary["last_checkpoint"]}
+
+
+def test_exported_folder_loads_with_only_transformers(loaded_without_melp_ray, ecg):
+    """trust_remote_code: the folder's own code gives melp_ray's embeddings and zero-shot scores."""
+    from melp_ray.checkpoint import load_model_from_checkpoint
+    from melp_ray.eval.zero_shot import prompt_embeddings, zero_shot_scores
+
+    info, arrays = loaded_without_melp_ray["info"], loaded_without_melp_ray["arrays"]
+    assert info["melp_ray_modules"] == [] and not info["training"]
+    assert info["class"].startswith("transformers_modules.") and \
+        info["class"].endswith("modeling_melp_ray.MELPHFModel")
+    model = load_model_from_checkpoint(loaded_without_melp_ray["checkpoint"])
+    ecg_ref, text_ref = _embeddings(model, ecg)
+    torch.testing.assert_close(torch.from_numpy(arrays["ecg_emb"]), ecg_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(arrays["text_emb"]), text_ref, rtol=0, atol=1e-6)
+    assert not torch.allclose(ecg_ref[0], ecg_ref[1])
+    # Zero-shot scores as `python -m melp_ray.evaluate --mode zeroshot` computes them.
+    with torch.no_grad():
+        classes = prompt_embeddings(lambda texts: model.encode_reports(texts).numpy(),
+                                    list(PROMPTS.values()))
+    expected = zero_shot_scores(ecg_ref.numpy(), classes)
+    assert arrays["zero_shot"].shape == (3, len(PROMPTS))
+    assert abs(arrays["zero_shot"] - expected).max() < 1e-5
+
+
+def test_exported_folder_generates_reports_with_only_transformers(loaded_without_melp_ray, ecg):
+    from melp_ray.checkpoint import load_model_from_checkpoint
+
+    generated = loaded_without_melp_ray["info"]["generated"]
+    model = load_model_from_checkpoint(loaded_without_melp_ray["checkpoint"])
+    assert generated == model.generate(ecg, max_new_tokens=8)
+    assert len(generated) == 3 and all(isinstance(text, str) for text in generated)
+
+
+def test_generated_code_refuses_what_would_break_it(monkeypatch):
+    from melp_ray import hub_code
+
+    modeling = hub_code.render_modeling()
+    assert "import melp_ray" not in modeling and "from melp_ray" not in modeling
+    assert "class MELP(nn.Module)" in modeling and "class ECGEncoder" in modeling
+    # A module listed twice would define its names twice: refused, not silently shadowed.
+    monkeypatch.setattr(hub_code, "MODELING_MODULES",
+                        hub_code.MODELING_MODULES + ("melp_ray.model.layers",))
+    with pytest.raises(hub_code.CodeGenerationError, match="redefines"):
+        hub_code.render_modeling()
+    # A module whose melp_ray import nothing earlier defines: refused.
+    monkeypatch.setattr(hub_code, "MODELING_MODULES", ("melp_ray.model.melp",))
+    with pytest.raises(hub_code.CodeGenerationError, match="no earlier module"):
+        hub_code.render_modeling()
 
 
 def test_run_writes_checkpoints_and_summary_to_uri_storage(runs):

@@ -72,6 +72,14 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ModelConfig:
+        """The inverse of ``to_dict`` (an export's config.json): an unknown key is an error."""
+        unknown = set(saved) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**saved)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference MELP "small": ECG encoder ~65 M parameters, 6-layer decoder.

@@ -22,7 +22,7 @@ from melp_ray.model.decoder import MultimodalDecoder
 from melp_ray.model.ecg_encoder import ECGEncoder
 from melp_ray.model.pooler import AttentionalPooler
 from melp_ray.model.text_tower import TextTower
-from melp_ray.text import report_ids
+from melp_ray.text.report_ids import encode_reports, load_report_tokenizer, special_ids
 
 IGNORE_INDEX = -100  # label of padding positions (torch's cross-entropy default)
 
@@ -48,7 +48,7 @@ class MELP(nn.Module):
 
     @property
     def tokenizer(self):
-        return report_ids.load_report_tokenizer(self.cfg.text_model)  # cached per process
+        return load_report_tokenizer(self.cfg.text_model)  # cached per process
 
     # ----- ECG side -----
     def _beats(self, frames: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,8 @@ class MELP(nn.Module):
 
     def encode_reports(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """Tokenise raw report strings and embed them: (len(texts), embed_dim)."""
-        batch = report_ids.encode_reports(self.tokenizer, list(texts), self.cfg.max_text_length)
+        # report_ids.encode_reports: the same token layout as training
+        batch = encode_reports(self.tokenizer, list(texts), self.cfg.max_text_length)
         device = self.logit_scale.device
         return self.encode_text(torch.from_numpy(batch["input_ids"]).to(device),
                                 torch.from_numpy(batch["attention_mask"]).to(device), normalize)
@@ -111,7 +112,7 @@ class MELP(nn.Module):
     @torch.no_grad()
     def generate(self, ecg: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
         """Greedy report generation from ECGs: from [BOS] until [SEP] (or the length limit)."""
-        ids_of = report_ids.special_ids(self.tokenizer)
+        ids_of = special_ids(self.tokenizer)
         limit = self.cfg.max_text_length - 2           # room for [BOS] and the trailing [CLS]
         max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
 

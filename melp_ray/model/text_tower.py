@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from melp_ray.model.config import ModelConfig
-from melp_ray.text import report_ids
-from melp_ray.text.models import resolve_text_model_path
+from melp_ray.text.report_ids import load_report_tokenizer, resolve_text_model_path
 
 
 def load_text_model(name_or_path: str, pretrained: bool, overrides: dict,
@@ -66,7 +65,7 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 class TextTower(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        vocab = len(report_ids.load_report_tokenizer(cfg.text_model))
+        vocab = len(load_report_tokenizer(cfg.text_model))
         self.backbone = load_text_model(cfg.text_model, cfg.text_pretrained, cfg.text_overrides,
                                         vocab)
         hidden = self.backbone.config.hidden_size
