@@ -5,6 +5,9 @@
     ray job submit --working-dir . -- python -m melp_ray.pretrain train.max_steps=100
 
 Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
+``train.init_from=PATH`` starts a new run from other weights instead (a checkpoint, run
+folder, export or ``python -m melp_ray.convert`` folder): weights only, fresh step,
+optimizer and schedule (``melp_ray.train.init_from``).
 """
 from __future__ import annotations
 

@@ -358,3 +358,35 @@ def test_reading_the_encoder_folder_strips_a_wrapper_prefix(tmp_path):
     assert ref.prefix == "model." and set(ref.state) == set(state)
     with pytest.raises(ConversionError, match="no such file or folder"):
         read_reference(str(tmp_path / "absent"))
+
+
+# ---------------------------------------------------------------- continuing from it
+
+def test_converted_folder_is_an_init_from_source_for_a_run_of_its_sizes(small):
+    from melp_ray.config import ConfigError, PretrainConfig, load_config
+    from melp_ray.train.init_from import check_init_from
+
+    out = small["out"]
+    sizes = ["model.conv_layers=2", "model.conv_channels=32", "model.ecg_width=128",
+             "model.ecg_layers=2", "model.ecg_ffn=256", "model.pos_conv_kernel=16",
+             "model.pos_conv_groups=4", "model.num_beat_queries=4", "model.beat_width=32",
+             "model.embed_dim=32", "model.num_caption_queries=8", "model.decoder_layers=2",
+             f"model.text_model={out}/text_model", "model.text_pretrained=false"]
+    # As README shows it: the paper config, the converted text tower, init_from.
+    cfg = load_config(PretrainConfig, "paper", [*sizes, "model.ecg_heads=4"])
+    check_init_from(str(out), cfg.model)
+    other = load_config(PretrainConfig, "paper", [*sizes, "model.ecg_heads=2"])
+    with pytest.raises(ConfigError, match=r"model\.ecg_heads: 2 != 4"):
+        check_init_from(str(out), other.model)
+
+
+def test_legacy_weight_norm_names_are_read(small):
+    """Older torch saves the positional conv's weight norm as weight_g / weight_v."""
+    state = dict(small["state"])
+    pos = BACKBONE + "conv_pos.pos_conv.0."
+    state[pos + "weight_g"] = state.pop(pos + "parametrizations.weight.original0")
+    state[pos + "weight_v"] = state.pop(pos + "parametrizations.weight.original1")
+    model, filled, _ = build_model(ReferenceWeights("lightning", "legacy", state),
+                                   str(small["text"]), {"ecg_heads": 4}, seed=0)
+    assert filled == sorted(model.state_dict())
+    assert torch.equal(model.state_dict()["ecg_encoder.pos_conv.weight_v"], state[pos + "weight_v"])
