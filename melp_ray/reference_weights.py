@@ -37,8 +37,9 @@ every shape is checked. Layout differences handled here:
 
 Sizes come from the tensor shapes; what shapes cannot tell (attention head counts, conv
 stride) comes from the reference's values (ECG heads = width / 64 as in its small/base/large
-sizes, 8 pooler and decoder heads, stride 2), from the encoder folder's config.json, or
-from explicit overrides.
+sizes, 8 pooler and decoder heads, conv stride = kernel as in its "[(256, 2, 2)] * 4"),
+from the encoder folder's config.json (``encoder_attention_heads``, ``attn_pooler_heads``),
+or from explicit overrides.
 """
 from __future__ import annotations
 
@@ -154,7 +155,10 @@ def _torch_load_safely(path: str) -> Any:
         with torch.serialization.safe_globals(numpy_scalars):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = str(err).splitlines()
+        # torch's message is long; its "Unsupported global: GLOBAL x.y" line names the object.
+        reason = next((ln.strip() for ln in lines if "Unsupported global" in ln),
+                      lines[0] if lines else type(err).__name__)
         raise ConversionError(
             f"{path}: cannot be loaded with torch.load(weights_only=True) ({reason}); if you "
             f"trust the file, save its state dict alone: torch.save(torch.load(path, "
