@@ -82,6 +82,9 @@ class TrainConfig:
     checkpoint_metric: str | None = None
     checkpoint_mode: str = "max"     # max | min
     early_stop_patience: int = 0     # stop after N validations without a better metric; 0: off
+    # Start from these weights (a training checkpoint, run folder, export or converted
+    # reference folder); step, optimizer and schedule start fresh. Pretraining only.
+    init_from: str | None = None
 
     @property
     def grad_accum(self) -> int:

@@ -5,6 +5,9 @@
     ray job submit --working-dir . -- python -m melp_ray.pretrain train.max_steps=100
 
 Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
+``train.init_from=PATH`` starts a new run from other weights instead (a checkpoint, run
+folder, export or ``python -m melp_ray.convert`` folder): weights only, fresh step,
+optimizer and schedule (``melp_ray.train.init_from``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metri
                              config_keys, load_config)
 from melp_ray.distributed import mean_over_ranks
 from melp_ray.losses import gather_no_grad
+from melp_ray.train.init_from import check_init_from
 from melp_ray.train.recipe import DeepSpeedRecipe
 
 DEFAULT_CONFIG = "small"
@@ -28,9 +32,18 @@ class PretrainRecipe(DeepSpeedRecipe):
     """What stage 2 trains: the MELP model on the token, beat and rhythm objectives."""
 
     def build_model(self):
+        import ray.train
+
         from melp_ray.model import MELP
 
-        return MELP(self.cfg.model)
+        model = MELP(self.cfg.model)
+        init_from = self.cfg.train.init_from
+        # Weights only, and only for a fresh run: a resumed run continues from its checkpoint.
+        if init_from is not None and ray.train.get_checkpoint() is None:
+            from melp_ray.train.init_from import load_initial_weights
+
+            load_initial_weights(model, init_from)
+        return model
 
     def setup(self) -> None:
         super().setup()
@@ -182,12 +195,14 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     from melp_ray.train.launcher import fit_and_summarise
 
     check_data_root(cfg.data)
+    check_init_from(cfg.train.init_from, cfg.model)
     init_ray()
     quiet_data_progress_bars()
     data_info: dict[str, Any] = {}
     datasets = build_datasets(cfg, data_info)
-    summary = fit_and_summarise(cfg, recipe_cls, datasets, extra_summary={"data": data_info},
-                                callbacks=callbacks)
+    summary = fit_and_summarise(cfg, recipe_cls, datasets, callbacks=callbacks,
+                                extra_summary={"data": data_info,
+                                               "init_from": cfg.train.init_from})
     return summary
 
 
@@ -211,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(PretrainConfig, config, overrides)
         check_data_root(cfg.data)      # a folder of unknown layout: exit 2, not a traceback
         check_checkpoint_metric(cfg)
+        check_init_from(cfg.train.init_from, cfg.model)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

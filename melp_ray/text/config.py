@@ -52,9 +52,12 @@ class TextPretrainConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(name="melp-text"))
 
     def validate(self) -> None:
+        init_from = (["train.init_from is for ECG-language pretraining (python -m "
+                      "melp_ray.pretrain); stage 1 starts from text.model"]
+                     if self.train.init_from is not None else [])
         raise_if(train_problems(self.train) + deepspeed_problems(self.deepspeed)
                  + run_problems(self.run) + text_data_problems(self.data)
-                 + text_model_problems(self.text))
+                 + text_model_problems(self.text) + init_from)
 
 
 def text_data_problems(d: TextDataConfig) -> list[str]:

@@ -1,0 +1,167 @@
+"""python -m melp_ray.convert: the official MELP weights -> a melp_ray export folder.
+
+    python -m melp_ray.convert --reference melp.ckpt --text-model heart_bert/ --out melp-official/
+    python -m melp_ray.convert --reference MELP_Encoder/ --text-model heart_bert/ --out melp-encoder/
+
+--reference is the reference's Lightning checkpoint (the full model) or the
+``fuyingw/MELP_Encoder`` folder (ECG encoder and poolers only). --text-model is a local
+folder with a BERT config and tokenizer (heart_bert's: ``hf download fuyingw/heart_bert
+--local-dir heart_bert``): for a full checkpoint its tokenizer must be the one the
+reference trained with (the [BOS] row is checked), and the text tower's sizes come from
+the checkpoint's tensors; for the encoder folder the text tower, decoder and temperature
+are not in the file: they keep our initialisation (the text tower's pretrained weights
+when the folder holds them). Key names and layout: ``melp_ray.reference_weights``.
+
+The output is an export folder (``melp_ray.hf``) that ``python -m melp_ray.evaluate
+--checkpoint OUT`` and ``train.init_from=OUT`` read, plus ``conversion.json``: the source,
+its kind, the keys mapped, which parts came from the reference, the lead permutation.
+Errors exit with code 2 and a one-line message naming the key or file at fault.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+from melp_ray.data.leads import LEADS
+from melp_ray.reference_weights import (REFERENCE_LEADS, ConversionError,
+                                        ReferenceWeights, caption_width, check_vocabulary,
+                                        is_unused_reference_key, lead_permutation, map_state,
+                                        matching_preset, model_config_for, read_reference)
+
+CONVERSION_FILE = "conversion.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def text_model_config(folder: str):
+    """The BERT config of ``--text-model`` (a local folder: the hub is not assumed)."""
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ConversionError(f"--text-model {folder}: no config.json (a local folder with a "
+                              f"BERT config and tokenizer is needed)")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
+
+
+def has_text_weights(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES)
+
+
+def build_model(ref: ReferenceWeights, text_model: str, overrides: dict[str, Any], seed: int):
+    """Our MELP sized for ``ref``, every reference tensor loaded strictly; plus the list of
+    our keys that came from the reference and the vocabulary facts."""
+    from melp_ray.model import MELP
+    from melp_ray.text.report_ids import load_report_tokenizer
+
+    text_config = text_model_config(text_model)
+    pretrained = ref.kind == "encoder" and has_text_weights(text_model)
+    if ref.kind == "encoder" and text_config.hidden_size != caption_width(ref):
+        raise ConversionError(f"--text-model {text_model}: hidden size {text_config.hidden_size} "
+                              f"!= the reference caption pooler's width {caption_width(ref)} "
+                              f"(the decoder reads that memory at the text width)")
+    cfg = model_config_for(ref, os.path.abspath(text_model), pretrained,
+                           text_config.num_hidden_layers, text_config.max_position_embeddings,
+                           **overrides)
+    vocabulary = check_vocabulary(ref, load_report_tokenizer(cfg.text_model))
+    torch.manual_seed(seed)              # what the encoder-only source leaves to our init
+    with torch.device("cpu"):
+        model = MELP(cfg)
+    state, filled = map_state(ref, model.state_dict())
+    model.load_state_dict(state, strict=True)
+    return model.eval(), filled, vocabulary
+
+
+def parts_from_reference(model, filled: list[str]) -> dict[str, bool]:
+    """Top-level module -> whether every one of its tensors came from the reference."""
+    tops: dict[str, list[bool]] = {}
+    chosen = set(filled)
+    for name in model.state_dict():
+        tops.setdefault(name.split(".", 1)[0], []).append(name in chosen)
+    return {top: all(flags) for top, flags in tops.items()}
+
+
+def conversion_record(ref: ReferenceWeights, model, filled: list[str],
+                      vocabulary: dict[str, int], text_model: str) -> dict[str, Any]:
+    parts = parts_from_reference(model, filled)
+    return {
+        "source": os.path.abspath(ref.source),
+        "kind": ref.kind,
+        "stripped_prefix": ref.prefix,
+        "keys_mapped": len(filled),
+        "reference_keys": len(ref.state),
+        "unused_reference_keys": sorted(k for k in ref.state if is_unused_reference_key(k)),
+        "parts_from_reference": sorted(p for p, full in parts.items() if full),
+        "parts_from_our_init": sorted(p for p, full in parts.items() if not full),
+        "text_model": os.path.abspath(text_model),
+        "text_pretrained": model.cfg.text_pretrained,
+        "matches_preset": matching_preset(model.cfg),
+        "lead_permutation": {"reference_order": list(REFERENCE_LEADS), "our_order": list(LEADS),
+                             "our_channel_from_reference_channel": lead_permutation()},
+        "vocabulary": vocabulary,
+        "model": model.cfg.to_dict(),
+    }
+
+
+def convert(reference: str, out: str, text_model: str, sample_rate: int = 500,
+            seconds: float = 10.0, overrides: dict[str, Any] | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """Write the export folder + conversion.json; returns the conversion record."""
+    from melp_ray.hf import MELPHFModel, save_folder
+
+    ref = read_reference(reference)
+    model, filled, vocabulary = build_model(ref, text_model, overrides or {}, seed)
+    record = conversion_record(ref, model, filled, vocabulary, text_model)
+    save_folder(MELPHFModel.from_melp(model, sample_rate=sample_rate, seconds=seconds), out)
+    with open(os.path.join(out, CONVERSION_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set ecg_heads=12``: ModelConfig fields the tensors cannot tell (head counts)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConversionError(f"--set {item!r}: expected field=value")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m melp_ray.convert",
+        description="Convert the official MELP weights (Lightning .ckpt or the MELP_Encoder "
+                    "folder) into a melp_ray export folder.")
+    parser.add_argument("--reference", required=True,
+                        help="the reference Lightning checkpoint, or the MELP_Encoder folder")
+    parser.add_argument("--out", required=True, help="output folder (an export folder)")
+    parser.add_argument("--text-model", required=True,
+                        help="local folder with the text tower's BERT config and tokenizer "
+                             "(heart_bert's)")
+    parser.add_argument("--sample-rate", type=int, default=500,
+                        help="Hz the reference was trained on (MIMIC-IV-ECG: 500)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="record length (10 s)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="ModelConfig field the tensors cannot tell, e.g. ecg_heads=12 "
+                             "(default: width/64), pooler_heads=8, decoder_heads=8")
+    args = parser.parse_args(argv)
+    try:
+        record = convert(args.reference, args.out, args.text_model, args.sample_rate,
+                         args.seconds, parse_overrides(args.set))
+    except (ConversionError, FileNotFoundError, ValueError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: record[k] for k in ("source", "kind", "keys_mapped",
+                                             "parts_from_reference", "parts_from_our_init",
+                                             "matches_preset")}, indent=2))
+    print(f"[melp_ray] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
