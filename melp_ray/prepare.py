@@ -4,8 +4,10 @@
 
 How it works (docs/data.md has the formats):
 1. The driver lists the root (csv files only), rejects rows whose report is unusable,
-   gives each subject a split (hash of seed + subject), and cuts each split, in listing
-   order, into chunks of ``--shard-size`` records.
+   gives each subject a split (hash of seed + subject), shuffles each split with the seed
+   (``--order shuffled``, the default: MIMIC lists its records by subject, and a shard of
+   one subject's near-identical reports would put false negatives in every contrastive
+   batch) and cuts it into chunks of ``--shard-size`` records.
 2. Ray Data runs one task per chunk that is not done yet: read + validate + resample
    each record, write ``OUT/<split>/part-NNNNN.parquet`` and then a small state json,
    both atomically. A chunk whose state (and shard) exist is skipped, so a killed run
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -31,6 +34,7 @@ from melp_ray.data.records import REJECTION_REASONS, RecordRef, RecordRejected, 
 from melp_ray.data.sources import DATASETS, DataRootError, RecordListing, scan_records, split_for_subject
 
 FORMAT_VERSION = 1
+ORDERS = ("shuffled", "listing")
 CPUS_PER_CHUNK = 1.0   # one chunk per CPU: two per CPU measured 15-48 % slower on 2 cores
 
 
@@ -46,6 +50,7 @@ class PrepareSettings:
     seed: int = 0
     limit: int | None = None
     min_report_words: int | None = None   # None: the dataset's default (MIMIC 4, PTB-XL 1)
+    order: str = "shuffled"               # shuffled (seeded, per split) | listing (the source's order)
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the output; a resumed run must match it exactly."""
@@ -58,12 +63,17 @@ class PrepareError(RuntimeError):
 
 # ---------------------------------------------------------------- planning (driver)
 def plan_chunks(refs: list[RecordRef], settings: PrepareSettings) -> list[dict[str, Any]]:
-    """Assign a split per subject and cut each split into fixed chunks, in listing order."""
+    """Assign a split per subject, order each split (seeded shuffle or listing order) and
+    cut it into fixed chunks. The same settings always give the same chunks (resume)."""
+    if settings.order not in ORDERS:
+        raise PrepareError(f"order must be one of {ORDERS}, got {settings.order!r}")
     by_split: dict[str, list[RecordRef]] = {split: [] for split in shards.SPLITS}
     for ref in refs:
         by_split[split_for_subject(ref.subject_id, settings.val_fraction, settings.seed)].append(ref)
     chunks = []
     for split, split_refs in by_split.items():
+        if settings.order == "shuffled":
+            random.Random(f"{settings.seed}:{split}").shuffle(split_refs)  # str seed: stable across runs
         for index, start in enumerate(range(0, len(split_refs), settings.shard_size)):
             members = split_refs[start:start + settings.shard_size]
             chunks.append({"split": split, "index": index, "records": [ref.to_row() for ref in members]})
@@ -250,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="duration kept per record; shorter records are rejected, longer ones cropped")
     parser.add_argument("--shard-size", type=int, default=256, help="records listed per shard (one Ray task each)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of subjects in the val split")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subject split hash")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subject split hash and of the record shuffle")
+    parser.add_argument("--order", choices=ORDERS, default="shuffled",
+                        help="record order across shards: a seeded shuffle of each split, or the "
+                             "source's listing order (MIMIC's is by subject)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records of the listing (smoke runs)")
     parser.add_argument("--min-report-words", type=int, default=None,
                         help="reject reports with fewer words (default: 4 for mimic-iv-ecg, 1 for ptb-xl)")
@@ -262,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = PrepareSettings(
         dataset=args.dataset, root=args.root, out=args.out, sample_rate=args.sample_rate,
         seconds=args.seconds, shard_size=args.shard_size, val_fraction=args.val_fraction,
-        seed=args.seed, limit=args.limit, min_report_words=args.min_report_words)
+        seed=args.seed, limit=args.limit, min_report_words=args.min_report_words, order=args.order)
     try:
         manifest = prepare(settings)
     except (DataRootError, PrepareError, ValueError, OSError) as err:   # OSError: storage went away

@@ -133,6 +133,46 @@ def test_mimic_split_keeps_subjects_together(tmp_path, ray_local):
     _check_no_subject_on_both_sides(_all_rows(out), 0.5)
 
 
+def _distinct_subjects_per_batch(out: Path, batch: int) -> float:
+    """Mean distinct subjects per batch of rank 0 of 2, read as training reads the shards
+    (its slice of the sorted shard files, rows in order, local shuffle off), with Ray Data."""
+    from melp_ray.data.stream import in_order, read_parquet_v1, shard_files
+
+    rank0_files = shard_files(str(out), "train")[0::2]      # = stream._shard_rank_datasets
+    dataset = in_order(read_parquet_v1(rank0_files, columns=["subject_id"], shuffle=None))
+    counts = [len(set(rows["subject_id"].tolist()))
+              for rows in dataset.iter_batches(batch_size=batch, batch_format="numpy",
+                                               drop_last=True)]
+    assert len(counts) >= 2
+    return float(np.mean(counts))
+
+
+def test_shuffled_prepare_mixes_subjects_in_every_batch(tmp_path, ray_local):
+    """MIMIC lists records subject by subject; in listing order a batch holds 2 subjects, so
+    the contrastive loss sees their near-identical reports as negatives. Shuffled: not."""
+    fixture = write_mimic_fixture(tmp_path / "mimic", n_studies=48, studies_per_subject=4)
+    listed = [s.subject_id for s in fixture.studies]
+    assert listed == sorted(listed) and len(set(listed)) == 12          # sorted, by subject
+    diversity = {}
+    for order in ("listing", "shuffled"):
+        out = tmp_path / order
+        manifest = prepare(PrepareSettings(dataset="mimic-iv-ecg", root=str(fixture.root),
+                                           out=str(out), shard_size=8, val_fraction=0.0,
+                                           order=order))
+        _check_accounting(manifest)
+        assert manifest["kept"] == 48 and manifest["settings"]["order"] == order
+        diversity[order] = _distinct_subjects_per_batch(out, batch=8)
+    print(f"distinct subjects per batch of 8: {diversity}")
+    assert diversity["listing"] <= 2.5                    # 8 rows = 2 subjects' runs of 4
+    assert diversity["shuffled"] >= 5.0, diversity        # of 8 rows drawn from 12 subjects
+    # Seeded: the same settings give the same order (a resumed prepare writes the same bytes).
+    again = tmp_path / "again"
+    prepare(PrepareSettings(dataset="mimic-iv-ecg", root=str(fixture.root), out=str(again),
+                            shard_size=8, val_fraction=0.0))
+    assert [r["record_id"] for r in _all_rows(again)] == \
+        [r["record_id"] for r in _all_rows(tmp_path / "shuffled")]
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_reports_a_missing_root(tmp_path, capsys):
     code = main(["--dataset", "ptb-xl", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
