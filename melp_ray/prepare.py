@@ -51,6 +51,7 @@ class PrepareSettings:
     limit: int | None = None
     min_report_words: int | None = None   # None: the dataset's default (MIMIC 4, PTB-XL 1)
     order: str = "shuffled"               # shuffled (seeded, per split) | listing (the source's order)
+    ecg_encoding: str = "float32"         # float32 | float16 | int16 (per-lead scale): shards.py
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the output; a resumed run must match it exactly."""
@@ -67,6 +68,9 @@ def plan_chunks(refs: list[RecordRef], settings: PrepareSettings) -> list[dict[s
     cut it into fixed chunks. The same settings always give the same chunks (resume)."""
     if settings.order not in ORDERS:
         raise PrepareError(f"order must be one of {ORDERS}, got {settings.order!r}")
+    if settings.ecg_encoding not in shards.ECG_ENCODINGS:
+        raise PrepareError(f"ecg_encoding must be one of {shards.ECG_ENCODINGS}, "
+                           f"got {settings.ecg_encoding!r}")
     by_split: dict[str, list[RecordRef]] = {split: [] for split in shards.SPLITS}
     for ref in refs:
         by_split[split_for_subject(ref.subject_id, settings.val_fraction, settings.seed)].append(ref)
@@ -129,7 +133,7 @@ def process_chunk(chunk: dict[str, Any], settings: PrepareSettings) -> dict[str,
             rejected.setdefault(rejection.reason, []).append(ref.record_id)
             details[ref.record_id] = str(rejection)
             continue
-        rows.append(shards.shard_row(ref, chunk["split"], signal))
+        rows.append(shards.shard_row(ref, chunk["split"], signal, settings.ecg_encoding))
         kept.append(ref.record_id)
         subjects.add(ref.subject_id)
     shard = shards.shard_relpath(chunk["split"], chunk["index"])
@@ -194,7 +198,7 @@ def build_manifest(listing: RecordListing, states: list[dict[str, Any]], setting
         "n_samples": n_samples_for(settings.sample_rate, settings.seconds),
         "n_leads": len(LEADS),
         "leads": list(LEADS),
-        "ecg_encoding": "float32 little-endian, C order, shape (n_leads, n_samples), mV",
+        "ecg_encoding": settings.ecg_encoding,   # shards.py documents the three byte layouts
         "schema": shards.schema_description(),
         "input": listing.n_input,
         "kept": kept,
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--order", choices=ORDERS, default="shuffled",
                         help="record order across shards: a seeded shuffle of each split, or the "
                              "source's listing order (MIMIC's is by subject)")
+    parser.add_argument("--ecg-encoding", choices=shards.ECG_ENCODINGS, default="float32",
+                        help="bytes per sample of the stored ECG: float32 (exact), float16 or int16 "
+                             "with a per-lead scale (half the size; errors in docs/data.md)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records of the listing (smoke runs)")
     parser.add_argument("--min-report-words", type=int, default=None,
                         help="reject reports with fewer words (default: 4 for mimic-iv-ecg, 1 for ptb-xl)")
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = PrepareSettings(
         dataset=args.dataset, root=args.root, out=args.out, sample_rate=args.sample_rate,
         seconds=args.seconds, shard_size=args.shard_size, val_fraction=args.val_fraction,
-        seed=args.seed, limit=args.limit, min_report_words=args.min_report_words, order=args.order)
+        seed=args.seed, limit=args.limit, min_report_words=args.min_report_words, order=args.order,
+        ecg_encoding=args.ecg_encoding)
     try:
         manifest = prepare(settings)
     except (DataRootError, PrepareError, ValueError, OSError) as err:   # OSError: storage went away

@@ -179,6 +179,18 @@ def test_prepare_speed_smoke(tmp_path):
     assert_finite(workload, "records_per_s.1", "records_per_s.2", "speedup_2_over_1")
 
 
+def test_storage_smoke(tmp_path):
+    data = smoke("storage", tmp_path)
+    (workload,) = data["workloads"].values()
+    encodings = workload["encodings"]
+    assert set(encodings) == {"float32", "float16", "int16"}
+    for r in encodings.values():
+        assert_finite(r, "bytes_per_record", "read_decode_rows_per_s", "max_abs_error_uV")
+    assert encodings["float32"]["max_abs_error_uV"] == 0
+    assert encodings["int16"]["ecg_bytes_per_record"] < 0.51 * encodings["float32"]["ecg_bytes_per_record"]
+    assert 0 < encodings["int16"]["max_abs_error_uV"] < 5
+
+
 # ---------------------------------------------------------------- never hang
 
 HUNG = """

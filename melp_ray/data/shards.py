@@ -7,8 +7,17 @@ A prepared folder looks like::
     OUT/val/part-00000.parquet
     OUT/_state/<split>-part-00000.json  per-chunk bookkeeping (kept ids, rejections)
 
-The ``ecg`` column holds the canonical signal as raw bytes: float32 little-endian,
-C order, shape (12, n_samples), millivolts; ``decode_ecg`` turns it back into an array.
+The ``ecg`` column holds the canonical signal, shape (12, n_samples), millivolts, as bytes
+in one of three encodings (``prepare --ecg-encoding``); ``decode_ecg`` reads any of them:
+
+- ``float32`` (default): raw float32 little-endian, C order; 4 bytes a sample.
+- ``float16``: a header, then float16 samples; 2 bytes a sample.
+- ``int16``: a header with one scale per lead (mV per unit, max|x| / 32767 of that lead of
+  that record), then int16 samples; 2 bytes a sample, error at most half a unit.
+
+The header is ``COMPACT_MAGIC``, one code byte, then 12 float32 scales (53 bytes). Raw
+float32 bytes are a multiple of 48 long and a compact record never is (53 + 24k), so the
+two cannot be confused.
 """
 from __future__ import annotations
 
@@ -28,6 +37,10 @@ MANIFEST_NAME = "manifest.json"
 STATE_DIR = "_state"
 SPLITS = ("train", "val")
 ECG_DTYPE = np.dtype("<f4")
+ECG_ENCODINGS = ("float32", "float16", "int16")
+COMPACT_MAGIC = b"ECGZ"
+_COMPACT = {"float16": (1, np.dtype("<f2")), "int16": (2, np.dtype("<i2"))}
+_INT16_MAX = 32767
 
 SCHEMA = pa.schema([
     ("record_id", pa.string()),
@@ -42,20 +55,51 @@ SCHEMA = pa.schema([
 
 
 # ---------------------------------------------------------------- ECG bytes
-def encode_ecg(signal: np.ndarray) -> bytes:
-    """(12, T) array -> float32 little-endian C-order bytes."""
-    return np.ascontiguousarray(signal, dtype=ECG_DTYPE).tobytes(order="C")
+def encode_ecg(signal: np.ndarray, encoding: str = "float32") -> bytes:
+    """(12, T) array in mV -> the bytes of the ``ecg`` column in ``encoding``."""
+    x = np.ascontiguousarray(signal, dtype=np.float32)
+    if encoding == "float32":
+        return x.astype(ECG_DTYPE, copy=False).tobytes(order="C")
+    if encoding not in _COMPACT:
+        raise ValueError(f"ecg encoding must be one of {ECG_ENCODINGS}, got {encoding!r}")
+    code, dtype = _COMPACT[encoding]
+    scales = np.ones(x.shape[0], dtype=ECG_DTYPE)
+    if encoding == "int16":
+        peak = np.abs(x).max(axis=1)
+        scales = np.where(peak > 0, peak / _INT16_MAX, 1.0).astype(ECG_DTYPE)
+        data = np.rint(x / scales[:, None]).astype(dtype)
+    else:
+        data = x.astype(dtype)
+    return COMPACT_MAGIC + bytes([code]) + scales.tobytes() + data.tobytes(order="C")
 
 
 def decode_ecg(data: bytes, n_leads: int = len(LEADS)) -> np.ndarray:
-    """Bytes of the ``ecg`` column -> writable float32 array of shape (n_leads, T)."""
+    """Bytes of the ``ecg`` column (any encoding) -> writable float32 array (n_leads, T)."""
+    raw_multiple = ECG_DTYPE.itemsize * n_leads
+    if data[:4] == COMPACT_MAGIC and len(data) % raw_multiple:
+        return _decode_compact(data, n_leads)
     flat = np.frombuffer(data, dtype=ECG_DTYPE)
-    if flat.size % n_leads:
-        raise ValueError(f"{flat.size} floats cannot be split into {n_leads} leads")
+    if len(data) % raw_multiple:
+        raise ValueError(f"{len(data)} bytes are neither {n_leads} leads of float32 nor a "
+                         f"compact ({'/'.join(_COMPACT)}) record")
     return flat.reshape(n_leads, -1).astype(np.float32, copy=True)
 
 
-def shard_row(ref: RecordRef, split: str, signal: np.ndarray) -> dict[str, Any]:
+def _decode_compact(data: bytes, n_leads: int) -> np.ndarray:
+    codes = {code: dtype for code, dtype in _COMPACT.values()}
+    dtype = codes.get(data[4])
+    if dtype is None:
+        raise ValueError(f"unknown compact ECG code {data[4]}")
+    header = len(COMPACT_MAGIC) + 1 + ECG_DTYPE.itemsize * n_leads
+    scales = np.frombuffer(data[len(COMPACT_MAGIC) + 1:header], dtype=ECG_DTYPE)
+    flat = np.frombuffer(data[header:], dtype=dtype)
+    if flat.size % n_leads:
+        raise ValueError(f"{flat.size} samples cannot be split into {n_leads} leads")
+    return flat.reshape(n_leads, -1).astype(np.float32) * scales[:, None]
+
+
+def shard_row(ref: RecordRef, split: str, signal: np.ndarray,
+              encoding: str = "float32") -> dict[str, Any]:
     """One row of SCHEMA."""
     row = {
         "record_id": ref.record_id,
@@ -64,7 +108,7 @@ def shard_row(ref: RecordRef, split: str, signal: np.ndarray) -> dict[str, Any]:
         "split": split,
         "strat_fold": int(ref.strat_fold),
         "report": ref.report,
-        "ecg": encode_ecg(signal),
+        "ecg": encode_ecg(signal, encoding),
     }
     for task in LABEL_TASKS:
         row[f"labels_{task}"] = list(ref.labels.get(task, []))

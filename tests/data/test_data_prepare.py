@@ -102,6 +102,35 @@ def test_other_settings_in_the_same_folder_are_refused(ptbxl_prepared):
         prepare(replace(settings, shard_size=32))
 
 
+def test_int16_shards_are_smaller_and_stream_like_float32(ptbxl_prepared, tmp_path):
+    from melp_ray.data.stream import StreamSpec, shards_dataset, shard_files
+
+    settings, manifest = ptbxl_prepared
+    compact = prepare(replace(settings, out=str(tmp_path / "int16"), ecg_encoding="int16"))
+    assert compact["ecg_encoding"] == "int16" and manifest["ecg_encoding"] == "float32"
+    assert compact["shards"] == manifest["shards"]                 # same records, same shards
+    size = {name: sum(p.stat().st_size for p in Path(out).rglob("*.parquet"))
+            for name, out in (("float32", settings.out), ("int16", tmp_path / "int16"))}
+    # Parquet's snappy already shrinks float32 ECGs (~0.6 on PTB-XL), so on disk int16 saves
+    # less than its half of the raw bytes (bench/storage.py has the numbers).
+    assert size["int16"] < 0.95 * size["float32"], size
+    raw = {name: np.mean([len(r["ecg"]) for r in shards.read_shard_rows(path, decode=False)])
+           for name, path in (("float32", next(Path(settings.out).rglob("*.parquet"))),
+                              ("int16", next((tmp_path / "int16").rglob("*.parquet"))))}
+    assert raw["int16"] == 53 + raw["float32"] / 2
+    exact = {r["record_id"]: r["ecg"] for r in _all_rows(Path(settings.out))}
+    for row in _all_rows(tmp_path / "int16"):
+        assert np.abs(row["ecg"] - exact[row["record_id"]]).max() < 2e-4   # mV
+    # The training stream decodes them: same batches as float32 shards, to the same bound.
+    spec = StreamSpec(sample_rate=100, seconds=10.0, max_text_length=32, text_model="minilm")
+    batches = [next(iter(shards_dataset(shard_files(str(out), "train")[:1], spec)
+                         .iter_batches(batch_size=16, batch_format="numpy")))
+               for out in (settings.out, tmp_path / "int16")]
+    assert batches[0]["ecg"].shape == batches[1]["ecg"].shape == (16, 12, 1000)
+    np.testing.assert_array_equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    assert np.abs(batches[0]["ecg"] - batches[1]["ecg"]).max() < 1e-3   # after min-max scaling
+
+
 # ---------------------------------------------------------------- MIMIC fixture, every rejection
 def test_mimic_every_rejection_is_named(tmp_path, ray_local):
     fixture = write_mimic_fixture(tmp_path / "mimic", n_studies=len(BREAKAGES) + 4)
@@ -197,6 +226,33 @@ def test_cli_end_to_end_with_limit(tmp_path, ray_local, bundled_ptbxl, capsys):
     assert code == 0 and "prepared 12 of 12 records" in capsys.readouterr().out
     manifest = shards.load_manifest(out)
     assert manifest["n_samples"] == 2500 and manifest["input"] == 12
+
+
+def _bundled_signals(bundled_ptbxl, n: int = 40) -> list[np.ndarray]:
+    from melp_ray.data.sources import list_records
+
+    refs = list_records("ptb-xl", bundled_ptbxl, limit=n, sample_rate=100)
+    return [load_signal(ref, bundled_ptbxl, 100, 10) for ref in refs if ref.report.strip()]
+
+
+@pytest.mark.parametrize("encoding", ["float16", "int16"])
+def test_compact_encodings_halve_the_bytes_within_their_error_bound(encoding, bundled_ptbxl):
+    for signal in _bundled_signals(bundled_ptbxl):
+        data = shards.encode_ecg(signal, encoding)
+        assert len(data) == 53 + 12 * signal.shape[1] * 2          # header + 2 bytes a sample
+        assert len(data) % 48                                      # never read as raw float32
+        decoded = shards.decode_ecg(data)
+        assert decoded.dtype == np.float32 and decoded.shape == signal.shape
+        error = np.abs(decoded - signal)
+        if encoding == "int16":   # half a unit of that lead's own scale (max|x| / 32767),
+            peak = np.abs(signal).max(axis=1, keepdims=True)   # plus float32 rounding
+            bound = peak / (2 * 32767) + peak * 2.0 ** -21
+        else:                     # float16: 11 significant bits
+            bound = np.abs(signal) * 2.0 ** -11 + 6e-8
+        assert (error <= bound).all(), float(error.max())
+        assert error.max() < 0.005                                 # mV: below 5 microvolts
+    with pytest.raises(ValueError, match="ecg encoding must be one of"):
+        shards.encode_ecg(signal, "int8")
 
 
 def test_decode_ecg_round_trip():
