@@ -39,6 +39,9 @@ class DataConfig:
     # Ray's object store (Dataset.materialize): epochs then only re-shuffle. For data that
     # fits the object store many times over (the bundled sample, PTB-XL at 100 Hz).
     materialize: bool = False
+    # Shards, streamed (not materialized): each epoch a seeded permutation decides which
+    # shard files each worker reads, so no worker sees the same slice of the data every epoch.
+    reassign_shards: bool = True
     limit: int | None = None         # smoke runs: first N raw records; shards: one file per worker
     exclude_folds: list[int] = field(default_factory=list)  # PTB-XL strat_folds kept out of train and val
 

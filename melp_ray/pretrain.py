@@ -49,10 +49,34 @@ class PretrainRecipe(DeepSpeedRecipe):
         super().setup()
         from melp_ray.losses import MELPLoss
 
+        self.epoch_files = self.reassignable_shard_files()
         w = self.cfg.loss
         self.loss_fn = MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
                                                   beat=w.beat,
                                                   same_report_positives=w.same_report_positives)
+
+    def reassignable_shard_files(self) -> list[str] | None:
+        """The train split's shard files when each epoch deals them out anew, else None
+        (raw roots, materialized data, ``data.reassign_shards=false``)."""
+        from melp_ray.data.sources import detect_layout
+        from melp_ray.data.stream import resolve_root, split_shard_files
+
+        d = self.cfg.data
+        root = resolve_root(d.root)
+        if not d.reassign_shards or d.materialize or detect_layout(root) != "shards":
+            return None
+        return split_shard_files(root, "train", self.world, d.limit)
+
+    def train_dataset(self, epoch: int):
+        """Streamed shards: this epoch's files for this rank (``rank_shard_files``)."""
+        if self.epoch_files is None:
+            return self.train_data
+        from melp_ray.data.stream import rank_shard_files, shards_dataset
+
+        files = rank_shard_files(self.epoch_files, self.world, self.rank, epoch,
+                                 self.cfg.train.seed)
+        return shards_dataset(files, stream_spec(self.cfg),
+                              exclude_folds=self.cfg.data.exclude_folds)
 
     def forward(self, batch: dict[str, torch.Tensor], ecg: torch.Tensor) -> dict:
         if self.bf16:
@@ -152,13 +176,20 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 
 # ---------------------------------------------------------------- driver
 
+def stream_spec(cfg: PretrainConfig):
+    """What the data pipelines must produce for this model."""
+    from melp_ray.data.stream import StreamSpec
+
+    return StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
+                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
+
+
 def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """One dataset per rank and split; ``data_info`` (if given) receives what goes in."""
-    from melp_ray.data.stream import StreamSpec, split_datasets
+    from melp_ray.data.stream import split_datasets
 
-    spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
-                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
+    spec = stream_spec(cfg)
     kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
               seed=cfg.train.seed, limit=cfg.data.limit, exclude_folds=cfg.data.exclude_folds)
     world = cfg.train.num_workers

@@ -151,6 +151,34 @@ def test_resume_is_exact(ray_local, tiny_cfg, tmp_path, zero2_run):
     assert steps == [2, 3, 4, 6]
 
 
+@pytest.fixture(scope="module")
+def dealt_shards(tmp_path_factory, ray_local, bundled_ptbxl) -> Path:
+    """Small shards (5 records each), so each epoch deals several files to each worker."""
+    from melp_ray.prepare import PrepareSettings, prepare
+
+    out = tmp_path_factory.mktemp("dealt") / "shards"
+    prepare(PrepareSettings(dataset="ptb-xl", root=str(bundled_ptbxl), out=str(out),
+                            sample_rate=100, shard_size=5, limit=50, val_fraction=0.2))
+    return out
+
+
+def test_resume_is_exact_when_each_epoch_deals_the_shards_anew(ray_local, tiny_cfg, tmp_path,
+                                                                dealt_shards):
+    """Streamed shards with ``data.reassign_shards`` (each epoch a new seeded deal of files
+    to workers): stopped at step 3 and resumed == uninterrupted, across epoch boundaries."""
+    args = (f"data.root={dealt_shards}", "data.limit=null", "train.max_steps=9",
+            "train.val_every=9")
+    reference = run(tiny_cfg(tmp_path, "dealt-reference", *args))
+    assert len({m["epoch"] for m in metrics_of(reference)}) >= 2   # it crossed epochs
+    first = run(tiny_cfg(tmp_path, "dealt", *args, "train.stop_at_step=3"))
+    assert first["steps"] == 3
+    second = run(tiny_cfg(tmp_path, "dealt", *args))
+    assert second["steps"] == 9
+    resumed, expected = consolidated(second["last_checkpoint"]), consolidated(reference["last_checkpoint"])
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def train_worker_processes():
     """The Ray Train worker processes of *this* test session's Ray node (children of its raylet)."""
     import psutil

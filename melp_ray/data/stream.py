@@ -15,6 +15,7 @@ root (free: only metadata is sliced), or every ``world``-th shard file of prepar
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Sequence
@@ -230,6 +231,14 @@ def split_datasets(root: str | None, world_size: int, spec: StreamSpec, *,
 def _shard_rank_datasets(root: str, split: str, world_size: int, spec: StreamSpec,
                          limit: int | None, exclude_folds: Sequence[int],
                          counts: dict[str, int]) -> list:
+    files = split_shard_files(root, split, world_size, limit)
+    counts.update(count_shard_folds(files, exclude_folds))
+    return [shards_dataset(rank_shard_files(files, world_size, r), spec, exclude_folds=exclude_folds)
+            for r in range(world_size)]
+
+
+def split_shard_files(root: str, split: str, world_size: int, limit: int | None = None) -> list[str]:
+    """The shard files of a split that training reads (``limit``: one per worker)."""
     files = shard_files(root, split)
     if limit is not None:
         files = files[: max(world_size, 1)]
@@ -237,9 +246,21 @@ def _shard_rank_datasets(root: str, split: str, world_size: int, spec: StreamSpe
         raise ValueError(
             f"{root} has {len(files)} {split} shard(s) for {world_size} workers: each worker "
             f"reads whole shards; re-run prepare with a smaller --shard-size")
-    counts.update(count_shard_folds(files, exclude_folds))
-    return [shards_dataset(files[r::world_size], spec, exclude_folds=exclude_folds)
-            for r in range(world_size)]
+    return files
+
+
+def rank_shard_files(files: Sequence[str], world_size: int, rank: int, epoch: int | None = None,
+                     seed: int = 0) -> list[str]:
+    """The files ``rank`` reads: every ``world_size``-th file, from ``rank`` on.
+
+    With an ``epoch``, of a permutation seeded by (seed, epoch): each epoch every file is
+    still read by exactly one rank, but which rank, and in which order, changes from epoch
+    to epoch; the same (seed, epoch) always gives the same files (exact resume).
+    """
+    order = list(files)
+    if epoch is not None:
+        random.Random(f"{seed}:{epoch}").shuffle(order)   # str seed: stable across processes
+    return order[rank::world_size]
 
 
 def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list, list]:

@@ -100,10 +100,15 @@ class DeepSpeedRecipe:
         return self.engine.module
 
     # ---------------------------------------------------------------- data
+    def train_dataset(self, epoch: int):
+        """What this rank trains on in ``epoch``: its Ray Train dataset shard (a recipe may
+        build one per epoch instead)."""
+        return self.train_data
+
     def epoch_batches(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
         t = self.cfg.train
         shuffle = self.cfg.data.shuffle_buffer or None
-        return self.train_data.iter_torch_batches(
+        return self.train_dataset(epoch).iter_torch_batches(
             batch_size=t.micro_batch_size, drop_last=True, device=self.device,
             local_shuffle_buffer_size=shuffle,
             local_shuffle_seed=(t.seed * 10_007 + epoch) if shuffle else None)

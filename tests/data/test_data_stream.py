@@ -177,3 +177,19 @@ def test_materialized_datasets_give_the_same_shuffled_batches(ray_local, bundled
                 np.testing.assert_array_equal(ecg_g, ecg_w)
                 np.testing.assert_array_equal(ids_g, ids_w)
     assert not np.array_equal(epoch(cached["train_r0"], 0)[0][0], epoch(cached["train_r0"], 1)[0][0])
+
+
+def test_each_epoch_deals_every_shard_file_to_exactly_one_rank():
+    from melp_ray.data.stream import rank_shard_files
+
+    files = [f"train/part-{i:05d}.parquet" for i in range(10)]
+    assert [rank_shard_files(files, 3, r) for r in range(3)] == \
+        [files[0::3], files[1::3], files[2::3]]                 # no epoch: the fixed slices
+    deals = []
+    for epoch in range(4):
+        dealt = [rank_shard_files(files, 3, r, epoch, seed=0) for r in range(3)]
+        assert sorted(f for rank_files in dealt for f in rank_files) == files   # each once
+        assert dealt == [rank_shard_files(files, 3, r, epoch, seed=0) for r in range(3)]
+        deals.append(tuple(tuple(rank_files) for rank_files in dealt))
+    assert len(set(deals)) == 4                                   # a new deal every epoch
+    assert rank_shard_files(files, 3, 0, 0, seed=1) != rank_shard_files(files, 3, 0, 0, seed=0)
