@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from melp_ray.eval.modes import evaluate
+from melp_ray.eval.prompts import PROMPT_FORMATS
 from melp_ray.eval.plan import (DATASETS, DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_FOLDS, MODES,
                                 PTBXL_TASKS, EvalError)
 
@@ -57,8 +58,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float,
                    help="linear only: share of the training folds to train on, e.g. 0.01, "
                         "0.1, 1.0 (default 1.0; seeded, every class keeps a positive)")
-    p.add_argument("--prompts", help="zeroshot only: YAML/JSON class -> prompt(s); overrides "
-                                     "the default prompts per class")
+    p.add_argument("--prompts", help="zeroshot only: YAML/JSON class -> prompt(s), overriding "
+                                     "the default prompts per class; or the reference's "
+                                     "CKEPE_prompt.json (class -> one description, which "
+                                     "must name every class)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="how to read --prompts (default auto: a JSON object of strings "
+                        "only is CKEPE, anything else melp_ray)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate the checkpoint's architecture with untrained (seeded) "
                         "weights: the baseline that shows what pretraining bought")

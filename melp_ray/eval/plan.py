@@ -203,7 +203,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     prompts = None
     if args.mode == "zeroshot":
-        prompts = _resolve_prompts(args.dataset, root, classes, args.prompts)
+        prompts = _resolve_prompts(args.dataset, root, classes, args.prompts,
+                                   args.prompt_format)
     if args.mode == "linear":
         _check_probe_labels(splits, classes)
 
@@ -221,6 +222,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         **({"bootstrap": args.bootstrap} if args.mode != "retrieval" else {}),
         **({"fraction": args.fraction} if args.mode == "linear" else {}),
         **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
+        **({"prompt_format": _prompt_format(args)} if args.prompts else {}),
         **({"min_count": args.min_count} if args.dataset == "chapman" else {}),
     }
     return plan
@@ -232,7 +234,8 @@ def _check_option_combinations(args) -> None:
     only = [("--fraction", args.fraction is not None, "linear"),
             ("--train-folds", args.train_folds is not None, "linear"),
             ("--val-folds", args.val_folds is not None, "linear"),
-            ("--prompts", args.prompts is not None, "zeroshot")]
+            ("--prompts", args.prompts is not None, "zeroshot"),
+            ("--prompt-format", args.prompt_format != "auto", "zeroshot")]
     for option, given, mode in only:
         if given and args.mode != mode:
             raise EvalError(f"{option} only applies to --mode {mode}")
@@ -252,6 +255,8 @@ def _check_option_combinations(args) -> None:
         raise EvalError(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.prompts is not None and not Path(args.prompts).is_file():
         raise EvalError(f"--prompts {args.prompts} is not a file")
+    if args.prompt_format != "auto" and args.prompts is None:
+        raise EvalError("--prompt-format needs --prompts FILE")
     for option, value, low in (("--batch-size", args.batch_size, 1),
                                ("--bootstrap", args.bootstrap, 0),
                                ("--actors", args.actors, 1)):
@@ -320,7 +325,17 @@ def _drop_unusable(records: list[EvalRecord], mode: str,
     return kept
 
 
-def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: str | None):
+def _prompt_format(args) -> str:
+    from melp_ray.eval.prompts import prompt_file_format
+
+    try:
+        return prompt_file_format(args.prompts, args.prompt_format)
+    except ValueError as err:
+        raise EvalError(f"--prompts: {err}") from None
+
+
+def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: str | None,
+                     prompt_format: str = "auto"):
     from melp_ray.data import physionet
     from melp_ray.eval import prompts as P
 
@@ -331,7 +346,7 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
     else:
         defaults = physionet.SNOMED_DESCRIPTIONS
     try:
-        return P.resolve_prompts(classes, defaults, prompt_file)
+        return P.resolve_prompts(classes, defaults, prompt_file, prompt_format)
     except (KeyError, ValueError) as err:
         raise EvalError(f"prompts: {err}") from None
 
