@@ -80,6 +80,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-count", type=int,
                    help=f"chapman only: classes = SNOMED codes in >= N records (default "
                         f"{DEFAULT_CHAPMAN_MIN_COUNT})")
+    p.add_argument("--class-names",
+                   help="the reference's dataset_class_names.json: use its class list for "
+                        "this task (ptbxl_super_class, ..., icbeb, chapman) instead of ours")
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs)")
     return p

@@ -103,36 +103,77 @@ def _multi_hot(names, classes: list[str]) -> np.ndarray:
     return out
 
 
-def _ptbxl_records(root: str, task: str | None, sample_rate: int
-                   ) -> tuple[list[EvalRecord], list[str]]:
+def _ptbxl_records(root: str, task: str | None, sample_rate: int,
+                   class_file: str | None = None
+                   ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
+    """Records with labels over the task's classes: ours, or a class-names file's (then
+    with the map file name -> our label name)."""
     from melp_ray.data.ptbxl import class_names, list_ptbxl
+    from melp_ray.eval import class_lists
 
     classes = class_names(task, root) if task else []
+    aliases = {c: c for c in classes}
+    if task and class_file:
+        names = _class_file_names(class_file, "ptb-xl", task)
+        aliases = _or_eval_error(class_lists.match_ptbxl_names, names, classes,
+                                 f"--class-names {class_file}")
+        classes = names
+    name_of = {ours: name for name, ours in aliases.items()}
     records = [EvalRecord(record_id=ref.record_id, path=os.path.join(root, ref.path),
                           fold=ref.strat_fold, report=ref.report,
-                          labels=_multi_hot(ref.labels[task], classes) if task else None)
+                          labels=_multi_hot([name_of[n] for n in ref.labels[task]
+                                             if n in name_of], classes) if task else None)
                for ref in list_ptbxl(root, sample_rate=sample_rate)]
-    return records, classes
+    return records, classes, aliases
 
 
-def _physionet_records(dataset: str, root: str, min_count: int
-                       ) -> tuple[list[EvalRecord], list[str]]:
+def _physionet_records(dataset: str, root: str, min_count: int, class_file: str | None = None
+                       ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
     from melp_ray.data import physionet
+    from melp_ray.eval import class_lists
 
     listed = physionet.list_physionet_records(root)
+    source = f"--class-names {class_file}"
     if dataset == "cpsc2018":
         classes = list(physionet.CPSC2018_CLASSES)
-        label = physionet.cpsc2018_labels
-    else:  # Chapman-Shaoxing: the SNOMED codes frequent in this data (see physionet.py)
-        classes = physionet.frequent_dx_classes(listed, min_count=min_count)
+        aliases = {c: c for c in classes}
+        if class_file:
+            classes = _class_file_names(class_file, dataset, None)
+            aliases = _or_eval_error(class_lists.match_cpsc2018_names, classes, source)
+        label = functools.partial(
+            physionet.labels_from_codes, classes=classes,
+            code_groups={c: physionet.CPSC2018_CODES[aliases[c]] for c in classes})
+    else:  # Chapman-Shaoxing: SNOMED codes as classes (see physionet.py)
+        if class_file:
+            classes = _class_file_names(class_file, dataset, None)
+            _or_eval_error(class_lists.check_snomed_names, classes, source)
+        else:  # the codes frequent in this data
+            classes = physionet.frequent_dx_classes(listed, min_count=min_count)
         if not classes:
             raise EvalError(f"no SNOMED code occurs in >= {min_count} records under {root}; "
                             "lower --min-count")
+        aliases = {c: c for c in classes}
         label = functools.partial(physionet.labels_from_codes, classes=classes)
     records = [EvalRecord(record_id=rec.record_id, path=str(rec.header_path),
                           fold=physionet_fold(rec.record_id), labels=label(rec.dx_codes))
                for rec in listed]
-    return records, classes
+    return records, classes, aliases
+
+
+def _class_file_names(class_file: str, dataset: str, task: str | None) -> list[str]:
+    from melp_ray.eval import class_lists
+
+    key = class_lists.reference_task_key(dataset, task)
+    return _or_eval_error(class_lists.read_class_names, class_file, key)
+
+
+def _or_eval_error(function, *args):
+    """``function(*args)``, its ValueError (bad input file) reported as an EvalError."""
+    try:
+        return function(*args)
+    except ValueError as err:
+        raise EvalError(f"--class-names: {err}" if "--class-names" not in str(err)
+                        else str(err)) from None
 
 
 # ---------------------------------------------------------------- the plan
@@ -172,12 +213,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
     task = None
     if args.dataset == "ptb-xl" and args.mode != "retrieval":
         task = args.task or "super"
-    if task is not None:
-        records, classes = _ptbxl_records(root, task, int(sample_rate))
-    elif args.dataset == "ptb-xl":
-        records, classes = _ptbxl_records(root, None, int(sample_rate))
+    if args.dataset == "ptb-xl":
+        records, classes, aliases = _ptbxl_records(root, task, int(sample_rate),
+                                                   args.class_names)
     else:
-        records, classes = _physionet_records(args.dataset, root, args.min_count)
+        records, classes, aliases = _physionet_records(args.dataset, root, args.min_count,
+                                                       args.class_names)
 
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):  # results are aligned by record id
@@ -204,7 +245,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     prompts = None
     if args.mode == "zeroshot":
         prompts = _resolve_prompts(args.dataset, root, classes, args.prompts,
-                                   args.prompt_format)
+                                   args.prompt_format, aliases)
     if args.mode == "linear":
         _check_probe_labels(splits, classes)
 
@@ -223,7 +264,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         **({"fraction": args.fraction} if args.mode == "linear" else {}),
         **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
         **({"prompt_format": _prompt_format(args)} if args.prompts else {}),
-        **({"min_count": args.min_count} if args.dataset == "chapman" else {}),
+        **({"min_count": args.min_count} if args.dataset == "chapman"
+           and not args.class_names else {}),
+        **({"class_names_file": args.class_names} if args.class_names else {}),
     }
     return plan
 
@@ -249,6 +292,14 @@ def _check_option_combinations(args) -> None:
                         "(use --dataset ptb-xl)")
     if args.min_count is not None and args.dataset != "chapman":
         raise EvalError("--min-count only applies to --dataset chapman")
+    if args.class_names is not None:
+        if args.mode == "retrieval":
+            raise EvalError("--class-names has no effect on --mode retrieval (leave it out)")
+        if not Path(args.class_names).is_file():
+            raise EvalError(f"--class-names {args.class_names} is not a file")
+        if args.min_count is not None:
+            raise EvalError("--min-count has no effect with --class-names (the file lists "
+                            "the classes)")
     if args.min_count is None:
         args.min_count = DEFAULT_CHAPMAN_MIN_COUNT
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -335,7 +386,9 @@ def _prompt_format(args) -> str:
 
 
 def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: str | None,
-                     prompt_format: str = "auto"):
+                     prompt_format: str = "auto", aliases: dict[str, str] | None = None):
+    """Prompts per class; a class named after one of ours (``aliases``: name -> our label
+    name, from --class-names) gets our label's default prompt."""
     from melp_ray.data import physionet
     from melp_ray.eval import prompts as P
 
@@ -345,6 +398,8 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
         defaults = physionet.CPSC2018_DESCRIPTIONS
     else:
         defaults = physionet.SNOMED_DESCRIPTIONS
+    defaults = {**defaults, **{name: defaults[ours] for name, ours in (aliases or {}).items()
+                               if ours in defaults}}
     try:
         return P.resolve_prompts(classes, defaults, prompt_file, prompt_format)
     except (KeyError, ValueError) as err:
