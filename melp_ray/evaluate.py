@@ -83,6 +83,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names",
                    help="the reference's dataset_class_names.json: use its class list for "
                         "this task (ptbxl_super_class, ..., icbeb, chapman) instead of ours")
+    p.add_argument("--split-dir",
+                   help="the reference's split CSVs DIR/<task>_{train,val,test}.csv (task: "
+                        "ptbxl_super_class, ..., icbeb, chapman): records, labels and classes "
+                        "come from them instead of folds")
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs)")
     return p

@@ -9,7 +9,8 @@ a second, not after the cluster starts. No Ray, no model weights.
 Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10). CPSC2018 and
 Chapman-Shaoxing ship no folds, so each record gets a fixed pseudo-fold 1-10 from a hash of
 its record id (``physionet_fold``): the same fold options then work on every dataset and
-the split never changes between runs or machines.
+the split never changes between runs or machines. ``--split-dir`` replaces the folds with
+the reference's split CSVs (``melp_ray.eval.splits``): records, labels and classes as listed.
 """
 from __future__ import annotations
 
@@ -213,34 +214,22 @@ def build_plan(args: argparse.Namespace) -> Plan:
     task = None
     if args.dataset == "ptb-xl" and args.mode != "retrieval":
         task = args.task or "super"
-    if args.dataset == "ptb-xl":
-        records, classes, aliases = _ptbxl_records(root, task, int(sample_rate),
-                                                   args.class_names)
-    else:
-        records, classes, aliases = _physionet_records(args.dataset, root, args.min_count,
-                                                       args.class_names)
-
-    ids = [r.record_id for r in records]
-    if len(set(ids)) != len(ids):  # results are aligned by record id
-        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise EvalError(f"--root {root}: record ids are not unique (e.g. {dupes})")
     split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
-    folds = {s: parse_folds(getattr(args, f"{s}_folds") or DEFAULT_FOLDS[s], f"--{s}-folds")
-             for s in split_names}
-    _check_disjoint(folds)
-    available = sorted({r.fold for r in records})
-    splits: dict[str, list[EvalRecord]] = {}
-    excluded: dict[str, list[str]] = {}
-    for split in split_names:
-        in_folds = [r for r in records if r.fold in folds[split]]
-        if not in_folds:
-            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: no record of {root} "
-                            f"is in these folds (folds present: {_fmt_folds(available)})")
-        kept = _drop_unusable(in_folds, args.mode, excluded)
-        if not kept:
-            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: every record was "
-                            f"left out ({ {k: len(v) for k, v in excluded.items()} })")
-        splits[split] = kept
+    split_files: dict[str, str] = {}
+    if args.split_dir:  # records, labels and classes from the reference's split files
+        splits, classes, excluded, split_files = _split_dir_records(
+            args.dataset, root, task, int(sample_rate), args.split_dir, split_names,
+            args.class_names)
+        aliases = _default_aliases(args.dataset, root, task, classes)
+        folds: dict[str, list[int]] = {}
+    else:
+        if args.dataset == "ptb-xl":
+            records, classes, aliases = _ptbxl_records(root, task, int(sample_rate),
+                                                       args.class_names)
+        else:
+            records, classes, aliases = _physionet_records(args.dataset, root,
+                                                           args.min_count, args.class_names)
+        splits, excluded, folds = _fold_splits(records, root, args, split_names)
 
     prompts = None
     if args.mode == "zeroshot":
@@ -258,6 +247,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "checkpoint": args.checkpoint, "checkpoint_kind": kind,
         "random_init": args.random_init, "sample_rate": plan.sample_rate,
         "seconds": plan.seconds, "folds": folds,
+        **({"split_files": split_files} if split_files else {}),
         "n_records": {s: len(v) for s, v in splits.items()},
         "batch_size": args.batch_size, "seed": args.seed,
         **({"bootstrap": args.bootstrap} if args.mode != "retrieval" else {}),
@@ -265,10 +255,124 @@ def build_plan(args: argparse.Namespace) -> Plan:
         **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
         **({"prompt_format": _prompt_format(args)} if args.prompts else {}),
         **({"min_count": args.min_count} if args.dataset == "chapman"
-           and not args.class_names else {}),
+           and not (args.class_names or args.split_dir) else {}),
         **({"class_names_file": args.class_names} if args.class_names else {}),
     }
     return plan
+
+
+def _fold_splits(records: list[EvalRecord], root: str, args, split_names
+                 ) -> tuple[dict[str, list[EvalRecord]], dict[str, list[str]],
+                            dict[str, list[int]]]:
+    """Records per split by fold (PTB-XL strat_fold, PhysioNet pseudo-fold)."""
+    ids = [r.record_id for r in records]
+    if len(set(ids)) != len(ids):  # results are aligned by record id
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise EvalError(f"--root {root}: record ids are not unique (e.g. {dupes})")
+    folds = {s: parse_folds(getattr(args, f"{s}_folds") or DEFAULT_FOLDS[s], f"--{s}-folds")
+             for s in split_names}
+    _check_disjoint(folds)
+    available = sorted({r.fold for r in records})
+    splits: dict[str, list[EvalRecord]] = {}
+    excluded: dict[str, list[str]] = {}
+    for split in split_names:
+        in_folds = [r for r in records if r.fold in folds[split]]
+        if not in_folds:
+            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: no record of {root} "
+                            f"is in these folds (folds present: {_fmt_folds(available)})")
+        kept = _drop_unusable(in_folds, args.mode, excluded)
+        if not kept:
+            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: every record was "
+                            f"left out ({ {k: len(v) for k, v in excluded.items()} })")
+        splits[split] = kept
+    return splits, excluded, folds
+
+
+def _split_dir_records(dataset: str, root: str, task: str | None, sample_rate: int,
+                       split_dir: str, split_names, class_file: str | None):
+    """Records, labels and classes of each split from the reference's split CSVs.
+
+    Every row is used with the file's labels; rows whose record is not under --root are
+    left out and named under ``missing_file``. Returns (splits, classes, excluded, files).
+    """
+    from melp_ray.eval import class_lists
+    from melp_ray.eval import splits as S
+
+    key = class_lists.reference_task_key(dataset, task)
+    files = {split: S.split_path(split_dir, key, split) for split in split_names}
+    try:
+        tables = {split: S.read_split_csv(path, dataset) for split, path in files.items()}
+    except S.SplitFileError as err:
+        raise EvalError(f"--split-dir: {err}") from None
+    classes = tables[split_names[0]].classes
+    for table in tables.values():
+        if table.classes != classes:
+            raise EvalError(f"--split-dir: {table.path} has label columns {table.classes}, "
+                            f"{tables[split_names[0]].path} has {classes}")
+    order = list(range(len(classes)))
+    if class_file:
+        names = _class_file_names(class_file, dataset, task)
+        if set(names) != set(classes):
+            raise EvalError(f"--class-names {class_file} lists {sorted(set(names) - set(classes))} "
+                            f"not in the split files and misses {sorted(set(classes) - set(names))}")
+        order = [classes.index(n) for n in names]
+        classes = names
+    headers = S.HeaderIndex(root)
+    seen: dict[str, str] = {}
+    splits: dict[str, list[EvalRecord]] = {}
+    excluded: dict[str, list[str]] = {}
+    for split, table in tables.items():
+        kept = []
+        for row in table.rows:
+            record = _split_row_record(dataset, root, row, sample_rate, headers, order)
+            where = f"{table.path} line {row.line}"
+            if record.record_id in seen:
+                raise EvalError(f"--split-dir: record {record.record_id} in {where} is also in "
+                                f"{seen[record.record_id]}")
+            seen[record.record_id] = where
+            exists = record.path + ".hea" if dataset == "ptb-xl" else record.path
+            if os.path.isfile(exists):
+                kept.append(record)
+            else:
+                excluded.setdefault("missing_file", []).append(record.record_id)
+        if not kept:
+            raise EvalError(f"--split-dir: none of the {len(table.rows)} records of "
+                            f"{table.path} is under --root {root}")
+        splits[split] = kept
+    return splits, classes, excluded, {s: str(p) for s, p in files.items()}
+
+
+def _split_row_record(dataset: str, root: str, row, sample_rate: int, headers, order
+                      ) -> EvalRecord:
+    from melp_ray.eval import splits as S
+
+    labels = row.labels[order]
+    if dataset == "ptb-xl":
+        record_id, path, fold = S.ptbxl_record(root, row.metadata, sample_rate)
+        return EvalRecord(record_id=record_id, path=path, fold=fold, labels=labels)
+    if dataset == "cpsc2018":
+        record_id, path = S.cpsc2018_record(root, row.metadata, headers)
+    else:
+        record_id, path = S.chapman_record(root, row.metadata)
+    return EvalRecord(record_id=record_id, path=path, fold=0, labels=labels)
+
+
+def _default_aliases(dataset: str, root: str, task: str | None, classes: list[str]
+                     ) -> dict[str, str]:
+    """Class name -> our label name where one matches (for default prompts); others none."""
+    from melp_ray.data.physionet import CPSC2018_CLASSES
+    from melp_ray.data.ptbxl import class_names
+    from melp_ray.eval.class_lists import ICBEB_TO_CPSC2018
+
+    if dataset == "ptb-xl":
+        ours = class_names(task, root)
+        by_bare = {n.strip("_"): n for n in ours}
+        return {c: c if c in ours else by_bare[c.strip("_")] for c in classes
+                if c in ours or c.strip("_") in by_bare}
+    if dataset == "cpsc2018":
+        known = {**ICBEB_TO_CPSC2018, **{c: c for c in CPSC2018_CLASSES}}
+        return {c: known[c] for c in classes if c in known}
+    return {c: c for c in classes}
 
 
 # ---------------------------------------------------------------- checks behind build_plan
@@ -292,6 +396,8 @@ def _check_option_combinations(args) -> None:
                         "(use --dataset ptb-xl)")
     if args.min_count is not None and args.dataset != "chapman":
         raise EvalError("--min-count only applies to --dataset chapman")
+    if args.split_dir is not None:
+        _check_split_dir_options(args)
     if args.class_names is not None:
         if args.mode == "retrieval":
             raise EvalError("--class-names has no effect on --mode retrieval (leave it out)")
@@ -316,6 +422,18 @@ def _check_option_combinations(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a folder")
+
+
+def _check_split_dir_options(args) -> None:
+    if args.mode == "retrieval":
+        raise EvalError("--split-dir applies to zeroshot and linear (the reference's report "
+                        "split has another layout); leave it out for retrieval")
+    if not Path(args.split_dir).is_dir():
+        raise EvalError(f"--split-dir {args.split_dir} is not a folder")
+    for option in ("train_folds", "val_folds", "test_folds", "min_count"):
+        if getattr(args, option) is not None:
+            raise EvalError(f"--{option.replace('_', '-')} has no effect with --split-dir "
+                            "(the split files list the records and classes)")
 
 
 def _check_root(dataset: str, root: str) -> str:
