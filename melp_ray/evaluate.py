@@ -77,6 +77,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Hz fed to the model (default: the checkpoint's data.sample_rate)")
     p.add_argument("--seconds", type=float,
                    help="record length in s (default: the checkpoint's data.seconds)")
+    p.add_argument("--crop-seconds", type=float,
+                   help="keep the first S s of each record and zero-pad to --seconds (the "
+                        "reference reads CPSC2018 as --crop-seconds 5 with 10 s input), so "
+                        "records shorter than --seconds but >= S are kept")
     p.add_argument("--min-count", type=int,
                    help=f"chapman only: classes = SNOMED codes in >= N records (default "
                         f"{DEFAULT_CHAPMAN_MIN_COUNT})")

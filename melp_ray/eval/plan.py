@@ -65,6 +65,7 @@ class Plan:
     folds: dict[str, list[int]]
     excluded: dict[str, list[str]]          # reason -> record ids left out before loading
     prompts: list[list[str]] | None = None
+    crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -210,6 +211,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise EvalError(f"the {kind} does not record its input sample rate/length; "
                         "pass --sample-rate and --seconds")
     _check_length(sample_rate, seconds)
+    _check_crop(args.crop_seconds, sample_rate, seconds)
 
     task = None
     if args.dataset == "ptb-xl" and args.mode != "retrieval":
@@ -241,12 +243,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan = Plan(mode=args.mode, dataset=args.dataset, root=root, out=Path(args.out),
                 checkpoint=args.checkpoint, checkpoint_kind=kind, sample_rate=int(sample_rate),
                 seconds=float(seconds), task=task, class_names=classes, splits=splits,
-                folds=folds, excluded=excluded, prompts=prompts)
+                folds=folds, excluded=excluded, prompts=prompts, crop_seconds=args.crop_seconds)
     plan.settings = {
         "mode": args.mode, "dataset": args.dataset, "root": root, "task": task,
         "checkpoint": args.checkpoint, "checkpoint_kind": kind,
         "random_init": args.random_init, "sample_rate": plan.sample_rate,
         "seconds": plan.seconds, "folds": folds,
+        **({"crop_seconds": args.crop_seconds} if args.crop_seconds else {}),
         **({"split_files": split_files} if split_files else {}),
         "n_records": {s: len(v) for s, v in splits.items()},
         "batch_size": args.batch_size, "seed": args.seed,
@@ -458,6 +461,17 @@ def _check_length(sample_rate, seconds) -> None:
         n_samples_for(sample_rate, seconds)
     except ValueError as err:
         raise EvalError(f"--sample-rate/--seconds: {err}") from None
+
+
+def _check_crop(crop_seconds, sample_rate, seconds) -> None:
+    if crop_seconds is None:
+        return
+    if not 0 < crop_seconds <= seconds:
+        raise EvalError(f"--crop-seconds must be in (0, --seconds={seconds}], got {crop_seconds}")
+    try:
+        _check_length(sample_rate, crop_seconds)
+    except EvalError as err:
+        raise EvalError(f"--crop-seconds: {err}") from None
 
 
 def _check_disjoint(folds: dict[str, list[int]]) -> None:
