@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 DATASETS = ("ptb-xl", "cpsc2018", "chapman")
-MODES = ("zeroshot", "linear", "retrieval")
+MODES = ("zeroshot", "linear", "retrieval", "generation")
+REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports
+DEFAULT_MAX_NEW_TOKENS = 64
 PTBXL_TASKS = ("super", "sub", "form", "rhythm")
 N_PSEUDO_FOLDS = 10
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
@@ -214,7 +216,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     _check_crop(args.crop_seconds, sample_rate, seconds)
 
     task = None
-    if args.dataset == "ptb-xl" and args.mode != "retrieval":
+    if args.dataset == "ptb-xl" and args.mode not in REPORT_MODES:
         task = args.task or "super"
     split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
     split_files: dict[str, str] = {}
@@ -253,7 +255,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         **({"split_files": split_files} if split_files else {}),
         "n_records": {s: len(v) for s, v in splits.items()},
         "batch_size": args.batch_size, "seed": args.seed,
-        **({"bootstrap": args.bootstrap} if args.mode != "retrieval" else {}),
+        **({"bootstrap": args.bootstrap} if args.mode not in REPORT_MODES else {}),
+        **({"max_new_tokens": args.max_new_tokens} if args.mode == "generation" else {}),
         **({"fraction": args.fraction} if args.mode == "linear" else {}),
         **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
         **({"prompt_format": _prompt_format(args)} if args.prompts else {}),
@@ -392,18 +395,22 @@ def _check_option_combinations(args) -> None:
     if args.task is not None and args.dataset != "ptb-xl":
         raise EvalError(f"--task selects a PTB-XL label set; {args.dataset} has one fixed "
                         "label set (leave --task out)")
-    if args.task is not None and args.mode == "retrieval":
-        raise EvalError("--task has no effect on --mode retrieval (leave it out)")
-    if args.mode == "retrieval" and args.dataset != "ptb-xl":
-        raise EvalError(f"--mode retrieval needs free-text reports; {args.dataset} has none "
+    if args.task is not None and args.mode in REPORT_MODES:
+        raise EvalError(f"--task has no effect on --mode {args.mode} (leave it out)")
+    if args.mode in REPORT_MODES and args.dataset != "ptb-xl":
+        raise EvalError(f"--mode {args.mode} needs free-text reports; {args.dataset} has none "
                         "(use --dataset ptb-xl)")
+    if args.max_new_tokens is not None and args.mode != "generation":
+        raise EvalError("--max-new-tokens only applies to --mode generation")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     if args.min_count is not None and args.dataset != "chapman":
         raise EvalError("--min-count only applies to --dataset chapman")
     if args.split_dir is not None:
         _check_split_dir_options(args)
     if args.class_names is not None:
-        if args.mode == "retrieval":
-            raise EvalError("--class-names has no effect on --mode retrieval (leave it out)")
+        if args.mode in REPORT_MODES:
+            raise EvalError(f"--class-names has no effect on --mode {args.mode} (leave it out)")
         if not Path(args.class_names).is_file():
             raise EvalError(f"--class-names {args.class_names} is not a file")
         if args.min_count is not None:
@@ -419,7 +426,8 @@ def _check_option_combinations(args) -> None:
         raise EvalError("--prompt-format needs --prompts FILE")
     for option, value, low in (("--batch-size", args.batch_size, 1),
                                ("--bootstrap", args.bootstrap, 0),
-                               ("--actors", args.actors, 1)):
+                               ("--actors", args.actors, 1),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):
         if value is not None and value < low:
             raise EvalError(f"{option} must be >= {low}, got {value}")
     out = Path(args.out)
@@ -428,9 +436,9 @@ def _check_option_combinations(args) -> None:
 
 
 def _check_split_dir_options(args) -> None:
-    if args.mode == "retrieval":
+    if args.mode in REPORT_MODES:
         raise EvalError("--split-dir applies to zeroshot and linear (the reference's report "
-                        "split has another layout); leave it out for retrieval")
+                        f"split has another layout); leave it out for {args.mode}")
     if not Path(args.split_dir).is_dir():
         raise EvalError(f"--split-dir {args.split_dir} is not a folder")
     for option in ("train_folds", "val_folds", "test_folds", "min_count"):
@@ -492,12 +500,12 @@ def _drop_unusable(records: list[EvalRecord], mode: str,
     """Leave out records the mode cannot use, named under their reason.
 
     Classification: a record with no label of the task (the PTB-XL benchmark convention;
-    e.g. a record with only non-diagnostic statements has no superclass). Retrieval: a
-    record with an empty report (nothing to retrieve).
+    e.g. a record with only non-diagnostic statements has no superclass). Retrieval and
+    generation: a record with an empty report (nothing to retrieve or score against).
     """
     kept = []
     for r in records:
-        if mode == "retrieval":
+        if mode in REPORT_MODES:
             reason = None if r.report.strip() else "empty_report"
         else:
             reason = None if r.labels.any() else "no_label"
