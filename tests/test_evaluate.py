@@ -186,6 +186,30 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
     assert results["recall@1"] <= results["recall@5"] <= results["recall@10"]
 
 
+def test_generation_end_to_end_matches_in_process_generate(tiny_checkpoint, bundled_ptbxl,
+                                                         tmp_path):
+    from melp_ray.checkpoint import load_model
+    from melp_ray.eval.generation import generation_metrics
+
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "generation",
+                        "--test-folds", str(TEST_FOLD), "--max-new-tokens", "8")
+    lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    refs = {r.record_id: r for r in list_ptbxl(bundled_ptbxl, sample_rate=100)
+            if r.strat_fold == TEST_FOLD and r.report.strip()}
+    assert sorted(x["record_id"] for x in lines) == sorted(refs)
+    ids = [x["record_id"] for x in lines]
+    ecg = np.stack([minmax_normalise(load_signal(refs[i], bundled_ptbxl, 100, 10)) for i in ids])
+    with torch.inference_mode():
+        expected = load_model(tiny_checkpoint).eval().generate(torch.from_numpy(ecg),
+                                                               max_new_tokens=8)
+    assert [x["generated"] for x in lines] == expected
+    assert [x["reference"] for x in lines] == [refs[i].report for i in ids]
+    metrics = generation_metrics(expected, [refs[i].report for i in ids])
+    for key in ("bleu1", "bleu4", "rouge_l", "n_pairs"):
+        assert results[key] == pytest.approx(metrics[key])
+    assert results["settings"]["max_new_tokens"] == 8
+
+
 # ---------------------------------------------------------------- CPSC2018
 
 def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
@@ -202,6 +226,16 @@ def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_roo
     no_label = results["records"]["excluded_before_loading"].get("no_label", [])
     assert test["used"] + 2 + len(no_label) == 62
     assert "wrong_length" in (tmp_path / "results.md").read_text()
+
+
+def test_cpsc2018_crop_keeps_the_five_second_record(tiny_checkpoint, challenge_root, tmp_path):
+    results = _evaluate(tiny_checkpoint, challenge_root, tmp_path, "--dataset", "cpsc2018",
+                        "--mode", "zeroshot", "--test-folds", "1-10", "--crop-seconds", "5")
+    test = results["records"]["test"]
+    assert test["rejected"] == {"flat_signal": ["ZERO"]}   # SHORT (5 s) is now used
+    assert results["settings"]["crop_seconds"] == 5
+    no_label = results["records"]["excluded_before_loading"].get("no_label", [])
+    assert test["used"] + 1 + len(no_label) == 62
 
 
 # ---------------------------------------------------------------- bad arguments
