@@ -210,6 +210,37 @@ def test_generation_end_to_end_matches_in_process_generate(tiny_checkpoint, bund
     assert results["settings"]["max_new_tokens"] == 8
 
 
+def test_split_dir_zeroshot_scores_every_listed_record(tiny_checkpoint, bundled_ptbxl,
+                                                              tmp_path):
+    """A reference-layout split file over the bundled sample: every listed record that
+    exists is scored (records from folds 1-6 together, no fold options), the missing one
+    named. That the labels are the file's is checked on the plan (tests/eval/test_eval_splits.py)."""
+    import csv
+
+    from melp_ray.data.ptbxl import read_database
+
+    classes = ["HYP", "NORM", "MI", "CD", "STTC"]
+    rows = read_database(bundled_ptbxl).head(50).to_dict("records")
+    labels = np.random.default_rng(1).integers(0, 2, (len(rows), len(classes)))
+    folder = tmp_path / "split"
+    folder.mkdir()
+    with open(folder / "ptbxl_super_class_test.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ecg_id", "patient_id", "strat_fold", "filename_lr", "filename_hr",
+                         "super_class", *classes])
+        for row, y in zip(rows, labels):
+            writer.writerow([row["ecg_id"], row["patient_id"], row["strat_fold"],
+                             row["filename_lr"], row["filename_hr"], "[]", *y.tolist()])
+        writer.writerow([99999, 1, 10, "records100/99000/99999_lr", "x", "[]", 1, 0, 0, 0, 0])
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path / "out", "--mode", "zeroshot",
+                        "--split-dir", str(folder))
+    assert results["class_names"] == classes
+    assert results["n_samples"] == len(rows) == results["records"]["test"]["used"]
+    assert results["records"]["excluded_before_loading"] == {"missing_file": ["99999"]}
+    assert results["settings"]["split_files"]["test"].endswith("ptbxl_super_class_test.csv")
+    assert sorted(results["per_class"]) == sorted(classes)
+
+
 # ---------------------------------------------------------------- CPSC2018
 
 def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
