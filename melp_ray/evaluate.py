@@ -1,4 +1,5 @@
-"""Evaluate a MELP model: zero-shot classification, linear probing, ECG<->report retrieval.
+"""Evaluate a MELP model: zero-shot classification, linear probing, ECG<->report retrieval,
+report generation (BLEU/ROUGE-L/METEOR).
 
     python -m melp_ray.evaluate --checkpoint RUN_OR_CKPT_OR_EXPORT --dataset ptb-xl \\
         --root /data/ptb-xl --task super --mode zeroshot --out results/zs_super
@@ -18,8 +19,9 @@ import sys
 from pathlib import Path
 
 from melp_ray.eval.modes import evaluate
-from melp_ray.eval.plan import (DATASETS, DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_FOLDS, MODES,
-                                PTBXL_TASKS, EvalError)
+from melp_ray.eval.prompts import PROMPT_FORMATS
+from melp_ray.eval.plan import (DATASETS, DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_FOLDS,
+                                DEFAULT_MAX_NEW_TOKENS, MODES, PTBXL_TASKS, EvalError)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -27,14 +29,16 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m melp_ray.evaluate",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate a MELP model: zero-shot classification, linear probing on\n"
-                    "frozen ECG features, or ECG<->report retrieval. Writes OUT/results.json,\n"
+                    "frozen ECG features, ECG<->report retrieval, or report generation\n"
+                    "(BLEU/ROUGE-L/METEOR). Writes OUT/results.json,\n"
                     "OUT/results.md and, for classification, OUT/roc.png.",
         epilog="examples:\n"
                "  python -m melp_ray.evaluate --checkpoint RUN_DIR --dataset ptb-xl \\\n"
                "      --root /data/ptb-xl --task super --mode zeroshot --out results/zs\n"
                "  python -m melp_ray.evaluate ... --mode linear --fraction 0.01 \\\n"
                "      --train-folds 1-8 --val-folds 9 --test-folds 10 --out results/lp1\n"
-               "  python -m melp_ray.evaluate ... --mode retrieval --out results/ret\n\n"
+               "  python -m melp_ray.evaluate ... --mode retrieval --out results/ret\n"
+               "  python -m melp_ray.evaluate ... --mode generation --out results/gen\n\n"
                "PTB-XL splits use strat_fold. CPSC2018/Chapman records get a fixed "
                "pseudo-fold 1-10\nfrom a hash of the record id, so the same fold options "
                "apply.")
@@ -57,8 +61,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float,
                    help="linear only: share of the training folds to train on, e.g. 0.01, "
                         "0.1, 1.0 (default 1.0; seeded, every class keeps a positive)")
-    p.add_argument("--prompts", help="zeroshot only: YAML/JSON class -> prompt(s); overrides "
-                                     "the default prompts per class")
+    p.add_argument("--prompts", help="zeroshot only: YAML/JSON class -> prompt(s), overriding "
+                                     "the default prompts per class; or the reference's "
+                                     "CKEPE_prompt.json (class -> one description, which "
+                                     "must name every class)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="how to read --prompts (default auto: a JSON object of strings "
+                        "only is CKEPE, anything else melp_ray)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"generation only: greedy decoding stops after this many tokens "
+                        f"(default {DEFAULT_MAX_NEW_TOKENS}; at most the model's text length - 2)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate the checkpoint's architecture with untrained (seeded) "
                         "weights: the baseline that shows what pretraining bought")
@@ -71,9 +83,20 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Hz fed to the model (default: the checkpoint's data.sample_rate)")
     p.add_argument("--seconds", type=float,
                    help="record length in s (default: the checkpoint's data.seconds)")
+    p.add_argument("--crop-seconds", type=float,
+                   help="keep the first S s of each record and zero-pad to --seconds (the "
+                        "reference reads CPSC2018 as --crop-seconds 5 with 10 s input), so "
+                        "records shorter than --seconds but >= S are kept")
     p.add_argument("--min-count", type=int,
                    help=f"chapman only: classes = SNOMED codes in >= N records (default "
                         f"{DEFAULT_CHAPMAN_MIN_COUNT})")
+    p.add_argument("--class-names",
+                   help="the reference's dataset_class_names.json: use its class list for "
+                        "this task (ptbxl_super_class, ..., icbeb, chapman) instead of ours")
+    p.add_argument("--split-dir",
+                   help="the reference's split CSVs DIR/<task>_{train,val,test}.csv (task: "
+                        "ptbxl_super_class, ..., icbeb, chapman): records, labels and classes "
+                        "come from them instead of folds")
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs)")
     return p
@@ -86,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(args)
     except EvalError as err:
         parser.error(str(err))  # exit code 2, usage + message, before Ray starts
-    headline = ("recall@1", "recall@5", "recall@10") if args.mode == "retrieval" \
-        else ("macro_auroc", "ci")
+    headline = {"retrieval": ("recall@1", "recall@5", "recall@10"),
+                "generation": ("bleu1", "bleu4", "rouge_l", "meteor")
+                }.get(args.mode, ("macro_auroc", "ci"))
     print(json.dumps({k: results.get(k) for k in headline}))
     print(f"[melp_ray] wrote {Path(args.out) / 'results.json'}")
     return 0

@@ -186,6 +186,61 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
     assert results["recall@1"] <= results["recall@5"] <= results["recall@10"]
 
 
+def test_generation_end_to_end_matches_in_process_generate(tiny_checkpoint, bundled_ptbxl,
+                                                         tmp_path):
+    from melp_ray.checkpoint import load_model
+    from melp_ray.eval.generation import generation_metrics
+
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "generation",
+                        "--test-folds", str(TEST_FOLD), "--max-new-tokens", "8")
+    lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    refs = {r.record_id: r for r in list_ptbxl(bundled_ptbxl, sample_rate=100)
+            if r.strat_fold == TEST_FOLD and r.report.strip()}
+    assert sorted(x["record_id"] for x in lines) == sorted(refs)
+    ids = [x["record_id"] for x in lines]
+    ecg = np.stack([minmax_normalise(load_signal(refs[i], bundled_ptbxl, 100, 10)) for i in ids])
+    with torch.inference_mode():
+        expected = load_model(tiny_checkpoint).eval().generate(torch.from_numpy(ecg),
+                                                               max_new_tokens=8)
+    assert [x["generated"] for x in lines] == expected
+    assert [x["reference"] for x in lines] == [refs[i].report for i in ids]
+    metrics = generation_metrics(expected, [refs[i].report for i in ids])
+    for key in ("bleu1", "bleu4", "rouge_l", "n_pairs"):
+        assert results[key] == pytest.approx(metrics[key])
+    assert results["settings"]["max_new_tokens"] == 8
+
+
+def test_split_dir_zeroshot_scores_every_listed_record(tiny_checkpoint, bundled_ptbxl,
+                                                              tmp_path):
+    """A reference-layout split file over the bundled sample: every listed record that
+    exists is scored (records from folds 1-6 together, no fold options), the missing one
+    named. That the labels are the file's is checked on the plan (tests/eval/test_eval_splits.py)."""
+    import csv
+
+    from melp_ray.data.ptbxl import read_database
+
+    classes = ["HYP", "NORM", "MI", "CD", "STTC"]
+    rows = read_database(bundled_ptbxl).head(50).to_dict("records")
+    labels = np.random.default_rng(1).integers(0, 2, (len(rows), len(classes)))
+    folder = tmp_path / "split"
+    folder.mkdir()
+    with open(folder / "ptbxl_super_class_test.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["ecg_id", "patient_id", "strat_fold", "filename_lr", "filename_hr",
+                         "super_class", *classes])
+        for row, y in zip(rows, labels):
+            writer.writerow([row["ecg_id"], row["patient_id"], row["strat_fold"],
+                             row["filename_lr"], row["filename_hr"], "[]", *y.tolist()])
+        writer.writerow([99999, 1, 10, "records100/99000/99999_lr", "x", "[]", 1, 0, 0, 0, 0])
+    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path / "out", "--mode", "zeroshot",
+                        "--split-dir", str(folder))
+    assert results["class_names"] == classes
+    assert results["n_samples"] == len(rows) == results["records"]["test"]["used"]
+    assert results["records"]["excluded_before_loading"] == {"missing_file": ["99999"]}
+    assert results["settings"]["split_files"]["test"].endswith("ptbxl_super_class_test.csv")
+    assert sorted(results["per_class"]) == sorted(classes)
+
+
 # ---------------------------------------------------------------- CPSC2018
 
 def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
@@ -202,6 +257,16 @@ def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_roo
     no_label = results["records"]["excluded_before_loading"].get("no_label", [])
     assert test["used"] + 2 + len(no_label) == 62
     assert "wrong_length" in (tmp_path / "results.md").read_text()
+
+
+def test_cpsc2018_crop_keeps_the_five_second_record(tiny_checkpoint, challenge_root, tmp_path):
+    results = _evaluate(tiny_checkpoint, challenge_root, tmp_path, "--dataset", "cpsc2018",
+                        "--mode", "zeroshot", "--test-folds", "1-10", "--crop-seconds", "5")
+    test = results["records"]["test"]
+    assert test["rejected"] == {"flat_signal": ["ZERO"]}   # SHORT (5 s) is now used
+    assert results["settings"]["crop_seconds"] == 5
+    no_label = results["records"]["excluded_before_loading"].get("no_label", [])
+    assert test["used"] + 1 + len(no_label) == 62
 
 
 # ---------------------------------------------------------------- bad arguments

@@ -23,10 +23,13 @@ Label sets
   codes the Challenge scoring treats as equivalent (e.g. CRBBB 713427006 for RBBB, VPB
   17338001 / PVC 427172004 for the CPSC "ventricular ectopics" 164884008), so a record
   coded either way gets the same label.
-* Chapman-Shaoxing: MERL/MELP report 38 classes without publishing the exact list, so it
-  cannot be reproduced verbatim. ``frequent_dx_classes`` takes the SNOMED codes present in
-  at least ``min_count`` records of the data at hand (documented, deterministic order);
-  pass the resulting list around explicitly so train and test use the same classes.
+* Chapman-Shaoxing: the MELP reference publishes its 38 classes (the dataset's acronyms,
+  ``AQW``, ``SR``, ... in its ``prompt/dataset_class_names.json``) and their labels (its
+  split CSVs ``data_split/chapman/chapman_{train,val,test}.csv``); ``melp_ray.evaluate``
+  uses them with ``--class-names`` and ``--split-dir``. Without those files,
+  ``frequent_dx_classes`` takes the SNOMED codes present in at least ``min_count`` records
+  of the data at hand (documented, deterministic order); pass the resulting list around
+  explicitly so train and test use the same classes.
 """
 from __future__ import annotations
 
@@ -162,8 +165,9 @@ def frequent_dx_classes(records: Iterable[PhysioNetRecord], min_count: int = 10
                         ) -> list[str]:
     """SNOMED codes present in at least ``min_count`` records, most frequent first.
 
-    Ties are ordered by code so the list is deterministic. This is the documented
-    Chapman-Shaoxing label list (MERL's exact 38-class list is unpublished).
+    Ties are ordered by code so the list is deterministic. Our default Chapman-Shaoxing
+    label list; the reference's 38 acronym classes come from its class-names file and
+    split CSVs instead (``melp_ray.eval.class_lists``, ``--split-dir``).
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")

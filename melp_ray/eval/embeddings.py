@@ -47,24 +47,36 @@ def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
 
 # ---------------------------------------------------------------- Ray Data side
 
-def read_record(dataset: str, path: str, sample_rate: int, seconds: float) -> np.ndarray:
-    """One record as float32 (12, sample_rate*seconds) in mV; raises RecordRejected."""
-    from melp_ray.data.records import RecordRef, RecordRejected, UNREADABLE, fit_signal, load_signal
+def read_record(dataset: str, path: str, sample_rate: int, seconds: float,
+                crop_seconds: float | None = None) -> np.ndarray:
+    """One record as float32 (12, sample_rate*seconds) in mV; raises RecordRejected.
 
+    ``crop_seconds``: keep only the first ``crop_seconds`` (at the model's rate) and
+    zero-pad them to ``seconds``: the reference's CPSC2018 reading (first 5 s, zeros to
+    10 s), so a record of 5-10 s is kept. Crop, then resample, then pad: the padding stays
+    exact zeros; the caller normalises the padded record, as the reference does.
+    """
+    from melp_ray.data.records import (RecordRef, RecordRejected, UNREADABLE, fit_signal,
+                                       load_signal, n_samples_for)
+
+    keep = seconds if crop_seconds is None else crop_seconds
     if dataset == "ptb-xl":
         ref = RecordRef(record_id="", subject_id="", dataset=dataset, path=path, report="")
-        return load_signal(ref, None, sample_rate, seconds)
-    from melp_ray.data.physionet import PhysioNetFormatError, load_physionet_signal
+        signal = load_signal(ref, None, sample_rate, keep)
+    else:
+        from melp_ray.data.physionet import PhysioNetFormatError, load_physionet_signal
 
-    try:
-        signal, fs = load_physionet_signal(path)
-    except (PhysioNetFormatError, OSError) as err:
-        raise RecordRejected(UNREADABLE, str(err)) from None
-    return fit_signal(signal, fs, sample_rate, seconds)
+        try:
+            raw, fs = load_physionet_signal(path)
+        except (PhysioNetFormatError, OSError) as err:
+            raise RecordRejected(UNREADABLE, str(err)) from None
+        signal = fit_signal(raw, fs, sample_rate, keep)
+    padding = n_samples_for(sample_rate, seconds) - signal.shape[1]
+    return np.pad(signal, ((0, 0), (0, padding))) if padding > 0 else signal
 
 
 def load_batch(batch: dict[str, np.ndarray], dataset: str, sample_rate: int,
-               seconds: float) -> dict[str, np.ndarray]:
+               seconds: float, crop_seconds: float | None = None) -> dict[str, np.ndarray]:
     """Ray Data map_batches: paths -> normalised signals, plus why a record was rejected.
 
     A rejected record keeps its row (zeros as signal, the reason in ``rejected``) so one
@@ -78,7 +90,7 @@ def load_batch(batch: dict[str, np.ndarray], dataset: str, sample_rate: int,
     for path in batch["path"]:
         try:
             signals.append(minmax_normalise(read_record(dataset, str(path), sample_rate,
-                                                        seconds)))
+                                                        seconds, crop_seconds)))
             reasons.append("")
         except RecordRejected as err:
             signals.append(np.zeros((12, n), dtype=np.float32))
@@ -101,7 +113,7 @@ def embed_records(plan: Plan, records: list[EvalRecord], outputs: dict[str, tupl
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(load_batch, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"dataset": plan.dataset, "sample_rate": plan.sample_rate,
-                                   "seconds": plan.seconds})
+                                   "seconds": plan.seconds, "crop_seconds": plan.crop_seconds})
     ds = extract_embeddings(ds, model_fn, outputs=outputs, batch_size=batch_size,
                             concurrency=actors)
     data = collect_columns(ds, [*outputs, "rejected"], sort_by="record_id")

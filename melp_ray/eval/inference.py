@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-# output column -> (model method, input column)
-DEFAULT_OUTPUTS: dict[str, tuple[str, str]] = {
+# output column -> (model method, input column[, keyword arguments of the method])
+DEFAULT_OUTPUTS: dict[str, tuple] = {
     "ecg_emb": ("encode_ecg", "ecg"),
     "ecg_feat": ("ecg_features", "ecg"),
 }
@@ -38,19 +38,19 @@ class EmbeddingExtractor:
     """``map_batches`` callable class: numpy batch dict -> the same batch plus embeddings."""
 
     def __init__(self, build_model: Callable[[], torch.nn.Module],
-                 outputs: Mapping[str, tuple[str, str]] | None = None,
+                 outputs: Mapping[str, tuple] | None = None,
                  keep_columns: Sequence[str] | None = None, device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_model().to(self.device).eval()
         self.outputs = dict(outputs or DEFAULT_OUTPUTS)
-        missing = [method for method, _ in self.outputs.values()
-                   if not callable(getattr(self.model, method, None))]
+        missing = [spec[0] for spec in self.outputs.values()
+                   if not callable(getattr(self.model, spec[0], None))]
         if missing:
             raise AttributeError(f"{type(self.model).__name__} has no method(s) {missing}")
         self.keep_columns = None if keep_columns is None else list(keep_columns)
 
     def _passthrough(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {column for _, column in self.outputs.values()}
+        inputs = {spec[1] for spec in self.outputs.values()}
         if self.keep_columns is None:  # everything but the (large) model inputs
             return {k: v for k, v in batch.items() if k not in inputs}
         return {k: batch[k] for k in self.keep_columns}
@@ -58,11 +58,18 @@ class EmbeddingExtractor:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = self._passthrough(batch)
         with torch.inference_mode():
-            for column, (method, source) in self.outputs.items():
-                result = getattr(self.model, method)(_model_input(batch[source], source,
-                                                                  self.device))
-                out[column] = result.float().cpu().numpy()
+            for column, (method, source, *kwargs) in self.outputs.items():
+                result = getattr(self.model, method)(
+                    _model_input(batch[source], source, self.device), **(kwargs[0] if kwargs else {}))
+                out[column] = _as_column(result)
         return out
+
+
+def _as_column(result) -> np.ndarray:
+    """A tensor (embeddings) -> float numpy; a list of strings (generated text) -> object."""
+    if isinstance(result, list):
+        return np.array(result, dtype=object)
+    return result.float().cpu().numpy()
 
 
 def _gpus_in_cluster() -> int:
@@ -72,7 +79,7 @@ def _gpus_in_cluster() -> int:
 
 
 def extract_embeddings(dataset, build_model: Callable[[], torch.nn.Module],
-                       outputs: Mapping[str, tuple[str, str]] | None = None,
+                       outputs: Mapping[str, tuple] | None = None,
                        batch_size: int = 64, concurrency: int | None = None,
                        keep_columns: Sequence[str] | None = None):
     """Lazily add embedding columns to a Ray ``Dataset`` with an actor pool.

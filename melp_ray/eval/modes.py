@@ -1,4 +1,5 @@
-"""The three evaluation modes (zero-shot, linear probe, retrieval) and their result files.
+"""The evaluation modes (zero-shot, linear probe, retrieval, report generation) and their
+result files.
 
 ``evaluate(args)`` checks the arguments (``build_plan``), starts Ray and runs the mode: each
 ``run_*`` embeds the records it needs, scores them and writes OUT/results.json and
@@ -38,7 +39,8 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
     if embed is None:
         embed = functools.partial(embed_records, plan, model_fn=model_fn,
                                   batch_size=args.batch_size, actors=args.actors)
-    run = {"zeroshot": run_zeroshot, "linear": run_linear, "retrieval": run_retrieval}
+    run = {"zeroshot": run_zeroshot, "linear": run_linear, "retrieval": run_retrieval,
+           "generation": run_generation}
     return run[plan.mode](plan, model_fn, embed, args, {})
 
 
@@ -104,6 +106,25 @@ def run_retrieval(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[
     recalls = recall_at_k(sim, ks=(1, 5, 10))
     write_retrieval_report(plan.out, recalls, plan.settings, task="ptb-xl retrieval")
     return _finish(plan, {**recalls, "n_pairs": int(len(data["record_id"]))}, accounting)
+
+
+def run_generation(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[str, Any]:
+    """Greedy reports (``MELP.generate``, at most --max-new-tokens tokens) for the test
+    records, scored against their reports; every pair goes to OUT/generations.jsonl."""
+    from melp_ray.eval.generation import generation_metrics
+    from melp_ray.eval.report import write_generation_report
+
+    outputs = {"generated": ("generate", "ecg", {"max_new_tokens": args.max_new_tokens})}
+    data = embed(plan.splits["test"], outputs)
+    data = drop_rejected(data, accounting.setdefault("test", {}))
+    _require_rows(data, "test")
+    reports = {r.record_id: r.report for r in plan.splits["test"]}
+    ids = [str(i) for i in data["record_id"]]
+    generated = [str(t) for t in data["generated"]]
+    references = [reports[i] for i in ids]
+    metrics = generation_metrics(generated, references)
+    write_generation_report(plan.out, metrics, ids, generated, references, plan.settings)
+    return _finish(plan, {}, accounting)
 
 
 def report_similarity(ecg_emb: np.ndarray, texts: list[str], text_emb: np.ndarray

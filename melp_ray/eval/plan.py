@@ -9,7 +9,8 @@ a second, not after the cluster starts. No Ray, no model weights.
 Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10). CPSC2018 and
 Chapman-Shaoxing ship no folds, so each record gets a fixed pseudo-fold 1-10 from a hash of
 its record id (``physionet_fold``): the same fold options then work on every dataset and
-the split never changes between runs or machines.
+the split never changes between runs or machines. ``--split-dir`` replaces the folds with
+the reference's split CSVs (``melp_ray.eval.splits``): records, labels and classes as listed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from typing import Any
 import numpy as np
 
 DATASETS = ("ptb-xl", "cpsc2018", "chapman")
-MODES = ("zeroshot", "linear", "retrieval")
+MODES = ("zeroshot", "linear", "retrieval", "generation")
+REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports
+DEFAULT_MAX_NEW_TOKENS = 64
 PTBXL_TASKS = ("super", "sub", "form", "rhythm")
 N_PSEUDO_FOLDS = 10
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
@@ -64,6 +67,7 @@ class Plan:
     folds: dict[str, list[int]]
     excluded: dict[str, list[str]]          # reason -> record ids left out before loading
     prompts: list[list[str]] | None = None
+    crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -103,36 +107,77 @@ def _multi_hot(names, classes: list[str]) -> np.ndarray:
     return out
 
 
-def _ptbxl_records(root: str, task: str | None, sample_rate: int
-                   ) -> tuple[list[EvalRecord], list[str]]:
+def _ptbxl_records(root: str, task: str | None, sample_rate: int,
+                   class_file: str | None = None
+                   ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
+    """Records with labels over the task's classes: ours, or a class-names file's (then
+    with the map file name -> our label name)."""
     from melp_ray.data.ptbxl import class_names, list_ptbxl
+    from melp_ray.eval import class_lists
 
     classes = class_names(task, root) if task else []
+    aliases = {c: c for c in classes}
+    if task and class_file:
+        names = _class_file_names(class_file, "ptb-xl", task)
+        aliases = _or_eval_error(class_lists.match_ptbxl_names, names, classes,
+                                 f"--class-names {class_file}")
+        classes = names
+    name_of = {ours: name for name, ours in aliases.items()}
     records = [EvalRecord(record_id=ref.record_id, path=os.path.join(root, ref.path),
                           fold=ref.strat_fold, report=ref.report,
-                          labels=_multi_hot(ref.labels[task], classes) if task else None)
+                          labels=_multi_hot([name_of[n] for n in ref.labels[task]
+                                             if n in name_of], classes) if task else None)
                for ref in list_ptbxl(root, sample_rate=sample_rate)]
-    return records, classes
+    return records, classes, aliases
 
 
-def _physionet_records(dataset: str, root: str, min_count: int
-                       ) -> tuple[list[EvalRecord], list[str]]:
+def _physionet_records(dataset: str, root: str, min_count: int, class_file: str | None = None
+                       ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
     from melp_ray.data import physionet
+    from melp_ray.eval import class_lists
 
     listed = physionet.list_physionet_records(root)
+    source = f"--class-names {class_file}"
     if dataset == "cpsc2018":
         classes = list(physionet.CPSC2018_CLASSES)
-        label = physionet.cpsc2018_labels
-    else:  # Chapman-Shaoxing: the SNOMED codes frequent in this data (see physionet.py)
-        classes = physionet.frequent_dx_classes(listed, min_count=min_count)
+        aliases = {c: c for c in classes}
+        if class_file:
+            classes = _class_file_names(class_file, dataset, None)
+            aliases = _or_eval_error(class_lists.match_cpsc2018_names, classes, source)
+        label = functools.partial(
+            physionet.labels_from_codes, classes=classes,
+            code_groups={c: physionet.CPSC2018_CODES[aliases[c]] for c in classes})
+    else:  # Chapman-Shaoxing: SNOMED codes as classes (see physionet.py)
+        if class_file:
+            classes = _class_file_names(class_file, dataset, None)
+            _or_eval_error(class_lists.check_snomed_names, classes, source)
+        else:  # the codes frequent in this data
+            classes = physionet.frequent_dx_classes(listed, min_count=min_count)
         if not classes:
             raise EvalError(f"no SNOMED code occurs in >= {min_count} records under {root}; "
                             "lower --min-count")
+        aliases = {c: c for c in classes}
         label = functools.partial(physionet.labels_from_codes, classes=classes)
     records = [EvalRecord(record_id=rec.record_id, path=str(rec.header_path),
                           fold=physionet_fold(rec.record_id), labels=label(rec.dx_codes))
                for rec in listed]
-    return records, classes
+    return records, classes, aliases
+
+
+def _class_file_names(class_file: str, dataset: str, task: str | None) -> list[str]:
+    from melp_ray.eval import class_lists
+
+    key = class_lists.reference_task_key(dataset, task)
+    return _or_eval_error(class_lists.read_class_names, class_file, key)
+
+
+def _or_eval_error(function, *args):
+    """``function(*args)``, its ValueError (bad input file) reported as an EvalError."""
+    try:
+        return function(*args)
+    except ValueError as err:
+        raise EvalError(f"--class-names: {err}" if "--class-names" not in str(err)
+                        else str(err)) from None
 
 
 # ---------------------------------------------------------------- the plan
@@ -168,22 +213,68 @@ def build_plan(args: argparse.Namespace) -> Plan:
         raise EvalError(f"the {kind} does not record its input sample rate/length; "
                         "pass --sample-rate and --seconds")
     _check_length(sample_rate, seconds)
+    _check_crop(args.crop_seconds, sample_rate, seconds)
 
     task = None
-    if args.dataset == "ptb-xl" and args.mode != "retrieval":
+    if args.dataset == "ptb-xl" and args.mode not in REPORT_MODES:
         task = args.task or "super"
-    if task is not None:
-        records, classes = _ptbxl_records(root, task, int(sample_rate))
-    elif args.dataset == "ptb-xl":
-        records, classes = _ptbxl_records(root, None, int(sample_rate))
+    split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
+    split_files: dict[str, str] = {}
+    if args.split_dir:  # records, labels and classes from the reference's split files
+        splits, classes, excluded, split_files = _split_dir_records(
+            args.dataset, root, task, int(sample_rate), args.split_dir, split_names,
+            args.class_names)
+        aliases = _default_aliases(args.dataset, root, task, classes)
+        folds: dict[str, list[int]] = {}
     else:
-        records, classes = _physionet_records(args.dataset, root, args.min_count)
+        if args.dataset == "ptb-xl":
+            records, classes, aliases = _ptbxl_records(root, task, int(sample_rate),
+                                                       args.class_names)
+        else:
+            records, classes, aliases = _physionet_records(args.dataset, root,
+                                                           args.min_count, args.class_names)
+        splits, excluded, folds = _fold_splits(records, root, args, split_names)
 
+    prompts = None
+    if args.mode == "zeroshot":
+        prompts = _resolve_prompts(args.dataset, root, classes, args.prompts,
+                                   args.prompt_format, aliases)
+    if args.mode == "linear":
+        _check_probe_labels(splits, classes)
+
+    plan = Plan(mode=args.mode, dataset=args.dataset, root=root, out=Path(args.out),
+                checkpoint=args.checkpoint, checkpoint_kind=kind, sample_rate=int(sample_rate),
+                seconds=float(seconds), task=task, class_names=classes, splits=splits,
+                folds=folds, excluded=excluded, prompts=prompts, crop_seconds=args.crop_seconds)
+    plan.settings = {
+        "mode": args.mode, "dataset": args.dataset, "root": root, "task": task,
+        "checkpoint": args.checkpoint, "checkpoint_kind": kind,
+        "random_init": args.random_init, "sample_rate": plan.sample_rate,
+        "seconds": plan.seconds, "folds": folds,
+        **({"crop_seconds": args.crop_seconds} if args.crop_seconds else {}),
+        **({"split_files": split_files} if split_files else {}),
+        "n_records": {s: len(v) for s, v in splits.items()},
+        "batch_size": args.batch_size, "seed": args.seed,
+        **({"bootstrap": args.bootstrap} if args.mode not in REPORT_MODES else {}),
+        **({"max_new_tokens": args.max_new_tokens} if args.mode == "generation" else {}),
+        **({"fraction": args.fraction} if args.mode == "linear" else {}),
+        **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
+        **({"prompt_format": _prompt_format(args)} if args.prompts else {}),
+        **({"min_count": args.min_count} if args.dataset == "chapman"
+           and not (args.class_names or args.split_dir) else {}),
+        **({"class_names_file": args.class_names} if args.class_names else {}),
+    }
+    return plan
+
+
+def _fold_splits(records: list[EvalRecord], root: str, args, split_names
+                 ) -> tuple[dict[str, list[EvalRecord]], dict[str, list[str]],
+                            dict[str, list[int]]]:
+    """Records per split by fold (PTB-XL strat_fold, PhysioNet pseudo-fold)."""
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):  # results are aligned by record id
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise EvalError(f"--root {root}: record ids are not unique (e.g. {dupes})")
-    split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
     folds = {s: parse_folds(getattr(args, f"{s}_folds") or DEFAULT_FOLDS[s], f"--{s}-folds")
              for s in split_names}
     _check_disjoint(folds)
@@ -200,30 +291,94 @@ def build_plan(args: argparse.Namespace) -> Plan:
             raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: every record was "
                             f"left out ({ {k: len(v) for k, v in excluded.items()} })")
         splits[split] = kept
+    return splits, excluded, folds
 
-    prompts = None
-    if args.mode == "zeroshot":
-        prompts = _resolve_prompts(args.dataset, root, classes, args.prompts)
-    if args.mode == "linear":
-        _check_probe_labels(splits, classes)
 
-    plan = Plan(mode=args.mode, dataset=args.dataset, root=root, out=Path(args.out),
-                checkpoint=args.checkpoint, checkpoint_kind=kind, sample_rate=int(sample_rate),
-                seconds=float(seconds), task=task, class_names=classes, splits=splits,
-                folds=folds, excluded=excluded, prompts=prompts)
-    plan.settings = {
-        "mode": args.mode, "dataset": args.dataset, "root": root, "task": task,
-        "checkpoint": args.checkpoint, "checkpoint_kind": kind,
-        "random_init": args.random_init, "sample_rate": plan.sample_rate,
-        "seconds": plan.seconds, "folds": folds,
-        "n_records": {s: len(v) for s, v in splits.items()},
-        "batch_size": args.batch_size, "seed": args.seed,
-        **({"bootstrap": args.bootstrap} if args.mode != "retrieval" else {}),
-        **({"fraction": args.fraction} if args.mode == "linear" else {}),
-        **({"prompts_file": args.prompts} if args.mode == "zeroshot" else {}),
-        **({"min_count": args.min_count} if args.dataset == "chapman" else {}),
-    }
-    return plan
+def _split_dir_records(dataset: str, root: str, task: str | None, sample_rate: int,
+                       split_dir: str, split_names, class_file: str | None):
+    """Records, labels and classes of each split from the reference's split CSVs.
+
+    Every row is used with the file's labels; rows whose record is not under --root are
+    left out and named under ``missing_file``. Returns (splits, classes, excluded, files).
+    """
+    from melp_ray.eval import class_lists
+    from melp_ray.eval import splits as S
+
+    key = class_lists.reference_task_key(dataset, task)
+    files = {split: S.split_path(split_dir, key, split) for split in split_names}
+    try:
+        tables = {split: S.read_split_csv(path, dataset) for split, path in files.items()}
+    except S.SplitFileError as err:
+        raise EvalError(f"--split-dir: {err}") from None
+    classes = tables[split_names[0]].classes
+    for table in tables.values():
+        if table.classes != classes:
+            raise EvalError(f"--split-dir: {table.path} has label columns {table.classes}, "
+                            f"{tables[split_names[0]].path} has {classes}")
+    order = list(range(len(classes)))
+    if class_file:
+        names = _class_file_names(class_file, dataset, task)
+        if set(names) != set(classes):
+            raise EvalError(f"--class-names {class_file} lists {sorted(set(names) - set(classes))} "
+                            f"not in the split files and misses {sorted(set(classes) - set(names))}")
+        order = [classes.index(n) for n in names]
+        classes = names
+    headers = S.HeaderIndex(root)
+    seen: dict[str, str] = {}
+    splits: dict[str, list[EvalRecord]] = {}
+    excluded: dict[str, list[str]] = {}
+    for split, table in tables.items():
+        kept = []
+        for row in table.rows:
+            record = _split_row_record(dataset, root, row, sample_rate, headers, order)
+            where = f"{table.path} line {row.line}"
+            if record.record_id in seen:
+                raise EvalError(f"--split-dir: record {record.record_id} in {where} is also in "
+                                f"{seen[record.record_id]}")
+            seen[record.record_id] = where
+            exists = record.path + ".hea" if dataset == "ptb-xl" else record.path
+            if os.path.isfile(exists):
+                kept.append(record)
+            else:
+                excluded.setdefault("missing_file", []).append(record.record_id)
+        if not kept:
+            raise EvalError(f"--split-dir: none of the {len(table.rows)} records of "
+                            f"{table.path} is under --root {root}")
+        splits[split] = kept
+    return splits, classes, excluded, {s: str(p) for s, p in files.items()}
+
+
+def _split_row_record(dataset: str, root: str, row, sample_rate: int, headers, order
+                      ) -> EvalRecord:
+    from melp_ray.eval import splits as S
+
+    labels = row.labels[order]
+    if dataset == "ptb-xl":
+        record_id, path, fold = S.ptbxl_record(root, row.metadata, sample_rate)
+        return EvalRecord(record_id=record_id, path=path, fold=fold, labels=labels)
+    if dataset == "cpsc2018":
+        record_id, path = S.cpsc2018_record(root, row.metadata, headers)
+    else:
+        record_id, path = S.chapman_record(root, row.metadata)
+    return EvalRecord(record_id=record_id, path=path, fold=0, labels=labels)
+
+
+def _default_aliases(dataset: str, root: str, task: str | None, classes: list[str]
+                     ) -> dict[str, str]:
+    """Class name -> our label name where one matches (for default prompts); others none."""
+    from melp_ray.data.physionet import CPSC2018_CLASSES
+    from melp_ray.data.ptbxl import class_names
+    from melp_ray.eval.class_lists import ICBEB_TO_CPSC2018
+
+    if dataset == "ptb-xl":
+        ours = class_names(task, root)
+        by_bare = {n.strip("_"): n for n in ours}
+        return {c: c if c in ours else by_bare[c.strip("_")] for c in classes
+                if c in ours or c.strip("_") in by_bare}
+    if dataset == "cpsc2018":
+        known = {**ICBEB_TO_CPSC2018, **{c: c for c in CPSC2018_CLASSES}}
+        return {c: known[c] for c in classes if c in known}
+    return {c: c for c in classes}
 
 
 # ---------------------------------------------------------------- checks behind build_plan
@@ -232,34 +387,64 @@ def _check_option_combinations(args) -> None:
     only = [("--fraction", args.fraction is not None, "linear"),
             ("--train-folds", args.train_folds is not None, "linear"),
             ("--val-folds", args.val_folds is not None, "linear"),
-            ("--prompts", args.prompts is not None, "zeroshot")]
+            ("--prompts", args.prompts is not None, "zeroshot"),
+            ("--prompt-format", args.prompt_format != "auto", "zeroshot")]
     for option, given, mode in only:
         if given and args.mode != mode:
             raise EvalError(f"{option} only applies to --mode {mode}")
     if args.task is not None and args.dataset != "ptb-xl":
         raise EvalError(f"--task selects a PTB-XL label set; {args.dataset} has one fixed "
                         "label set (leave --task out)")
-    if args.task is not None and args.mode == "retrieval":
-        raise EvalError("--task has no effect on --mode retrieval (leave it out)")
-    if args.mode == "retrieval" and args.dataset != "ptb-xl":
-        raise EvalError(f"--mode retrieval needs free-text reports; {args.dataset} has none "
+    if args.task is not None and args.mode in REPORT_MODES:
+        raise EvalError(f"--task has no effect on --mode {args.mode} (leave it out)")
+    if args.mode in REPORT_MODES and args.dataset != "ptb-xl":
+        raise EvalError(f"--mode {args.mode} needs free-text reports; {args.dataset} has none "
                         "(use --dataset ptb-xl)")
+    if args.max_new_tokens is not None and args.mode != "generation":
+        raise EvalError("--max-new-tokens only applies to --mode generation")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     if args.min_count is not None and args.dataset != "chapman":
         raise EvalError("--min-count only applies to --dataset chapman")
+    if args.split_dir is not None:
+        _check_split_dir_options(args)
+    if args.class_names is not None:
+        if args.mode in REPORT_MODES:
+            raise EvalError(f"--class-names has no effect on --mode {args.mode} (leave it out)")
+        if not Path(args.class_names).is_file():
+            raise EvalError(f"--class-names {args.class_names} is not a file")
+        if args.min_count is not None:
+            raise EvalError("--min-count has no effect with --class-names (the file lists "
+                            "the classes)")
     if args.min_count is None:
         args.min_count = DEFAULT_CHAPMAN_MIN_COUNT
     if args.fraction is not None and not 0 < args.fraction <= 1:
         raise EvalError(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.prompts is not None and not Path(args.prompts).is_file():
         raise EvalError(f"--prompts {args.prompts} is not a file")
+    if args.prompt_format != "auto" and args.prompts is None:
+        raise EvalError("--prompt-format needs --prompts FILE")
     for option, value, low in (("--batch-size", args.batch_size, 1),
                                ("--bootstrap", args.bootstrap, 0),
-                               ("--actors", args.actors, 1)):
+                               ("--actors", args.actors, 1),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):
         if value is not None and value < low:
             raise EvalError(f"{option} must be >= {low}, got {value}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a folder")
+
+
+def _check_split_dir_options(args) -> None:
+    if args.mode in REPORT_MODES:
+        raise EvalError("--split-dir applies to zeroshot and linear (the reference's report "
+                        f"split has another layout); leave it out for {args.mode}")
+    if not Path(args.split_dir).is_dir():
+        raise EvalError(f"--split-dir {args.split_dir} is not a folder")
+    for option in ("train_folds", "val_folds", "test_folds", "min_count"):
+        if getattr(args, option) is not None:
+            raise EvalError(f"--{option.replace('_', '-')} has no effect with --split-dir "
+                            "(the split files list the records and classes)")
 
 
 def _check_root(dataset: str, root: str) -> str:
@@ -286,6 +471,17 @@ def _check_length(sample_rate, seconds) -> None:
         raise EvalError(f"--sample-rate/--seconds: {err}") from None
 
 
+def _check_crop(crop_seconds, sample_rate, seconds) -> None:
+    if crop_seconds is None:
+        return
+    if not 0 < crop_seconds <= seconds:
+        raise EvalError(f"--crop-seconds must be in (0, --seconds={seconds}], got {crop_seconds}")
+    try:
+        _check_length(sample_rate, crop_seconds)
+    except EvalError as err:
+        raise EvalError(f"--crop-seconds: {err}") from None
+
+
 def _check_disjoint(folds: dict[str, list[int]]) -> None:
     names = list(folds)
     for i, a in enumerate(names):
@@ -304,12 +500,12 @@ def _drop_unusable(records: list[EvalRecord], mode: str,
     """Leave out records the mode cannot use, named under their reason.
 
     Classification: a record with no label of the task (the PTB-XL benchmark convention;
-    e.g. a record with only non-diagnostic statements has no superclass). Retrieval: a
-    record with an empty report (nothing to retrieve).
+    e.g. a record with only non-diagnostic statements has no superclass). Retrieval and
+    generation: a record with an empty report (nothing to retrieve or score against).
     """
     kept = []
     for r in records:
-        if mode == "retrieval":
+        if mode in REPORT_MODES:
             reason = None if r.report.strip() else "empty_report"
         else:
             reason = None if r.labels.any() else "no_label"
@@ -320,7 +516,19 @@ def _drop_unusable(records: list[EvalRecord], mode: str,
     return kept
 
 
-def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: str | None):
+def _prompt_format(args) -> str:
+    from melp_ray.eval.prompts import prompt_file_format
+
+    try:
+        return prompt_file_format(args.prompts, args.prompt_format)
+    except ValueError as err:
+        raise EvalError(f"--prompts: {err}") from None
+
+
+def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: str | None,
+                     prompt_format: str = "auto", aliases: dict[str, str] | None = None):
+    """Prompts per class; a class named after one of ours (``aliases``: name -> our label
+    name, from --class-names) gets our label's default prompt."""
     from melp_ray.data import physionet
     from melp_ray.eval import prompts as P
 
@@ -330,8 +538,10 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
         defaults = physionet.CPSC2018_DESCRIPTIONS
     else:
         defaults = physionet.SNOMED_DESCRIPTIONS
+    defaults = {**defaults, **{name: defaults[ours] for name, ours in (aliases or {}).items()
+                               if ours in defaults}}
     try:
-        return P.resolve_prompts(classes, defaults, prompt_file)
+        return P.resolve_prompts(classes, defaults, prompt_file, prompt_format)
     except (KeyError, ValueError) as err:
         raise EvalError(f"prompts: {err}") from None
 

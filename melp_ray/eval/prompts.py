@@ -14,6 +14,14 @@ Defaults
   that merge several codes (``PTBXL_SUBCLASS_GROUP_PROMPTS``, e.g. ``_AVB``).
 * CPSC2018: ``CPSC2018_DESCRIPTIONS``; Chapman-Shaoxing (SNOMED codes as classes):
   ``SNOMED_DESCRIPTIONS`` (both in ``melp_ray.data.physionet``).
+
+Prompt files
+------------
+* ours ("melp_ray"): YAML or JSON, ``class -> prompt | [prompts]``; each entry overrides
+  the default of its class.
+* the reference's CKEPE_prompt.json ("ckepe"): ``class -> one description string`` of
+  comma-separated phrases. Scored as the reference scores it: the whole string,
+  lower-cased, is one text (not split at the commas). It must name every class.
 """
 from __future__ import annotations
 
@@ -116,27 +124,92 @@ def snomed_prompts(codes: Sequence[str]) -> Prompts:
     return prompts_for_classes(codes, SNOMED_DESCRIPTIONS, source="SNOMED_DESCRIPTIONS")
 
 
-def load_prompt_file(path: str | Path) -> dict[str, list[str]]:
-    """Read a YAML or JSON mapping ``class -> prompt string | list of prompt strings``."""
+PROMPT_FORMATS = ("auto", "melp_ray", "ckepe")
+
+
+def _parse_prompt_text(path: Path, text: str):
     import yaml
 
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot parse prompt file {path}: line {exc.lineno} column "
+                         f"{exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
         raise ValueError(f"cannot parse prompt file {path}: {exc}") from None
+
+
+def detect_prompt_format(path: str | Path, data) -> str:
+    """"ckepe" for a JSON object whose every value is one string, else "melp_ray".
+
+    The reference's CKEPE_prompt.json is such an object (class code -> one description of
+    comma-separated phrases); our own files are YAML, or map a class to a list of prompts.
+    The two readings of a JSON ``class -> string`` file differ only in lower-casing.
+    """
+    if (Path(path).suffix.lower() == ".json" and isinstance(data, dict)
+            and data and all(isinstance(v, str) for v in data.values())):
+        return "ckepe"
+    return "melp_ray"
+
+
+def _ckepe_prompts(path: Path, data) -> dict[str, list[str]]:
+    """The reference's scoring: the whole description, lower-cased, is ONE text per class
+    (``scripts/zeroshot/test_zeroshot.py`` lower-cases it and encodes it as one string; the
+    commas are not split on)."""
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"CKEPE prompt file {path} must hold a non-empty JSON object "
+                         "class -> description string")
+    bad = {str(k): v for k, v in data.items() if not isinstance(v, str) or not v.strip()}
+    if bad:
+        cls, value = next(iter(bad.items()))
+        raise ValueError(f"CKEPE prompt file {path}: class {cls!r} must map to one non-empty "
+                         f"description string, got {value!r}")
+    return {str(cls): [text.lower()] for cls, text in data.items()}
+
+
+def load_prompt_file(path: str | Path, fmt: str = "auto") -> dict[str, list[str]]:
+    """Read a prompt file: ``class -> list of prompts`` in class-file order.
+
+    ``fmt``: "melp_ray" (YAML or JSON mapping ``class -> prompt string | list of prompt
+    strings``, used as written), "ckepe" (the reference's CKEPE_prompt.json, see
+    ``_ckepe_prompts``) or "auto" (``detect_prompt_format``).
+    """
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; expected one of {PROMPT_FORMATS}")
+    path = Path(path)
+    data = _parse_prompt_text(path, path.read_text(encoding="utf-8"))
+    if fmt == "auto":
+        fmt = detect_prompt_format(path, data)
+    if fmt == "ckepe":
+        return _ckepe_prompts(path, data)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"prompt file {path} must hold a non-empty mapping class -> prompt(s)")
     return {str(cls): _as_prompt_list(str(cls), value) for cls, value in data.items()}
 
 
+def prompt_file_format(path: str | Path, fmt: str = "auto") -> str:
+    """The format ``load_prompt_file`` reads ``path`` as (for results.json)."""
+    if fmt != "auto":
+        return fmt
+    path = Path(path)
+    return detect_prompt_format(path, _parse_prompt_text(path, path.read_text(encoding="utf-8")))
+
+
 def resolve_prompts(classes: Sequence[str], defaults: Mapping[str, str | Sequence[str]]
-                    | None = None, prompt_file: str | Path | None = None) -> Prompts:
-    """Prompts in class order: the prompt file's entries override ``defaults`` per class."""
+                    | None = None, prompt_file: str | Path | None = None,
+                    prompt_format: str = "auto") -> Prompts:
+    """Prompts in class order.
+
+    A melp_ray-format file overrides ``defaults`` per class. A CKEPE file must cover every
+    class itself: the reference's prompts mixed with our defaults would be neither
+    protocol, so a class missing from it raises ``MissingPromptError`` naming the class.
+    """
     table: dict[str, str | Sequence[str]] = dict(defaults or {})
     source = "the default prompts"
     if prompt_file is not None:
-        table.update(load_prompt_file(prompt_file))
+        from_file = load_prompt_file(prompt_file, prompt_format)
+        if prompt_file_format(prompt_file, prompt_format) == "ckepe":
+            return prompts_for_classes(classes, from_file, source=f"CKEPE file {prompt_file}")
+        table.update(from_file)
         source = f"{prompt_file} or the default prompts" if defaults else str(prompt_file)
     return prompts_for_classes(classes, table, source=source)

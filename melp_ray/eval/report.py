@@ -2,7 +2,8 @@
 
 Classification (zero-shot, linear probe): ``OUT/results.json``, ``OUT/results.md`` (per-class
 table + macro with CI) and ``OUT/roc.png`` (per-class ROC curves + macro average).
-Retrieval: ``OUT/results.json`` and ``OUT/results.md``.
+Retrieval: ``OUT/results.json`` and ``OUT/results.md``. Generation: those two plus
+``OUT/generations.jsonl`` (record_id, reference, generated per line).
 """
 from __future__ import annotations
 
@@ -134,3 +135,28 @@ def write_retrieval_report(out_dir: str | Path, recalls: Mapping[str, float],
     (out / RESULTS_MD).write_text("\n".join(lines + _settings_lines(settings)) + "\n")
     payload = {"task": task, **recalls, "settings": dict(settings)}
     return {"json": _write_json(out, payload), "md": out / RESULTS_MD}
+
+
+GENERATIONS_JSONL = "generations.jsonl"
+
+
+def write_generation_report(out_dir: str | Path, metrics: Mapping, record_ids: Sequence[str],
+                            generated: Sequence[str], references: Sequence[str],
+                            settings: Mapping, task: str = "ptb-xl report generation"
+                            ) -> dict[str, Path]:
+    """results.json / results.md with BLEU-1/4, ROUGE-L, METEOR; every pair as JSON lines."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / GENERATIONS_JSONL, "w") as f:
+        for rid, ref, gen in zip(record_ids, references, generated):
+            f.write(json.dumps({"record_id": rid, "reference": ref, "generated": gen}) + "\n")
+    lines = [f"# {task}", "", "| metric | value |", "|---|---|"]
+    for name in ("bleu1", "bleu4", "rouge_l", "meteor"):
+        value = metrics.get(name)
+        lines.append(f"| {name} | {'not computed' if value is None else _fmt(value)} |")
+    if metrics.get("meteor_unavailable"):
+        lines += ["", f"METEOR: {metrics['meteor_unavailable']}"]
+    (out / RESULTS_MD).write_text("\n".join(lines + _settings_lines(settings)) + "\n")
+    payload = {"task": task, **metrics, "settings": dict(settings)}
+    return {"json": _write_json(out, payload), "md": out / RESULTS_MD,
+            "generations": out / GENERATIONS_JSONL}
