@@ -198,7 +198,7 @@ def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         config = ckpt.checkpoint_config(path)
     except FileNotFoundError as err:
         raise EvalError(f"--checkpoint: {err}, nor an exported folder (config.json with "
-                        "model_type melp)") from None
+                        "model_type melp_ray)") from None
     return "training checkpoint", config["model"], config.get("data", {})
 
 

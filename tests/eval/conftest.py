@@ -9,12 +9,12 @@ import pytest
 
 @pytest.fixture
 def config_only_export(tmp_path) -> Path:
-    """A folder that ``checkpoint_info`` takes for an export (config.json, model_type melp)
+    """A folder that ``checkpoint_info`` takes for an export (config.json, model_type melp_ray)
     at 100 Hz, 10 s. It has no weights: only for ``build_plan``, which reads none."""
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(
-        {"model_type": "melp", "sample_rate": 100, "seconds": 10, "melp": {}}))
+        {"model_type": "melp_ray", "sample_rate": 100, "seconds": 10, "melp": {}}))
     return folder
 
 
