@@ -66,11 +66,6 @@ class PrepareError(RuntimeError):
 def plan_chunks(refs: list[RecordRef], settings: PrepareSettings) -> list[dict[str, Any]]:
     """Assign a split per subject, order each split (seeded shuffle or listing order) and
     cut it into fixed chunks. The same settings always give the same chunks (resume)."""
-    if settings.order not in ORDERS:
-        raise PrepareError(f"order must be one of {ORDERS}, got {settings.order!r}")
-    if settings.ecg_encoding not in shards.ECG_ENCODINGS:
-        raise PrepareError(f"ecg_encoding must be one of {shards.ECG_ENCODINGS}, "
-                           f"got {settings.ecg_encoding!r}")
     by_split: dict[str, list[RecordRef]] = {split: [] for split in shards.SPLITS}
     for ref in refs:
         by_split[split_for_subject(ref.subject_id, settings.val_fraction, settings.seed)].append(ref)
@@ -224,6 +219,11 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
         raise DataRootError(f"unknown dataset {settings.dataset!r}; expected one of {DATASETS}")
     if settings.shard_size < 1:
         raise ValueError("shard_size must be >= 1")
+    if settings.order not in ORDERS:
+        raise PrepareError(f"order must be one of {ORDERS}, got {settings.order!r}")
+    if settings.ecg_encoding not in shards.ECG_ENCODINGS:
+        raise PrepareError(f"ecg_encoding must be one of {shards.ECG_ENCODINGS}, "
+                           f"got {settings.ecg_encoding!r}")
     n_samples_for(settings.sample_rate, settings.seconds)   # fails early on impossible settings
     listing = scan_records(settings.dataset, settings.root, settings.limit,
                            settings.min_report_words, settings.sample_rate)

@@ -40,6 +40,7 @@ ECG_DTYPE = np.dtype("<f4")
 ECG_ENCODINGS = ("float32", "float16", "int16")
 COMPACT_MAGIC = b"ECGZ"
 _COMPACT = {"float16": (1, np.dtype("<f2")), "int16": (2, np.dtype("<i2"))}
+_DTYPE_OF_CODE = {code: dtype for code, dtype in _COMPACT.values()}
 _INT16_MAX = 32767
 
 SCHEMA = pa.schema([
@@ -86,8 +87,7 @@ def decode_ecg(data: bytes, n_leads: int = len(LEADS)) -> np.ndarray:
 
 
 def _decode_compact(data: bytes, n_leads: int) -> np.ndarray:
-    codes = {code: dtype for code, dtype in _COMPACT.values()}
-    dtype = codes.get(data[4])
+    dtype = _DTYPE_OF_CODE.get(data[4])
     if dtype is None:
         raise ValueError(f"unknown compact ECG code {data[4]}")
     header = len(COMPACT_MAGIC) + 1 + ECG_DTYPE.itemsize * n_leads
