@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from melp_ray.data.leads import LEADS
+from melp_ray.data.leads import LEADS, lead_indices
 from melp_ray.model.config import PRESETS, ModelConfig, model_config_from_preset
 
 # MIMIC-IV-ECG's lead order, which the reference trains on (aVF before aVL).
@@ -133,7 +133,7 @@ class ReferenceWeights:
 
 def lead_permutation() -> list[int]:
     """For each of our input channels (LEADS order), the reference channel it comes from."""
-    return [REFERENCE_LEADS.index(name) for name in LEADS]
+    return lead_indices(REFERENCE_LEADS)
 
 
 def _torch_load_safely(path: str) -> Any:

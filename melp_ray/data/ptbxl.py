@@ -168,7 +168,7 @@ def choose_filename_column(sample_rate: int) -> str:
     return "filename_hr" if sample_rate > NATIVE_RATES["filename_lr"] else "filename_lr"
 
 
-def _record_path(row, root: str, preferred: str) -> str:
+def record_path(row, root: str, preferred: str) -> str:
     """The preferred file when it exists, else the other rate's file when that exists.
 
     When neither exists the preferred path is returned and loading rejects it as
@@ -205,7 +205,7 @@ def list_ptbxl(root: str | os.PathLike, sample_rate: int = 500, limit: int | Non
             record_id=str(int(row["ecg_id"])),
             subject_id=_subject_id(row["patient_id"]),
             dataset=DATASET,
-            path=_record_path(row, root, preferred),
+            path=record_path(row, root, preferred),
             report=report,
             strat_fold=int(row["strat_fold"]) if pd.notna(row["strat_fold"]) else -1,
             labels=labels_for_codes(parse_scp_codes(row["scp_codes"]), statements),

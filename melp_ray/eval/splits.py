@@ -129,16 +129,9 @@ def _check_header(path: Path, line: int, header: list[str], layout: SplitLayout)
 def ptbxl_record(root: str, metadata: dict[str, str], sample_rate: int
                  ) -> tuple[str, str, int]:
     """(record id, WFDB record path without suffix, strat_fold) of a PTB-XL split row."""
-    from melp_ray.data.ptbxl import choose_filename_column
+    from melp_ray.data.ptbxl import choose_filename_column, record_path
 
-    preferred = choose_filename_column(sample_rate)
-    other = "filename_lr" if preferred == "filename_hr" else "filename_hr"
-    path = os.path.join(root, metadata[preferred])
-    for column in (preferred, other):
-        candidate = os.path.join(root, metadata[column])
-        if metadata[column] and os.path.exists(candidate + ".hea"):
-            path = candidate
-            break
+    path = os.path.join(root, record_path(metadata, root, choose_filename_column(sample_rate)))
     record_id = str(int(float(metadata["ecg_id"])))
     fold = int(float(metadata["strat_fold"])) if metadata["strat_fold"].strip() else -1
     return record_id, path, fold
