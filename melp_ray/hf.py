@@ -34,8 +34,8 @@ from melp_ray import hub_code
 from melp_ray.hf_config import MODEL_TYPE, MELPHFConfig
 from melp_ray.hf_model import MELPHFModel, runtime_model_config, write_text_assets
 
-__all__ = ["MODEL_TYPE", "MELPHFConfig", "MELPHFModel", "runtime_model_config", "save_folder",
-           "register"]
+__all__ = ["MODEL_TYPE", "MELPHFConfig", "MELPHFModel", "runtime_model_config",
+           "exported_model_config", "save_folder", "register"]
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -77,6 +77,17 @@ def save_folder(model: MELPHFModel, out: str | os.PathLike,
     save_file(_safetensors_ready(tensors), os.path.join(out, WEIGHTS_NAME),
               metadata={"format": "pt"})
     write_text_assets(model.melp, out)
+
+
+def exported_model_config(folder: str, config: MELPHFConfig | None = None):
+    """The ModelConfig of an exported folder, its text tower resolved inside ``folder``.
+
+    ``MELPHFConfig.from_pretrained`` (unlike ``AutoConfig``) leaves ``name_or_path`` empty,
+    so the folder is named here before ``runtime_model_config`` resolves against it.
+    """
+    config = config if config is not None else MELPHFConfig.from_pretrained(folder)
+    config.name_or_path = folder
+    return runtime_model_config(config)
 
 
 def register() -> None:

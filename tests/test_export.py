@@ -295,6 +295,22 @@ def test_shared_tensors_are_exported_and_reload(tmp_path):
         assert torch.equal(loaded.melp.state_dict()[name], tensor), name
 
 
+def test_exported_model_config_builds_the_saved_architecture(tmp_path):
+    """What `evaluate --random-init` and `train.init_from` read from an export folder."""
+    from melp_ray.hf import MELPHFModel, exported_model_config, save_folder
+    from melp_ray.model import MELP
+    from melp_ray.model.config import model_config_from_preset
+
+    torch.manual_seed(0)
+    melp = MELP(model_config_from_preset("tiny"))
+    save_folder(MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0), tmp_path / "hf")
+    cfg = exported_model_config(str(tmp_path / "hf"))
+    assert cfg.text_model == str(tmp_path / "hf" / "text_model") and not cfg.text_pretrained
+    rebuilt = MELP(cfg).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == \
+        {k: v.shape for k, v in melp.state_dict().items()}
+
+
 def test_storage_uri_helpers():
     assert storage.join("s3://b/p?endpoint_override=h:9000", "run", "summary.json") == \
         "s3://b/p/run/summary.json?endpoint_override=h:9000"

@@ -34,9 +34,9 @@ def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
     kind, model_cfg, _ = checkpoint_info(checkpoint)
     if kind == "exported folder":
         # An export names its text tower relative to the folder; hf.py resolves it.
-        from melp_ray.hf import MELPHFConfig, runtime_model_config
+        from melp_ray.hf import exported_model_config
 
-        cfg = runtime_model_config(MELPHFConfig.from_pretrained(checkpoint))
+        cfg = exported_model_config(checkpoint)
     else:
         cfg = model_config_from_dict(model_cfg)
     with torch.random.fork_rng(devices=[]):  # same weights in every actor, global RNG untouched

@@ -45,16 +45,14 @@ def source_model_config(path: str) -> ModelConfig:
     from melp_ray import checkpoint
     from melp_ray.config import model_config_from_dict
 
+    from melp_ray.hf import MELPHFConfig, exported_model_config
+
     path = _local(path)
     if not storage.is_uri(path) and checkpoint.is_exported_folder(path):
-        saved = storage.read_json(os.path.join(path, "config.json"))
-        melp = dict(saved.get("melp") or {})
-        if not melp:   # an export written some other way: build it to know
+        config = MELPHFConfig.from_pretrained(path)
+        if not config.melp:   # an export written some other way: build it to know
             return checkpoint.load_model(path).cfg
-        subfolder = saved.get("text_subfolder")
-        if subfolder:
-            melp["text_model"] = os.path.join(path, subfolder)
-        return model_config_from_dict(melp)
+        return exported_model_config(path, config)   # text_model resolved as loading does
     return model_config_from_dict(checkpoint.checkpoint_config(path)["model"])
 
 
