@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from melp_ray import storage
 from melp_ray.eval.modes import evaluate
 from melp_ray.eval.prompts import PROMPT_FORMATS
 from melp_ray.eval.plan import (DATASETS, DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_FOLDS,
@@ -48,9 +48,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True,
                    help="dataset folder (PTB-XL: ptbxl_database.csv + records100/500; "
-                        "CPSC2018/Chapman: PhysioNet Challenge .hea/.mat files)")
+                        "CPSC2018/Chapman: PhysioNet Challenge .hea/.mat files; shards: a "
+                        "folder or s3://, gs:// URI written by python -m melp_ray.prepare)")
     p.add_argument("--mode", required=True, choices=MODES)
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", required=True,
+                   help="output folder (created): a local path or an s3://, gs:// URI")
     p.add_argument("--task", choices=PTBXL_TASKS,
                    help="PTB-XL label set for zeroshot/linear (default: super)")
     p.add_argument("--train-folds", help=f"linear only (default {DEFAULT_FOLDS['train']})")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 "generation": ("bleu1", "bleu4", "rouge_l", "meteor")
                 }.get(args.mode, ("macro_auroc", "ci"))
     print(json.dumps({k: results.get(k) for k in headline}))
-    print(f"[melp_ray] wrote {Path(args.out) / 'results.json'}")
+    print(f"[melp_ray] wrote {storage.join(args.out, 'results.json')}")
     return 0
 
 

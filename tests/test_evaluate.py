@@ -127,6 +127,32 @@ def test_exported_folder_gives_the_same_zeroshot_result(tiny_checkpoint, bundled
     assert results["macro_auroc"] == pytest.approx(zeroshot_reference["macro_auroc"], abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def bundled_shards(ray_local, bundled_ptbxl, tmp_path_factory) -> Path:
+    """The whole bundled sample prepared into shards (float32: bit-equal to the records)."""
+    from melp_ray.prepare import main as prepare_main
+
+    out = tmp_path_factory.mktemp("eval_shards") / "shards"
+    assert prepare_main(["--dataset", "ptb-xl", "--root", str(bundled_ptbxl), "--out", str(out),
+                         "--sample-rate", "100", "--shard-size", "64",
+                         "--ecg-encoding", "float32"]) == 0
+    return out
+
+
+def test_zeroshot_on_prepared_shards_equals_the_wfdb_records(tiny_checkpoint, bundled_shards,
+                                                             zeroshot_reference, tmp_path):
+    """--dataset shards: the test fold read back from the shards (folds and labels from
+    their columns, prompts from PTB-XL's statements) scores what the WFDB records score."""
+    results = _evaluate(tiny_checkpoint, bundled_shards, tmp_path, "--dataset", "shards",
+                        "--mode", "zeroshot", "--test-folds", str(TEST_FOLD))
+    assert results["class_names"] == SUPERCLASSES
+    assert results["settings"]["shards"] == {"source_dataset": "ptb-xl", "sample_rate": 100,
+                                             "ecg_encoding": "float32"}
+    assert results["records"]["test"]["used"] == zeroshot_reference["n_labelled"]
+    assert results["macro_auroc"] == pytest.approx(zeroshot_reference["macro_auroc"], abs=1e-6)
+    assert results["per_class"] == pytest.approx(zeroshot_reference["per_class"], abs=1e-6)
+
+
 # ---------------------------------------------------------------- linear probe
 
 def test_linear_probe_beats_chance(tiny_checkpoint, bundled_ptbxl, tmp_path):

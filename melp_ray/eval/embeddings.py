@@ -108,12 +108,18 @@ def embed_records(plan: Plan, records: list[EvalRecord], outputs: dict[str, tupl
 
     from melp_ray.eval.inference import collect_columns, extract_embeddings
 
-    items = [{"record_id": r.record_id, "path": r.path, "report": r.report} for r in records]
-    blocks = max(1, min(len(items) // max(batch_size, 1), 64))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(load_batch, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"dataset": plan.dataset, "sample_rate": plan.sample_rate,
-                                   "seconds": plan.seconds, "crop_seconds": plan.crop_seconds})
+    if plan.dataset == "shards":   # one read task per shard file, where the shards lie
+        from melp_ray.eval.shard_source import shard_dataset
+
+        ds = shard_dataset(records, plan.sample_rate, plan.seconds, plan.crop_seconds,
+                           plan.shard_sample_rate)
+    else:
+        items = [{"record_id": r.record_id, "path": r.path, "report": r.report} for r in records]
+        blocks = max(1, min(len(items) // max(batch_size, 1), 64))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(load_batch, batch_size=batch_size, batch_format="numpy",
+                            fn_kwargs={"dataset": plan.dataset, "sample_rate": plan.sample_rate,
+                                       "seconds": plan.seconds, "crop_seconds": plan.crop_seconds})
     ds = extract_embeddings(ds, model_fn, outputs=outputs, batch_size=batch_size,
                             concurrency=actors)
     data = collect_columns(ds, [*outputs, "rejected"], sort_by="record_id")

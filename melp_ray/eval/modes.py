@@ -10,8 +10,11 @@ before loading.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
@@ -41,7 +44,22 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
                                   batch_size=args.batch_size, actors=args.actors)
     run = {"zeroshot": run_zeroshot, "linear": run_linear, "retrieval": run_retrieval,
            "generation": run_generation}
-    return run[plan.mode](plan, model_fn, embed, args, {})
+    with output_folder(args.out) as plan.out:
+        return run[plan.mode](plan, model_fn, embed, args, {})
+
+
+@contextlib.contextmanager
+def output_folder(out: str):
+    """The local folder the result files are written to: ``out`` itself, or for a URI
+    (``s3://``, ``gs://``) a temporary folder copied there once every file is written."""
+    from melp_ray import storage
+
+    if not storage.is_uri(out):
+        yield Path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="melp_eval_") as tmp:
+        yield Path(tmp)
+        storage.copy_folder(tmp, out)
 
 
 def _labels(records: list[EvalRecord], ids) -> np.ndarray:
@@ -104,7 +122,7 @@ def run_retrieval(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[
     sim = report_similarity(data["ecg_emb"], [reports[str(i)] for i in data["record_id"]],
                             data["text_emb"])
     recalls = recall_at_k(sim, ks=(1, 5, 10))
-    write_retrieval_report(plan.out, recalls, plan.settings, task="ptb-xl retrieval")
+    write_retrieval_report(plan.out, recalls, plan.settings, task=f"{plan.dataset} retrieval")
     return _finish(plan, {**recalls, "n_pairs": int(len(data["record_id"]))}, accounting)
 
 

@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-DATASETS = ("ptb-xl", "cpsc2018", "chapman")
+from melp_ray import storage
+
+DATASETS = ("ptb-xl", "cpsc2018", "chapman", "shards")   # shards: a prepare output
 MODES = ("zeroshot", "linear", "retrieval", "generation")
 REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -68,6 +70,7 @@ class Plan:
     excluded: dict[str, list[str]]          # reason -> record ids left out before loading
     prompts: list[list[str]] | None = None
     crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
+    shard_sample_rate: int | None = None    # --dataset shards: the rate the shards hold
     settings: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,7 +208,12 @@ def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 def build_plan(args: argparse.Namespace) -> Plan:
     """Check every argument against the data and the checkpoint; no Ray, no model weights."""
     _check_option_combinations(args)
-    root = _check_root(args.dataset, args.root)
+    if args.dataset == "shards":
+        from melp_ray.eval.shard_source import check_shard_root
+
+        root, manifest = check_shard_root(args.root)
+    else:
+        root, manifest = _check_root(args.dataset, args.root), None
     kind, _, data_cfg = checkpoint_info(args.checkpoint)
     sample_rate = args.sample_rate or data_cfg.get("sample_rate")
     seconds = args.seconds or data_cfg.get("seconds")
@@ -216,7 +224,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     _check_crop(args.crop_seconds, sample_rate, seconds)
 
     task = None
-    if args.dataset == "ptb-xl" and args.mode not in REPORT_MODES:
+    if args.dataset in ("ptb-xl", "shards") and args.mode not in REPORT_MODES:
         task = args.task or "super"
     split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
     split_files: dict[str, str] = {}
@@ -227,7 +235,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
         aliases = _default_aliases(args.dataset, root, task, classes)
         folds: dict[str, list[int]] = {}
     else:
-        if args.dataset == "ptb-xl":
+        if args.dataset == "shards":
+            records, classes, aliases = _shard_records(root, manifest, task)
+        elif args.dataset == "ptb-xl":
             records, classes, aliases = _ptbxl_records(root, task, int(sample_rate),
                                                        args.class_names)
         else:
@@ -237,7 +247,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     prompts = None
     if args.mode == "zeroshot":
-        prompts = _resolve_prompts(args.dataset, root, classes, args.prompts,
+        prompts = _resolve_prompts(*_prompt_source(args.dataset, root), classes, args.prompts,
                                    args.prompt_format, aliases)
     if args.mode == "linear":
         _check_probe_labels(splits, classes)
@@ -245,13 +255,18 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan = Plan(mode=args.mode, dataset=args.dataset, root=root, out=Path(args.out),
                 checkpoint=args.checkpoint, checkpoint_kind=kind, sample_rate=int(sample_rate),
                 seconds=float(seconds), task=task, class_names=classes, splits=splits,
-                folds=folds, excluded=excluded, prompts=prompts, crop_seconds=args.crop_seconds)
+                folds=folds, excluded=excluded, prompts=prompts, crop_seconds=args.crop_seconds,
+                shard_sample_rate=manifest["sample_rate"] if manifest else None)
     plan.settings = {
         "mode": args.mode, "dataset": args.dataset, "root": root, "task": task,
         "checkpoint": args.checkpoint, "checkpoint_kind": kind,
         "random_init": args.random_init, "sample_rate": plan.sample_rate,
         "seconds": plan.seconds, "folds": folds,
         **({"crop_seconds": args.crop_seconds} if args.crop_seconds else {}),
+        **({"shards": {"source_dataset": manifest.get("dataset"),
+                       "sample_rate": manifest["sample_rate"],
+                       "ecg_encoding": manifest.get("ecg_encoding", "float32")}}
+           if manifest else {}),
         **({"split_files": split_files} if split_files else {}),
         "n_records": {s: len(v) for s, v in splits.items()},
         "batch_size": args.batch_size, "seed": args.seed,
@@ -265,6 +280,24 @@ def build_plan(args: argparse.Namespace) -> Plan:
         **({"class_names_file": args.class_names} if args.class_names else {}),
     }
     return plan
+
+
+def _shard_records(root: str, manifest: dict, task: str | None
+                   ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
+    from melp_ray.eval import shard_source
+
+    classes = shard_source.shard_classes(manifest, task)
+    records = shard_source.shard_records(root, manifest, task, classes)
+    return records, classes, {c: c for c in classes}
+
+
+def _prompt_source(dataset: str, root: str) -> tuple[str, str]:
+    """(dataset, root) whose default prompts apply: PTB-XL shards use PTB-XL's statements."""
+    if dataset == "shards":
+        from melp_ray.eval.shard_source import ptbxl_statements_root
+
+        return "ptb-xl", ptbxl_statements_root()
+    return dataset, root
 
 
 def _fold_splits(records: list[EvalRecord], root: str, args, split_names
@@ -392,12 +425,17 @@ def _check_option_combinations(args) -> None:
     for option, given, mode in only:
         if given and args.mode != mode:
             raise EvalError(f"{option} only applies to --mode {mode}")
-    if args.task is not None and args.dataset != "ptb-xl":
+    if args.dataset == "shards":
+        for option, value in (("--split-dir", args.split_dir), ("--class-names", args.class_names)):
+            if value is not None:
+                raise EvalError(f"{option} does not apply to --dataset shards (the shards "
+                                "hold their records' folds and labels)")
+    if args.task is not None and args.dataset not in ("ptb-xl", "shards"):
         raise EvalError(f"--task selects a PTB-XL label set; {args.dataset} has one fixed "
                         "label set (leave --task out)")
     if args.task is not None and args.mode in REPORT_MODES:
         raise EvalError(f"--task has no effect on --mode {args.mode} (leave it out)")
-    if args.mode in REPORT_MODES and args.dataset != "ptb-xl":
+    if args.mode in REPORT_MODES and args.dataset not in ("ptb-xl", "shards"):
         raise EvalError(f"--mode {args.mode} needs free-text reports; {args.dataset} has none "
                         "(use --dataset ptb-xl)")
     if args.max_new_tokens is not None and args.mode != "generation":
@@ -431,7 +469,7 @@ def _check_option_combinations(args) -> None:
         if value is not None and value < low:
             raise EvalError(f"{option} must be >= {low}, got {value}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if not storage.is_uri(args.out) and out.exists() and not out.is_dir():
         raise EvalError(f"--out {out} exists and is not a folder")
 
 

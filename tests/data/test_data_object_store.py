@@ -195,3 +195,27 @@ def test_pretrain_reads_the_bucket_and_checkpoints_into_it(prepared, s3_endpoint
     assert storage.list_files(checkpoint)
     assert storage.read_json(storage.join(summary["run_dir"], "summary.json"))["steps"] == 2
     assert os.listdir(empty_cwd) == []
+
+
+def test_evaluate_reads_shards_from_the_bucket_and_writes_results_there(
+        prepared, s3_endpoint, tiny_checkpoint, tmp_path, empty_cwd):
+    """evaluate --dataset shards --root s3://... --out s3://...: the same recalls as the
+    same shards on the local disk, the result files in the bucket, nothing local."""
+    import json
+
+    from melp_ray import evaluate
+
+    uri, local, _ = prepared
+    common = ["--checkpoint", tiny_checkpoint, "--dataset", "shards", "--mode", "retrieval",
+              "--test-folds", "1-10"]
+    out_uri = s3_uri(s3_endpoint, "eval/retrieval")
+    assert evaluate.main([*common, "--root", uri, "--out", out_uri]) == 0
+    assert os.listdir(empty_cwd) == []
+    remote = json.loads(storage.read_text(storage.join(out_uri, "results.json")))
+    assert storage.is_file(storage.join(out_uri, "results.md"))
+    assert evaluate.main([*common, "--root", str(local), "--out", str(tmp_path / "local")]) == 0
+    expected = json.loads((tmp_path / "local" / "results.json").read_text())
+    assert remote["n_pairs"] == expected["n_pairs"] == 32 - len(
+        remote["records"]["excluded_before_loading"].get("empty_report", []))
+    for k in (1, 5, 10):
+        assert remote[f"recall@{k}"] == expected[f"recall@{k}"]
