@@ -95,6 +95,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names",
                    help="the reference's dataset_class_names.json: use its class list for "
                         "this task (ptbxl_super_class, ..., icbeb, chapman) instead of ours")
+    p.add_argument("--report-split", metavar="FILE",
+                   help="retrieval/generation on PTB-XL: the records scored and their "
+                        "reference reports from a CSV in ptbxl_database.csv's layout (the "
+                        "reference's data_split/ptbxl/report/ptbxl_test.csv, English reports) "
+                        "instead of --test-folds")
     p.add_argument("--split-dir",
                    help="the reference's split CSVs DIR/<task>_{train,val,test}.csv (task: "
                         "ptbxl_super_class, ..., icbeb, chapman): records, labels and classes "

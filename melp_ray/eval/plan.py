@@ -228,7 +228,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         task = args.task or "super"
     split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
     split_files: dict[str, str] = {}
-    if args.split_dir:  # records, labels and classes from the reference's split files
+    if args.report_split:   # records and reference reports from the file
+        splits, excluded = _report_split_records(root, int(sample_rate), args.report_split)
+        classes, aliases, folds, split_files = [], {}, {}, {"test": args.report_split}
+    elif args.split_dir:  # records, labels and classes from the reference's split files
         splits, classes, excluded, split_files = _split_dir_records(
             args.dataset, root, task, int(sample_rate), args.split_dir, split_names,
             args.class_names)
@@ -381,6 +384,36 @@ def _split_dir_records(dataset: str, root: str, task: str | None, sample_rate: i
     return splits, classes, excluded, {s: str(p) for s, p in files.items()}
 
 
+def _report_split_records(root: str, sample_rate: int, report_split: str
+                          ) -> tuple[dict[str, list[EvalRecord]], dict[str, list[str]]]:
+    """The test split of --report-split: every row, its report from the file; rows whose
+    record is not under --root (missing_file) or whose report is empty are named."""
+    from melp_ray.eval import splits as S
+
+    try:
+        rows = S.read_report_split(report_split)
+    except S.SplitFileError as err:
+        raise EvalError(f"--report-split: {err}") from None
+    excluded: dict[str, list[str]] = {}
+    records, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        record_id, path, fold = S.ptbxl_record(root, row, sample_rate)
+        if record_id in seen:
+            raise EvalError(f"--report-split {report_split}: record {record_id} appears twice "
+                            f"(line {line})")
+        seen.add(record_id)
+        if os.path.isfile(path + ".hea"):
+            records.append(EvalRecord(record_id=record_id, path=path, fold=fold,
+                                      report=row["report"]))
+        else:
+            excluded.setdefault("missing_file", []).append(record_id)
+    kept = _drop_unusable(records, "retrieval", excluded)
+    if not kept:
+        raise EvalError(f"--report-split: none of the {len(rows)} records of {report_split} "
+                        f"is usable under --root {root} ({ {k: len(v) for k, v in excluded.items()} })")
+    return {"test": kept}, excluded
+
+
 def _split_row_record(dataset: str, root: str, row, sample_rate: int, headers, order
                       ) -> EvalRecord:
     from melp_ray.eval import splits as S
@@ -446,6 +479,8 @@ def _check_option_combinations(args) -> None:
         raise EvalError("--min-count only applies to --dataset chapman")
     if args.split_dir is not None:
         _check_split_dir_options(args)
+    if args.report_split is not None:
+        _check_report_split_options(args)
     if args.class_names is not None:
         if args.mode in REPORT_MODES:
             raise EvalError(f"--class-names has no effect on --mode {args.mode} (leave it out)")
@@ -473,10 +508,20 @@ def _check_option_combinations(args) -> None:
         raise EvalError(f"--out {out} exists and is not a folder")
 
 
+def _check_report_split_options(args) -> None:
+    if args.mode not in REPORT_MODES or args.dataset != "ptb-xl":
+        raise EvalError("--report-split applies to --mode retrieval or generation on "
+                        "--dataset ptb-xl")
+    if args.test_folds is not None or args.split_dir is not None:
+        raise EvalError("--report-split lists the records: leave out --test-folds and --split-dir")
+    if not Path(args.report_split).is_file():
+        raise EvalError(f"--report-split {args.report_split} is not a file")
+
+
 def _check_split_dir_options(args) -> None:
     if args.mode in REPORT_MODES:
-        raise EvalError("--split-dir applies to zeroshot and linear (the reference's report "
-                        f"split has another layout); leave it out for {args.mode}")
+        raise EvalError("--split-dir applies to zeroshot and linear; the reference's report "
+                        f"split is read with --report-split FILE for {args.mode}")
     if not Path(args.split_dir).is_dir():
         raise EvalError(f"--split-dir {args.split_dir} is not a folder")
     for option in ("train_folds", "val_folds", "test_folds", "min_count"):

@@ -124,6 +124,31 @@ def _check_header(path: Path, line: int, header: list[str], layout: SplitLayout)
         raise SplitFileError(f"{path}: line {line}: columns {duplicates} appear twice")
 
 
+# ---------------------------------------------------------------- report split
+
+REPORT_SPLIT_COLUMNS = ("ecg_id", "strat_fold", "filename_lr", "filename_hr", "report")
+
+
+def read_report_split(path: str | Path) -> list[dict[str, str]]:
+    """``--report-split FILE``: rows of a CSV in ``ptbxl_database.csv``'s layout (the
+    reference's ``data_split/ptbxl/report/ptbxl_test.csv``: 500 PTB-XL records whose
+    ``report`` column holds English translations), each with the columns retrieval and
+    generation need. Extra columns are ignored; a missing one fails naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SplitFileError(f"report split {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REPORT_SPLIT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SplitFileError(f"{path}: no column {', '.join(missing)} (expected the "
+                                 "ptbxl_database.csv layout)")
+        rows = [{c: row[c] or "" for c in REPORT_SPLIT_COLUMNS} for row in reader]
+    if not rows:
+        raise SplitFileError(f"{path} has no rows")
+    return rows
+
+
 # ---------------------------------------------------------------- record locations
 
 def ptbxl_record(root: str, metadata: dict[str, str], sample_rate: int

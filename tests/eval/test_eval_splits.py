@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from melp_ray.data.ptbxl import read_database
@@ -156,3 +157,45 @@ def test_cpsc2018_and_chapman_layouts(plan_args, challenge_root, tmp_path):
         [("A0003", [0.0, 1.0]), ("A0004", [1.0, 0.0])]
     assert plan.splits["test"][1].path == str(challenge_root / "g1" / "A0004.hea")
     assert plan.prompts == [["abnormal q wave"], ["sinus rhythm"]]
+
+
+# ---------------------------------------------------------------- --report-split
+
+@pytest.fixture
+def report_split(tmp_path, bundled_ptbxl):
+    """A report split in ptbxl_database.csv's layout (all its columns), with reports that
+    are not PTB-XL's (as the reference's translated file), one record not under --root and
+    one empty report."""
+    database = read_database(bundled_ptbxl)
+    rows = database.iloc[:12].copy()
+    rows["report"] = [f"translated report number {i}." for i in range(len(rows))]
+    rows.loc[rows.index[3], "report"] = ""
+    missing = rows.iloc[[0]].copy()
+    missing["ecg_id"], missing["filename_lr"] = 99999, "records100/99000/99999_lr"
+    missing["filename_hr"] = "records500/99000/99999_hr"
+    path = tmp_path / "ptbxl_test.csv"
+    pd.concat([rows, missing]).to_csv(path, index=False)
+    return path, rows
+
+
+def test_report_split_gives_the_records_and_reports_of_the_file(plan_args, report_split):
+    path, rows = report_split
+    plan = build_plan(plan_args("--mode", "retrieval", "--report-split", str(path)))
+    expected = {str(int(r.ecg_id)): r.report for r in rows.itertuples() if r.report}
+    assert {r.record_id: r.report for r in plan.splits["test"]} == expected
+    assert plan.excluded == {"missing_file": ["99999"],
+                             "empty_report": [str(int(rows.iloc[3].ecg_id))]}
+    assert plan.settings["split_files"] == {"test": str(path)}
+    for record in plan.splits["test"]:   # the WFDB record at the model's rate (100 Hz)
+        assert record.path.endswith("_lr")
+
+
+def test_report_split_checks(plan_args, report_split, tmp_path):
+    path, _ = report_split
+    with pytest.raises(EvalError, match="--report-split applies to --mode retrieval or generation"):
+        build_plan(plan_args("--mode", "zeroshot", "--report-split", str(path)))
+    with pytest.raises(EvalError, match="leave out --test-folds"):
+        build_plan(plan_args("--mode", "retrieval", "--report-split", str(path), "--test-folds", "6"))
+    bad = _write_csv(tmp_path / "bad.csv", ["ecg_id", "report"], [[1, "x"]])
+    with pytest.raises(EvalError, match="no column strat_fold, filename_lr, filename_hr"):
+        build_plan(plan_args("--mode", "generation", "--report-split", str(bad)))
