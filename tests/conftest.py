@@ -2,6 +2,7 @@
 real tiny pretraining runs and checkpoints that several test files use."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -166,6 +167,17 @@ def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
         "train.max_steps=30", "train.val_every=30", "train.checkpoint_every=30",
         "train.log_every=10", f"run.storage_path={tmp}", "run.name=eval"]))
     return summary["last_checkpoint"]
+
+
+@pytest.fixture
+def config_only_export(tmp_path) -> Path:
+    """A folder that ``checkpoint_info`` takes for an export (config.json, model_type melp_ray)
+    at 100 Hz, 10 s. It has no weights: only for ``build_plan``, which reads none."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "melp_ray", "sample_rate": 100, "seconds": 10, "melp": {}}))
+    return folder
 
 
 def _challenge_writer():
