@@ -87,6 +87,8 @@ def load_suite(path: str | os.PathLike) -> Suite:
                          "to their settings")
     specs = [_dataset_spec(name, entry, defaults, f"{where}: datasets.{name}")
              for name, entry in datasets.items()]
+    # The paper's column order (PTB-XL, CPSC2018, Chapman, CODE-15%), whatever the file's.
+    specs.sort(key=lambda spec: DATASETS.index(spec.name))
     return Suite(path=str(path), datasets=specs,
                  bootstrap=_int(raw.get("bootstrap", 1000), f"{where}: bootstrap", low=0),
                  batch_size=_int(raw.get("batch_size", 64), f"{where}: batch_size", low=1),
