@@ -50,14 +50,14 @@ def _columns(bench, mode: str) -> list[tuple[str, str | None, float | None]]:
 
 def _run_row(item: dict) -> dict[str, Any]:
     results = item["results"] or {}
-    row = {**item["run"], "status": "ok" if item["error"] is None else "failed"}
+    row = {**item["run"], "out": item["out"],
+           "status": "ok" if item["error"] is None else "failed"}
     if item["error"] is not None:
         return {**row, "error": item["error"]}
     row.update({k: results.get(k) for k in ("macro_auroc", "ci", "per_class", "skipped",
                                             "n_samples", "n_train", "best_round")
                 if k in results})
     row["records"] = results.get("records")
-    row["out"] = results.get("settings", {}).get("out")
     return row
 
 

@@ -8,7 +8,8 @@ cluster starts; a dataset whose root does not exist is skipped with its reason.
 embeddings of every record any task of that dataset uses in ONE inference pass
 (``EmbeddingTable``: zero-shot embeddings and probe features together) and scores every
 task, fraction and seed from it in parallel Ray tasks (``run_zeroshot`` / ``run_linear``
-of ``melp_ray.eval.modes``, which write each run's results.json, results.md and roc.png).
+of ``melp_ray.eval.modes``; each run's results.json, results.md and roc.png come back to
+the driver, which writes them under OUT/runs/).
 The tables are written by ``melp_ray.eval.bench_report``.
 """
 from __future__ import annotations
@@ -122,26 +123,32 @@ def expand_runs(bench: BenchmarkPlan, dataset: str, model: str) -> list[Run]:
 # ---------------------------------------------------------------- running (Ray)
 
 def _score(run: Run, data: dict, model_fn, bootstrap: int) -> dict[str, Any]:
-    """One job in a Ray task: the mode's scoring on the shared embeddings. Returns the
-    run's results.json (or the error) and the inference passes this process ran."""
+    """One job in a Ray task, on any node: the mode's scoring on the shared embeddings, its
+    files written to a scratch folder and returned as bytes (the driver writes them under
+    OUT, so no node but the driver's needs OUT). Also returns the run's results.json (or
+    the error) and the inference passes this process ran."""
+    import tempfile
+
     from melp_ray.eval.embeddings import EmbeddingTable, inference_passes
     from melp_ray.eval.modes import run_linear, run_zeroshot
 
     before = inference_passes()
     args = argparse.Namespace(bootstrap=bootstrap, seed=run.seed, fraction=run.fraction)
     fn = run_zeroshot if run.mode == "zeroshot" else run_linear
-    try:
-        results, error = fn(run.plan, model_fn, EmbeddingTable(data), args, {}), None
-    except (RuntimeError, ValueError) as err:   # e.g. every test record rejected
-        results, error = None, f"{type(err).__name__}: {err}"
-    return {"run": run.key, "results": results, "error": error,
-            "inference_passes": inference_passes() - before}
+    with tempfile.TemporaryDirectory() as scratch:
+        plan = dataclasses.replace(run.plan, out=Path(scratch))
+        try:
+            results, error = fn(plan, model_fn, EmbeddingTable(data), args, {}), None
+        except (RuntimeError, ValueError) as err:   # e.g. every test record rejected
+            results, error = None, f"{type(err).__name__}: {err}"
+        files = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
+    return {"run": run.key, "out": str(run.plan.out), "results": results, "error": error,
+            "files": files, "inference_passes": inference_passes() - before}
 
 
 def run_benchmark(bench: BenchmarkPlan, actors: int | None = None) -> dict[str, Any]:
     """Embed once per dataset and model, score every job in parallel, write the tables."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from melp_ray.eval import bench_report
     from melp_ray.eval.embeddings import EmbeddingTable, build_model, inference_passes
@@ -149,9 +156,7 @@ def run_benchmark(bench: BenchmarkPlan, actors: int | None = None) -> dict[str, 
 
     init_ray()
     quiet_data_progress_bars()
-    # Scoring tasks run on this node: they write the run folders the tables point to.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    score = ray.remote(num_cpus=1)(_score).options(scheduling_strategy=here)
+    score = ray.remote(num_cpus=1)(_score)
     pending, embeddings = [], {}
     for dataset, plans in bench.plans.items():
         records = list({r.record_id: r for p in plans for split in p.splits.values()
@@ -173,6 +178,10 @@ def run_benchmark(bench: BenchmarkPlan, actors: int | None = None) -> dict[str, 
                         for run in runs]
     finished = ray.get(pending)
     for item in finished:
+        out = Path(item["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in item.pop("files").items():
+            (out / name).write_bytes(content)
         served = embeddings[item["run"]["dataset"]][item["run"]["model"]]
         served["inference_passes_in_scoring"] = (served.get("inference_passes_in_scoring", 0)
                                                  + item["inference_passes"])
