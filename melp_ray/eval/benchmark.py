@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melp_ray.eval.plan import Plan, build_plan, checkpoint_info
+from melp_ray.eval.plan import EvalError, Plan, build_plan, checkpoint_info
 from melp_ray.eval.suite import DatasetSpec, Suite, load_suite
 
 MODELS = ("pretrained", "random_init")
@@ -74,10 +74,18 @@ def plan_benchmark(checkpoint: str, suite_path: str, out: str | Path) -> Benchma
             bench.skipped.append({"dataset": spec.name, "root": spec.root,
                                   "reason": f"root {spec.root} does not exist"})
             continue
-        bench.plans[spec.name] = [build_plan(_evaluate_args(checkpoint, suite, spec, task,
-                                                            mode, bench.out))
+        bench.plans[spec.name] = [_plan(checkpoint, suite, spec, task, mode, bench.out)
                                   for task in spec.tasks for mode in spec.modes]
     return bench
+
+
+def _plan(checkpoint: str, suite: Suite, spec: DatasetSpec, task: str | None, mode: str,
+          out: Path) -> Plan:
+    try:
+        return build_plan(_evaluate_args(checkpoint, suite, spec, task, mode, out))
+    except EvalError as err:   # say which entry of the suite the option came from
+        where = f"datasets.{spec.name}" + (f" task {task}" if task else "")
+        raise EvalError(f"--suite {suite.path}: {where}, {mode}: {err}") from None
 
 
 def _evaluate_args(checkpoint: str, suite: Suite, spec: DatasetSpec, task: str | None,
