@@ -227,6 +227,15 @@ def challenge_root(tmp_path_factory, bundled_ptbxl):
 
 
 @pytest.fixture(scope="session")
+def code15_root(tmp_path_factory, bundled_ptbxl) -> dict:
+    """A CODE-15% root (tests/fixtures/code15_fixture.py): 12 real exams, a NaN and an
+    all-zero exam to be rejected by name, two exams of a part not downloaded."""
+    from code15_fixture import write_code15
+
+    return write_code15(tmp_path_factory.mktemp("code15"), bundled_ptbxl)
+
+
+@pytest.fixture(scope="session")
 def s3_test_credentials() -> dict[str, str]:
     """The dummy credentials the session's Ray workers have (``S3_TEST_CREDENTIALS``)."""
     return dict(S3_TEST_CREDENTIALS)

@@ -1,6 +1,6 @@
 """python -m melp_ray.benchmark: one real benchmark run of the tiny checkpoint on the bundled
-PTB-XL sample (shared by the assertions through a module fixture), and the suite checks
-that fail before Ray starts."""
+PTB-XL sample and a CODE-15% fixture (shared by the assertions through a module fixture),
+and the suite checks that fail before Ray starts."""
 from __future__ import annotations
 
 import csv
@@ -86,12 +86,14 @@ def test_shipped_suite_plans_every_task_on_the_bundled_sample(config_only_export
 # ---------------------------------------------------------------- one real benchmark run
 
 @pytest.fixture(scope="module")
-def bench_run(tiny_checkpoint, tmp_path_factory):
+def bench_run(tiny_checkpoint, code15_root, tmp_path_factory):
     from melp_ray.eval.benchmark import plan_benchmark
 
     tmp = tmp_path_factory.mktemp("bench")
     missing = tmp / "no-cpsc2018"
-    suite = _suite(tmp, **{"ptb-xl": _ptbxl(), "cpsc2018": {"root": str(missing)}})
+    code = {"root": str(code15_root["root"]), "modes": ["zeroshot"], "folds": {"test": "1-10"}}
+    suite = _suite(tmp, **{"ptb-xl": _ptbxl(), "cpsc2018": {"root": str(missing)},
+                           "code-15": code})
     out = tmp / "out"
     assert benchmark.main(["--checkpoint", tiny_checkpoint, "--suite", str(suite),
                            "--out", str(out)]) == 0
@@ -104,7 +106,8 @@ def test_table_has_every_row_and_column_with_the_random_baseline(bench_run):
     table = (bench_run["out"] / "table.md").read_text()
     zeroshot, linear = table.split("## Zero-shot")[1].split("## Linear probe")
     for part, columns in (
-            (zeroshot, [column_label("ptb-xl", t) for t in TASKS] + ["CPSC2018", "mean"]),
+            (zeroshot, [column_label("ptb-xl", t) for t in TASKS]
+             + ["CPSC2018", "CODE-15%", "mean"]),
             (linear, [column_label("ptb-xl", t, f) for t in TASKS for f in FRACTIONS]
              + [column_label("cpsc2018", None, f) for f in FRACTIONS]
              + ["mean 10%", "mean 100%"])):
@@ -122,7 +125,7 @@ def test_table_has_every_row_and_column_with_the_random_baseline(bench_run):
 
     with open(bench_run["out"] / "table.csv") as f:
         cells = list(csv.DictReader(f))
-    assert len(cells) == 2 * (len(TASKS) + 1) + 2 * (len(TASKS) + 1) * len(FRACTIONS)
+    assert len(cells) == 2 * (len(TASKS) + 2) + 2 * (len(TASKS) + 1) * len(FRACTIONS)
     ok = [c for c in cells if c["status"] == "ok"]
     assert {c["model"] for c in ok} == {"pretrained", "random_init"}
     for c in ok:
@@ -132,7 +135,7 @@ def test_table_has_every_row_and_column_with_the_random_baseline(bench_run):
 def test_results_have_cis_record_counts_and_roc_plots(bench_run):
     results = bench_run["results"]
     runs = results["runs"]
-    assert len(runs) == 2 * (len(TASKS) + len(TASKS) * len(FRACTIONS))
+    assert len(runs) == 2 * (len(TASKS) + len(TASKS) * len(FRACTIONS) + 1)
     for run in runs:
         assert run["status"] == "ok", run
         low, high = run["ci"]
@@ -146,6 +149,19 @@ def test_results_have_cis_record_counts_and_roc_plots(bench_run):
     baseline = {(r["task"], r["mode"], r["fraction"]): r["macro_auroc"] for r in runs
                 if r["model"] == "random_init"}
     assert pretrained.keys() == baseline.keys() and pretrained != baseline
+
+
+def test_code15_bad_exams_are_named_in_the_results(bench_run):
+    from code15_fixture import MISSING_PART_EXAMS, N_GOOD, NAN_EXAM, ZERO_EXAM
+
+    for run in bench_run["results"]["runs"]:
+        if run["dataset"] != "code-15":
+            continue
+        assert run["mode"] == "zeroshot" and run["n_samples"] == N_GOOD
+        assert run["records"]["test"]["rejected"] == {"nan_or_inf": [str(NAN_EXAM)],
+                                                      "flat_signal": [str(ZERO_EXAM)]}
+        assert run["records"]["excluded_before_loading"] == {
+            "missing_file": [str(e) for e in MISSING_PART_EXAMS]}
 
 
 def test_missing_root_is_skipped_with_its_reason(bench_run):
@@ -165,7 +181,9 @@ def test_embeddings_computed_once_per_dataset_and_model(bench_run):
     plans = bench_run["plan"].plans["ptb-xl"]
     unique = {r.record_id for p in plans for split in p.splits.values() for r in split}
     embeddings = bench_run["results"]["embeddings"]
-    assert set(embeddings) == {"ptb-xl"}
+    assert set(embeddings) == {"ptb-xl", "code-15"}
+    assert {m: a["inference_passes"] for m, a in embeddings["code-15"].items()} == {
+        "pretrained": 1, "random_init": 1}
     for model in ("pretrained", "random_init"):
         acc = embeddings["ptb-xl"][model]
         assert acc["inference_passes"] == 1

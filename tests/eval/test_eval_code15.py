@@ -5,67 +5,14 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
-from scipy.signal import resample_poly
+from code15_fixture import NAN_EXAM, PAD, ZERO_EXAM, write_code_test
 
 from melp_ray.data import code15
 from melp_ray.data.leads import LEADS
-from melp_ray.data.ptbxl import list_ptbxl
-from melp_ray.data.records import load_signal
 from melp_ray.eval.embeddings import load_batch, read_record
 from melp_ray.eval.plan import EvalError, build_plan
 from melp_ray.eval.prompts import CODE15_PROMPTS
-
-N_GOOD = 12
-PAD = (4096 - 4000) // 2
-
-
-def _tracings(bundled_ptbxl, n: int) -> np.ndarray:
-    """(n, 4096, 12) float32 at 400 Hz, in CODE's lead order (DI..AVF, V1-V6 = ours)."""
-    assert [lead.upper() for lead in code15.CODE_LEADS[:3]] == ["DI", "DII", "DIII"]
-    refs = list_ptbxl(bundled_ptbxl, sample_rate=100)[:n]
-    out = np.zeros((n, 4096, 12), dtype=np.float32)
-    for i, ref in enumerate(refs):
-        signal = load_signal(ref, bundled_ptbxl, 100, 10)            # (12, 1000), our order
-        out[i, PAD:PAD + 4000] = resample_poly(signal, 4, 1, axis=1).T
-    return out
-
-
-def _labels(n: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    y = (rng.random((n, len(code15.CLASSES))) < 0.3).astype(np.float32)
-    y[:, 0] = np.arange(n) % 2          # every class both positive and negative
-    y[:3] = 0                           # normal exams: negatives of every class
-    return y
-
-
-@pytest.fixture(scope="module")
-def code15_root(tmp_path_factory, bundled_ptbxl):
-    """exams_part0.hdf5 with N_GOOD real exams, a NaN exam, an all-zero exam and the
-    trailing all-zero dummy row the release has; exams.csv also lists two exams of
-    exams_part1.hdf5, which is not downloaded."""
-    root = tmp_path_factory.mktemp("code15")
-    tracings = np.concatenate([_tracings(bundled_ptbxl, N_GOOD),
-                               np.zeros((3, 4096, 12), dtype=np.float32)])
-    tracings[N_GOOD, PAD:PAD + 4000] = tracings[0, PAD:PAD + 4000]
-    tracings[N_GOOD, 500, 4] = np.nan                                 # NaN in aVL
-    exam_ids = np.array([1000 + i for i in range(N_GOOD + 2)] + [0])  # 0: the dummy row
-    with h5py.File(root / "exams_part0.hdf5", "w") as f:
-        f.create_dataset("tracings", data=tracings)
-        f.create_dataset("exam_id", data=exam_ids)
-    y = _labels(N_GOOD + 4)
-    rows = [(int(e), "exams_part0.hdf5") for e in exam_ids[:-1]] + [
-        (2000, "exams_part1.hdf5"), (2001, "exams_part1.hdf5")]
-    table = pd.DataFrame({"exam_id": [r[0] for r in rows], "age": 60, "is_male": True,
-                          "nn_predicted_age": 61.0})
-    for c, name in enumerate(code15.CLASSES):
-        table[name] = y[:, c].astype(bool)        # written as True/False, as released
-    table["patient_id"] = np.arange(len(rows))
-    table["death"], table["timey"], table["normal_ecg"] = False, 1.0, ~y.any(axis=1)
-    table["trace_file"] = [r[1] for r in rows]
-    table.to_csv(root / "exams.csv", index=False)
-    return {"root": root, "tracings": tracings, "labels": y, "exam_ids": exam_ids}
 
 
 def _plan(plan_args, root, *options):
@@ -106,8 +53,8 @@ def test_code15_signals_read_back_in_lead_order_and_bad_exams_named(plan_args, c
     out = load_batch({"record_id": ids, "path": np.array([paths[i] for i in ids])},
                      "code-15", 100, 10)
     reasons = dict(zip(ids, (str(r).split(":", 1)[0] for r in out["rejected"])))
-    assert reasons.pop(str(1000 + N_GOOD)) == "nan_or_inf"
-    assert reasons.pop(str(1000 + N_GOOD + 1)) == "flat_signal"
+    assert reasons.pop(str(NAN_EXAM)) == "nan_or_inf"
+    assert reasons.pop(str(ZERO_EXAM)) == "flat_signal"
     assert set(reasons.values()) == {""}                         # every other exam is read
 
 
@@ -126,15 +73,9 @@ def test_a_short_exam_is_zero_padded_to_the_model_length(code15_root, tmp_path):
 
 def test_code_test_layout(plan_args, bundled_ptbxl, tmp_path):
     """CODE-test: ecg_tracings.hdf5 + annotations/gold_standard.csv, ids = row numbers."""
-    n = 6
-    with h5py.File(tmp_path / "ecg_tracings.hdf5", "w") as f:
-        f.create_dataset("tracings", data=_tracings(bundled_ptbxl, n))
-    (tmp_path / "annotations").mkdir()
-    y = _labels(n).astype(int)
-    pd.DataFrame(y, columns=list(code15.CLASSES)).to_csv(
-        tmp_path / "annotations" / "gold_standard.csv", index=False)
+    y = write_code_test(tmp_path, bundled_ptbxl, 6)
     plan = _plan(plan_args, tmp_path)
-    assert [r.record_id for r in plan.splits["test"]] == [f"{i:04d}" for i in range(n)]
+    assert [r.record_id for r in plan.splits["test"]] == [f"{i:04d}" for i in range(6)]
     assert np.array_equal(np.stack([r.labels for r in plan.splits["test"]]), y)
 
     (tmp_path / "annotations" / "gold_standard.csv").write_text("1dAVb,RBBB\n0,1\n")
