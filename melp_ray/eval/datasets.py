@@ -30,14 +30,16 @@ class EvalRecord:
     """One record to evaluate, before its signal is read."""
 
     record_id: str
-    path: str                          # absolute; WFDB record (PTB-XL) or .hea (PhysioNet)
+    path: str                          # absolute; WFDB record (PTB-XL), .hea (PhysioNet),
+                                       # FILE.hdf5::ROW (CODE-15%)
     fold: int
     report: str = ""
     labels: np.ndarray | None = None   # multi-hot over the class list
 
 
 def physionet_fold(record_id: str) -> int:
-    """Fixed pseudo-fold 1..10 of a PhysioNet record (crc32: stable across runs and hosts)."""
+    """Fixed pseudo-fold 1..10 of a PhysioNet or CODE record (crc32: stable across runs and
+    hosts)."""
     return zlib.crc32(record_id.encode()) % N_PSEUDO_FOLDS + 1
 
 
