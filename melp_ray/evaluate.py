@@ -39,16 +39,18 @@ def make_parser() -> argparse.ArgumentParser:
                "      --train-folds 1-8 --val-folds 9 --test-folds 10 --out results/lp1\n"
                "  python -m melp_ray.evaluate ... --mode retrieval --out results/ret\n"
                "  python -m melp_ray.evaluate ... --mode generation --out results/gen\n\n"
-               "PTB-XL splits use strat_fold. CPSC2018/Chapman records get a fixed "
-               "pseudo-fold 1-10\nfrom a hash of the record id, so the same fold options "
-               "apply.")
+               "PTB-XL splits use strat_fold. CPSC2018/Chapman/CODE-15% records get a "
+               "fixed pseudo-fold\n1-10 from a hash of the record id, so the same fold "
+               "options apply (--test-folds 1-10\nscores every CODE-test record).")
     p.add_argument("--checkpoint", required=True,
                    help="training checkpoint (any ZeRO stage), a run folder (its latest "
                         "checkpoint), a URI, or a folder from python -m melp_ray.export")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True,
                    help="dataset folder (PTB-XL: ptbxl_database.csv + records100/500; "
-                        "CPSC2018/Chapman: PhysioNet Challenge .hea/.mat files; shards: a "
+                        "CPSC2018/Chapman: PhysioNet Challenge .hea/.mat files; code-15: "
+                        "CODE-15%% exams.csv + exams_part*.hdf5, or CODE-test "
+                        "ecg_tracings.hdf5 + annotations/gold_standard.csv; shards: a "
                         "folder or s3://, gs:// URI written by python -m melp_ray.prepare)")
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--out", required=True,

@@ -2,6 +2,7 @@
 real tiny pretraining runs and checkpoints that several test files use."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -168,6 +169,17 @@ def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
     return summary["last_checkpoint"]
 
 
+@pytest.fixture
+def config_only_export(tmp_path) -> Path:
+    """A folder that ``checkpoint_info`` takes for an export (config.json, model_type melp_ray)
+    at 100 Hz, 10 s. It has no weights: only for ``build_plan``, which reads none."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "melp_ray", "sample_rate": 100, "seconds": 10, "melp": {}}))
+    return folder
+
+
 def _challenge_writer():
     """The Challenge-format writer of tests/eval/test_eval_physionet.py (MAT v4 + .hea)."""
     import importlib.util
@@ -212,6 +224,15 @@ def challenge_root(tmp_path_factory, bundled_ptbxl):
     writer._write_challenge_record(root / "g1", "ZERO", np.zeros_like(adc), fs,
                                    ["#Dx: 426783006"])  # every lead flat
     return root
+
+
+@pytest.fixture(scope="session")
+def code15_root(tmp_path_factory, bundled_ptbxl) -> dict:
+    """A CODE-15% root (tests/fixtures/code15_fixture.py): 12 real exams, a NaN and an
+    all-zero exam to be rejected by name, two exams of a part not downloaded."""
+    from code15_fixture import write_code15
+
+    return write_code15(tmp_path_factory.mktemp("code15"), bundled_ptbxl)
 
 
 @pytest.fixture(scope="session")

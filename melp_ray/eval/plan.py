@@ -6,18 +6,15 @@ results.json. Everything that can be checked without Ray (paths, the checkpoint,
 prompts, option combinations) is checked here and raises ``EvalError``, so a typo fails in
 a second, not after the cluster starts. No Ray, no model weights.
 
-Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10). CPSC2018 and
-Chapman-Shaoxing ship no folds, so each record gets a fixed pseudo-fold 1-10 from a hash of
-its record id (``physionet_fold``): the same fold options then work on every dataset and
-the split never changes between runs or machines. ``--split-dir`` replaces the folds with
-the reference's split CSVs (``melp_ray.eval.splits``): records, labels and classes as listed.
+Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10); the other
+datasets a pseudo-fold 1-10 per record (``datasets.physionet_fold``). ``--split-dir``
+replaces the folds with the reference's split CSVs (``melp_ray.eval.splits``): records,
+labels and classes as listed. The records themselves are listed by ``melp_ray.eval.datasets``.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,30 +22,17 @@ from typing import Any
 import numpy as np
 
 from melp_ray import storage
+from melp_ray.eval import datasets as D
+# Re-exported: callers import these from the plan.
+from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold  # noqa: F401
 
-DATASETS = ("ptb-xl", "cpsc2018", "chapman", "shards")   # shards: a prepare output
+DATASETS = ("ptb-xl", "cpsc2018", "chapman", "code-15", "shards")   # shards: a prepare output
 MODES = ("zeroshot", "linear", "retrieval", "generation")
 REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports
 DEFAULT_MAX_NEW_TOKENS = 64
 PTBXL_TASKS = ("super", "sub", "form", "rhythm")
-N_PSEUDO_FOLDS = 10
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
 DEFAULT_CHAPMAN_MIN_COUNT = 10
-
-
-class EvalError(ValueError):
-    """Bad arguments or unusable data, found before any work starts."""
-
-
-@dataclass
-class EvalRecord:
-    """One record to evaluate, before its signal is read."""
-
-    record_id: str
-    path: str                          # absolute; WFDB record (PTB-XL) or .hea (PhysioNet)
-    fold: int
-    report: str = ""
-    labels: np.ndarray | None = None   # multi-hot over the class list
 
 
 @dataclass
@@ -94,93 +78,6 @@ def parse_folds(text: str, option: str) -> list[int]:
     if not folds or min(folds) < 1:
         raise EvalError(f"{option} {text!r}: folds are numbered from 1")
     return sorted(folds)
-
-
-def physionet_fold(record_id: str) -> int:
-    """Fixed pseudo-fold 1..10 of a PhysioNet record (crc32: stable across runs and hosts)."""
-    return zlib.crc32(record_id.encode()) % N_PSEUDO_FOLDS + 1
-
-
-def _multi_hot(names, classes: list[str]) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    out = np.zeros(len(classes), dtype=np.float32)
-    for name in names:
-        if name in index:
-            out[index[name]] = 1.0
-    return out
-
-
-def _ptbxl_records(root: str, task: str | None, sample_rate: int,
-                   class_file: str | None = None
-                   ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
-    """Records with labels over the task's classes: ours, or a class-names file's (then
-    with the map file name -> our label name)."""
-    from melp_ray.data.ptbxl import class_names, list_ptbxl
-    from melp_ray.eval import class_lists
-
-    classes = class_names(task, root) if task else []
-    aliases = {c: c for c in classes}
-    if task and class_file:
-        names = _class_file_names(class_file, "ptb-xl", task)
-        aliases = _or_eval_error(class_lists.match_ptbxl_names, names, classes,
-                                 f"--class-names {class_file}")
-        classes = names
-    name_of = {ours: name for name, ours in aliases.items()}
-    records = [EvalRecord(record_id=ref.record_id, path=os.path.join(root, ref.path),
-                          fold=ref.strat_fold, report=ref.report,
-                          labels=_multi_hot([name_of[n] for n in ref.labels[task]
-                                             if n in name_of], classes) if task else None)
-               for ref in list_ptbxl(root, sample_rate=sample_rate)]
-    return records, classes, aliases
-
-
-def _physionet_records(dataset: str, root: str, min_count: int, class_file: str | None = None
-                       ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
-    from melp_ray.data import physionet
-    from melp_ray.eval import class_lists
-
-    listed = physionet.list_physionet_records(root)
-    source = f"--class-names {class_file}"
-    if dataset == "cpsc2018":
-        classes = list(physionet.CPSC2018_CLASSES)
-        aliases = {c: c for c in classes}
-        if class_file:
-            classes = _class_file_names(class_file, dataset, None)
-            aliases = _or_eval_error(class_lists.match_cpsc2018_names, classes, source)
-        label = functools.partial(
-            physionet.labels_from_codes, classes=classes,
-            code_groups={c: physionet.CPSC2018_CODES[aliases[c]] for c in classes})
-    else:  # Chapman-Shaoxing: SNOMED codes as classes (see physionet.py)
-        if class_file:
-            classes = _class_file_names(class_file, dataset, None)
-            _or_eval_error(class_lists.check_snomed_names, classes, source)
-        else:  # the codes frequent in this data
-            classes = physionet.frequent_dx_classes(listed, min_count=min_count)
-        if not classes:
-            raise EvalError(f"no SNOMED code occurs in >= {min_count} records under {root}; "
-                            "lower --min-count")
-        aliases = {c: c for c in classes}
-        label = functools.partial(physionet.labels_from_codes, classes=classes)
-    records = [EvalRecord(record_id=rec.record_id, path=str(rec.header_path),
-                          fold=physionet_fold(rec.record_id), labels=label(rec.dx_codes))
-               for rec in listed]
-    return records, classes, aliases
-
-
-def _class_file_names(class_file: str, dataset: str, task: str | None) -> list[str]:
-    from melp_ray.eval import class_lists
-
-    key = class_lists.reference_task_key(dataset, task)
-    return _or_eval_error(class_lists.read_class_names, class_file, key)
-
-
-def _or_eval_error(function, *args):
-    """``function(*args)``, its ValueError (bad input file) reported as an EvalError."""
-    try:
-        return function(*args)
-    except ValueError as err:
-        raise EvalError(f"--class-names: {err}" if "--class-names" not in str(err)
-                        else str(err)) from None
 
 
 # ---------------------------------------------------------------- the plan
@@ -232,21 +129,21 @@ def build_plan(args: argparse.Namespace) -> Plan:
         splits, excluded = _report_split_records(root, int(sample_rate), args.report_split)
         classes, aliases, folds, split_files = [], {}, {}, {"test": args.report_split}
     elif args.split_dir:  # records, labels and classes from the reference's split files
-        splits, classes, excluded, split_files = _split_dir_records(
+        splits, classes, excluded, split_files = D.split_dir_records(
             args.dataset, root, task, int(sample_rate), args.split_dir, split_names,
             args.class_names)
-        aliases = _default_aliases(args.dataset, root, task, classes)
+        aliases = D.default_aliases(args.dataset, root, task, classes)
         folds: dict[str, list[int]] = {}
     else:
         if args.dataset == "shards":
             records, classes, aliases = _shard_records(root, manifest, task)
-        elif args.dataset == "ptb-xl":
-            records, classes, aliases = _ptbxl_records(root, task, int(sample_rate),
-                                                       args.class_names)
+            splits, excluded, folds = _fold_splits(records, root, args, split_names, {})
         else:
-            records, classes, aliases = _physionet_records(args.dataset, root,
-                                                           args.min_count, args.class_names)
-        splits, excluded, folds = _fold_splits(records, root, args, split_names)
+            listing = D.list_records(args.dataset, root, task, int(sample_rate), args.min_count,
+                                     args.class_names)
+            classes, aliases = listing.classes, listing.aliases
+            splits, excluded, folds = _fold_splits(listing.records, root, args, split_names,
+                                                   dict(listing.excluded))
 
     prompts = None
     if args.mode == "zeroshot":
@@ -303,10 +200,12 @@ def _prompt_source(dataset: str, root: str) -> tuple[str, str]:
     return dataset, root
 
 
-def _fold_splits(records: list[EvalRecord], root: str, args, split_names
+def _fold_splits(records: list[EvalRecord], root: str, args, split_names,
+                 excluded: dict[str, list[str]]
                  ) -> tuple[dict[str, list[EvalRecord]], dict[str, list[str]],
                             dict[str, list[int]]]:
-    """Records per split by fold (PTB-XL strat_fold, PhysioNet pseudo-fold)."""
+    """Records per split by fold (PTB-XL strat_fold, pseudo-fold elsewhere); ``excluded``
+    (reason -> ids, left out while listing) is extended with the unusable records."""
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):  # results are aligned by record id
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -316,72 +215,17 @@ def _fold_splits(records: list[EvalRecord], root: str, args, split_names
     _check_disjoint(folds)
     available = sorted({r.fold for r in records})
     splits: dict[str, list[EvalRecord]] = {}
-    excluded: dict[str, list[str]] = {}
     for split in split_names:
         in_folds = [r for r in records if r.fold in folds[split]]
         if not in_folds:
             raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: no record of {root} "
                             f"is in these folds (folds present: {_fmt_folds(available)})")
-        kept = _drop_unusable(in_folds, args.mode, excluded)
+        kept = _drop_unusable(in_folds, args.mode, excluded, args.dataset)
         if not kept:
             raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: every record was "
                             f"left out ({ {k: len(v) for k, v in excluded.items()} })")
         splits[split] = kept
     return splits, excluded, folds
-
-
-def _split_dir_records(dataset: str, root: str, task: str | None, sample_rate: int,
-                       split_dir: str, split_names, class_file: str | None):
-    """Records, labels and classes of each split from the reference's split CSVs.
-
-    Every row is used with the file's labels; rows whose record is not under --root are
-    left out and named under ``missing_file``. Returns (splits, classes, excluded, files).
-    """
-    from melp_ray.eval import class_lists
-    from melp_ray.eval import splits as S
-
-    key = class_lists.reference_task_key(dataset, task)
-    files = {split: S.split_path(split_dir, key, split) for split in split_names}
-    try:
-        tables = {split: S.read_split_csv(path, dataset) for split, path in files.items()}
-    except S.SplitFileError as err:
-        raise EvalError(f"--split-dir: {err}") from None
-    classes = tables[split_names[0]].classes
-    for table in tables.values():
-        if table.classes != classes:
-            raise EvalError(f"--split-dir: {table.path} has label columns {table.classes}, "
-                            f"{tables[split_names[0]].path} has {classes}")
-    order = list(range(len(classes)))
-    if class_file:
-        names = _class_file_names(class_file, dataset, task)
-        if set(names) != set(classes):
-            raise EvalError(f"--class-names {class_file} lists {sorted(set(names) - set(classes))} "
-                            f"not in the split files and misses {sorted(set(classes) - set(names))}")
-        order = [classes.index(n) for n in names]
-        classes = names
-    headers = S.HeaderIndex(root)
-    seen: dict[str, str] = {}
-    splits: dict[str, list[EvalRecord]] = {}
-    excluded: dict[str, list[str]] = {}
-    for split, table in tables.items():
-        kept = []
-        for row in table.rows:
-            record = _split_row_record(dataset, root, row, sample_rate, headers, order)
-            where = f"{table.path} line {row.line}"
-            if record.record_id in seen:
-                raise EvalError(f"--split-dir: record {record.record_id} in {where} is also in "
-                                f"{seen[record.record_id]}")
-            seen[record.record_id] = where
-            exists = record.path + ".hea" if dataset == "ptb-xl" else record.path
-            if os.path.isfile(exists):
-                kept.append(record)
-            else:
-                excluded.setdefault("missing_file", []).append(record.record_id)
-        if not kept:
-            raise EvalError(f"--split-dir: none of the {len(table.rows)} records of "
-                            f"{table.path} is under --root {root}")
-        splits[split] = kept
-    return splits, classes, excluded, {s: str(p) for s, p in files.items()}
 
 
 def _report_split_records(root: str, sample_rate: int, report_split: str
@@ -414,39 +258,6 @@ def _report_split_records(root: str, sample_rate: int, report_split: str
     return {"test": kept}, excluded
 
 
-def _split_row_record(dataset: str, root: str, row, sample_rate: int, headers, order
-                      ) -> EvalRecord:
-    from melp_ray.eval import splits as S
-
-    labels = row.labels[order]
-    if dataset == "ptb-xl":
-        record_id, path, fold = S.ptbxl_record(root, row.metadata, sample_rate)
-        return EvalRecord(record_id=record_id, path=path, fold=fold, labels=labels)
-    if dataset == "cpsc2018":
-        record_id, path = S.cpsc2018_record(root, row.metadata, headers)
-    else:
-        record_id, path = S.chapman_record(root, row.metadata)
-    return EvalRecord(record_id=record_id, path=path, fold=0, labels=labels)
-
-
-def _default_aliases(dataset: str, root: str, task: str | None, classes: list[str]
-                     ) -> dict[str, str]:
-    """Class name -> our label name where one matches (for default prompts); others none."""
-    from melp_ray.data.physionet import CPSC2018_CLASSES
-    from melp_ray.data.ptbxl import class_names
-    from melp_ray.eval.class_lists import ICBEB_TO_CPSC2018
-
-    if dataset == "ptb-xl":
-        ours = class_names(task, root)
-        by_bare = {n.strip("_"): n for n in ours}
-        return {c: c if c in ours else by_bare[c.strip("_")] for c in classes
-                if c in ours or c.strip("_") in by_bare}
-    if dataset == "cpsc2018":
-        known = {**ICBEB_TO_CPSC2018, **{c: c for c in CPSC2018_CLASSES}}
-        return {c: known[c] for c in classes if c in known}
-    return {c: c for c in classes}
-
-
 # ---------------------------------------------------------------- checks behind build_plan
 
 def _check_option_combinations(args) -> None:
@@ -475,6 +286,11 @@ def _check_option_combinations(args) -> None:
         raise EvalError("--max-new-tokens only applies to --mode generation")
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if args.dataset == "code-15":
+        for option, value in (("--class-names", args.class_names), ("--split-dir", args.split_dir)):
+            if value is not None:  # the reference has no class list or split file for CODE
+                raise EvalError(f"{option} has no CODE-15% entry in the reference; "
+                                "--dataset code-15 has one fixed label set (leave it out)")
     if args.min_count is not None and args.dataset != "chapman":
         raise EvalError("--min-count only applies to --dataset chapman")
     if args.split_dir is not None:
@@ -540,6 +356,12 @@ def _check_root(dataset: str, root: str) -> str:
         missing = [f for f in (DATABASE_CSV, STATEMENTS_CSV) if not (path / f).is_file()]
         if missing:
             raise EvalError(f"--root {root} is not a PTB-XL folder (no {', '.join(missing)})")
+    elif dataset == "code-15":
+        from melp_ray.data import code15
+
+        if code15.detect_layout(path) is None:
+            raise EvalError(f"--root {root} is not a CODE-15% folder (no {code15.EXAMS_CSV}) "
+                            f"nor CODE-test (no {code15.TEST_HDF5})")
     elif not any(path.rglob("*.hea")):
         raise EvalError(f"--root {root} holds no PhysioNet .hea headers for {dataset}")
     return str(path.resolve())
@@ -578,12 +400,14 @@ def _fmt_folds(folds) -> str:
     return ",".join(str(f) for f in folds) or "none"
 
 
-def _drop_unusable(records: list[EvalRecord], mode: str,
-                   excluded: dict[str, list[str]]) -> list[EvalRecord]:
+def _drop_unusable(records: list[EvalRecord], mode: str, excluded: dict[str, list[str]],
+                   dataset: str = "ptb-xl") -> list[EvalRecord]:
     """Leave out records the mode cannot use, named under their reason.
 
     Classification: a record with no label of the task (the PTB-XL benchmark convention;
-    e.g. a record with only non-diagnostic statements has no superclass). Retrieval and
+    e.g. a record with only non-diagnostic statements has no superclass), except on
+    CODE-15%, whose six classes are abnormalities: an exam with none of them is a negative
+    of every class (most of CODE-test), as the reference scores it. Retrieval and
     generation: a record with an empty report (nothing to retrieve or score against).
     """
     kept = []
@@ -591,7 +415,7 @@ def _drop_unusable(records: list[EvalRecord], mode: str,
         if mode in REPORT_MODES:
             reason = None if r.report.strip() else "empty_report"
         else:
-            reason = None if r.labels.any() else "no_label"
+            reason = None if r.labels.any() or dataset == "code-15" else "no_label"
         if reason:
             excluded.setdefault(reason, []).append(r.record_id)
         else:
@@ -619,6 +443,8 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
         defaults = P.ptbxl_descriptions(Path(root) / "scp_statements.csv")
     elif dataset == "cpsc2018":
         defaults = physionet.CPSC2018_DESCRIPTIONS
+    elif dataset == "code-15":
+        defaults = P.CODE15_PROMPTS
     else:
         defaults = physionet.SNOMED_DESCRIPTIONS
     defaults = {**defaults, **{name: defaults[ours] for name, ours in (aliases or {}).items()

@@ -12,6 +12,7 @@ Defaults
   lower-cased like the reports. Names that are not SCP codes get descriptive prompts
   defined here: the 5 superclasses (``PTBXL_SUPERCLASS_PROMPTS``) and the subclass groups
   that merge several codes (``PTBXL_SUBCLASS_GROUP_PROMPTS``, e.g. ``_AVB``).
+* CODE-15%: ``CODE15_PROMPTS`` (its six classes, named as in the dataset's CSVs).
 * CPSC2018: ``CPSC2018_DESCRIPTIONS``; Chapman-Shaoxing (SNOMED codes as classes):
   ``SNOMED_DESCRIPTIONS`` (both in ``melp_ray.data.physionet``).
 
@@ -52,6 +53,17 @@ PTBXL_SUBCLASS_GROUP_PROMPTS: dict[str, str | list[str]] = {
     "ISCA": "ischemic in anterior, anteroseptal, anterolateral or lateral leads",
     "ISCI": "ischemic in inferior or inferolateral leads",
     "STTC": PTBXL_SUPERCLASS_PROMPTS["STTC"],
+}
+
+# CODE-15% / CODE-test: the six abnormalities of Ribeiro et al., lower-case like the reports.
+CODE15_PROMPTS: dict[str, list[str]] = {
+    "1dAVb": ["first degree av block", "first degree atrioventricular block",
+              "prolonged pr interval"],
+    "RBBB": ["right bundle branch block", "complete right bundle branch block"],
+    "LBBB": ["left bundle branch block", "complete left bundle branch block"],
+    "SB": ["sinus bradycardia", "sinus rhythm with slow heart rate"],
+    "AF": ["atrial fibrillation", "atrial fibrillation with irregular ventricular response"],
+    "ST": ["sinus tachycardia", "sinus rhythm with fast heart rate"],
 }
 
 Prompts = list[list[str]]

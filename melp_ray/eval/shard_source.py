@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from melp_ray import storage
-from melp_ray.eval.plan import EvalError, EvalRecord, physionet_fold
+from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold
 
 # The columns listed on the driver: everything but the signal.
 _LISTING_COLUMNS = ("record_id", "dataset", "strat_fold", "report")

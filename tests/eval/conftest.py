@@ -1,21 +1,10 @@
-"""Fixtures for planning an evaluation without Ray or model weights."""
+"""Fixtures for planning an evaluation without Ray or model weights (the config-only export
+they use is in tests/conftest.py, shared with tests/test_benchmark.py)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture
-def config_only_export(tmp_path) -> Path:
-    """A folder that ``checkpoint_info`` takes for an export (config.json, model_type melp_ray)
-    at 100 Hz, 10 s. It has no weights: only for ``build_plan``, which reads none."""
-    folder = tmp_path / "export"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(
-        {"model_type": "melp_ray", "sample_rate": 100, "seconds": 10, "melp": {}}))
-    return folder
 
 
 @pytest.fixture
