@@ -137,11 +137,18 @@ def process_chunk(chunk: dict[str, Any], settings: PrepareSettings) -> dict[str,
     state = {
         "split": chunk["split"], "index": chunk["index"], "shard": shard if rows else None,
         "rows": len(rows), "kept": kept, "subjects": sorted(subjects), "rejected": rejected, "details": details,
-        "settings": settings.fingerprint(),
+        "settings": settings.fingerprint(), "node_id": _ray_node_id(),
     }
     # Written last: its presence marks the chunk as done.
     storage.write_json(storage.join(out, shards.state_relpath(chunk["split"], chunk["index"])), state)
     return state
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node that wrote a chunk (None outside Ray): on a cluster, which machine made
+    which shard is what one needs to chase a bad shard or a slow node."""
+    ray = sys.modules.get("ray")   # never imported just for this
+    return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
 
 
 def _process_chunk_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -191,6 +191,32 @@ def test_storage_smoke(tmp_path):
     assert 0 < encodings["int16"]["max_abs_error_uV"] < 5
 
 
+def test_scale_smoke(tmp_path):
+    """bench/scale.py --quick: two tiny MIMIC-layout roots, each prepared in its own process,
+    then the 500 Hz ingest comparison; 1 CPU, as its cost is Ray and worker start-up."""
+    proc, out = run_bench("scale", tmp_path, "--quick", "--num-cpus", "1")
+    assert proc.returncode == 0, failure("scale", proc)
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "scale" and data["smoke"] is True
+    assert data["sizes"] == [40, 120]
+    for n, run in zip(data["sizes"], data["prepare"]):
+        # Every generated record is a valid study: distinct ids, 500 Hz, a usable report.
+        assert run["records"] == run["kept"] == n
+        assert_finite(run, "records_per_s", "driver_peak_rss_mib", "driver_rss_growth_mib")
+        assert run["records_per_s"] > 0 and run["driver_peak_rss_mib"] > 50
+    ingest = data["ingest"]
+    assert ingest["sample_rate"] == 500 and ingest["cpus"] == 1
+    assert_finite(ingest, "rows_per_s_per_cpu.shards", "rows_per_s_per_cpu.reference",
+                  "shards_over_reference")
+    assert min(ingest["rows_per_s_per_cpu"].values()) > 0
+    assert_finite(data, "gpu.samples_per_s", "cpus_per_gpu", "cpus_per_gpu_reference",
+                  "ratios.prepare_rate_min_over_max", "ratios.driver_peak_rss_max_over_min")
+    assert data["cpus_per_gpu"] == pytest.approx(
+        data["gpu"]["samples_per_s"] / ingest["rows_per_s_per_cpu"]["shards"])
+    assert set(data["verdicts"]) == set(data["targets"])
+    assert set(data["verdicts"].values()) <= {"PASS", "MISS"}
+
+
 # ---------------------------------------------------------------- never hang
 
 HUNG = """

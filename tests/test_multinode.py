@@ -1,0 +1,115 @@
+"""Several Ray nodes: prepare and pretraining spread over real raylets, and a whole node lost.
+
+Each scenario runs ``tests/fixtures/multinode_script.py`` in its own process, which starts
+a ``ray.cluster_utils.Cluster`` on this machine (a head with 1 CPU, worker nodes with 2
+CPUs each; every Ray Train worker asks for 2 CPUs, so two never share a node) and attaches
+its driver to it; a Cluster cannot live in the test session's process beside ``ray_local``.
+The runs write where their workers ran (Ray node ids, from each worker's runtime context)
+into the run folder, and ``prepare`` records the node of every chunk in its state json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "fixtures" / "multinode_script.py"
+TIMEOUT_S = 600
+
+
+def run_scenario(name: str, work: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), name, str(work)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return json.loads((work / "result.json").read_text())
+
+
+def worker_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(p.read_text()) for p in (run_dir / "nodes").glob("*.json")]
+    return sorted(records, key=lambda r: r["started"])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def spread(tmp_path_factory) -> tuple[dict, Path]:
+    work = tmp_path_factory.mktemp("multinode_spread")
+    return run_scenario("spread", work), work
+
+
+@pytest.mark.slow
+def test_prepare_tasks_run_on_several_nodes(spread):
+    result, work = spread
+    shards = work / "shards"
+    states = [json.loads(p.read_text()) for p in (shards / "_state").glob("*-part-*.json")]
+    assert sum(s["rows"] for s in states) == result["manifest_kept"] == 96
+    nodes = {s["node_id"] for s in states}
+    assert len(nodes) >= 2, nodes                       # chunks ran on more than one raylet
+    assert nodes <= set(result["cluster_nodes"])        # ... all of them nodes of this cluster
+
+
+@pytest.mark.slow
+def test_training_workers_run_on_distinct_nodes_into_shared_storage(spread):
+    result, work = spread
+    summary = result["summary"]
+    assert summary["steps"] == 4 and summary["world_size"] == 2
+    assert summary["last_checkpoint"].startswith("file://")
+    run_dir = work / "bucket" / "spread"
+    records = worker_records(run_dir)
+    assert sorted(r["rank"] for r in records) == [0, 1]        # one start each, no restart
+    nodes = [r["node_id"] for r in records]
+    assert nodes[0] != nodes[1] and set(nodes) <= set(result["worker_nodes"])
+    # One checkpoint, written by both nodes: DeepSpeed's per-rank ZeRO files sit side by side.
+    checkpoint = Path(summary["last_checkpoint"].removeprefix("file://"))
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 4
+    ranks = {re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)
+             for p in checkpoint.rglob("*zero_pp_rank_*optim_states.pt")}
+    assert ranks == {"0", "1"}, sorted(p.name for p in checkpoint.rglob("*"))
+
+
+@pytest.mark.slow
+def test_run_survives_losing_a_whole_node(tmp_path):
+    """A worker node is killed (raylet, object store, the training worker on it) once the
+    first checkpoint is registered; with a spare node and ``run.max_failures=1`` the run
+    restarts from its last checkpoint on the surviving nodes and finishes, losing nothing."""
+    result = run_scenario("failover", tmp_path)
+    removed, summary = result["removed"], result["summary"]
+    assert "error" not in removed and "done" in removed, removed
+    assert removed["node_id"] not in result["cluster_nodes"]   # gone from the cluster
+    assert summary["steps"] == 8
+
+    run_dir = tmp_path / "runs" / "failover"
+    records = worker_records(run_dir)
+    first, second = records[:2], records[2:]
+    assert len(records) == 4, records                            # two starts of 2 workers
+    assert {r["node_id"] for r in first} >= {removed["node_id"]}
+    assert first[0]["node_id"] != first[1]["node_id"]
+    restored = {r["resumed_from_step"] for r in second}
+    assert len(restored) == 1 and {r["resumed_from_step"] for r in first} == {None}
+    restored_step = restored.pop()
+    assert restored_step is not None and 2 <= restored_step < 8
+    assert removed["node_id"] not in {r["node_id"] for r in second}
+    assert second[0]["node_id"] != second[1]["node_id"]         # still one worker per node
+
+    # Logged every step: after the restore point every step appears exactly once, and the
+    # global sample count continues from the checkpoint's.
+    logged = metrics(run_dir)
+    cut = next(i for i, m in enumerate(logged) if "resumed_from_step" in m)
+    assert logged[cut]["resumed_from_step"] == restored_step
+    before, after = logged[:cut], logged[cut:]
+    assert [m["step"] for m in before][:restored_step] == list(range(1, restored_step + 1))
+    assert [m["step"] for m in after] == list(range(restored_step + 1, 9))
+    assert [m["samples_seen"] for m in after] == [8 * s for s in range(restored_step + 1, 9)]
+    checkpoint = Path(summary["last_checkpoint"])
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 8
