@@ -20,9 +20,9 @@ Measured:
   vs the reference MELP path, a torch ``DataLoader`` reading the same records' WFDB files
   (``bench/ingest.py``'s, as many workers as Ray has CPUs), each divided by those CPUs.
 - CPUs per GPU = the paper model's samples/s on one GPU / shards rows/s per CPU. The
-  samples/s is ``bench/results/gpu_throughput.json`` when a real (non-smoke) GPU run wrote
-  it, else an estimate: analytic training FLOPs per sample (``melp_ray.model.flops``) at
-  40 % MFU of an H100/H200's 989 TFLOP/s bf16.
+  samples/s is ``bench/results/gpu_throughput.json`` or else ``gpu_step.json`` when a real
+  (non-smoke) GPU run wrote it, else an estimate: analytic training FLOPs per sample
+  (``melp_ray.model.flops``) at 40 % MFU of an H100/H200's 989 TFLOP/s bf16.
 """
 from __future__ import annotations
 
@@ -170,15 +170,20 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
 # ---------------------------------------------------------------- GPU side
 
 def gpu_samples_per_s() -> dict:
-    """Paper model samples/s on one GPU: measured by gpu_throughput.py if it ever ran on a
-    GPU here, else the FLOPs estimate at ``ASSUMED_MFU``."""
-    measured = C.RESULTS_DIR / "gpu_throughput.json"
-    if measured.is_file():
+    """Paper model samples/s on one GPU: measured by gpu_throughput.py (the whole path) or
+    else gpu_step.py (the training step alone) if either ran on a GPU, else the FLOPs
+    estimate at ``ASSUMED_MFU``."""
+    for name in ("gpu_throughput.json", "gpu_step.json"):
+        measured = C.RESULTS_DIR / name
+        if not measured.is_file():
+            continue
         data = json.loads(measured.read_text())
         rates = [r["samples_per_s"] for r in data.get("stages", {}).values()
                  if isinstance(r, dict) and r.get("samples_per_s")]
         if rates and not data.get("smoke"):
-            return {"samples_per_s": max(rates), "source": f"measured ({measured.name})"}
+            gpu = data.get("machine", {}).get("gpu", "a GPU")
+            return {"samples_per_s": max(rates),
+                    "source": f"measured on {gpu} ({measured.name}, batch {data.get('batch')})"}
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.model.flops import PEAK_FLOPS, training_flops
 

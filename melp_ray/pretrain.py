@@ -32,17 +32,18 @@ class PretrainRecipe(DeepSpeedRecipe):
     """What stage 2 trains: the MELP model on the token, beat and rhythm objectives."""
 
     def build_model(self):
-        import ray.train
-
         from melp_ray.model import MELP
 
         model = MELP(self.cfg.model)
         init_from = self.cfg.train.init_from
-        # Weights only, and only for a fresh run: a resumed run continues from its checkpoint.
-        if init_from is not None and ray.train.get_checkpoint() is None:
-            from melp_ray.train.init_from import load_initial_weights
+        if init_from is not None:
+            import ray.train
 
-            load_initial_weights(model, init_from)
+            # Weights only, and only for a fresh run: a resumed run continues from its checkpoint.
+            if ray.train.get_checkpoint() is None:
+                from melp_ray.train.init_from import load_initial_weights
+
+                load_initial_weights(model, init_from)
         return model
 
     def setup(self) -> None:

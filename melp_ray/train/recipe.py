@@ -337,8 +337,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
             continue
         exempt = p.ndim < 2 or "logit_scale" in name
         (no_decay if exempt and not decay_all else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group: ZeRO drops empty groups from the optimizer it wraps, and a scheduler
+    # built on the client optimizer then has one learning rate too many (it fails at step 1).
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_schedule(optimizer, train):
