@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from melp_ray.eval.plan import EvalError
+from melp_ray.eval.plan import EvalError, check_at_least, check_output_folder
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 
@@ -31,7 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=str(DEFAULT_SUITE),
                    help="suite YAML (default: the PTB-XL suite on the bundled sample, "
                         "melp_ray/configs/benchmark/ptbxl.yaml)")
-    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--out", required=True, help="local output folder (created)")
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs)")
     return p
@@ -43,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        if args.actors is not None and args.actors < 1:
-            raise EvalError(f"--actors must be >= 1, got {args.actors}")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise EvalError(f"--out {args.out} exists and is not a folder")
+        check_at_least("--actors", args.actors, 1)
+        check_output_folder(args.out, uri_ok=False)   # the tables are written with local paths
         bench = plan_benchmark(args.checkpoint, args.suite, args.out)
     except EvalError as err:
         parser.error(str(err))   # exit code 2, before Ray starts

@@ -55,6 +55,21 @@ def test_bad_suites_exit_2_with_the_reason(config_only_export, tmp_path, capsys,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bucket_out_is_refused_not_taken_for_a_local_path(config_only_export, tmp_path,
+                                                             capsys, monkeypatch):
+    """The tables are written with local paths: an s3:// --out exits 2 naming it and
+    creates nothing (it once would have become a local folder named ``s3:``)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--checkpoint", str(config_only_export), "--suite",
+                        str(_suite(tmp_path, **{"ptb-xl": _ptbxl()})), "--out", "s3://bucket/bench"])
+    assert exit_info.value.code == 2
+    assert "--out s3://bucket/bench: this command writes a local folder" in capsys.readouterr().err
+    assert os.listdir(cwd) == []
+
+
 @pytest.mark.slow   # a subprocess: ~30 s of imports on a busy 2-CPU machine
 def test_missing_checkpoint_exits_2_before_ray_starts(tmp_path):
     """In a fresh process whose RAY_ADDRESS answers nothing: reaching Ray would fail with

@@ -317,10 +317,24 @@ def _check_option_combinations(args) -> None:
                                ("--bootstrap", args.bootstrap, 0),
                                ("--actors", args.actors, 1),
                                ("--max-new-tokens", args.max_new_tokens, 1)):
-        if value is not None and value < low:
-            raise EvalError(f"{option} must be >= {low}, got {value}")
-    out = Path(args.out)
-    if not storage.is_uri(args.out) and out.exists() and not out.is_dir():
+        check_at_least(option, value, low)
+    check_output_folder(args.out)
+
+
+def check_at_least(option: str, value, low) -> None:
+    if value is not None and value < low:
+        raise EvalError(f"{option} must be >= {low}, got {value}")
+
+
+def check_output_folder(out: str, uri_ok: bool = True) -> None:
+    """--out: a local folder (created if absent) or, for a command that copies its files
+    there, an s3:// / gs:// URI; a URI is never taken for a local path."""
+    if storage.is_uri(out):
+        if not uri_ok:
+            raise EvalError(f"--out {out}: this command writes a local folder; copy it to "
+                            "the bucket afterwards")
+        return
+    if Path(out).exists() and not Path(out).is_dir():
         raise EvalError(f"--out {out} exists and is not a folder")
 
 
