@@ -73,8 +73,25 @@ def read_record(dataset: str, path: str, sample_rate: int, seconds: float,
         except (PhysioNetFormatError, OSError) as err:
             raise RecordRejected(UNREADABLE, str(err)) from None
         signal = fit_signal(raw, fs, sample_rate, keep)
-    padding = n_samples_for(sample_rate, seconds) - signal.shape[1]
+    return zero_pad(signal, n_samples_for(sample_rate, seconds))
+
+
+def zero_pad(signal: np.ndarray, n_samples: int) -> np.ndarray:
+    """(12, T) zero-padded at the end to ``n_samples`` (after a crop or a short exam)."""
+    padding = n_samples - signal.shape[1]
     return np.pad(signal, ((0, 0), (0, padding))) if padding > 0 else signal
+
+
+def normalised_or_rejected(read, n_samples: int) -> tuple[np.ndarray, str]:
+    """(min-max normalised ``read()``, "") or, for a rejected record, (zeros, the reason):
+    a rejected record keeps its row so one pass encodes the good ones and names the bad."""
+    from melp_ray.data.records import RecordRejected
+    from melp_ray.data.stream import minmax_normalise
+
+    try:
+        return minmax_normalise(read()), ""
+    except RecordRejected as err:
+        return np.zeros((12, n_samples), dtype=np.float32), str(err)
 
 
 def _read_code15(path: str, sample_rate: int, keep: float) -> np.ndarray:
@@ -104,19 +121,15 @@ def load_batch(batch: dict[str, np.ndarray], dataset: str, sample_rate: int,
     A rejected record keeps its row (zeros as signal, the reason in ``rejected``) so one
     pass both encodes the good records and names the bad ones; the driver drops it.
     """
-    from melp_ray.data.records import RecordRejected, n_samples_for
-    from melp_ray.data.stream import minmax_normalise
+    from melp_ray.data.records import n_samples_for
 
     n = n_samples_for(sample_rate, seconds)
     signals, reasons = [], []
     for path in batch["path"]:
-        try:
-            signals.append(minmax_normalise(read_record(dataset, str(path), sample_rate,
-                                                        seconds, crop_seconds)))
-            reasons.append("")
-        except RecordRejected as err:
-            signals.append(np.zeros((12, n), dtype=np.float32))
-            reasons.append(str(err))
+        signal, reason = normalised_or_rejected(
+            lambda path=path: read_record(dataset, str(path), sample_rate, seconds, crop_seconds), n)
+        signals.append(signal)
+        reasons.append(reason)
     out = {k: v for k, v in batch.items() if k != "path"}
     out["ecg"] = np.stack(signals)
     out["rejected"] = np.array(reasons, dtype=object)

@@ -91,9 +91,9 @@ def read_shard_records(batch: dict[str, np.ndarray], sample_rate: int, seconds: 
     """Ray Data map_batches over (shard file, wanted ids) rows -> one row per wanted record:
     normalised signal, report and why a record was rejected (a rate the signal cannot be
     brought to, a shorter record), as ``embeddings.load_batch`` gives for WFDB records."""
-    from melp_ray.data.records import RecordRejected, fit_signal, n_samples_for
+    from melp_ray.data.records import fit_signal, n_samples_for
     from melp_ray.data.shards import decode_ecg, read_shard_table
-    from melp_ray.data.stream import minmax_normalise
+    from melp_ray.eval.embeddings import normalised_or_rejected, zero_pad
 
     n = n_samples_for(sample_rate, seconds)
     keep = seconds if crop_seconds is None else crop_seconds
@@ -104,14 +104,11 @@ def read_shard_records(batch: dict[str, np.ndarray], sample_rate: int, seconds: 
         for rid, report, ecg in zip(table["record_id"], table["report"], table["ecg"]):
             if rid not in wanted:
                 continue
-            try:
-                signal = fit_signal(decode_ecg(ecg), shard_rate, sample_rate, keep)
-                signal = np.pad(signal, ((0, 0), (0, n - signal.shape[1])))
-                out["ecg"].append(minmax_normalise(signal))
-                out["rejected"].append("")
-            except RecordRejected as err:
-                out["ecg"].append(np.zeros((12, n), dtype=np.float32))
-                out["rejected"].append(str(err))
+            signal, reason = normalised_or_rejected(
+                lambda ecg=ecg: zero_pad(fit_signal(decode_ecg(ecg), shard_rate, sample_rate, keep), n),
+                n)
+            out["ecg"].append(signal)
+            out["rejected"].append(reason)
             out["record_id"].append(rid)
             out["report"].append(report or "")
     return {"record_id": np.array(out["record_id"], dtype=object),
