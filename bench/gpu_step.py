@@ -9,8 +9,8 @@ This one measures the step alone, so it runs where Ray cannot be installed (the 
 machine: Ray's wheel is larger than what may travel there) and says how many samples/s one
 GPU can take at most. It runs the training recipe's own step: ``PretrainRecipe.micro_step``
 (lead masking, the forward in bf16, the three losses in fp32, ``engine.backward`` and
-``engine.step``), on a DeepSpeed engine built as ``DeepSpeedRecipe.setup`` builds it
-(``param_groups``, ``lr_schedule``, ``deepspeed_config``), in one process with a world of 1
+``engine.step``), on the DeepSpeed engine ``DeepSpeedRecipe.build_engine`` builds (``param_groups``,
+``lr_schedule``, ``deepspeed_config``; ``setup`` calls it in a Ray Train worker), in one process with a world of 1
 (nccl on a GPU). The batch is one real worker-side batch (``finish_batch``: min-max
 normalised ECGs, tokenised reports): bundled PTB-XL reports, ECGs drawn at random (the
 waveform's values do not change the cost), kept on the GPU, so no input time is counted.
@@ -72,30 +72,13 @@ def init_single_process_group(backend: str) -> None:
 
 
 def build_recipe(cfg, device):
-    """A PretrainRecipe whose engine is built as DeepSpeedRecipe.setup builds it (no Ray)."""
-    import deepspeed
-    import torch
-
-    from melp_ray.losses import MELPLoss
+    """A PretrainRecipe with its engine and loss built as in a Ray Train worker (no Ray)."""
     from melp_ray.pretrain import PretrainRecipe
-    from melp_ray.train.deepspeed_config import deepspeed_config, use_bf16
-    from melp_ray.train.recipe import lr_schedule, param_groups
 
     recipe = PretrainRecipe(cfg)
     recipe.rank, recipe.world, recipe.device = 0, 1, device
-    recipe.bf16 = use_bf16(cfg.train)
-    torch.manual_seed(cfg.train.seed)
-    model = recipe.build_model()
-    t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
-                                  lr=t.lr, betas=tuple(t.betas))
-    recipe.engine, recipe.optimizer, _, recipe.scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, t),
-        config=deepspeed_config(t, cfg.deepspeed), dist_init_required=False)
-    w = cfg.loss
-    recipe.loss_fn = MELPLoss.from_model_config(cfg.model, rhythm=w.rhythm, token=w.token,
-                                                beat=w.beat,
-                                                same_report_positives=w.same_report_positives)
+    recipe.build_engine()
+    recipe.loss_fn = recipe.build_loss()
     return recipe
 
 

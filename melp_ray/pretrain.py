@@ -48,13 +48,15 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     def setup(self) -> None:
         super().setup()
+        self.epoch_files = self.reassignable_shard_files()
+        self.loss_fn = self.build_loss()
+
+    def build_loss(self):
         from melp_ray.losses import MELPLoss
 
-        self.epoch_files = self.reassignable_shard_files()
         w = self.cfg.loss
-        self.loss_fn = MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
-                                                  beat=w.beat,
-                                                  same_report_positives=w.same_report_positives)
+        return MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
+                                          beat=w.beat, same_report_positives=w.same_report_positives)
 
     def reassignable_shard_files(self) -> list[str] | None:
         """The train split's shard files when each epoch deals them out anew, else None

@@ -70,13 +70,25 @@ class DeepSpeedRecipe:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        import deepspeed
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.build_engine()
+        self.train_data = ray.train.get_dataset_shard(f"{self.dataset_prefix}_r{self.rank}")
+        self.val_data = ray.train.get_dataset_shard(f"val_r{self.rank}")
+        self.logger = MetricsLogger(self.cfg, self.rank)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+
+    def build_engine(self) -> None:
+        """The model, AdamW, the LR schedule and the DeepSpeed engine around them (the
+        process group must exist: Ray Train's, or bench/gpu_step.py's own)."""
+        import deepspeed
+
         self.bf16 = use_bf16(self.cfg.train)
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
@@ -88,12 +100,6 @@ class DeepSpeedRecipe:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg.train, self.cfg.deepspeed),
             dist_init_required=False)
-        self.train_data = ray.train.get_dataset_shard(f"{self.dataset_prefix}_r{self.rank}")
-        self.val_data = ray.train.get_dataset_shard(f"val_r{self.rank}")
-        self.logger = MetricsLogger(self.cfg, self.rank)
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
 
     @property
     def model(self) -> torch.nn.Module:
