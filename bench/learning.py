@@ -146,6 +146,21 @@ def linear_probe(checkpoint, root, out, folds: dict, random_init: bool, bootstra
             if k in r} | {"records": used(r)}
 
 
+def paired_probe_gain(out: Path, out_random: Path, bootstrap: int) -> dict:
+    """The probe's gain over random init with a paired bootstrap CI: both probes score the
+    same held-out records, so each replicate resamples them once for both (scores.npz)."""
+    import numpy as np
+
+    from melp_ray.eval.metrics import paired_bootstrap_gain
+    from melp_ray.eval.report import SCORES_NPZ
+
+    mine, rand = np.load(out / SCORES_NPZ), np.load(out_random / SCORES_NPZ)
+    if not np.array_equal(mine["y_true"], rand["y_true"]):
+        raise RuntimeError("the two probes scored different records; no paired comparison")
+    return paired_bootstrap_gain(mine["y_true"], mine["scores"], rand["scores"],
+                                 n=max(bootstrap, 1), seed=0)
+
+
 def zero_shot(checkpoint, root, out, test_fold: int, bootstrap: int, table) -> dict:
     from melp_ray.eval.modes import evaluate
 
@@ -320,6 +335,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
 
     gain = probe["macro_auroc"] - probe_random["macro_auroc"]
+    paired = paired_probe_gain(ev / "linear", ev / "linear-random", bootstrap)
     r10 = ret["recall"]["ecg_to_report/recall@10"]
     chance10 = ret["chance"]["recall@10"]
     verdicts = {
@@ -333,7 +349,7 @@ def main(argv=None) -> int:
         "machine": info, "config": args.config, "root": root, "holdout_fold": holdout,
         "probe_folds": folds, "bootstrap": bootstrap, "pretrain": pre,
         "linear_probe": {"pretrained": probe, "random_init": probe_random,
-                         "gain_over_random": gain},
+                         "gain_over_random": gain, "gain_paired_bootstrap": paired},
         "zeroshot": zs, "retrieval": ret,
         "ecg_cosine": {"pretrained": cos, "random_init": cos_random},
         "ratios": {"recall10_over_chance": r10 / chance10},
@@ -360,6 +376,9 @@ def main(argv=None) -> int:
                     "target", "verdict"], rows)
     data = pre["data"] or {}
     held = data.get("held_out", {})
+    text += (f"\nprobe gain over random init {paired['gain']:+.3f}, paired bootstrap 95% CI "
+             f"{paired['ci'][0]:+.3f} to {paired['ci'][1]:+.3f}, gain <= 0 in "
+             f"{paired['p_not_better']:.1%} of {bootstrap} replicates")
     text += (f"\npretrain: {args.config}, {pre['steps']} steps x {pre['global_batch_size']}, "
              f"{data.get('train_records')} train / {data.get('val_records')} val records, "
              f"{held.get('records')} records of folds {held.get('folds')} held out; final "

@@ -31,7 +31,8 @@ def make_parser() -> argparse.ArgumentParser:
         description="Evaluate a MELP model: zero-shot classification, linear probing on\n"
                     "frozen ECG features, ECG<->report retrieval, or report generation\n"
                     "(BLEU/ROUGE-L/METEOR). Writes OUT/results.json,\n"
-                    "OUT/results.md and, for classification, OUT/roc.png.",
+                    "OUT/results.md and, for classification, OUT/roc.png and\n"
+                    "OUT/scores.npz (per-record scores).",
         epilog="examples:\n"
                "  python -m melp_ray.evaluate --checkpoint RUN_DIR --dataset ptb-xl \\\n"
                "      --root /data/ptb-xl --task super --mode zeroshot --out results/zs\n"

@@ -34,7 +34,8 @@ def test_learning_smoke(tmp_path):
         assert key in data["machine"]
     _helpers.assert_finite(
         data, "linear_probe.pretrained.macro_auroc", "linear_probe.random_init.macro_auroc",
-        "linear_probe.gain_over_random", "zeroshot.macro_auroc",
+        "linear_probe.gain_over_random", "linear_probe.gain_paired_bootstrap.gain",
+        "zeroshot.macro_auroc",
         "ecg_cosine.pretrained.mean_pairwise_cosine", "ecg_cosine.random_init.mean_pairwise_cosine",
         "ratios.recall10_over_chance", "total_seconds",
         *[f"retrieval.{part}.recall@{k}" for part in ("chance", "chance_with_ties")
@@ -42,6 +43,9 @@ def test_learning_smoke(tmp_path):
     for k in (1, 5, 10):
         recall = data["retrieval"]["recall"][f"ecg_to_report/recall@{k}"]
         assert 0 <= recall <= 1
+    paired = data["linear_probe"]["gain_paired_bootstrap"]   # from the two probes' scores.npz
+    assert paired["gain"] == pytest.approx(data["linear_probe"]["gain_over_random"], abs=1e-9)
+    assert 0 <= paired["p_not_better"] <= 1
     assert set(data["verdicts"]) == {"probe_gain_over_random", "zeroshot_auroc",
                                      "recall10_over_chance", "mean_pairwise_cosine"}
     assert set(data["verdicts"].values()) <= {"PASS", "MISS"}

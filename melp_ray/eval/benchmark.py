@@ -8,8 +8,8 @@ cluster starts; a dataset whose root does not exist is skipped with its reason.
 embeddings of every record any task of that dataset uses in ONE inference pass
 (``EmbeddingTable``: zero-shot embeddings and probe features together) and scores every
 task, fraction and seed from it in parallel Ray tasks (``run_zeroshot`` / ``run_linear``
-of ``melp_ray.eval.modes``; each run's results.json, results.md and roc.png come back to
-the driver, which writes them under OUT/runs/).
+of ``melp_ray.eval.modes``; each run's results.json, results.md, roc.png and scores.npz
+come back to the driver, which writes them under OUT/runs/).
 The tables are written by ``melp_ray.eval.bench_report``.
 """
 from __future__ import annotations

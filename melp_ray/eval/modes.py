@@ -3,9 +3,9 @@ result files.
 
 ``evaluate(args)`` checks the arguments (``build_plan``), starts Ray and runs the mode: each
 ``run_*`` embeds the records it needs, scores them and writes OUT/results.json and
-OUT/results.md (plus OUT/roc.png for classification), with every record accounted for
-under "records": used, rejected while loading (named, with the reason), or left out
-before loading.
+OUT/results.md (plus OUT/roc.png and OUT/scores.npz for classification), with every
+record accounted for under "records": used, rejected while loading (named, with the
+reason), or left out before loading.
 """
 from __future__ import annotations
 

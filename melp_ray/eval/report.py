@@ -18,6 +18,7 @@ from melp_ray.eval.metrics import scorable_classes
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+SCORES_NPZ = "scores.npz"
 ROC_PNG = "roc.png"
 _MAX_LEGEND_CLASSES = 25  # beyond this a legend hides the plot
 
@@ -98,7 +99,9 @@ def plot_roc(path: Path, y_true: np.ndarray, scores: np.ndarray,
 def write_classification_report(out_dir: str | Path, task: str, result: Mapping,
                                 y_true, scores, class_names: Sequence[str],
                                 settings: Mapping) -> dict[str, Path]:
-    """Write results.json / results.md / roc.png for a zero-shot or linear-probe result.
+    """Write results.json / results.md / roc.png / scores.npz for a zero-shot or linear-probe
+    result. scores.npz holds ``y_true``, ``scores`` (one row per test record, in the order
+    of the evaluation) and ``class_names``: what a paired comparison of two models needs.
 
     ``result`` needs ``macro_auroc``, ``per_class`` and ``ci`` (``skipped`` optional); any
     other JSON-able entries are kept in results.json, array-valued ones (scores) dropped.
@@ -117,7 +120,8 @@ def write_classification_report(out_dir: str | Path, task: str, result: Mapping,
     md = classification_markdown(task, result["macro_auroc"], list(result["ci"]),
                                  result["per_class"], summary["skipped"], settings)
     (out / RESULTS_MD).write_text(md)
-    return {"json": _write_json(out, payload), "md": out / RESULTS_MD,
+    np.savez(out / SCORES_NPZ, y_true=y, scores=s, class_names=np.asarray(class_names))
+    return {"json": _write_json(out, payload), "md": out / RESULTS_MD, "scores": out / SCORES_NPZ,
             "roc": plot_roc(out / ROC_PNG, y, s, list(class_names), title=task)}
 
 

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from melp_ray.eval.metrics import (_weighted_auroc, bootstrap_ci, macro_auroc, recall_at_k,
-                                   skipped_classes)
+                                   paired_bootstrap_gain, skipped_classes)
 
 
 def _labels(n: int, c: int, seed: int) -> np.ndarray:
@@ -121,3 +121,24 @@ def test_mean_pairwise_cosine_detects_collapse():
     assert mean_pairwise_cosine(np.eye(4)) == pytest.approx(0.0)
     with pytest.raises(ValueError):
         mean_pairwise_cosine(np.zeros((3, 4)))
+
+
+def test_paired_bootstrap_gain_is_the_interval_of_the_difference():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=(150, 3))
+    better = y + rng.normal(scale=0.8, size=y.shape)
+    worse = y + rng.normal(scale=1.6, size=y.shape)
+    out = paired_bootstrap_gain(y, better, worse, n=400, seed=0)
+    assert out["gain"] == pytest.approx(macro_auroc(y, better)[0] - macro_auroc(y, worse)[0])
+    low, high = out["ci"]
+    assert 0 < low <= out["gain"] <= high and out["p_not_better"] == 0.0
+    # Paired: narrower than what two separate intervals would allow for the difference.
+    b_low, b_high = bootstrap_ci(y, better, n=400, seed=0)
+    w_low, w_high = bootstrap_ci(y, worse, n=400, seed=0)
+    assert high - low < (b_high - w_low) - (b_low - w_high)
+    # A model against itself: zero gain, a zero-width interval, never better.
+    same = paired_bootstrap_gain(y, better, better, n=100)
+    assert same["gain"] == 0 and same["ci"] == [0.0, 0.0] and same["p_not_better"] == 1.0
+    # Swapping the two mirrors the result.
+    swapped = paired_bootstrap_gain(y, worse, better, n=400, seed=0)
+    assert swapped["ci"] == pytest.approx([-high, -low]) and swapped["p_not_better"] == 1.0

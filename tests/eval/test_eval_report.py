@@ -30,7 +30,10 @@ def test_classification_report_writes_three_files(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| NORM |" in md and "**macro**" in md and "95% CI" in md and "HYP" in md
     assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(paths) == {"json", "md", "roc"}
+    assert set(paths) == {"json", "md", "roc", "scores"}
+    saved = np.load(paths["scores"])   # plain arrays: loads without pickle
+    assert np.array_equal(saved["y_true"], y) and np.allclose(saved["scores"], result["scores"])
+    assert saved["class_names"].tolist() == classes
 
 
 def test_retrieval_report_has_recall_keys(tmp_path):
