@@ -321,6 +321,7 @@ def main(argv=None) -> int:
         with phase(phases, "linear_probe_random_init"):
             probe_random = linear_probe(ckpt, root, ev / "linear-random", folds, True, bootstrap,
                                         table_random)
+            paired = paired_probe_gain(ev / "linear", ev / "linear-random", bootstrap)
         with phase(phases, "zeroshot"):
             zs = zero_shot(ckpt, root, ev / "zeroshot", holdout, bootstrap, table)
         with phase(phases, "retrieval"):
@@ -335,7 +336,6 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
 
     gain = probe["macro_auroc"] - probe_random["macro_auroc"]
-    paired = paired_probe_gain(ev / "linear", ev / "linear-random", bootstrap)
     r10 = ret["recall"]["ecg_to_report/recall@10"]
     chance10 = ret["chance"]["recall@10"]
     verdicts = {
