@@ -207,6 +207,23 @@ def test_storage_smoke(tmp_path):
     assert 0 < encodings["int16"]["max_abs_error_uV"] < 5
 
 
+def test_learning_loop_smoke_scores_every_eval_step_with_the_variant_knobs(tmp_path):
+    proc, out = run_bench("learning_loop", tmp_path, "--smoke", "--text-lr-scale", "0.1",
+                          "--ema", "0.9")
+    assert proc.returncode == 0, failure("learning_loop", proc)
+    assert "| " in proc.stdout
+    data = json.loads(out.read_text())
+    assert [r["step"] for r in data["results"]] == [0, 2, 4]    # 0 = random init, then every 2
+    for r in data["results"]:
+        assert_finite(r, "probe", "probe_val", "cosine", "recall10_over_chance")
+        assert 0 <= r["probe"] <= 1 and -1 <= r["cosine"] <= 1
+    assert all(math.isfinite(r["rhythm_loss"]) for r in data["results"][1:])
+    # The text tower trains at 0.1x the learning rate, everything else at 1x.
+    lrs = {g["text_tower"]: g["lr"] for g in data["param_groups"]}
+    assert lrs == {True: pytest.approx(0.1 * data["lr"]), False: pytest.approx(data["lr"])}
+    assert data["holdout_fold"] == 6 and data["probe_folds"]["test"] == 6
+
+
 def test_scale_smoke(tmp_path):
     """bench/scale.py --quick: two tiny MIMIC-layout roots, each prepared in its own process,
     then the 500 Hz ingest comparison; 1 CPU, as its cost is Ray and worker start-up."""
