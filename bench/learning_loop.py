@@ -23,8 +23,7 @@ from __future__ import annotations
 import time
 
 import _common as C
-
-HOLDOUT = {False: 8, True: 6}    # full run / --smoke (the bundled sample has folds 1-6)
+import learning   # its held-out folds and probe folds, so both scripts score the same split
 
 
 def load_batches(cfg, root: str):
@@ -210,12 +209,11 @@ def main(argv=None) -> int:
     cfg = load_config(PretrainConfig, args.config, overrides)   # a bad key fails here, first
     torch.set_num_threads(args.threads)
     root = args.root or C.data_root_100hz(smoke)
-    holdout = HOLDOUT[smoke]
-    probe_folds = ({"train": [1, 2, 3, 4], "val": 5, "test": 6} if smoke else
-                   {"train": [1, 2, 3, 4, 5, 6], "val": 7, "test": 8})
+    holdout = learning.SMOKE_HOLDOUT_FOLD if smoke else learning.HOLDOUT_FOLD
     info = C.machine()
     C.log(f"config {args.config} {' '.join(overrides)}; root {root}; fold {holdout} held out")
     data, folds = load_batches(cfg, root)
+    probe_folds = learning.probe_folds(holdout, None, sorted(set(folds.tolist())), p)
     start = time.perf_counter()
     results, groups = train_and_score(cfg, args, data, folds, probe_folds, holdout)
     total = time.perf_counter() - start
