@@ -76,7 +76,7 @@ def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
         targets = torch.arange(ecg_emb.shape[0], device=ecg_emb.device) + rank * ecg_emb.shape[0]
     else:
         # The same report matrix serves both directions: "same report" is symmetric.
-        targets = same_report_targets(report_keys, gather_no_grad(report_keys))
+        targets = same_report_targets(report_keys, gather_no_grad(report_keys)).to(logits_per_ecg.dtype)
     return (F.cross_entropy(logits_per_ecg, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 

@@ -32,8 +32,9 @@ def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
         case = torch.load(case_path)
         local = slice(rank * case["ecg_in"].shape[0] // WORLD,
                       (rank + 1) * case["ecg_in"].shape[0] // WORLD)
-        ecg_proj = torch.nn.Linear(*case["ecg_weight"].shape[::-1])
-        text_proj = torch.nn.Linear(*case["text_weight"].shape[::-1])
+        dtype = case["ecg_weight"].dtype   # the test runs in float64
+        ecg_proj = torch.nn.Linear(*case["ecg_weight"].shape[::-1], dtype=dtype)
+        text_proj = torch.nn.Linear(*case["text_weight"].shape[::-1], dtype=dtype)
         with torch.no_grad():
             ecg_proj.weight.copy_(case["ecg_weight"]), ecg_proj.bias.copy_(case["ecg_bias"])
             text_proj.weight.copy_(case["text_weight"]), text_proj.bias.copy_(case["text_bias"])

@@ -65,9 +65,14 @@ def test_same_report_positives_match_soft_target_formula():
 def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
     torch.manual_seed(0)
     batch, d_in, d_emb = 8, 5, 6
-    ecg_proj, text_proj = torch.nn.Linear(d_in, d_emb), torch.nn.Linear(d_in, d_emb)
-    logit_scale = torch.nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
-    case = {"ecg_in": torch.randn(batch, d_in), "text_in": torch.randn(batch, d_in),
+    # float64: the all-reduce sums in another order than the single process does; in float32
+    # that alone moved one gradient element by 2.8e-7 (a CI failure), in float64 by ~1e-16.
+    dtype = torch.float64
+    ecg_proj = torch.nn.Linear(d_in, d_emb, dtype=dtype)
+    text_proj = torch.nn.Linear(d_in, d_emb, dtype=dtype)
+    logit_scale = torch.nn.Parameter(torch.full((1,), math.log(1 / 0.07), dtype=dtype))
+    case = {"ecg_in": torch.randn(batch, d_in, dtype=dtype),
+            "text_in": torch.randn(batch, d_in, dtype=dtype),
             "ecg_weight": ecg_proj.weight.detach().clone(), "ecg_bias": ecg_proj.bias.detach().clone(),
             "text_weight": text_proj.weight.detach().clone(),
             "text_bias": text_proj.bias.detach().clone(),
@@ -95,19 +100,19 @@ def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
 
     # Loss: the mean of the per-rank losses is the full-batch loss.
     mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
-    torch.testing.assert_close(mean_loss, full_loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mean_loss, full_loss.detach(), rtol=1e-10, atol=1e-10)
     # The two halves really differ (each rank scores different rows).
     assert abs(ranks[0]["loss"].item() - ranks[1]["loss"].item()) > 1e-4
     # Parameter gradients after DDP averaging equal the full-batch gradients, on every rank.
     for rank in ranks:
         for name, grad in full_grads.items():
-            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-10, atol=1e-12)
     # Input gradients: each rank holds world_size x d(full loss)/d(its rows); the
     # 1/world_size of the parameter averaging is what turns them into the full gradient.
     for rank in ranks:
         rows = slice(*rank["rows"])
-        torch.testing.assert_close(rank["ecg_in_grad"] / 2, ecg_in.grad[rows], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(rank["text_in_grad"] / 2, text_in.grad[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(rank["ecg_in_grad"] / 2, ecg_in.grad[rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["text_in_grad"] / 2, text_in.grad[rows], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.slow
