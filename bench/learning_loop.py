@@ -8,7 +8,7 @@
 ``bench/learning.py`` judges the shipped config the way users run it (Ray Train, DeepSpeed,
 one final checkpoint). This script is for trying variants of it: no Ray, one process, the
 same model (``MELP``), batches prepared exactly as training prepares them (``load_signal``
--> ``finish_batch`` -> ``mask_leads``), the same three losses (``compute_losses``), AdamW on
+-> ``finish_batch`` -> ``augment``), the same three losses (``compute_losses``), AdamW on
 the same parameter groups, gradient clipping and the warm-up + cosine schedule; the held-out
 fold is never trained on. Every ``--eval-every`` steps it scores the same quantities as
 ``learning.py`` on that fold from one embedding pass: linear probe (``train_linear_probe``
@@ -131,7 +131,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
 
     from melp_ray.losses import compute_losses
     from melp_ray.model import MELP
-    from melp_ray.pretrain import mask_leads
+    from melp_ray.pretrain import augment
 
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -163,7 +163,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
             order, pos = torch.randperm(len(train_rows), generator=generator), 0
         b = rows(data, train_rows[order[pos:pos + t.global_batch_size]])
         pos += t.global_batch_size
-        out = model(mask_leads(b["ecg"], cfg.data.lead_mask_prob, generator),
+        out = model(augment(b["ecg"], cfg.data, generator),
                     b["input_ids"], b["attention_mask"], b["sentence_ids"])
         loss = compute_losses(out, rhythm=cfg.loss.rhythm, token=cfg.loss.token,
                               beat=cfg.loss.beat, attn_temp=cfg.model.beat_attention_temperature,

@@ -32,6 +32,7 @@ class DataConfig:
     sample_rate: int = 500           # Hz after resampling
     seconds: float = 10.0
     lead_mask_prob: float = 0.5      # random lead masking (train split only)
+    random_shift: bool = False       # roll each training record by a random offset in time (not in the reference)
     val_fraction: float = 0.1        # subject-level split for raw roots
     shuffle_buffer: int = 256        # rows in each worker's local shuffle buffer (0: no shuffle)
     prefetch_batches: int = 4        # micro-batches fetched ahead, across epoch boundaries too

@@ -87,7 +87,7 @@ class PretrainRecipe(DeepSpeedRecipe):
         return self.engine(ecg, batch["input_ids"], batch["attention_mask"], batch["sentence_ids"])
 
     def compute_losses(self, batch, generator):
-        ecg = mask_leads(batch["ecg"], self.cfg.data.lead_mask_prob, generator)
+        ecg = augment(batch["ecg"], self.cfg.data, generator)
         return self.losses_of(self.forward(batch, ecg))
 
     def losses_of(self, out: dict) -> dict[str, torch.Tensor]:
@@ -151,6 +151,21 @@ class PretrainRecipe(DeepSpeedRecipe):
 
 
 # ---------------------------------------------------------------- small pieces
+
+def augment(ecg: torch.Tensor, data_cfg, generator: torch.Generator) -> torch.Tensor:
+    """The training-time augmentation of a batch: lead masking, then the optional time shift."""
+    ecg = mask_leads(ecg, data_cfg.lead_mask_prob, generator)
+    return shift_in_time(ecg, generator) if data_cfg.random_shift else ecg
+
+
+def shift_in_time(ecg: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Roll each record (b, leads, T) by its own random offset in [0, T): the same beats and
+    rhythm, a different position of every beat relative to the frames and positional conv."""
+    b, _, length = ecg.shape
+    offsets = torch.randint(0, length, (b, 1), generator=generator).to(ecg.device)
+    index = (torch.arange(length, device=ecg.device) + offsets) % length
+    return ecg.gather(2, index[:, None, :].expand_as(ecg))
+
 
 def mask_leads(ecg: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
     """Zero each lead of each record with probability ``prob`` (MELP's augmentation).
