@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from melp_ray.eval.plan import EvalError, check_at_least, check_output_folder
+from melp_ray.eval.datasets import EvalError
+from melp_ray.eval.plan_checks import check_at_least, check_output_folder
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 

@@ -4,7 +4,9 @@
 their labels (and reports), the class names and prompts, and the settings written to
 results.json. Everything that can be checked without Ray (paths, the checkpoint, folds,
 prompts, option combinations) is checked here and raises ``EvalError``, so a typo fails in
-a second, not after the cluster starts. No Ray, no model weights.
+a second, not after the cluster starts; the checks of the options themselves (which go
+together, bounds, --root, --out, lengths) live in ``melp_ray.eval.plan_checks``. No Ray, no
+model weights.
 
 Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10); the other
 datasets a pseudo-fold 1-10 per record (``datasets.physionet_fold``). ``--split-dir``
@@ -21,18 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from melp_ray import storage
 from melp_ray.eval import datasets as D
 # Re-exported: callers import these from the plan.
 from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold  # noqa: F401
+from melp_ray.eval.plan_checks import (REPORT_MODES, check_crop, check_disjoint, check_length,
+                                       check_option_combinations, check_root, fmt_folds,
+                                       parse_folds)
 
 DATASETS = ("ptb-xl", "cpsc2018", "chapman", "code-15", "shards")   # shards: a prepare output
 MODES = ("zeroshot", "linear", "retrieval", "generation")
-REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports
-DEFAULT_MAX_NEW_TOKENS = 64
 PTBXL_TASKS = ("super", "sub", "form", "rhythm")
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
-DEFAULT_CHAPMAN_MIN_COUNT = 10
 
 
 @dataclass
@@ -56,28 +57,6 @@ class Plan:
     crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
     shard_sample_rate: int | None = None    # --dataset shards: the rate the shards hold
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- records and folds
-
-def parse_folds(text: str, option: str) -> list[int]:
-    """"1-8" -> [1..8]; "1,2,3" and "1-3,5" work too. Sorted, unique, each >= 1."""
-    folds: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                folds.update(range(lo, hi + 1))
-            else:
-                folds.add(int(part))
-        except ValueError:
-            raise EvalError(f"{option} {text!r}: expected folds like 1-8 or 1,2,3") from None
-    if not folds or min(folds) < 1:
-        raise EvalError(f"{option} {text!r}: folds are numbered from 1")
-    return sorted(folds)
 
 
 # ---------------------------------------------------------------- the plan
@@ -104,21 +83,21 @@ def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     """Check every argument against the data and the checkpoint; no Ray, no model weights."""
-    _check_option_combinations(args)
+    check_option_combinations(args)
     if args.dataset == "shards":
         from melp_ray.eval.shard_source import check_shard_root
 
         root, manifest = check_shard_root(args.root)
     else:
-        root, manifest = _check_root(args.dataset, args.root), None
+        root, manifest = check_root(args.dataset, args.root), None
     kind, _, data_cfg = checkpoint_info(args.checkpoint)
     sample_rate = args.sample_rate or data_cfg.get("sample_rate")
     seconds = args.seconds or data_cfg.get("seconds")
     if not sample_rate or not seconds:
         raise EvalError(f"the {kind} does not record its input sample rate/length; "
                         "pass --sample-rate and --seconds")
-    _check_length(sample_rate, seconds)
-    _check_crop(args.crop_seconds, sample_rate, seconds)
+    check_length(sample_rate, seconds)
+    check_crop(args.crop_seconds, sample_rate, seconds)
 
     task = None
     if args.dataset in ("ptb-xl", "shards") and args.mode not in REPORT_MODES:
@@ -212,17 +191,17 @@ def _fold_splits(records: list[EvalRecord], root: str, args, split_names,
         raise EvalError(f"--root {root}: record ids are not unique (e.g. {dupes})")
     folds = {s: parse_folds(getattr(args, f"{s}_folds") or DEFAULT_FOLDS[s], f"--{s}-folds")
              for s in split_names}
-    _check_disjoint(folds)
+    check_disjoint(folds)
     available = sorted({r.fold for r in records})
     splits: dict[str, list[EvalRecord]] = {}
     for split in split_names:
         in_folds = [r for r in records if r.fold in folds[split]]
         if not in_folds:
-            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: no record of {root} "
-                            f"is in these folds (folds present: {_fmt_folds(available)})")
+            raise EvalError(f"--{split}-folds {fmt_folds(folds[split])}: no record of {root} "
+                            f"is in these folds (folds present: {fmt_folds(available)})")
         kept = _drop_unusable(in_folds, args.mode, excluded, args.dataset)
         if not kept:
-            raise EvalError(f"--{split}-folds {_fmt_folds(folds[split])}: every record was "
+            raise EvalError(f"--{split}-folds {fmt_folds(folds[split])}: every record was "
                             f"left out ({ {k: len(v) for k, v in excluded.items()} })")
         splits[split] = kept
     return splits, excluded, folds
@@ -256,162 +235,6 @@ def _report_split_records(root: str, sample_rate: int, report_split: str
         raise EvalError(f"--report-split: none of the {len(rows)} records of {report_split} "
                         f"is usable under --root {root} ({ {k: len(v) for k, v in excluded.items()} })")
     return {"test": kept}, excluded
-
-
-# ---------------------------------------------------------------- checks behind build_plan
-
-def _check_option_combinations(args) -> None:
-    only = [("--fraction", args.fraction is not None, "linear"),
-            ("--train-folds", args.train_folds is not None, "linear"),
-            ("--val-folds", args.val_folds is not None, "linear"),
-            ("--prompts", args.prompts is not None, "zeroshot"),
-            ("--prompt-format", args.prompt_format != "auto", "zeroshot")]
-    for option, given, mode in only:
-        if given and args.mode != mode:
-            raise EvalError(f"{option} only applies to --mode {mode}")
-    if args.dataset == "shards":
-        for option, value in (("--split-dir", args.split_dir), ("--class-names", args.class_names)):
-            if value is not None:
-                raise EvalError(f"{option} does not apply to --dataset shards (the shards "
-                                "hold their records' folds and labels)")
-    if args.task is not None and args.dataset not in ("ptb-xl", "shards"):
-        raise EvalError(f"--task selects a PTB-XL label set; {args.dataset} has one fixed "
-                        "label set (leave --task out)")
-    if args.task is not None and args.mode in REPORT_MODES:
-        raise EvalError(f"--task has no effect on --mode {args.mode} (leave it out)")
-    if args.mode in REPORT_MODES and args.dataset not in ("ptb-xl", "shards"):
-        raise EvalError(f"--mode {args.mode} needs free-text reports; {args.dataset} has none "
-                        "(use --dataset ptb-xl)")
-    if args.max_new_tokens is not None and args.mode != "generation":
-        raise EvalError("--max-new-tokens only applies to --mode generation")
-    if args.max_new_tokens is None:
-        args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    if args.dataset == "code-15":
-        for option, value in (("--class-names", args.class_names), ("--split-dir", args.split_dir)):
-            if value is not None:  # the reference has no class list or split file for CODE
-                raise EvalError(f"{option} has no CODE-15% entry in the reference; "
-                                "--dataset code-15 has one fixed label set (leave it out)")
-    if args.min_count is not None and args.dataset != "chapman":
-        raise EvalError("--min-count only applies to --dataset chapman")
-    if args.split_dir is not None:
-        _check_split_dir_options(args)
-    if args.report_split is not None:
-        _check_report_split_options(args)
-    if args.class_names is not None:
-        if args.mode in REPORT_MODES:
-            raise EvalError(f"--class-names has no effect on --mode {args.mode} (leave it out)")
-        if not Path(args.class_names).is_file():
-            raise EvalError(f"--class-names {args.class_names} is not a file")
-        if args.min_count is not None:
-            raise EvalError("--min-count has no effect with --class-names (the file lists "
-                            "the classes)")
-    if args.min_count is None:
-        args.min_count = DEFAULT_CHAPMAN_MIN_COUNT
-    if args.fraction is not None and not 0 < args.fraction <= 1:
-        raise EvalError(f"--fraction must be in (0, 1], got {args.fraction}")
-    if args.prompts is not None and not Path(args.prompts).is_file():
-        raise EvalError(f"--prompts {args.prompts} is not a file")
-    if args.prompt_format != "auto" and args.prompts is None:
-        raise EvalError("--prompt-format needs --prompts FILE")
-    for option, value, low in (("--batch-size", args.batch_size, 1),
-                               ("--bootstrap", args.bootstrap, 0),
-                               ("--actors", args.actors, 1),
-                               ("--max-new-tokens", args.max_new_tokens, 1)):
-        check_at_least(option, value, low)
-    check_output_folder(args.out)
-
-
-def check_at_least(option: str, value, low) -> None:
-    if value is not None and value < low:
-        raise EvalError(f"{option} must be >= {low}, got {value}")
-
-
-def check_output_folder(out: str, uri_ok: bool = True) -> None:
-    """--out: a local folder (created if absent) or, for a command that copies its files
-    there, an s3:// / gs:// URI; a URI is never taken for a local path."""
-    if storage.is_uri(out):
-        if not uri_ok:
-            raise EvalError(f"--out {out}: this command writes a local folder; copy it to "
-                            "the bucket afterwards")
-        return
-    if Path(out).exists() and not Path(out).is_dir():
-        raise EvalError(f"--out {out} exists and is not a folder")
-
-
-def _check_report_split_options(args) -> None:
-    if args.mode not in REPORT_MODES or args.dataset != "ptb-xl":
-        raise EvalError("--report-split applies to --mode retrieval or generation on "
-                        "--dataset ptb-xl")
-    if args.test_folds is not None or args.split_dir is not None:
-        raise EvalError("--report-split lists the records: leave out --test-folds and --split-dir")
-    if not Path(args.report_split).is_file():
-        raise EvalError(f"--report-split {args.report_split} is not a file")
-
-
-def _check_split_dir_options(args) -> None:
-    if args.mode in REPORT_MODES:
-        raise EvalError("--split-dir applies to zeroshot and linear; the reference's report "
-                        f"split is read with --report-split FILE for {args.mode}")
-    if not Path(args.split_dir).is_dir():
-        raise EvalError(f"--split-dir {args.split_dir} is not a folder")
-    for option in ("train_folds", "val_folds", "test_folds", "min_count"):
-        if getattr(args, option) is not None:
-            raise EvalError(f"--{option.replace('_', '-')} has no effect with --split-dir "
-                            "(the split files list the records and classes)")
-
-
-def _check_root(dataset: str, root: str) -> str:
-    from melp_ray.data.ptbxl import DATABASE_CSV, STATEMENTS_CSV
-
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise EvalError(f"--root {root} is not an existing folder")
-    if dataset == "ptb-xl":
-        missing = [f for f in (DATABASE_CSV, STATEMENTS_CSV) if not (path / f).is_file()]
-        if missing:
-            raise EvalError(f"--root {root} is not a PTB-XL folder (no {', '.join(missing)})")
-    elif dataset == "code-15":
-        from melp_ray.data import code15
-
-        if code15.detect_layout(path) is None:
-            raise EvalError(f"--root {root} is not a CODE-15% folder (no {code15.EXAMS_CSV}) "
-                            f"nor CODE-test (no {code15.TEST_HDF5})")
-    elif not any(path.rglob("*.hea")):
-        raise EvalError(f"--root {root} holds no PhysioNet .hea headers for {dataset}")
-    return str(path.resolve())
-
-
-def _check_length(sample_rate, seconds) -> None:
-    from melp_ray.data.records import n_samples_for
-
-    try:
-        n_samples_for(sample_rate, seconds)
-    except ValueError as err:
-        raise EvalError(f"--sample-rate/--seconds: {err}") from None
-
-
-def _check_crop(crop_seconds, sample_rate, seconds) -> None:
-    if crop_seconds is None:
-        return
-    if not 0 < crop_seconds <= seconds:
-        raise EvalError(f"--crop-seconds must be in (0, --seconds={seconds}], got {crop_seconds}")
-    try:
-        _check_length(sample_rate, crop_seconds)
-    except EvalError as err:
-        raise EvalError(f"--crop-seconds: {err}") from None
-
-
-def _check_disjoint(folds: dict[str, list[int]]) -> None:
-    names = list(folds)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = sorted(set(folds[a]) & set(folds[b]))
-            if shared:
-                raise EvalError(f"--{a}-folds and --{b}-folds share folds {_fmt_folds(shared)}")
-
-
-def _fmt_folds(folds) -> str:
-    return ",".join(str(f) for f in folds) or "none"
 
 
 def _drop_unusable(records: list[EvalRecord], mode: str, excluded: dict[str, list[str]],
