@@ -10,7 +10,8 @@ folder with a BERT config and tokenizer (heart_bert's: ``hf download fuyingw/hea
 reference trained with (the [BOS] row is checked), and the text tower's sizes come from
 the checkpoint's tensors; for the encoder folder the text tower, decoder and temperature
 are not in the file: they keep our initialisation (the text tower's pretrained weights
-when the folder holds them). Key names and layout: ``melp_ray.reference_weights``.
+when the folder holds them). Reading the files: ``melp_ray.reference_files``; key names
+and layout: ``melp_ray.reference_weights``.
 
 The output is an export folder (``melp_ray.hf``) that ``python -m melp_ray.evaluate
 --checkpoint OUT`` and ``train.init_from=OUT`` read, plus ``conversion.json``: the source,
@@ -28,10 +29,10 @@ from typing import Any
 import torch
 
 from melp_ray.data.leads import LEADS
-from melp_ray.reference_weights import (REFERENCE_LEADS, ConversionError,
-                                        ReferenceWeights, caption_width, check_vocabulary,
+from melp_ray.reference_files import ConversionError, ReferenceWeights, read_reference
+from melp_ray.reference_weights import (REFERENCE_LEADS, caption_width, check_vocabulary,
                                         is_unused_reference_key, lead_permutation, map_state,
-                                        matching_preset, model_config_for, read_reference)
+                                        matching_preset, model_config_for)
 
 CONVERSION_FILE = "conversion.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")

@@ -1,27 +1,13 @@
 """The official MELP weights (GitHub HKU-MedAI/MELP) mapped onto our ``MELP``, tensor by tensor.
 
-Two published forms are read:
-
-- ``lightning``: the full model, a Lightning ``.ckpt`` whose ``"state_dict"`` holds the
-  reference ``MELPModel``'s parameters, named as that LightningModule names its submodules:
-  ``ecg_encoder.*`` (the ECG-FM wrapper, below), ``lm_model.bert.*`` (heart_bert, loaded as
-  a causal ``BertLMHeadModel``), ``proj_t.*`` (report head), ``sent_proj.*``,
-  ``text_decoder.*`` (open_clip ``MultimodalTransformer``) and ``logit_scale``.
-- ``encoder``: the ``fuyingw/MELP_Encoder`` folder (``model.safetensors`` + ``config.json``).
-  ASSUMPTION (the folder's custom code is not available offline): its tensors are the
-  reference's ECG encoder wrapper (``ECGFMModel``) with that module's own names, i.e. the
-  ``ecg_encoder.*`` part of the full model without its leading ``ecg_encoder.``:
-  ``ecg_encoder.feature_extractor...`` (the fairseq-signals Wav2Vec2-CMSC backbone),
-  ``attn_pool_contrast``, ``ln_contrast``, ``proj_contrast``, ``attn_pool_caption``,
-  ``ln_caption``. Any common prefix in front of these names (e.g. ``model.``) is stripped,
-  so a wrapper class around ``ECGFMModel`` reads the same way.
-
-Both are located by an anchor key (the first conv of the ECG backbone); whatever precedes
-it is a prefix stripped from every key. The mapping is strict: every reference tensor is
-either mapped or on an explicit list of parts MELP's forward never uses (the wav2vec2
-quantizer and pretraining heads, ECG-FM's own temperature and BatchNorm, heart_bert's MLM
-head), every one of our tensors is filled (for ``encoder``: every ECG-side tensor), and
-every shape is checked. Layout differences handled here:
+The weights are read, from a Lightning checkpoint (``lightning``: the full model) or the
+``MELP_Encoder`` folder (``encoder``: the ECG side), by ``melp_ray.reference_files`` into
+reference-named fp32 tensors; this module maps those names and shapes onto ours. The
+mapping is strict: every reference tensor is either mapped or on an explicit list of parts
+MELP's forward never uses (the wav2vec2 quantizer and pretraining heads, ECG-FM's own
+temperature and BatchNorm, heart_bert's MLM head), every one of our tensors is filled (for
+``encoder``: every ECG-side tensor), and every shape is checked. Layout differences handled
+here:
 
 - the first conv's input channels: the reference keeps MIMIC's lead order (aVF before aVL),
   we use ``melp_ray.data.leads.LEADS``; columns are permuted so canonical-order input to our
@@ -43,24 +29,20 @@ or from explicit overrides.
 """
 from __future__ import annotations
 
-import os
-import pickle
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from melp_ray.data.leads import LEADS, lead_indices
 from melp_ray.model.config import PRESETS, ModelConfig, model_config_from_preset
+from melp_ray.reference_files import (ANCHOR, BACKBONE, TEXT_EMBEDDINGS, ConversionError,
+                                      ReferenceWeights)
 
 # MIMIC-IV-ECG's lead order, which the reference trains on (aVF before aVL).
 REFERENCE_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL",
                                     "V1", "V2", "V3", "V4", "V5", "V6")
 
-BACKBONE = "ecg_encoder.ecg_encoder."   # the Wav2Vec2-CMSC model inside the ECG-FM wrapper
-ANCHOR = BACKBONE + "feature_extractor.conv_layers.0.0.weight"
-TEXT_EMBEDDINGS = "lm_model.bert.embeddings.word_embeddings.weight"
 FIRST_CONV = "ecg_encoder.feature_extractor.conv_layers.0.0.weight"   # ours
 
 # Our top-level modules that the encoder-only folder fills.
@@ -116,119 +98,11 @@ REFERENCE_DECODER_HEADS = 8
 REFERENCE_HEAD_WIDTH = 64          # ECG heads: 768 -> 12 (small, base), 1024 -> 16 (large)
 
 
-class ConversionError(ValueError):
-    """The reference weights cannot be mapped: the message names the key or file at fault."""
-
-
-@dataclass
-class ReferenceWeights:
-    kind: str                       # "lightning" | "encoder"
-    source: str
-    state: dict[str, torch.Tensor]  # full-model reference names, fp32, prefix stripped
-    config: dict[str, Any] = field(default_factory=dict)   # the encoder folder's config.json
-    prefix: str = ""                # what was stripped from the file's keys
-
-
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- leads
 
 def lead_permutation() -> list[int]:
     """For each of our input channels (LEADS order), the reference channel it comes from."""
     return lead_indices(REFERENCE_LEADS)
-
-
-def _torch_load_safely(path: str) -> Any:
-    """``torch.load(weights_only=True)``; Lightning checkpoints often pickle numpy scalars
-    in their hyper-parameters, so exactly those numpy types are allowed, nothing else."""
-    import numpy as np
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
-                     type(np.dtype(np.int64))]
-    try:
-        numpy_scalars.append(np._core.multiarray.scalar)
-    except AttributeError:      # numpy < 2
-        numpy_scalars.append(np.core.multiarray.scalar)
-    try:
-        with torch.serialization.safe_globals(numpy_scalars):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = str(err).splitlines()
-        # torch's message is long; its "Unsupported global: GLOBAL x.y" line names the object.
-        reason = next((ln.strip() for ln in lines if "Unsupported global" in ln),
-                      lines[0] if lines else type(err).__name__)
-        raise ConversionError(
-            f"{path}: cannot be loaded with torch.load(weights_only=True) ({reason}); if you "
-            f"trust the file, save its state dict alone: torch.save(torch.load(path, "
-            f"weights_only=False)['state_dict'], 'state_dict.pt')") from None
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], anchor: str, source: str
-                  ) -> tuple[dict[str, torch.Tensor], str]:
-    hits = [k for k in state if k.endswith(anchor)]
-    if len(hits) != 1:
-        raise ConversionError(f"{source}: expected exactly one key ending in {anchor!r} (the "
-                              f"reference ECG backbone's first conv), found {len(hits)}")
-    prefix = hits[0][: -len(anchor)]
-    outside = sorted(k for k in state if not k.startswith(prefix))
-    if outside:
-        raise ConversionError(f"{source}: key {outside[0]!r} lacks the prefix {prefix!r} of the "
-                              f"other reference keys")
-    return {k[len(prefix):]: v for k, v in state.items()}, prefix
-
-
-def _as_fp32(state: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, value in state.items():
-        if not torch.is_tensor(value):
-            raise ConversionError(f"{source}: entry {name!r} is not a tensor")
-        out[name] = value.float() if value.is_floating_point() else value
-    return out
-
-
-def read_lightning_checkpoint(path: str) -> ReferenceWeights:
-    """The full reference model from a Lightning ``.ckpt`` (or a bare state-dict file)."""
-    loaded = _torch_load_safely(path)
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state, dict):
-        raise ConversionError(f"{path}: no state dict (expected a Lightning checkpoint with "
-                              f"a 'state_dict' entry)")
-    state, prefix = _strip_prefix(_as_fp32(state, path), ANCHOR, path)
-    if TEXT_EMBEDDINGS not in state:
-        raise ConversionError(f"{path}: no {TEXT_EMBEDDINGS!r}: not a full MELP checkpoint "
-                              f"(an ECG-encoder-only file goes in a MELP_Encoder folder)")
-    return ReferenceWeights("lightning", path, state, prefix=prefix)
-
-
-def read_encoder_folder(path: str) -> ReferenceWeights:
-    """The ``MELP_Encoder`` folder: ECG-FM wrapper tensors, named as in the full model."""
-    import json
-
-    from safetensors.torch import load_file
-
-    weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise ConversionError(f"{path}: no model.safetensors (expected the MELP_Encoder folder)")
-    config_file = os.path.join(path, "config.json")
-    config = {}
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-    wrapper_anchor = ANCHOR[len("ecg_encoder."):]
-    state, prefix = _strip_prefix(_as_fp32(load_file(weights), weights), wrapper_anchor, weights)
-    state = {"ecg_encoder." + k: v for k, v in state.items()}
-    return ReferenceWeights("encoder", path, state, config=config, prefix=prefix)
-
-
-def read_reference(path: str) -> ReferenceWeights:
-    """A Lightning checkpoint file or a MELP_Encoder folder, whichever ``path`` is."""
-    if os.path.isdir(path):
-        return read_encoder_folder(path)
-    if os.path.isfile(path):
-        return read_lightning_checkpoint(path)
-    raise ConversionError(f"--reference {path}: no such file or folder")
 
 
 # ---------------------------------------------------------------- sizes

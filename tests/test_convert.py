@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melp_ray.convert import build_model, main
-from melp_ray.reference_weights import (ConversionError, ReferenceWeights, read_reference)
+from melp_ray.reference_files import ConversionError, ReferenceWeights, read_reference
 
 WORDS = ["sinus", "rhythm", "normal", "ecg", "left", "axis", "deviation", "atrial",
          "fibrillation", "block", "bundle", "branch", "right", "ventricular", "##s", "rate"]
