@@ -270,7 +270,7 @@ def test_split_dir_zeroshot_scores_every_listed_record(tiny_checkpoint, bundled_
 # ---------------------------------------------------------------- CPSC2018
 
 def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
-    from melp_ray.data.physionet import CPSC2018_CLASSES
+    from melp_ray.data.physionet_labels import CPSC2018_CLASSES
 
     results = _evaluate(tiny_checkpoint, challenge_root, tmp_path, "--dataset", "cpsc2018",
                         "--mode", "zeroshot", "--test-folds", "1-10")

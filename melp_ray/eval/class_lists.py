@@ -32,7 +32,7 @@ REFERENCE_TASK_KEYS: dict[tuple[str, str | None], str] = {
     ("chapman", None): "chapman",
 }
 
-# The reference's CPSC2018 class names -> ours (``physionet.CPSC2018_CLASSES``).
+# The reference's CPSC2018 class names -> ours (``physionet_labels.CPSC2018_CLASSES``).
 ICBEB_TO_CPSC2018: dict[str, str] = {
     "AFIB": "AF", "VPC": "PVC", "NORM": "NORM", "1AVB": "I-AVB", "CRBBB": "RBBB",
     "STE": "STE", "PAC": "PAC", "CLBBB": "LBBB", "STD": "STD",
@@ -89,7 +89,7 @@ def match_ptbxl_names(names: Sequence[str], ours: Sequence[str], source: str) ->
 
 def match_cpsc2018_names(names: Sequence[str], source: str) -> dict[str, str]:
     """Reference (icbeb) or our CPSC2018 name -> our class name."""
-    from melp_ray.data.physionet import CPSC2018_CLASSES
+    from melp_ray.data.physionet_labels import CPSC2018_CLASSES
 
     known = {**ICBEB_TO_CPSC2018, **{c: c for c in CPSC2018_CLASSES}}
     unknown = [n for n in names if n not in known]

@@ -113,31 +113,31 @@ def _ptbxl_records(root: str, task: str | None, sample_rate: int,
 
 def _physionet_records(dataset: str, root: str, min_count: int, class_file: str | None = None
                        ) -> tuple[list[EvalRecord], list[str], dict[str, str]]:
-    from melp_ray.data import physionet
+    from melp_ray.data import physionet, physionet_labels
     from melp_ray.eval import class_lists
 
     listed = physionet.list_physionet_records(root)
     source = f"--class-names {class_file}"
     if dataset == "cpsc2018":
-        classes = list(physionet.CPSC2018_CLASSES)
+        classes = list(physionet_labels.CPSC2018_CLASSES)
         aliases = {c: c for c in classes}
         if class_file:
             classes = _class_file_names(class_file, dataset, None)
             aliases = _or_eval_error(class_lists.match_cpsc2018_names, classes, source)
         label = functools.partial(
-            physionet.labels_from_codes, classes=classes,
-            code_groups={c: physionet.CPSC2018_CODES[aliases[c]] for c in classes})
-    else:  # Chapman-Shaoxing: SNOMED codes as classes (see physionet.py)
+            physionet_labels.labels_from_codes, classes=classes,
+            code_groups={c: physionet_labels.CPSC2018_CODES[aliases[c]] for c in classes})
+    else:  # Chapman-Shaoxing: SNOMED codes as classes (see physionet_labels.py)
         if class_file:
             classes = _class_file_names(class_file, dataset, None)
             _or_eval_error(class_lists.check_snomed_names, classes, source)
         else:  # the codes frequent in this data
-            classes = physionet.frequent_dx_classes(listed, min_count=min_count)
+            classes = physionet_labels.frequent_dx_classes(listed, min_count=min_count)
         if not classes:
             raise EvalError(f"no SNOMED code occurs in >= {min_count} records under {root}; "
                             "lower --min-count")
         aliases = {c: c for c in classes}
-        label = functools.partial(physionet.labels_from_codes, classes=classes)
+        label = functools.partial(physionet_labels.labels_from_codes, classes=classes)
     records = [EvalRecord(record_id=rec.record_id, path=str(rec.header_path),
                           fold=physionet_fold(rec.record_id), labels=label(rec.dx_codes))
                for rec in listed]
@@ -232,7 +232,7 @@ def _split_row_record(dataset: str, root: str, row, sample_rate: int, headers, o
 def default_aliases(dataset: str, root: str, task: str | None, classes: list[str]
                      ) -> dict[str, str]:
     """Class name -> our label name where one matches (for default prompts); others none."""
-    from melp_ray.data.physionet import CPSC2018_CLASSES
+    from melp_ray.data.physionet_labels import CPSC2018_CLASSES
     from melp_ray.data.ptbxl import class_names
     from melp_ray.eval.class_lists import ICBEB_TO_CPSC2018
 

@@ -273,17 +273,17 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
                      prompt_format: str = "auto", aliases: dict[str, str] | None = None):
     """Prompts per class; a class named after one of ours (``aliases``: name -> our label
     name, from --class-names) gets our label's default prompt."""
-    from melp_ray.data import physionet
+    from melp_ray.data import physionet_labels
     from melp_ray.eval import prompts as P
 
     if dataset == "ptb-xl":
         defaults = P.ptbxl_descriptions(Path(root) / "scp_statements.csv")
     elif dataset == "cpsc2018":
-        defaults = physionet.CPSC2018_DESCRIPTIONS
+        defaults = physionet_labels.CPSC2018_DESCRIPTIONS
     elif dataset == "code-15":
         defaults = P.CODE15_PROMPTS
     else:
-        defaults = physionet.SNOMED_DESCRIPTIONS
+        defaults = physionet_labels.SNOMED_DESCRIPTIONS
     defaults = {**defaults, **{name: defaults[ours] for name, ours in (aliases or {}).items()
                                if ours in defaults}}
     try:

@@ -14,7 +14,7 @@ Defaults
   that merge several codes (``PTBXL_SUBCLASS_GROUP_PROMPTS``, e.g. ``_AVB``).
 * CODE-15%: ``CODE15_PROMPTS`` (its six classes, named as in the dataset's CSVs).
 * CPSC2018: ``CPSC2018_DESCRIPTIONS``; Chapman-Shaoxing (SNOMED codes as classes):
-  ``SNOMED_DESCRIPTIONS`` (both in ``melp_ray.data.physionet``).
+  ``SNOMED_DESCRIPTIONS`` (both in ``melp_ray.data.physionet_labels``).
 
 Prompt files
 ------------
@@ -123,7 +123,7 @@ def ptbxl_prompts(classes: Sequence[str], scp_statements_csv: str | Path) -> Pro
 
 def cpsc2018_prompts(classes: Sequence[str] | None = None) -> Prompts:
     """Default prompts for the CPSC2018 classes (all 9 when ``classes`` is None)."""
-    from melp_ray.data.physionet import CPSC2018_CLASSES, CPSC2018_DESCRIPTIONS
+    from melp_ray.data.physionet_labels import CPSC2018_CLASSES, CPSC2018_DESCRIPTIONS
 
     return prompts_for_classes(CPSC2018_CLASSES if classes is None else classes,
                                CPSC2018_DESCRIPTIONS, source="CPSC2018_DESCRIPTIONS")
@@ -131,7 +131,7 @@ def cpsc2018_prompts(classes: Sequence[str] | None = None) -> Prompts:
 
 def snomed_prompts(codes: Sequence[str]) -> Prompts:
     """Default prompts for SNOMED-coded classes (Chapman-Shaoxing)."""
-    from melp_ray.data.physionet import SNOMED_DESCRIPTIONS
+    from melp_ray.data.physionet_labels import SNOMED_DESCRIPTIONS
 
     return prompts_for_classes(codes, SNOMED_DESCRIPTIONS, source="SNOMED_DESCRIPTIONS")
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from melp_ray.data.physionet import CPSC2018_CLASSES, CPSC2018_DESCRIPTIONS
+from melp_ray.data.physionet_labels import CPSC2018_CLASSES, CPSC2018_DESCRIPTIONS
 from melp_ray.data.ptbxl import SUPERCLASSES, class_names
 from melp_ray.eval.class_lists import ClassListError, match_ptbxl_names, read_class_names
 from melp_ray.eval.plan import EvalError, build_plan

@@ -8,10 +8,10 @@ import pytest
 import scipy.io
 import wfdb
 
-from melp_ray.data.physionet import (CANONICAL_LEADS, CPSC2018_CLASSES, PhysioNetFormatError,
-                                     cpsc2018_labels, frequent_dx_classes, labels_from_codes,
-                                     list_physionet_records, load_physionet_signal,
-                                     read_physionet_header)
+from melp_ray.data.physionet import (CANONICAL_LEADS, PhysioNetFormatError, list_physionet_records,
+                                     load_physionet_signal, read_physionet_header)
+from melp_ray.data.physionet_labels import (CPSC2018_CLASSES, cpsc2018_labels, frequent_dx_classes,
+                                            labels_from_codes)
 
 # File order differs from the canonical one and names use other cases: the reader must map
 # by name. (Challenge files are canonical-ordered; this proves it does not rely on that.)

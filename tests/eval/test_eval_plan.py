@@ -25,7 +25,8 @@ def test_fold_parsing():
 def test_chapman_classes_are_the_frequent_codes_with_pseudo_folds(tiny_checkpoint,
                                                                    challenge_root, tmp_path):
     """Chapman runs the CPSC2018 code path past the plan; check what differs."""
-    from melp_ray.data.physionet import frequent_dx_classes, list_physionet_records
+    from melp_ray.data.physionet import list_physionet_records
+    from melp_ray.data.physionet_labels import frequent_dx_classes
 
     args = make_parser().parse_args(
         ["--checkpoint", tiny_checkpoint, "--dataset", "chapman", "--root", str(challenge_root),

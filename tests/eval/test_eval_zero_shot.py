@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from melp_ray.data.physionet import CPSC2018_CLASSES
+from melp_ray.data.physionet_labels import CPSC2018_CLASSES
 from melp_ray.eval.prompts import (PTBXL_SUPERCLASS_PROMPTS, MissingPromptError,
                                    cpsc2018_prompts, load_prompt_file,
                                    ptbxl_prompts, resolve_prompts)
