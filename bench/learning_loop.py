@@ -110,24 +110,10 @@ def score(model, data, folds, probe_folds: dict, holdout: int) -> dict:
             "cosine": mean_pairwise_cosine(e.numpy()), "recall10_over_chance": recall / min(10 / n, 1)}
 
 
-def copy_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def update_ema(ema: dict, model, decay: float) -> None:
-    import torch
-
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                ema[k].mul_(decay).add_(v, alpha=1 - decay)
-            else:
-                ema[k].copy_(v)
-
-
 def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[dict], list[dict]]:
     import numpy as np
     import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     from melp_ray.losses import compute_losses
     from melp_ray.model import MELP
@@ -138,17 +124,15 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
     model = MELP(cfg.model).train()
     optimizer, schedule = optimizer_for(model, t, args.text_lr_scale)
     generator = torch.Generator().manual_seed(t.seed)
-    ema = copy_state(model) if args.ema > 0 else None
+    # torch's EMA: a copy of the model whose weights (and buffers) follow the trained ones;
+    # its first update copies the weights after step 1, later ones average with ``args.ema``.
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+           if args.ema > 0 else None)
     train_rows = torch.from_numpy(np.flatnonzero(folds != holdout))
 
     def evaluate(step: int) -> dict:
-        saved = None
-        if ema is not None:
-            saved = copy_state(model)
-            model.load_state_dict(ema)
-        out = {"step": step, **score(model, data, folds, probe_folds, holdout)}
-        if saved is not None:
-            model.load_state_dict(saved)
+        scored = ema.module if ema is not None and step > 0 else model
+        out = {"step": step, **score(scored, data, folds, probe_folds, holdout)}
         C.log(" ".join(f"{k} {v:.4g}" for k, v in out.items()))
         return out
 
@@ -177,7 +161,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
         optimizer.step()
         schedule.step()
         if ema is not None:
-            update_ema(ema, model, args.ema)
+            ema.update_parameters(model)
         losses.append(loss["rhythm"].item())
         if step % args.eval_every == 0 or step == t.max_steps:
             C.log(f"step {step}: rhythm loss {np.mean(losses[-args.eval_every:]):.3f}, "
