@@ -30,19 +30,10 @@ def pytest_collection_modifyitems(items):
     """Every test that needs the session's Ray instance (itself or through a fixture that
     trains with it) is marked ``slow``, like the ones marked by hand (subprocess runs,
     benchmark smokes, plain training loops); every other test is ``unit``, so
-    ``pytest -m unit`` (the same as ``-m "not slow"``) is the quick suite.
-
-    With ``pytest -n 2`` (pytest-xdist, ``--dist loadgroup``) the tests that share the
-    session's Ray instance and its trained fixtures all run in one worker, so those are
-    built once; every other module runs whole in one worker (its module fixtures, such as
-    a multi-node cluster, start once)."""
+    ``pytest -m unit`` (the same as ``-m "not slow"``) is the quick suite."""
     for item in items:
         if "ray_local" in item.fixturenames:
             item.add_marker(pytest.mark.slow)
-            group = "session-ray"
-        else:
-            group = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
 
