@@ -107,7 +107,7 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
 
     from melp_ray.losses import MELPLoss
     from melp_ray.model import MELP
-    from melp_ray.pretrain import mask_leads
+    from melp_ray.pretrain import augment
     from melp_ray.train.recipe import param_groups
 
     threads = torch.get_num_threads()
@@ -122,7 +122,7 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
         for i in range(warmup + steps):
             b = batches[i % len(batches)]
             t0 = time.perf_counter()
-            out = model(mask_leads(b["ecg"], cfg.data.lead_mask_prob, gen), b["input_ids"],
+            out = model(augment(b["ecg"], cfg.data, gen), b["input_ids"],
                         b["attention_mask"], b["sentence_ids"])
             loss_fn(out)["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -30,7 +30,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
 
     from melp_ray.losses import MELPLoss
     from melp_ray.model import MELP
-    from melp_ray.pretrain import mask_leads
+    from melp_ray.pretrain import augment
     from melp_ray.train.recipe import lr_schedule, param_groups
 
     threads = torch.get_num_threads()
@@ -53,7 +53,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
                 parts = dict.fromkeys(parts, 0.0)
             b = batches[i % len(batches)]
             t0 = time.perf_counter()
-            out = (engine or model)(mask_leads(b["ecg"], cfg.data.lead_mask_prob, gen),
+            out = (engine or model)(augment(b["ecg"], cfg.data, gen),
                                     b["input_ids"], b["attention_mask"], b["sentence_ids"])
             losses = loss_fn(out)
             t1 = time.perf_counter()
