@@ -131,7 +131,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
     train_rows = torch.from_numpy(np.flatnonzero(folds != holdout))
 
     def evaluate(step: int) -> dict:
-        scored = ema.module if ema is not None and step > 0 else model
+        scored = model if ema is None else ema.module   # the copy starts as the model
         out = {"step": step, **score(scored, data, folds, probe_folds, holdout)}
         C.log(" ".join(f"{k} {v:.4g}" for k, v in out.items()))
         return out
