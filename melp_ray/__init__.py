@@ -1,16 +1,7 @@
-"""melp_ray: MELP (multi-scale ECG-language pretraining) on Ray Data, Ray Train, Ray Tune and DeepSpeed."""
+"""melp_ray: MELP (multi-scale ECG-language pretraining) on Ray Data, Ray Train, Ray Tune and DeepSpeed.
+
+``import melp_ray`` imports nothing heavy: every Ray process that unpickles a melp_ray config
+or function imports this package, and transformers alone costs seconds there. ``import
+melp_ray.hf`` registers MELP with transformers' Auto classes.
+"""
 __version__ = "0.1.0"
-
-
-def _register_with_transformers() -> None:
-    """After ``import melp_ray``, ``AutoModel.from_pretrained(exported_folder)`` returns MELP.
-
-    Costs the transformers import (a second or two), which every entry point needs anyway.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is not None:
-        from melp_ray import hf  # noqa: F401  (registers model_type "melp_ray")
-
-
-_register_with_transformers()

@@ -7,7 +7,7 @@ Anywhere, with only torch + transformers (the folder carries its code, ``melp_ra
     ecg_emb = model.encode_ecg(signals)                      # (B, 12, T) preprocessed -> (B, D)
     txt_emb = model.encode_text(["sinus rhythm. normal ecg."])
 
-With melp_ray installed, ``import melp_ray`` registers model_type "melp_ray" with the Auto
+With melp_ray installed, ``import melp_ray.hf`` registers model_type "melp_ray" with the Auto
 classes, so the same call works without ``trust_remote_code`` and uses melp_ray's classes.
 
 An exported folder (``save_folder``)::
