@@ -201,13 +201,10 @@ def start_ray(num_cpus: int, **kwargs):
     os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
+            # Ray's processes inherit this environment (DS_ACCELERATOR, HF_HUB_OFFLINE, ...):
+            # no runtime_env, which would cost each worker start about a second.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     configure_logging=False, log_to_driver=False,
-                     runtime_env={"env_vars": {k: os.environ[k] for k in
-                                               ("DS_ACCELERATOR", "RAY_TRAIN_V2_ENABLED",
-                                                "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM",
-                                                "WANDB_MODE") if k in os.environ}},
-                     **kwargs)
+                     configure_logging=False, log_to_driver=False, **kwargs)
             break
         except Exception as err:   # noqa: BLE001 - Ray raises a bare Exception for this
             # Ray gives its raylet a fixed 30 s to register with the GCS; at a load average
