@@ -99,8 +99,8 @@ def failure(name: str, proc: subprocess.CompletedProcess) -> str:
             f"was:\n{progress}\n{err[dump:][:20000]}")
 
 
-def smoke(name: str, tmp_path: Path) -> dict:
-    proc, out = run_bench(name, tmp_path, "--smoke")
+def smoke(name: str, tmp_path: Path, *extra: str) -> dict:
+    proc, out = run_bench(name, tmp_path, "--smoke", *extra)
     assert proc.returncode == 0, failure(name, proc)
     assert "| " in proc.stdout          # printed its table
     data = json.loads(out.read_text())
@@ -140,10 +140,12 @@ def test_overhead_smoke(tmp_path):
 
 
 def test_zero_memory_smoke(tmp_path):
-    data = smoke("zero_memory", tmp_path)
+    # Stages 0 and 3 (the comparison the target is about): every stage runs the same code
+    # with another stage number, in two fresh spawned ranks (~20 s each pair on 2 cores).
+    data = smoke("zero_memory", tmp_path, "--stages", "0,3")
     assert set(data["precisions"]) == {"fp32"}          # smoke: the CPU precision only
     fp32 = data["precisions"]["fp32"]
-    assert set(fp32["stages"]) == {"0", "1", "2", "3"}
+    assert set(fp32["stages"]) == {"0", "3"}
     for stage in fp32["stages"]:
         assert_finite(fp32, f"stages.{stage}.model_states", f"stages.{stage}.peak_rss",
                       f"stages.{stage}.model_states_vs_stage0")
