@@ -48,23 +48,25 @@ class ReferenceWeights:
     prefix: str = ""                # what was stripped from the file's keys
 
 
-def _torch_load_safely(path: str) -> Any:
-    """``torch.load(weights_only=True)``; Lightning checkpoints often pickle numpy scalars
-    in their hyper-parameters, so exactly those numpy types are allowed, nothing else."""
+def _numpy_globals() -> list:
+    """The numpy objects a Lightning checkpoint's ``hyper_parameters`` pickle (a numpy scalar
+    such as the reference's ``init_logit_scale = np.log(1 / 0.07)``, and its dtype), under
+    the names numpy 1 *and* numpy 2 give them: a checkpoint written under numpy 1 names
+    ``numpy.core.multiarray.scalar``, numpy 2 moved it to ``numpy._core``."""
     import numpy as np
 
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = [np.dtype, *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
+                                                       np.int32, np.int64, np.bool_)}]
+    return [*dtypes, (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar")]
+
+
+def _torch_load_safely(path: str) -> Any:
+    """``torch.load(weights_only=True)`` with exactly the numpy scalar and dtype globals of
+    Lightning checkpoints allowed (``_numpy_globals``), nothing else."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
-                     type(np.dtype(np.int64))]
-    try:
-        numpy_scalars.append(np._core.multiarray.scalar)
-    except AttributeError:      # numpy < 2
-        numpy_scalars.append(np.core.multiarray.scalar)
-    try:
-        with torch.serialization.safe_globals(numpy_scalars):
+        with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         lines = str(err).splitlines()

@@ -297,6 +297,38 @@ def test_checkpoint_needing_unsafe_unpickling_is_refused(small, tmp_path, capsys
     assert "weights_only=True" in err and "datetime" in err
 
 
+def as_numpy1_pickle(ckpt: Path) -> Path:
+    """Rewrite a torch.save zip so its pickle names numpy's scalar as numpy 1 did
+    (``numpy.core.multiarray.scalar``; numpy 2 writes ``numpy._core``): what a checkpoint
+    saved by the reference code under numpy 1 holds."""
+    import zipfile
+
+    with zipfile.ZipFile(ckpt) as zin:
+        entries = [(info, zin.read(info)) for info in zin.infolist()]
+    renamed = ckpt.with_name("numpy1-" + ckpt.name)
+    with zipfile.ZipFile(renamed, "w", zipfile.ZIP_STORED) as zout:
+        for info, data in entries:
+            if info.filename.endswith("data.pkl"):
+                assert b"cnumpy._core.multiarray\nscalar\n" in data   # protocol 2: GLOBAL by text
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+            zout.writestr(info, data)
+    return renamed
+
+
+def test_lightning_checkpoint_pickled_under_numpy1_converts(small, tmp_path):
+    """The numpy scalar in ``hyper_parameters`` under its numpy-1 module path is allowed
+    (exactly the numpy globals, still weights_only=True), and converts to the same model."""
+    from melp_ray.checkpoint import load_model
+
+    ckpt = as_numpy1_pickle(small["ckpt"])
+    out = tmp_path / "converted"
+    assert main(["--reference", str(ckpt), "--text-model", str(small["text"]), "--out", str(out),
+                 "--set", "ecg_heads=4"]) == 0
+    ours, expected = load_model(str(out)).state_dict(), load_model(str(small["out"])).state_dict()
+    assert ours.keys() == expected.keys()
+    assert all(torch.equal(ours[k], expected[k]) for k in expected)
+
+
 def test_missing_reference_path_exits_2(small, tmp_path, capsys):
     err = _convert_error(capsys, tmp_path / "nothing.ckpt", small["text"], tmp_path / "out")
     assert "no such file or folder" in err
