@@ -112,6 +112,9 @@ class RunConfig:
     max_failures: int = 0
     wandb: bool = False
     wandb_project: str = "melp_ray"
+    # True: the libraries (Ray Train/Data, DeepSpeed, transformers) print at their own default
+    # levels; False: only their warnings and errors (melp_ray/console.py). CLI: --verbose.
+    verbose: bool = False
 
 
 @dataclass

@@ -12,12 +12,12 @@ optimizer and schedule (``melp_ray.train.init_from``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import torch
 
+from melp_ray.console import summary_table
 from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
                              config_keys, load_config)
 from melp_ray.distributed import mean_over_ranks
@@ -37,10 +37,8 @@ class PretrainRecipe(DeepSpeedRecipe):
         model = MELP(self.cfg.model)
         init_from = self.cfg.train.init_from
         if init_from is not None:
-            import ray.train
-
             # Weights only, and only for a fresh run: a resumed run continues from its checkpoint.
-            if ray.train.get_checkpoint() is None:
+            if not self.session.has_checkpoint():
                 from melp_ray.train.init_from import load_initial_weights
 
                 load_initial_weights(model, init_from)
@@ -234,25 +232,28 @@ def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict
 
 
 def run(cfg: PretrainConfig, callbacks: list | None = None,
-        recipe_cls: type[PretrainRecipe] = PretrainRecipe) -> dict[str, Any]:
+        recipe_cls: type[PretrainRecipe] = PretrainRecipe, in_process: bool = False
+        ) -> dict[str, Any]:
     """Train with an already validated config; returns (and writes) the run summary.
 
     ``recipe_cls``: a PretrainRecipe subclass to run instead (e.g. one that also saves
     something at the end); the data, launcher and summary are the same.
+    ``in_process``: run the one worker (``train.num_workers=1``) in this process instead of
+    on Ray Train (``launcher.fit_in_process``: debugging, tests of the recipe's logic).
     """
     from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
-    from melp_ray.train.launcher import fit_and_summarise
+    from melp_ray.train.launcher import fit_and_summarise, fit_in_process
 
     check_data_root(cfg.data)
     check_init_from(cfg.train.init_from, cfg.model)
-    init_ray()
+    init_ray(verbose=cfg.run.verbose)
     quiet_data_progress_bars()
     data_info: dict[str, Any] = {}
     datasets = build_datasets(cfg, data_info)
-    summary = fit_and_summarise(cfg, recipe_cls, datasets, callbacks=callbacks,
-                                extra_summary={"data": data_info,
-                                               "init_from": cfg.train.init_from})
-    return summary
+    extra = {"data": data_info, "init_from": cfg.train.init_from}
+    if in_process:
+        return fit_in_process(cfg, recipe_cls, datasets, extra_summary=extra)
+    return fit_and_summarise(cfg, recipe_cls, datasets, callbacks=callbacks, extra_summary=extra)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
@@ -264,9 +265,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, list[str]]:
                "Keys: " + ", ".join(config_keys(PretrainConfig)))
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="YAML file, or a shipped config name (small, tiny, paper). Default: small")
+    parser.add_argument("--verbose", action="store_true",
+                        help="let Ray, DeepSpeed and transformers print at their default levels "
+                             "(the same as run.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    return args.config, args.overrides
+    return args.config, args.overrides + (["run.verbose=true"] if args.verbose else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = run(cfg)
-    print("[melp_ray] summary:\n" + json.dumps(summary, indent=2, default=str))
+    print(summary_table(summary), flush=True)
     return 0
 
 

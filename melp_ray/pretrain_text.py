@@ -19,7 +19,6 @@ recipe) and export.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -27,6 +26,7 @@ from melp_ray import storage
 from melp_ray.config import ConfigError, check_data_root, config_keys, load_config
 from melp_ray.text.config import TextPretrainConfig, tokenizer_source
 from melp_ray.text.corpus import build_datasets, prepare_tokenizer
+from melp_ray.console import summary_table
 from melp_ray.text.export import export_hf_model
 from melp_ray.text.mlm import TextPretrainRecipe
 
@@ -34,26 +34,28 @@ DEFAULT_CONFIG = "text_tiny"
 HF_FOLDER = "hf_text_model"          # <storage>/<name>/hf_text_model
 
 
-def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None = None
-        ) -> dict[str, Any]:
-    """Train (or resume), export the final checkpoint as a HF folder; returns the summary."""
+def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None = None,
+        in_process: bool = False) -> dict[str, Any]:
+    """Train (or resume), export the final checkpoint as a HF folder; returns the summary.
+    ``in_process``: as in ``melp_ray.pretrain.run`` (one worker, in this process)."""
     from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
     from melp_ray.text.wordpiece import load_tokenizer_folder
-    from melp_ray.train.launcher import fit_and_summarise
+    from melp_ray.train.launcher import fit_and_summarise, fit_in_process
     from melp_ray.train.metrics import run_dir
 
     if cfg.data.use_reports:
         check_data_root(cfg.data)
-    init_ray()
+    init_ray(verbose=cfg.run.verbose)
     quiet_data_progress_bars()
     cfg = prepare_tokenizer(cfg)
     tokenizer = load_tokenizer_folder(tokenizer_source(cfg))
     out = out or storage.join(run_dir(cfg), HF_FOLDER)
-    summary = fit_and_summarise(cfg, TextPretrainRecipe, build_datasets(cfg, tokenizer),
-                                extra_summary={"text_init": cfg.text.init,
-                                               "tokenizer": tokenizer_source(cfg),
-                                               "vocab_size": len(tokenizer)},
-                                callbacks=callbacks)
+    extra = {"text_init": cfg.text.init, "tokenizer": tokenizer_source(cfg),
+             "vocab_size": len(tokenizer)}
+    datasets = build_datasets(cfg, tokenizer)
+    summary = (fit_in_process(cfg, TextPretrainRecipe, datasets, extra_summary=extra) if in_process
+               else fit_and_summarise(cfg, TextPretrainRecipe, datasets, extra_summary=extra,
+                                      callbacks=callbacks))
     # A run stopped early (train.stop_at_step) is resumed later; only a finished one is exported.
     if cfg.train.stop_at_step is None or cfg.train.stop_at_step >= cfg.train.max_steps:
         summary["hf_text_model"] = export_hf_model(summary["last_checkpoint"], out)
@@ -77,8 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: <storage>/<name>/hf_text_model)")
     parser.add_argument("--export", metavar="CHECKPOINT", default=None,
                         help="only export this checkpoint folder (needs --out); no training")
+    parser.add_argument("--verbose", action="store_true",
+                        help="let Ray, DeepSpeed and transformers print at their default levels "
+                             "(the same as run.verbose=true)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.verbose:
+        args.overrides.append("run.verbose=true")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = run(cfg, out=args.out)
-    print("[melp_ray] summary:\n" + json.dumps(summary, indent=2, default=str))
+    print(summary_table(summary), flush=True)
+    if summary.get("hf_text_model"):
+        print(f"  text model   {summary['hf_text_model']}", flush=True)
     return 0
 
 

@@ -68,9 +68,10 @@ def ray_local():
         # address="local": a private instance, never a cluster some other process started.
         # Its processes inherit the environment of this moment (the settings above, and the
         # S3 credentials only for them): no runtime_env, which costs each worker start ~1 s.
+        from melp_ray.ray_utils import init_local_ray
+
         with mock.patch.dict(os.environ, S3_TEST_CREDENTIALS):
-            ray.init(address="local", num_cpus=2, include_dashboard=False,
-                     configure_logging=False)
+            init_local_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     # Left running for the rest of the session; pytest exit tears it down.
 
@@ -179,7 +180,7 @@ def tiny_runs(ray_local, tiny_cfg, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
-    """A real 30-step tiny pretraining checkpoint (96 bundled records), shared by
+    """A real 30-step tiny pretraining checkpoint (96 bundled records, one worker), shared by
     tests/test_evaluate.py and the evaluation library tests in tests/eval/."""
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.pretrain import run
@@ -188,7 +189,8 @@ def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
     summary = run(load_config(PretrainConfig, "tiny", [
         "data.limit=96", "data.val_fraction=0.2", "train.global_batch_size=8",
         "train.max_steps=30", "train.val_every=30", "train.checkpoint_every=30",
-        "train.log_every=10", f"run.storage_path={tmp}", "run.name=eval"]))
+        "train.log_every=10", "train.num_workers=1", f"run.storage_path={tmp}", "run.name=eval"]),
+        in_process=True)   # one worker in this process: the checkpoint is what matters here
     return summary["last_checkpoint"]
 
 

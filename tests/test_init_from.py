@@ -94,9 +94,9 @@ def test_run_starts_from_the_export_weights_with_a_fresh_step(ray_local, tiny_cf
     from melp_ray.pretrain import run
 
     cfg = tiny_cfg(tmp_path, "init-from", "train.max_steps=2", "train.val_every=2",
-                   "train.checkpoint_every=2", "train.num_workers=2",
+                   "train.checkpoint_every=2", "train.num_workers=1",
                    f"train.init_from={tiny_export}")
-    summary = run(cfg, recipe_cls=_initial_weights_recipe())
+    summary = run(cfg, recipe_cls=_initial_weights_recipe(), in_process=True)
 
     assert summary["init_from"] == str(tiny_export) and summary["steps"] == 2
     initial = load_file(str(Path(summary["run_dir"]) / INITIAL_WEIGHTS))

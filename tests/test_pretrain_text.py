@@ -85,8 +85,8 @@ def test_stage_two_uses_the_exported_folder(scratch_run, ray_local, tmp_path):
     cfg = load_config(PretrainConfig, "tiny", [
         f"model.text_model={folder}", "model.text_pretrained=true", "train.max_steps=2",
         "train.val_every=0", "train.checkpoint_every=2", "data.limit=64", "run.max_failures=0",
-        f"run.storage_path={tmp_path}", "run.name=stage2"])
-    summary = pretrain_run(cfg)
+        "train.num_workers=1", f"run.storage_path={tmp_path}", "run.name=stage2"])
+    summary = pretrain_run(cfg, in_process=True)     # one worker, in this process
     assert summary["steps"] == 2
     assert all(math.isfinite(v) for v in summary["losses"].values())
 

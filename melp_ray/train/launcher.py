@@ -7,7 +7,9 @@ import warnings
 from typing import Any
 
 from melp_ray import storage
+from melp_ray.console import configure_libraries, ray_train_logging
 from melp_ray.train.metrics import run_dir
+from melp_ray.train.session import run_locally, single_process_group
 
 
 def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
@@ -19,6 +21,7 @@ def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
                             category=FutureWarning)
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
+    configure_libraries(cfg.run.verbose)
     recipe = config["recipe_cls"](cfg)
     recipe.setup()
     try:
@@ -57,12 +60,14 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
                                                checkpoint_score_attribute=t.checkpoint_metric,
                                                checkpoint_score_order=t.checkpoint_mode),
             callbacks=callbacks or None,
+            logging_config=ray_train_logging(cfg.run.verbose),
         ),
     )
 
 
 def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=None,
                       callbacks: list | None = None) -> dict[str, Any]:
+    """Run the recipe on Ray Train workers; write and return summary.json."""
     trainer = build_trainer(cfg, recipe_cls, datasets, callbacks)
     start = time.perf_counter()
     result = trainer.fit()
@@ -70,6 +75,35 @@ def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=N
     if result.error is not None:
         raise result.error
     out = result.return_value or {}
+    # Ray reports paths on its filesystem (scheme stripped): keep them usable as URIs.
+    last = storage.to_uri(cfg.run.storage_path, result.checkpoint.path) if result.checkpoint else None
+    kept = [(storage.to_uri(cfg.run.storage_path, c.path), m) for c, m in result.best_checkpoints or []]
+    return write_summary(cfg, out, wall, last, kept, extra_summary)
+
+
+def fit_in_process(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=None) -> dict[str, Any]:
+    """The same run in this process instead of on Ray Train workers (``train.num_workers=1``):
+    the same recipe, Ray Data datasets, DeepSpeed engine, checkpoint folders and summary.json,
+    without a Train controller and worker actors. For debugging and for tests of the
+    recipe's logic; model selection keeps every checkpoint (Ray's ``CheckpointConfig`` is
+    what prunes them)."""
+    if cfg.train.num_workers != 1:
+        raise ValueError(f"an in-process run has one worker, not train.num_workers="
+                         f"{cfg.train.num_workers}")
+    if storage.is_uri(cfg.run.storage_path):
+        raise ValueError("an in-process run writes to a local run.storage_path")
+    single_process_group()
+    start = time.perf_counter()
+    out, session = run_locally(cfg, recipe_cls, datasets, run_dir(cfg))
+    wall = time.perf_counter() - start
+    folders = session.checkpoint_folders()
+    return write_summary(cfg, out, wall, folders[-1] if folders else None, session.checkpointed,
+                         extra_summary)
+
+
+def write_summary(cfg, out: dict[str, Any], wall: float, last_checkpoint: str | None,
+                  kept: list[tuple[str, dict[str, Any]]], extra_summary=None) -> dict[str, Any]:
+    """summary.json from what the workers returned (``out``) and the checkpoints kept."""
     metrics = out.get("metrics", {})
     summary = {
         "run_name": cfg.run.name,
@@ -82,10 +116,8 @@ def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=N
         "samples_per_s": metrics.get("samples_per_s"),
         "input_wait_frac": metrics.get("input_wait_frac"),
         "wall_seconds": wall,
-        # Ray reports the path on its filesystem (scheme stripped): keep it usable as a URI.
-        "last_checkpoint": (storage.to_uri(cfg.run.storage_path, result.checkpoint.path)
-                            if result.checkpoint else None),
-        **model_selection_summary(cfg, result, out),
+        "last_checkpoint": last_checkpoint,
+        **model_selection_summary(cfg, kept, out),
         "run_dir": run_dir(cfg),
         **(extra_summary or {}),
     }
@@ -93,14 +125,14 @@ def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=N
     return summary
 
 
-def model_selection_summary(cfg, result, out: dict[str, Any]) -> dict[str, Any]:
-    """With ``train.checkpoint_metric``: the best checkpoint Ray kept, its step and score."""
+def model_selection_summary(cfg, kept: list[tuple[str, dict[str, Any]]],
+                            out: dict[str, Any]) -> dict[str, Any]:
+    """With ``train.checkpoint_metric``: the best checkpoint kept, its step and score."""
     metric = cfg.train.checkpoint_metric
     if metric is None:
         return {}
     best = None
-    for checkpoint, metrics in result.best_checkpoints or []:
-        if metrics.get("step") == out.get("best_step"):
-            best = {"path": storage.to_uri(cfg.run.storage_path, checkpoint.path),
-                    "step": metrics["step"], "metric": metric, "score": metrics[metric]}
+    for path, metrics in kept:
+        if metrics.get("step") == out.get("best_step") and metric in metrics:
+            best = {"path": path, "step": metrics["step"], "metric": metric, "score": metrics[metric]}
     return {"best_checkpoint": best, "stopped_early": bool(out.get("stopped_early"))}

@@ -26,9 +26,10 @@ import torch.distributed as dist
 from melp_ray.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
 from melp_ray.config import to_dict
 from melp_ray.distributed import mean_over_ranks
-from melp_ray.train.deepspeed_config import deepspeed_config, use_bf16
+from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
 from melp_ray.train.metrics import MetricsLogger, worker_print
 from melp_ray.train.prefetch import EpochPrefetcher
+from melp_ray.train.session import RayTrainSession
 
 
 
@@ -49,9 +50,11 @@ class TrainState:
 class DeepSpeedRecipe:
     dataset_prefix = "train"      # datasets are named f"{prefix}_r{rank}"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, session=None):
         self.cfg = cfg
         self.state = TrainState()
+        # Ray Train's worker (the default, created in setup) or a LocalSession (this process).
+        self.session = session
 
     # ---------------------------------------------------------------- hooks
     def build_model(self) -> torch.nn.Module:
@@ -70,25 +73,24 @@ class DeepSpeedRecipe:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        if self.session is None:
+            self.session = RayTrainSession()
+        self.rank, self.world, self.device = self.session.rank, self.session.world, self.session.device
         self.build_engine()
-        self.train_data = ray.train.get_dataset_shard(f"{self.dataset_prefix}_r{self.rank}")
-        self.val_data = ray.train.get_dataset_shard(f"val_r{self.rank}")
+        self.train_data = self.session.dataset(f"{self.dataset_prefix}_r{self.rank}")
+        self.val_data = self.session.dataset(f"val_r{self.rank}")
         self.logger = MetricsLogger(self.cfg, self.rank)
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+        with self.session.resume_folder() as folder:
+            if folder is not None:
+                self.load_checkpoint(folder)
 
     def build_engine(self) -> None:
         """The model, AdamW, the LR schedule and the DeepSpeed engine around them (the
         process group must exist: Ray Train's, or bench/gpu_step.py's own)."""
         import deepspeed
 
+        if not self.cfg.train.use_gpu:
+            skip_cpu_shared_memory_op()
         self.bf16 = use_bf16(self.cfg.train)
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
@@ -234,9 +236,7 @@ class DeepSpeedRecipe:
         if want_ckpt:
             self.save_checkpoint(metrics)
         else:
-            import ray.train
-
-            ray.train.report(metrics)
+            self.session.report(metrics)
         window.reset()
 
     def track_best(self, metrics: dict[str, Any]) -> None:
@@ -262,9 +262,8 @@ class DeepSpeedRecipe:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        """Every rank writes its DeepSpeed shard; Ray merges them into one checkpoint."""
-        import ray.train
-
+        """Every rank writes its DeepSpeed shard; Ray (or the LocalSession) merges them into
+        one checkpoint folder."""
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
             if self.rank == 0:
@@ -273,17 +272,17 @@ class DeepSpeedRecipe:
                                "zero_stage": self.cfg.deepspeed.zero_stage}, f, indent=2)
                 with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                     json.dump(to_dict(self.cfg), f, indent=2)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self.session.report(metrics, checkpoint_folder=tmp)
 
-    def load_checkpoint(self, checkpoint) -> None:
-        with checkpoint.as_directory() as path:
-            load_path, _ = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG,
-                                                       load_optimizer_states=True,
-                                                       load_lr_scheduler_states=True)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
-            with open(os.path.join(path, TRAINER_STATE)) as f:
-                saved = json.load(f)
+    def load_checkpoint(self, path: str) -> None:
+        """Resume from the checkpoint folder ``path``: weights, optimizer, schedule, state."""
+        load_path, _ = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG,
+                                                   load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {path}")
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            saved = json.load(f)
         defaults = asdict(TrainState())
         self.state = TrainState(**{k: saved.get(k, v) for k, v in defaults.items()})
         self.resumed_from_step = self.state.step   # logged once, so restarts show in metrics

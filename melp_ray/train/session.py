@@ -1,0 +1,144 @@
+"""Where a recipe runs: inside a Ray Train worker (the product), or in this very process.
+
+A recipe needs five things from whatever runs it: its rank and world size, its device, its
+datasets (by name), the checkpoint to resume from, and somewhere to ``report`` metrics and
+checkpoint folders. ``RayTrainSession`` takes them from Ray Train. ``LocalSession`` provides
+them in the calling process, with the same datasets and the same checkpoint folders, so the
+recipe's own logic (resume arithmetic, early stopping, data positions, gradient maths) can
+be run and checked without starting a Ray Train controller and worker actors each time —
+what ``bench/gpu_step.py`` and most of the test suite need. It keeps every checkpoint it is
+given, newest last; choosing which to keep is Ray Train's job (``CheckpointConfig``) and is
+only ever tested through Ray Train.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from melp_ray.distributed import free_port, world
+
+
+class RayTrainSession:
+    """The recipe's view of the Ray Train worker it runs in."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def dataset(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    @contextlib.contextmanager
+    def resume_folder(self) -> Iterator[str | None]:
+        """A local folder holding the checkpoint to resume from, or None for a fresh run."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield path
+
+    def has_checkpoint(self) -> bool:
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None
+
+    def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
+        """Every rank calls this the same number of times (Ray Train waits for all ranks)."""
+        import ray.train
+
+        checkpoint = (ray.train.Checkpoint.from_directory(checkpoint_folder)
+                      if checkpoint_folder is not None else None)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalSession:
+    """A recipe run in this process (and, with a process group, in its peers).
+
+    ``datasets``: name -> Ray Dataset (what ``TorchTrainer(datasets=...)`` would be given;
+    the recipe iterates them here instead of through a Ray Train shard).
+    ``checkpoints``: the folder that receives ``checkpoint_NNNNNN`` copies of every reported
+    checkpoint, as Ray Train's run folder does; a session created over a folder that already
+    holds some resumes from the newest, as a re-run Ray Train job does.
+    """
+
+    def __init__(self, datasets: dict[str, Any], checkpoints: str | os.PathLike,
+                 device: torch.device | None = None):
+        self.rank, self.world = world()
+        self.device = device or torch.device("cpu")
+        self.datasets = datasets
+        self.checkpoints = os.fspath(checkpoints)
+        self.reports: list[dict[str, Any]] = []            # every report's metrics, in order
+        self.checkpointed: list[tuple[str, dict[str, Any]]] = []   # (folder, metrics) of this run
+        os.makedirs(self.checkpoints, exist_ok=True)
+
+    def dataset(self, name: str):
+        return self.datasets.get(name)
+
+    def checkpoint_folders(self) -> list[str]:
+        """The reported checkpoints, oldest first."""
+        names = sorted(n for n in os.listdir(self.checkpoints) if n.startswith("checkpoint_"))
+        return [os.path.join(self.checkpoints, n) for n in names]
+
+    @contextlib.contextmanager
+    def resume_folder(self) -> Iterator[str | None]:
+        folders = self.checkpoint_folders()
+        yield folders[-1] if folders else None
+
+    def has_checkpoint(self) -> bool:
+        return bool(self.checkpoint_folders())
+
+    def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_folder is None:
+            return
+        # Every rank adds its own files (DeepSpeed names them per rank), as Ray merges them.
+        # Named by step, so the names sort in training order (a resume rewrites its step).
+        target = os.path.join(self.checkpoints, f"checkpoint_{int(metrics['step']):06d}")
+        shutil.copytree(checkpoint_folder, target, dirs_exist_ok=True)
+        self.checkpointed.append((target, dict(metrics)))
+        if self.world > 1:
+            dist.barrier()        # the checkpoint exists whole before anyone resumes from it
+
+
+def run_locally(cfg, recipe_cls, datasets: dict[str, Any], checkpoints: str | os.PathLike,
+                device: torch.device | None = None) -> tuple[dict[str, Any], LocalSession]:
+    """``recipe_cls(cfg)`` set up, trained and cleaned up in this process, as a Ray Train
+    worker would run it; returns (what ``train`` returned, the session with its reports).
+
+    Needs a process group (``torch.distributed``; a world of one is enough) for DeepSpeed:
+    ``single_process_group`` makes one.
+    """
+    session = LocalSession(datasets, checkpoints, device)
+    recipe = recipe_cls(cfg, session=session)
+    recipe.setup()
+    try:
+        return recipe.train(), session
+    finally:
+        recipe.cleanup()
+
+
+def single_process_group(backend: str = "gloo") -> None:
+    """A torch.distributed world of one in this process (DeepSpeed requires a process group)."""
+    if dist.is_initialized():
+        return
+    # DeepSpeed reads the launcher's variables too, not only the process group.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group(backend, rank=0, world_size=1)
