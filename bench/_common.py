@@ -159,34 +159,6 @@ def data_root_100hz(smoke: bool) -> str:
     return str(big) if big.is_dir() and not smoke else bundled_root()
 
 
-START_ATTEMPTS = 3
-
-
-def stop_ray_processes(grace_s: float = 10.0) -> None:
-    """End the Ray processes this process started (a local instance that failed to start)."""
-    try:
-        import psutil
-    except ImportError:
-        return
-    procs = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if cmd.startswith("ray::") or f"{os.sep}ray{os.sep}" in cmd:
-            procs.append(child)
-    for child in procs:
-        try:
-            child.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
 
 
 def start_ray(num_cpus: int, **kwargs):
@@ -199,22 +171,13 @@ def start_ray(num_cpus: int, **kwargs):
     # several times slower than a plain process at nice 0 (measured: 4x in overhead.py),
     # so every Ray-vs-plain comparison would measure the scheduler. Same priority for all.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    for attempt in range(1, START_ATTEMPTS + 1):
-        try:
-            # Ray's processes inherit this environment (DS_ACCELERATOR, HF_HUB_OFFLINE, ...):
-            # no runtime_env, which would cost each worker start about a second.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     configure_logging=False, log_to_driver=False, **kwargs)
-            break
-        except Exception as err:   # noqa: BLE001 - Ray raises a bare Exception for this
-            # Ray gives its raylet a fixed 30 s to register with the GCS; at a load average
-            # of 10-40 on 2 cores that is sometimes not enough (seen in the smoke loop).
-            if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:
-                raise
-            log(f"Ray did not start (attempt {attempt} of {START_ATTEMPTS}): {err} "
-                "Stopping what it started; trying again.")
-            ray.shutdown()
-            stop_ray_processes()
+    from melp_ray.ray_utils import init_local_ray
+
+    # Ray's processes inherit this environment (DS_ACCELERATOR, HF_HUB_OFFLINE, ...): no
+    # runtime_env, which would cost each worker start about a second. Tried again when Ray's
+    # fixed 30 s for the raylet runs out on a loaded machine (ray_utils.init_local_ray).
+    init_local_ray(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+                   log_to_driver=False, **kwargs)
     from ray.data import DataContext
 
     import logging

@@ -35,6 +35,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="local output folder (created)")
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="let Ray, DeepSpeed and transformers print at their default levels")
     return p
 
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))   # exit code 2, before Ray starts
     for skipped in bench.skipped:
         print(f"[melp_ray] skipping {skipped['dataset']}: {skipped['reason']}")
-    run_benchmark(bench, actors=args.actors)
+    run_benchmark(bench, actors=args.actors, verbose=args.verbose)
     print(f"[melp_ray] wrote {Path(args.out) / 'table.md'}")
     return 0
 

@@ -109,6 +109,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "come from them instead of folds")
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="let Ray, DeepSpeed and transformers print at their default levels")
     return p
 
 

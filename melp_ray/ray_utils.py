@@ -15,6 +15,8 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from melp_ray.console import configure_libraries
+
 CONNECT_TIMEOUT_ENV = "MELP_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 _DEFAULT_PORTS = {"ray": 10001, "http": 80, "https": 443}
@@ -130,7 +132,7 @@ def warn(message: str) -> None:
     print(f"[melp_ray] warning: {message}", file=sys.stderr, flush=True)
 
 
-def init_ray(address: str | None = None, **init_kwargs: Any):
+def init_ray(address: str | None = None, verbose: bool = False, **init_kwargs: Any):
     """Attach to a running Ray cluster if there is one, else start a local instance.
 
     - already initialised in this process (e.g. by a test fixture): reuse it;
@@ -143,18 +145,25 @@ def init_ray(address: str | None = None, **init_kwargs: Any):
       and the reason and start a private local instance within seconds; no file: a local
       instance. (Unlike Ray's ``address="auto"``, a lone ``gcs_server`` process that no
       ``ray start`` recorded, e.g. another program's private instance, is not attached to.)
-    ``init_kwargs`` go to the local ``ray.init`` (e.g. ``num_cpus=2``). Returns the ``ray`` module.
+    ``init_kwargs`` go to the local ``ray.init`` (e.g. ``num_cpus=2``). ``verbose``: the
+    libraries' own console output (``melp_ray.console``). Returns the ``ray`` module.
     """
     import ray
 
+    configure_libraries(verbose)
     if ray.is_initialized():
         return ray
+    if not verbose:
+        # A local instance is one node that no cloud can preempt: Ray Train's preemption
+        # watcher actor has nothing to watch there, and its start logs a core_worker error
+        # line on every run. Read by the Train controller, which inherits this environment.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     common = {"ignore_reinit_error": True, "configure_logging": False}
     source = "the address argument"
     if not address and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if address == "local":
-        ray.init(address="local", **common, **init_kwargs)
+        init_local_ray(**common, **init_kwargs)
         return ray
     if address and address != "auto":
         start = time.monotonic()
@@ -180,7 +189,7 @@ def init_ray(address: str | None = None, **init_kwargs: Any):
 
     recorded = recorded_address()
     if recorded is None:
-        ray.init(address="local", **common, **init_kwargs)
+        init_local_ray(**common, **init_kwargs)
         return ray
     start = time.monotonic()
     problem = probe(recorded)
@@ -190,7 +199,7 @@ def init_ray(address: str | None = None, **init_kwargs: Any):
              f"{time.monotonic() - start:.1f} s); its head probably stopped without `ray stop` "
              "(`ray stop` or deleting that file clears it). "
              "Starting a private local Ray instance instead.")
-        ray.init(address="local", **common, **init_kwargs)
+        init_local_ray(**common, **init_kwargs)
         return ray
     try:
         # address=None, not "auto": the recorded cluster, the one probed above ("auto" would
@@ -199,8 +208,70 @@ def init_ray(address: str | None = None, **init_kwargs: Any):
         ray.init(address=None, **common)
     except ConnectionError as err:
         warn(f"cannot attach to {where}: {err}. Starting a private local Ray instance instead.")
-        ray.init(address="local", **common, **init_kwargs)
+        init_local_ray(**common, **init_kwargs)
     return ray
+
+
+LOCAL_START_ATTEMPTS = 3
+
+
+def init_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init(address="local")``, tried again when the node does not come up in time.
+
+    Ray gives a new raylet a fixed 30 s to register with its GCS; on an overloaded machine
+    (seen at load averages of 10-40 on 2 cores) that runs out now and then. A failed attempt's
+    processes are stopped before the next one.
+    """
+    import ray
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            wait_for_cpus()
+            return
+        except Exception as err:   # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            warn(f"the local Ray instance did not start (attempt {attempt} of "
+                 f"{LOCAL_START_ATTEMPTS}): {err} Trying again.")
+            ray.shutdown()
+            stop_own_ray_processes()
+
+
+def wait_for_cpus(timeout_s: float = 10.0) -> None:
+    """Wait until a new instance's CPUs show in ``ray.available_resources()``: the GCS learns
+    them from the raylet a moment after ``ray.init`` returns, and Ray Data, asked for a
+    dataset before that, warns that the cluster "does not have any available CPUs"."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def stop_own_ray_processes(grace_s: float = 10.0) -> None:
+    """End the Ray processes this process started (a local instance that failed to start)."""
+    import psutil
+
+    procs = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if cmd.startswith("ray::") or f"{os.sep}ray{os.sep}" in cmd:
+            procs.append(child)
+    for child in procs:
+        try:
+            child.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 def auto_address() -> str | None:

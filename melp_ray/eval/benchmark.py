@@ -154,7 +154,8 @@ def _score(run: Run, data: dict, model_fn, bootstrap: int) -> dict[str, Any]:
             "files": files, "inference_passes": inference_passes() - before}
 
 
-def run_benchmark(bench: BenchmarkPlan, actors: int | None = None) -> dict[str, Any]:
+def run_benchmark(bench: BenchmarkPlan, actors: int | None = None,
+                  verbose: bool = False) -> dict[str, Any]:
     """Embed once per dataset and model, score every job in parallel, write the tables."""
     import ray
 
@@ -162,7 +163,7 @@ def run_benchmark(bench: BenchmarkPlan, actors: int | None = None) -> dict[str, 
     from melp_ray.eval.embeddings import EmbeddingTable, build_model, inference_passes
     from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
 
-    init_ray()
+    init_ray(verbose=verbose)
     quiet_data_progress_bars()
     score = ray.remote(num_cpus=1)(_score)
     pending, embeddings = [], {}

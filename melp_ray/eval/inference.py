@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from melp_ray.console import configure_libraries
+
 # output column -> (model method, input column[, keyword arguments of the method])
 DEFAULT_OUTPUTS: dict[str, tuple] = {
     "ecg_emb": ("encode_ecg", "ecg"),
@@ -40,6 +42,7 @@ class EmbeddingExtractor:
     def __init__(self, build_model: Callable[[], torch.nn.Module],
                  outputs: Mapping[str, tuple] | None = None,
                  keep_columns: Sequence[str] | None = None, device: str | None = None):
+        configure_libraries()   # an actor of its own: library output as the driver asked
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_model().to(self.device).eval()
         self.outputs = dict(outputs or DEFAULT_OUTPUTS)

@@ -36,7 +36,7 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
     from melp_ray.ray_utils import quiet_data_progress_bars
     from melp_ray.ray_utils import init_ray
 
-    init_ray()
+    init_ray(verbose=getattr(args, "verbose", False))
     quiet_data_progress_bars()
     model_fn = functools.partial(build_model, plan.checkpoint, args.random_init, args.seed)
     if embed is None:

@@ -11,6 +11,19 @@ def use_bf16(train: TrainConfig) -> bool:
     return train.precision == "bf16" or (train.precision == "auto" and train.use_gpu)
 
 
+def skip_cpu_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-building and loading ``deepspeed_shm_comm_op`` in every CPU
+    worker. The op serves only ``inference_all_reduce`` (DeepSpeed-Inference's tensor-parallel
+    reduction); training collectives go through torch.distributed (gloo) either way. Building
+    it cost ~30 s at a fresh machine's first start, printed "built successfully" twice per
+    worker, and put a native library in each worker for nothing. DeepSpeed keeps the result
+    of its op probe in this dict and reads it before building (``comm/torch.py``)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size}
     if ds.offload_optimizer and ds.zero_stage >= 1:
