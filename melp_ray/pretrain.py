@@ -262,16 +262,19 @@ def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict
 
 
 def check_shards_fit(cfg: PretrainConfig) -> None:
-    """Prepared shards must give every worker at least one training micro-batch per epoch
-    (rows are dealt evenly, ``deal_rows``; any number of shard files is fine). Read from
-    the manifest, before Ray starts; held-out folds are counted later, by the workers."""
+    """Prepared shards must hold ECGs of the config's rate and duration, and give every
+    worker at least one training micro-batch per epoch (rows are dealt evenly,
+    ``deal_rows``; any number of shard files is fine). Read from the manifest, before Ray
+    starts; held-out folds are counted later, by the workers."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
 
     d, t = cfg.data, cfg.train
     if d.root is None or (d.dataset if d.dataset != "auto" else detect_layout(d.root)) != "shards":
         return
-    train = [s for s in load_manifest(d.root)["shards"] if s["split"] == "train"]
+    manifest = load_manifest(d.root)
+    check_shard_signal(manifest, d)
+    train = [s for s in manifest["shards"] if s["split"] == "train"]
     if d.limit is not None:
         train = sorted(train, key=lambda s: s["path"])[: max(t.num_workers, 1)]
     records = sum(s["rows"] for s in train)
@@ -281,6 +284,22 @@ def check_shards_fit(cfg: PretrainConfig) -> None:
             f"{t.num_workers} workers {records // max(t.num_workers, 1)}, fewer than one "
             f"micro-batch of {t.micro_batch_size}: use fewer workers, a smaller "
             f"train.global_batch_size or more data")
+
+
+def check_shard_signal(manifest: dict, data_cfg) -> None:
+    """Shards are stored at one rate and duration (``prepare --sample-rate/--seconds``);
+    the model is built for the config's: a mismatch is a config error, not a worker crash."""
+    from melp_ray.data.records import n_samples_for
+
+    rate, seconds = manifest.get("sample_rate"), manifest.get("seconds")
+    if rate is None or seconds is None:
+        return
+    if n_samples_for(rate, seconds) != n_samples_for(data_cfg.sample_rate, data_cfg.seconds):
+        raise ConfigError(
+            f"data.root: the shards hold {rate:g} Hz x {seconds:g} s ECGs, the config asks for "
+            f"data.sample_rate={data_cfg.sample_rate:g} x data.seconds={data_cfg.seconds:g}: add "
+            f"data.sample_rate={rate:g} data.seconds={seconds:g}, or re-run prepare with "
+            f"--sample-rate {data_cfg.sample_rate:g} --seconds {data_cfg.seconds:g}")
 
 
 def run(cfg: PretrainConfig, callbacks: list | None = None,
@@ -331,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, config, overrides)
         check_data_root(cfg.data)      # a folder of unknown layout: exit 2, not a traceback
-        check_shards_fit(cfg)          # too few records for the workers: exit 2 as well
+        check_shards_fit(cfg)          # shards of another rate, too few records: exit 2
         check_checkpoint_metric(cfg)
         check_init_from(cfg.train.init_from, cfg.model)
     except ConfigError as err:
