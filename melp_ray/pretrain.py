@@ -48,6 +48,7 @@ class PretrainRecipe(DeepSpeedRecipe):
     def setup(self) -> None:
         super().setup()
         self.epoch_rows = self.reassignable_shard_rows()
+        self.spec = stream_spec(self.cfg)     # reads the manifest once, not every epoch
         self.loss_fn = self.build_loss()
 
     def build_loss(self):
@@ -76,7 +77,7 @@ class PretrainRecipe(DeepSpeedRecipe):
         from melp_ray.data.stream import deal_rows, slices_dataset
 
         slices = deal_rows(self.epoch_rows, self.world, self.rank, epoch, self.cfg.train.seed)
-        return slices_dataset(slices, stream_spec(self.cfg), self.cfg.data.exclude_folds)
+        return slices_dataset(slices, self.spec, self.cfg.data.exclude_folds)
 
     def forward(self, batch: dict[str, torch.Tensor], ecg: torch.Tensor) -> dict:
         if self.bf16:
@@ -223,11 +224,26 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------- driver
 
 def stream_spec(cfg: PretrainConfig):
-    """What the data pipelines must produce for this model."""
+    """What the data pipelines must produce for this model (from shards of another rate:
+    resampled on reading)."""
     from melp_ray.data.stream import StreamSpec
 
     return StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
-                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
+                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length,
+                      shard_rate=shard_rate(cfg.data))
+
+
+def shard_rate(data_cfg) -> int | None:
+    """The rate prepared shards are stored at (their manifest), None for a raw root."""
+    from melp_ray.data.shards import load_manifest
+    from melp_ray.data.sources import detect_layout
+    from melp_ray.data.stream import resolve_root
+
+    root = resolve_root(data_cfg.root)
+    if data_cfg.dataset not in ("auto", "shards") or detect_layout(root) != "shards":
+        return None
+    rate = load_manifest(root).get("sample_rate")
+    return None if rate is None else int(rate)
 
 
 def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
@@ -287,19 +303,16 @@ def check_shards_fit(cfg: PretrainConfig) -> None:
 
 
 def check_shard_signal(manifest: dict, data_cfg) -> None:
-    """Shards are stored at one rate and duration (``prepare --sample-rate/--seconds``);
-    the model is built for the config's: a mismatch is a config error, not a worker crash."""
-    from melp_ray.data.records import n_samples_for
-
+    """Shards are stored at one rate and duration (``prepare --sample-rate/--seconds``).
+    Another rate is resampled on reading (``StreamSpec.shard_rate``); another duration
+    cannot be made up: a config error, not a worker's crash."""
     rate, seconds = manifest.get("sample_rate"), manifest.get("seconds")
-    if rate is None or seconds is None:
+    if rate is None or seconds is None or abs(float(seconds) - data_cfg.seconds) < 1e-6:
         return
-    if n_samples_for(rate, seconds) != n_samples_for(data_cfg.sample_rate, data_cfg.seconds):
-        raise ConfigError(
-            f"data.root: the shards hold {rate:g} Hz x {seconds:g} s ECGs, the config asks for "
-            f"data.sample_rate={data_cfg.sample_rate:g} x data.seconds={data_cfg.seconds:g}: add "
-            f"data.sample_rate={rate:g} data.seconds={seconds:g}, or re-run prepare with "
-            f"--sample-rate {data_cfg.sample_rate:g} --seconds {data_cfg.seconds:g}")
+    raise ConfigError(
+        f"data.root: the shards hold {seconds:g} s ECGs ({rate:g} Hz), the config asks for "
+        f"data.seconds={data_cfg.seconds:g}: add data.seconds={seconds:g}, or re-run prepare "
+        f"with --seconds {data_cfg.seconds:g}")
 
 
 def run(cfg: PretrainConfig, callbacks: list | None = None,

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from melp_ray import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
+from melp_ray.data.records import resample
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class StreamSpec:
     text_model: str
     max_text_length: int
     with_labels: bool = True
+    # Prepared shards stored at another rate (same duration): resampled to ``sample_rate``
+    # as they are read, so shards of any ``prepare --sample-rate`` serve any config.
+    shard_rate: int | None = None
 
     @property
     def n_samples(self) -> int:
@@ -88,6 +92,9 @@ def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec,
         return finish_batch(np.zeros((0, 12, spec.n_samples), np.float32), [],
                             [] if spec.with_labels else None, spec)
     ecg = np.stack([decode_ecg(b) for b in batch["ecg"]])
+    if spec.shard_rate and spec.shard_rate != spec.sample_rate \
+            and ecg.shape[-1] == int(round(spec.shard_rate * spec.seconds)):
+        ecg = resample(ecg, spec.shard_rate, spec.sample_rate)
     if ecg.shape[-1] != spec.n_samples:
         raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
                          f"{spec.n_samples}; re-run prepare with the same rate/duration")

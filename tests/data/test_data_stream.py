@@ -50,7 +50,7 @@ def test_raw_wfdb_stream_gives_model_batches_split_by_rank(ray_local, bundled_pt
     assert first["labels_super"].sum() > 0
 
 
-def test_shard_stream_reads_each_file_on_one_rank_in_a_fixed_order(ray_local, shards):
+def test_shard_stream_gives_each_rank_fixed_rows_in_a_fixed_order(ray_local, shards):
     a = [collect(ds) for ds in rank_datasets(str(shards), "train", 2, SPEC)]
     b = [collect(ds) for ds in rank_datasets(str(shards), "train", 2, SPEC)]
     for x, y in zip(a, b):   # deterministic: same rows, same order, every time
@@ -63,6 +63,7 @@ def test_shard_stream_reads_each_file_on_one_rank_in_a_fixed_order(ray_local, sh
 
 
 def test_shards_with_another_rate_are_refused(ray_local, shards):
+    """A spec that does not know the shards' rate (``shard_rate``) cannot resample them."""
     spec = StreamSpec(sample_rate=500, seconds=10, text_model="minilm", max_text_length=32)
     with pytest.raises(Exception, match="re-run prepare"):
         collect(rank_datasets(str(shards), "train", 1, spec)[0])
@@ -272,17 +273,30 @@ def test_too_few_train_records_for_the_workers_is_a_config_error(make_shards, tm
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shards_of_another_rate_than_the_config_are_a_config_error(make_shards, tmp_path):
-    """The default prepare stores 500 Hz, the small config trains at 100 Hz: said before Ray
-    starts, with both ways out, instead of a worker's traceback."""
+def test_shards_of_another_rate_are_resampled_another_duration_is_a_config_error(make_shards,
+                                                                                tmp_path):
+    """The default prepare stores 500 Hz, the small config trains at 100 Hz: the shards are
+    resampled as they are read (as raw records are). A duration cannot be made up: said
+    before Ray starts, instead of a worker's traceback."""
     from melp_ray.config import ConfigError, PretrainConfig, load_config
-    from melp_ray.pretrain import check_shards_fit
+    from melp_ray.data.records import resample
+    from melp_ray.data.shards import decode_ecg, read_shard_table
+    from melp_ray.data.stream import decode_shard_batch, shard_files
+    from melp_ray.pretrain import check_shards_fit, stream_spec
 
     root = make_shards(tmp_path, [16], [1])                # 100 Hz x 10 s
-    check_shards_fit(load_config(PretrainConfig, "tiny", [f"data.root={root}"]))
-    cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "data.sample_rate=500"])
-    with pytest.raises(ConfigError, match="the shards hold 100 Hz x 10 s ECGs, the config asks for "
-                                          "data.sample_rate=500 x data.seconds=10: add "
-                                          "data.sample_rate=100 data.seconds=10, or re-run prepare "
-                                          "with --sample-rate 500 --seconds 10"):
+    cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "data.sample_rate=50"])
+    check_shards_fit(cfg)
+    spec = stream_spec(cfg)
+    assert (spec.shard_rate, spec.n_samples) == (100, 500)
+    table = read_shard_table(shard_files(str(root), "val")[0], columns=["ecg", "report", "labels_super"])
+    batch = decode_shard_batch({k: np.asarray(table[k].to_pylist(), dtype=object) for k in table.column_names},
+                               spec)
+    expected = minmax_normalise(resample(decode_ecg(table["ecg"][0].as_py())[None], 100, 50))
+    np.testing.assert_array_equal(batch["ecg"], expected)
+    assert batch["ecg"].shape == (1, 12, 500)
+    cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "data.seconds=5"])
+    with pytest.raises(ConfigError, match="the shards hold 10 s ECGs \\(100 Hz\\), the config asks "
+                                          "for data.seconds=5: add data.seconds=10, or re-run "
+                                          "prepare with --seconds 5"):
         check_shards_fit(cfg)
