@@ -280,20 +280,26 @@ def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict
 def check_shards_fit(cfg: PretrainConfig) -> None:
     """Prepared shards must hold ECGs of the config's rate and duration, and give every
     worker at least one training micro-batch per epoch (rows are dealt evenly,
-    ``deal_rows``; any number of shard files is fine). Read from the manifest, before Ray
-    starts; held-out folds are counted later, by the workers."""
+    ``deal_rows``; any number of shard files is fine). Read from the manifest before Ray
+    starts, and with folds held out from the shards' ``strat_fold`` column (one small
+    column per file), as the workers will count them."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
+    from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
 
     d, t = cfg.data, cfg.train
     if d.root is None or (d.dataset if d.dataset != "auto" else detect_layout(d.root)) != "shards":
         return
     manifest = load_manifest(d.root)
     check_shard_signal(manifest, d)
-    train = [s for s in manifest["shards"] if s["split"] == "train"]
-    if d.limit is not None:
-        train = sorted(train, key=lambda s: s["path"])[: max(t.num_workers, 1)]
-    records = sum(s["rows"] for s in train)
+    if d.exclude_folds:
+        files = split_shard_files(resolve_root(d.root), "train", t.num_workers, d.limit)
+        records = sum(len(f.kept) for f in shard_rows(files, d.exclude_folds))
+    else:
+        train = [s for s in manifest["shards"] if s["split"] == "train"]
+        if d.limit is not None:
+            train = sorted(train, key=lambda s: s["path"])[: max(t.num_workers, 1)]
+        records = sum(s["rows"] for s in train)
     if records // max(t.num_workers, 1) < t.micro_batch_size:
         raise ConfigError(
             f"data.root: {records} train records give each of train.num_workers="

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from melp_ray.data.shards import read_shard_table
 from melp_ray.data.stream import StreamSpec, minmax_normalise, rank_datasets, split_refs
 from melp_ray.prepare import PrepareSettings, prepare
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
@@ -265,6 +266,13 @@ def test_too_few_train_records_for_the_workers_is_a_config_error(make_shards, tm
                "micro-batch of 4")
     with pytest.raises(ConfigError, match=message):
         check_shards_fit(cfg)
+    # Held-out folds count too (read from the shards' strat_fold column, not the manifest).
+    folds = sorted(set(read_shard_table(str(root / "train" / "part-00000.parquet"),
+                                        columns=["strat_fold"])["strat_fold"].to_pylist()))
+    held = load_config(PretrainConfig, "tiny", [f"data.root={root}", "train.global_batch_size=6",
+                                                f"data.exclude_folds=[{folds[0]}]"])
+    with pytest.raises(ConfigError, match="give each of train.num_workers=2 workers [0-2], "):
+        check_shards_fit(held)
     code = ("import sys; from melp_ray.pretrain import main; rc = main(sys.argv[1:]); "
             "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "--config", "tiny", f"data.root={root}",
