@@ -21,6 +21,8 @@ from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from melp_ray import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
@@ -55,6 +57,16 @@ def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
     return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
 
 
+def minmax_normalise_(ecg: np.ndarray) -> np.ndarray:
+    """``minmax_normalise`` in place on a float32 array the caller owns: the same values
+    (the same float32 operations), without two fresh batch-sized arrays per batch."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    np.subtract(ecg, lo, out=ecg)
+    np.divide(ecg, np.maximum(hi - lo, 1e-6), out=ecg)
+    return ecg
+
+
 def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
     out = np.zeros((len(labels), len(SUPERCLASSES)), dtype=np.float32)
     for row, names in enumerate(labels):
@@ -66,29 +78,42 @@ def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
 
 def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     """Normalised signals + tokenised reports (+ multi-hot labels): the worker-side batch."""
+    return _finish(minmax_normalise(ecg), reports, labels_super, spec)
+
+
+def _finish(normalised: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     tokenizer = load_report_tokenizer(spec.text_model)
-    batch = {"ecg": minmax_normalise(ecg),
+    batch = {"ecg": normalised,
              **encode_reports(tokenizer, [str(r) for r in reports], spec.max_text_length)}
     if spec.with_labels:
         batch["labels_super"] = superclass_multihot(labels_super)
     return batch
 
 
-def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec,
+def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
                        exclude_folds: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    from melp_ray.data.shards import decode_ecg
+    """A batch of shard rows (an Arrow table as Ray Data hands it, or a dict of columns)
+    -> the worker-side batch of ``finish_batch``, bit for bit.
 
+    Arrow in: the ECG bytes are read where Arrow holds them and decoded straight into one
+    float32 array that is then normalised in place (no Python ``bytes`` per record, no
+    per-record arrays, no stack): see bench/README.md "ingest at 500 Hz".
+    """
+    from melp_ray.data.shards import decode_ecg_column
+
+    table = batch if isinstance(batch, pa.Table) else pa.table(
+        {k: pa.array(list(v)) for k, v in batch.items()})
     if exclude_folds:   # held-out folds: dropped before anything is decoded
-        keep = ~np.isin(np.asarray(batch["strat_fold"]), list(exclude_folds))
-        batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
-    if len(batch["ecg"]) == 0:
-        return finish_batch(np.zeros((0, 12, spec.n_samples), np.float32), [],
-                            [] if spec.with_labels else None, spec)
-    ecg = np.stack([decode_ecg(b) for b in batch["ecg"]])
+        table = table.filter(pc.invert(pc.is_in(table["strat_fold"],
+                                                value_set=pa.array(list(exclude_folds), pa.int32()))))
+    ecg = decode_ecg_column(table["ecg"])
+    if table.num_rows == 0:
+        ecg = np.zeros((0, 12, spec.n_samples), np.float32)
     if ecg.shape[-1] != spec.n_samples:
         raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
                          f"{spec.n_samples}; re-run prepare with the same rate/duration")
-    return finish_batch(ecg, batch["report"], batch.get("labels_super"), spec)
+    labels = table["labels_super"].to_pylist() if spec.with_labels else None
+    return _finish(minmax_normalise_(ecg), table["report"].to_pylist(), labels, spec)
 
 
 def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
@@ -140,7 +165,7 @@ def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
     ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None)
     kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
     return in_order(ds.map_batches(decode_shard_batch, fn_kwargs=kwargs,
-                                   batch_format="numpy", batch_size=64))
+                                   batch_format="pyarrow", batch_size=64))
 
 
 def read_parquet_v1(files: list[str], **kwargs):
