@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from melp_ray import storage
@@ -62,6 +63,16 @@ def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
     return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
 
 
+def minmax_normalise_(ecg: np.ndarray) -> np.ndarray:
+    """``minmax_normalise`` in place on a float32 array the caller owns: the same values
+    (the same float32 operations), without two fresh batch-sized arrays per batch."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    np.subtract(ecg, lo, out=ecg)
+    np.divide(ecg, np.maximum(hi - lo, 1e-6), out=ecg)
+    return ecg
+
+
 def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
     out = np.zeros((len(labels), len(SUPERCLASSES)), dtype=np.float32)
     for row, names in enumerate(labels):
@@ -73,32 +84,45 @@ def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
 
 def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     """Normalised signals + tokenised reports (+ multi-hot labels): the worker-side batch."""
+    return _finish(minmax_normalise(ecg), reports, labels_super, spec)
+
+
+def _finish(normalised: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     tokenizer = load_report_tokenizer(spec.text_model)
-    batch = {"ecg": minmax_normalise(ecg),
+    batch = {"ecg": normalised,
              **encode_reports(tokenizer, [str(r) for r in reports], spec.max_text_length)}
     if spec.with_labels:
         batch["labels_super"] = superclass_multihot(labels_super)
     return batch
 
 
-def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec,
+def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
                        exclude_folds: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    from melp_ray.data.shards import decode_ecg
+    """A batch of shard rows (an Arrow table as Ray Data hands it, or a dict of columns)
+    -> the worker-side batch of ``finish_batch``, bit for bit.
 
+    Arrow in: the ECG bytes are read where Arrow holds them and decoded straight into one
+    float32 array that is then normalised in place (no Python ``bytes`` per record, no
+    per-record arrays, no stack): see bench/README.md "ingest at 500 Hz".
+    """
+    from melp_ray.data.shards import decode_ecg_column
+
+    table = batch if isinstance(batch, pa.Table) else pa.table(
+        {k: pa.array(list(v)) for k, v in batch.items()})
     if exclude_folds:   # held-out folds: dropped before anything is decoded
-        keep = ~np.isin(np.asarray(batch["strat_fold"]), list(exclude_folds))
-        batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
-    if len(batch["ecg"]) == 0:
-        return finish_batch(np.zeros((0, 12, spec.n_samples), np.float32), [],
-                            [] if spec.with_labels else None, spec)
-    ecg = np.stack([decode_ecg(b) for b in batch["ecg"]])
+        table = table.filter(pc.invert(pc.is_in(table["strat_fold"],
+                                                value_set=pa.array(list(exclude_folds), pa.int32()))))
+    ecg = decode_ecg_column(table["ecg"])
+    if table.num_rows == 0:
+        ecg = np.zeros((0, 12, spec.n_samples), np.float32)
     if spec.shard_rate and spec.shard_rate != spec.sample_rate \
             and ecg.shape[-1] == int(round(spec.shard_rate * spec.seconds)):
-        ecg = resample(ecg, spec.shard_rate, spec.sample_rate)
+        ecg = resample(ecg, spec.shard_rate, spec.sample_rate)   # a fresh float32 array
     if ecg.shape[-1] != spec.n_samples:
         raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
                          f"{spec.n_samples}; re-run prepare with the same rate/duration")
-    return finish_batch(ecg, batch["report"], batch.get("labels_super"), spec)
+    labels = table["labels_super"].to_pylist() if spec.with_labels else None
+    return _finish(minmax_normalise_(ecg), table["report"].to_pylist(), labels, spec)
 
 
 def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
@@ -147,10 +171,17 @@ def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
         columns.append("strat_fold")
     if filesystem is None:   # shards behind a URI: one pyarrow filesystem, paths on it
         filesystem, files = storage.filesystem_and_paths(list(files))
-    ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None)
+    # One block per file: left to itself Ray Data splits each read into ~200 blocks of a
+    # few rows (its default parallelism), and the per-block cost then dominated 500 Hz
+    # ingest (2.7x fewer rows/s measured, bench/README.md "ingest at 500 Hz").
+    ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None,
+                         override_num_blocks=len(files))
     kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
+    # batch_size=None: the transform takes each read block whole, so Ray Data fuses it
+    # into the read task (no object-store round trip of the undecoded block); rows are
+    # transformed one by one, so the grouping does not change a value.
     return in_order(ds.map_batches(decode_shard_batch, fn_kwargs=kwargs,
-                                   batch_format="numpy", batch_size=64))
+                                   batch_format="pyarrow", batch_size=None))
 
 
 def read_parquet_v1(files: list[str], **kwargs):
@@ -348,9 +379,7 @@ def read_slices(batch: dict[str, np.ndarray], spec: StreamSpec,
             continue
         table = read_row_range(str(path), int(start), int(stop), columns)
         for at in range(0, table.num_rows, 64):
-            chunk = table.slice(at, 64)
-            yield decode_shard_batch({name: column_array(chunk[name]) for name in columns},
-                                     spec, exclude_folds)
+            yield decode_shard_batch(table.slice(at, 64), spec, exclude_folds)
 
 
 def read_row_range(path: str, start: int, stop: int, columns: list[str]):
@@ -367,17 +396,6 @@ def read_row_range(path: str, start: int, stop: int, columns: list[str]):
             offset += n
         table = parquet.read_row_groups(groups, columns=columns)
     return table.slice(start - first, stop - start)
-
-
-def column_array(column) -> np.ndarray:
-    """An Arrow column as the 1-d numpy array Ray Data would give (objects for bytes/lists)."""
-    values = column.to_pylist()
-    if pa.types.is_integer(column.type):
-        return np.asarray(values, dtype=np.int64)
-    out = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        out[i] = value
-    return out
 
 
 def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list, list]:
