@@ -64,6 +64,11 @@ class TrainConfig:
     cpus_per_worker: float = 0.5     # < 1 leaves CPUs for Ray Data on small machines
     global_batch_size: int = 16      # = micro_batch_size x grad_accum x num_workers
     micro_batch_size: int | None = None  # None: global_batch_size / num_workers
+    # With grad_accum > 1, how the rhythm (contrastive) loss sees the batch. cached: one loss
+    # over the whole global batch (gradient caching: a no-grad forward of every micro-batch of
+    # the step first, ~+1 forward per sample); per_micro_batch: one loss per micro-step, whose
+    # negatives are only micro_batch_size x num_workers.
+    contrastive_accumulation: str = "cached"
     max_steps: int = 40              # length of the run (and of the LR schedule)
     stop_at_step: int | None = None  # stop early here, as if interrupted; re-run to resume
     lr: float = 2e-4
@@ -93,6 +98,13 @@ class TrainConfig:
     @property
     def grad_accum(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    @property
+    def contrastive_negatives(self) -> int:
+        """Samples each rhythm-loss step scores against: the global batch when cached."""
+        if self.contrastive_accumulation == "cached":
+            return self.global_batch_size
+        return self.micro_batch_size * self.num_workers
 
 
 @dataclass
@@ -265,6 +277,9 @@ def train_problems(t: TrainConfig) -> list[str]:
         problems.append("train.max_steps must be >= 1")
     if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
         problems.append("train.stop_at_step must be between 1 and train.max_steps")
+    if t.contrastive_accumulation not in ("cached", "per_micro_batch"):
+        problems.append("train.contrastive_accumulation must be cached or per_micro_batch, got "
+                        f"{t.contrastive_accumulation!r}")
     if t.precision not in ("auto", "bf16", "fp32"):
         problems.append(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
     if t.precision == "bf16" and not t.use_gpu:

@@ -80,21 +80,31 @@ def rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits_per_ecg, targets) + F.cross_entropy(logits_per_text, targets)) / 2
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_loss(logits: torch.Tensor, labels: torch.Tensor,
+               count: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy per token of the *global* batch; -100 (padding) is ignored.
 
     Ranks hold different numbers of real tokens, so a per-rank mean would weight tokens
     unequally. Each rank divides its summed loss by the global token count (times W, which
     the 1/W gradient averaging of DDP / DeepSpeed and the mean over ranks cancel): the
     result is exactly the single-process loss of the whole batch, for any worker count.
+    ``count``: that divisor given (gradient caching: the tokens of all micro-batches of the
+    optimizer step over W, so the micro-batches' losses add up to the step's loss).
     """
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                             ignore_index=-100, reduction="sum")
-    count = labels.ne(-100).sum().to(total.dtype)
+    if count is None:
+        count = token_count_per_rank(labels)
+    return total / count.to(total.dtype).clamp(min=1)
+
+
+def token_count_per_rank(labels: torch.Tensor) -> torch.Tensor:
+    """Real (non-padding) tokens of ``labels`` on all ranks, divided by the world size."""
+    count = labels.ne(-100).sum().float()
     _, n = world()
     if n > 1:
         count = sum_over_ranks(count.detach().clone()) / n
-    return total / count.clamp(min=1)
+    return count
 
 
 def beat_logits(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask: torch.Tensor,
@@ -138,14 +148,19 @@ def beat_loss(beat_emb: torch.Tensor, sentence_emb: torch.Tensor, sentence_mask:
 
 def compute_losses(out: dict[str, torch.Tensor], rhythm: float = 1.0, token: float = 2.0,
                    beat: float = 0.2, attn_temp: float = 4.0, sim_temp: float = 5.0,
-                   scale: float = 10.0, same_report_positives: bool = False
-                   ) -> dict[str, torch.Tensor]:
+                   scale: float = 10.0, same_report_positives: bool = False,
+                   rhythm_value: torch.Tensor | None = None,
+                   token_count: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """All three losses from ``MELP.forward``'s output: unweighted parts + weighted ``total``.
-    ``same_report_positives``: see ``rhythm_loss`` (the report's key is its token labels)."""
+    ``same_report_positives``: see ``rhythm_loss`` (the report's key is its token labels).
+    ``rhythm_value``: the rhythm loss already computed (gradient caching), not recomputed
+    from ``out``; ``token_count``: see ``token_loss``."""
     keys = out["labels"] if same_report_positives else None
+    if rhythm_value is None:
+        rhythm_value = rhythm_loss(out["ecg_emb"], out["text_emb"], out["logit_scale"], keys)
     parts = {
-        "rhythm": rhythm_loss(out["ecg_emb"], out["text_emb"], out["logit_scale"], keys),
-        "token": token_loss(out["logits"], out["labels"]),
+        "rhythm": rhythm_value,
+        "token": token_loss(out["logits"], out["labels"], token_count),
         "beat": beat_loss(out["beat_emb"], out["sentence_emb"], out["sentence_mask"],
                           attn_temp, sim_temp, scale),
     }
@@ -171,5 +186,33 @@ class MELPLoss(nn.Module):
         return cls(attn_temp=cfg.beat_attention_temperature,
                    sim_temp=cfg.beat_similarity_temperature, scale=cfg.beat_logit_scale, **weights)
 
-    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return compute_losses(out, **self.kwargs)
+    def forward(self, out: dict[str, torch.Tensor], **given) -> dict[str, torch.Tensor]:
+        """``given``: ``rhythm_value`` and ``token_count`` of ``compute_losses``."""
+        return compute_losses(out, **self.kwargs, **given)
+
+
+def cached_rhythm_loss(ecg_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                       report_keys: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient caching's loss step: ``rhythm_loss`` over embeddings computed without gradient
+    (this rank's rows of every micro-batch of the optimizer step, concatenated), returning
+    (loss, d/d ecg_emb, d/d text_emb, d/d logit_scale) of this rank's loss.
+
+    The embedding gradients are those of the sum of all ranks' losses (``gather_with_grad``),
+    the logit scale's only of this rank's: exactly what back-propagating ``rhythm_loss`` would
+    put on them, so the model's backward can take them over (``rhythm_surrogate``).
+    """
+    with torch.enable_grad():
+        leaves = [t.detach().float().requires_grad_() for t in (ecg_emb, text_emb, logit_scale)]
+        loss = rhythm_loss(*leaves, report_keys)
+        grads = torch.autograd.grad(loss, leaves)
+    return (loss.detach(), *grads)
+
+
+def rhythm_surrogate(ecg_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     ecg_grad: torch.Tensor, text_grad: torch.Tensor, scale_grad: torch.Tensor
+                     ) -> torch.Tensor:
+    """A scalar whose gradient through the model is the cached one: d/dθ of
+    <emb(θ), cached grad>. Its value means nothing; never log it."""
+    return ((ecg_emb.float() * ecg_grad).sum() + (text_emb.float() * text_grad).sum()
+            + (logit_scale.float() * scale_grad).sum())

@@ -88,10 +88,75 @@ class PretrainRecipe(DeepSpeedRecipe):
         ecg = augment(batch["ecg"], self.cfg.data, generator)
         return self.losses_of(self.forward(batch, ecg))
 
-    def losses_of(self, out: dict) -> dict[str, torch.Tensor]:
+    def losses_of(self, out: dict, **given) -> dict[str, torch.Tensor]:
         """The three losses, computed in fp32 whatever precision the model ran in."""
         return self.loss_fn({k: v.float() if torch.is_floating_point(v) else v
-                             for k, v in out.items()})
+                             for k, v in out.items()}, **given)
+
+    # ------------------------------------------------ the rhythm loss over the global batch
+    def micro_batches_per_call(self) -> int:
+        t = self.cfg.train
+        return t.grad_accum if t.contrastive_accumulation == "cached" and t.grad_accum > 1 else 1
+
+    def train_micro_batches(self, group):
+        if len(group) == 1:
+            return super().train_micro_batches(group)
+        return self.cached_step(group)
+
+    def seeded_forward(self, batch: dict, seed: int) -> dict:
+        """The forward of ``micro_step``, with the same draws (augmentation and dropout)
+        every time it is called with the same seed."""
+        torch.manual_seed(seed)
+        ecg = augment(batch["ecg"], self.cfg.data, torch.Generator().manual_seed(seed))
+        return self.forward(batch, ecg)
+
+    def cached_step(self, group: list[tuple[dict, int]]) -> list[dict[str, float]]:
+        """One optimizer step over the micro-batches of ``group`` whose rhythm loss is one
+        InfoNCE over all of them on all ranks (gradient caching):
+
+        1. a forward without gradient per micro-batch keeps the rhythm embeddings;
+        2. the loss over the gathered embeddings of the step, and its gradient with respect
+           to them (``cached_rhythm_loss``);
+        3. per micro-batch, the same forward again (same seed: same dropout and
+           augmentation) with gradient; its backward carries the cached embedding gradients
+           (``rhythm_surrogate``) plus the token and beat losses, and ``engine.step``.
+
+        The micro-batches' backward losses add up to the step's loss (``scale_wrt_gas=False``:
+        DeepSpeed does not divide them by the accumulation steps again): the gradient is the
+        one-big-batch gradient. The token loss is divided by the step's token count, the beat
+        loss (local to a micro-batch) averaged over micro-batches as without caching.
+        """
+        from melp_ray.losses import cached_rhythm_loss, rhythm_surrogate, token_count_per_rank
+
+        w, k, b = self.cfg.loss, len(group), self.cfg.train.micro_batch_size
+        self.engine.train()
+        with torch.no_grad():
+            firsts = [self.seeded_forward(batch, seed) for batch, seed in group]
+        ecg_emb = torch.cat([o["ecg_emb"].float() for o in firsts])
+        text_emb = torch.cat([o["text_emb"].float() for o in firsts])
+        labels = torch.cat([o["labels"] for o in firsts])
+        keys = labels if w.same_report_positives else None
+        rhythm, ecg_grad, text_grad, scale_grad = cached_rhythm_loss(
+            ecg_emb, text_emb, firsts[0]["logit_scale"], keys)
+        count = token_count_per_rank(labels)
+        del firsts, ecg_emb, text_emb
+        logged = []
+        for i, (batch, seed) in enumerate(group):
+            out = self.seeded_forward(batch, seed)
+            parts = self.losses_of(out, rhythm_value=rhythm, token_count=count)
+            rows = slice(i * b, (i + 1) * b)
+            # The logit scale is one number for the step: a k-th of its gradient per micro-batch.
+            surrogate = rhythm_surrogate(out["ecg_emb"], out["text_emb"], out["logit_scale"],
+                                         ecg_grad[rows], text_grad[rows], scale_grad / k)
+            objective = w.rhythm * surrogate + w.token * parts["token"] + w.beat * parts["beat"] / k
+            self.engine.backward(objective, scale_wrt_gas=False)
+            self.engine.step()
+            # Logged per micro-batch, so that their mean is the step's loss.
+            token = float(parts["token"].detach()) * k
+            beat = float(parts["beat"].detach())
+            logged.append({"rhythm": float(rhythm), "token": token, "beat": beat,
+                           "total": w.rhythm * float(rhythm) + w.token * token + w.beat * beat})
+        return logged
 
     def extra_metrics(self) -> dict[str, float]:
         scale = self.model.logit_scale.detach().float()   # 1 element: never partitioned by ZeRO-3

@@ -53,6 +53,7 @@ class DeepSpeedRecipe:
     def __init__(self, cfg, session=None):
         self.cfg = cfg
         self.state = TrainState()
+        self.pending: list[tuple[dict[str, torch.Tensor], int]] = []  # read, not yet trained
         # Ray Train's worker (the default, created in setup) or a LocalSession (this process).
         self.session = session
 
@@ -95,13 +96,17 @@ class DeepSpeedRecipe:
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
         t = self.cfg.train
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
-                                      lr=t.lr, betas=tuple(t.betas))
+        optimizer = self.build_optimizer(model)
         scheduler = lr_schedule(optimizer, t)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg.train, self.cfg.deepspeed),
             dist_init_required=False)
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
+                                 lr=t.lr, betas=tuple(t.betas))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -157,19 +162,25 @@ class DeepSpeedRecipe:
         row have yielded no micro-batch (two in a row is an error)."""
         t = self.cfg.train
         consumed_this_epoch = 0
+        group = self.micro_batches_per_call()
         while self.steps_left(stop_at):
             wait_start = time.perf_counter()
             batch = self.batch_everywhere(batches.next(self.state.epoch))
             window.input_wait += time.perf_counter() - wait_start
             if batch is None:
                 break
-            boundary = self.engine.is_gradient_accumulation_boundary()
-            losses = self.micro_step(batch)
+            # The seed of a micro-batch depends on where it was read, not when it is trained.
+            self.pending.append((batch, self.micro_seed()))
             self.state.micro_in_epoch += 1
             self.state.samples_seen += t.micro_batch_size * self.world
             consumed_this_epoch += 1
-            window.add(losses, t.micro_batch_size * self.world)
-            if not boundary:            # gradients still accumulating
+            if len(self.pending) < group:   # a cached step needs all its micro-batches first
+                continue
+            todo, self.pending = self.pending, []
+            steps_before = self.engine.global_steps
+            for losses in self.train_micro_batches(todo):
+                window.add(losses, t.micro_batch_size * self.world)
+            if self.engine.global_steps == steps_before:   # gradients still accumulating
                 continue
             self.state.step += 1
             self.after_optimizer_step(window, stop_at)
@@ -189,8 +200,19 @@ class DeepSpeedRecipe:
         """Whether training goes on: steps remain and early stopping has not ended the run."""
         return self.state.step < stop_at and not self.state.stopped_early
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        seed = self.micro_seed()
+    def micro_batches_per_call(self) -> int:
+        """How many micro-batches ``train_micro_batches`` takes at once: 1, or a whole
+        optimizer step's (a recipe whose loss couples the micro-batches of a step)."""
+        return 1
+
+    def train_micro_batches(self, group: list[tuple[dict[str, torch.Tensor], int]]
+                            ) -> list[dict[str, float]]:
+        """Forward, backward and ``engine.step`` for (batch, seed) pairs; their loss dicts."""
+        return [self.micro_step(batch, seed) for batch, seed in group]
+
+    def micro_step(self, batch: dict[str, torch.Tensor], seed: int | None = None
+                   ) -> dict[str, float]:
+        seed = self.micro_seed() if seed is None else seed
         torch.manual_seed(seed)            # dropout etc.: same draws after a resume
         generator = torch.Generator().manual_seed(seed)
         self.engine.train()
