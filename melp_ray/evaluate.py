@@ -108,7 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "ptbxl_super_class, ..., icbeb, chapman): records, labels and classes "
                         "come from them instead of folds")
     p.add_argument("--actors", type=int,
-                   help="inference actors (default: one per GPU, or 1 without GPUs)")
+                   help="inference actors (default: one per GPU, or 1 without GPUs); 0: "
+                        "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
     return p

@@ -74,7 +74,7 @@ def check_option_combinations(args) -> None:
         raise EvalError("--prompt-format needs --prompts FILE")
     for option, value, low in (("--batch-size", args.batch_size, 1),
                                ("--bootstrap", args.bootstrap, 0),
-                               ("--actors", args.actors, 1),
+                               ("--actors", args.actors, 0),
                                ("--max-new-tokens", args.max_new_tokens, 1)):
         check_at_least(option, value, low)
     check_output_folder(args.out)
