@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from collections.abc import Sequence
 
-import yaml
-
 from melp_ray import storage
-from melp_ray.config_parsing import ConfigError, apply_preset, from_dict, parse_override, set_dotted
+from melp_ray.config_parsing import (ConfigError, apply_preset, from_dict, load_yaml, parse_override,
+                                     set_dotted)
 from melp_ray.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -142,7 +141,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
     if path is not None:
         path = resolve_config_path(path)
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     raw = apply_preset(cls, raw)

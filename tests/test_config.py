@@ -89,3 +89,14 @@ def test_configs_load_without_transformers_and_hf_registers_the_auto_classes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "MELPHFConfig"]
+
+
+@pytest.mark.parametrize("typed", ["off", "on", "yes", "no", "007", "1.10", "True"])
+def test_string_keys_keep_the_text_as_typed(tmp_path, typed):
+    # YAML 1.1 reads off/yes/007/1.10 as bool/int/float; a str key keeps what the user typed
+    assert load_config(PretrainConfig, "tiny", [f"run.name={typed}"]).run.name == typed
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run:\n  name: {typed}\n  wandb: yes\n")
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.run.name == typed
+    assert cfg.run.wandb is True                    # bool keys still read YAML 1.1 booleans
