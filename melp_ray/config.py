@@ -97,7 +97,11 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
+    # ZeRO-Offload: optimizer states (fp32 master weights, AdamW moments) and the optimizer
+    # step live in host memory (stages 1-3); offload_param also keeps the parameter partitions
+    # there between uses (stage 3 only). Trades accelerator memory for host<->device copies.
     offload_optimizer: bool = False
+    offload_param: bool = False
     # Elements per gradient-reduction bucket. DeepSpeed's default (5e8) makes ZeRO-3 allocate
     # a 5e8-element buffer per worker (1 GiB in bf16), more than the paper model's 168 M
     # parameters; 5e7 still reduces the paper model in a handful of collectives.
@@ -305,6 +309,11 @@ def deepspeed_problems(ds: DeepSpeedConfig) -> list[str]:
     if ds.reduce_bucket_size < 1_000_000:
         problems.append(f"deepspeed.reduce_bucket_size must be >= 1e6 elements, "
                         f"got {ds.reduce_bucket_size}")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        problems.append("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if ds.offload_param and ds.zero_stage != 3:
+        problems.append("deepspeed.offload_param needs deepspeed.zero_stage=3 "
+                        "(only ZeRO-3 partitions parameters)")
     return problems
 
 

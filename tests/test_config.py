@@ -38,10 +38,12 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ("train.checkpoint_mode=best", "checkpoint_mode must be max or min"),
     ("train.early_stop_patience=3", "needs train.checkpoint_metric"),
     ("train.early_stop_patience=-1", "early_stop_patience must be >= 0"),
+    ("deepspeed.offload_param=true", "offload_param needs deepspeed.zero_stage=3"),
+    ("deepspeed.offload_optimizer=true deepspeed.zero_stage=0", "needs deepspeed.zero_stage >= 1"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(PretrainConfig, "tiny", [override])
+        load_config(PretrainConfig, "tiny", override.split())
 
 
 def test_deepspeed_config_carries_our_settings():
