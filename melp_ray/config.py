@@ -323,8 +323,8 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.lead_mask_prob must be in [0, 1)")
     if d.sample_rate < 50 or d.seconds <= 0:
         problems.append("data.sample_rate must be >= 50 Hz and data.seconds > 0")
-    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg"):
-        problems.append(f"data.dataset must be auto, ptb-xl or mimic-iv-ecg, got {d.dataset!r}")
+    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg", "manifest"):
+        problems.append(f"data.dataset must be auto, ptb-xl, mimic-iv-ecg or manifest, got {d.dataset!r}")
     if not 0 <= d.val_fraction < 1:
         problems.append("data.val_fraction must be in [0, 1)")
     if d.shuffle_buffer < 0 or d.prefetch_batches < 1:
