@@ -28,7 +28,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 @dataclass
 class DataConfig:
     root: str | None = None          # prepared shards (with manifest.json) or a raw root; None: bundled PTB-XL
-    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg (for raw roots)
+    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg | manifest (for raw roots)
     sample_rate: int = 500           # Hz after resampling
     seconds: float = 10.0
     lead_mask_prob: float = 0.5      # random lead masking (train split only)
