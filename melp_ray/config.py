@@ -27,7 +27,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 @dataclass
 class DataConfig:
     root: str | None = None          # prepared shards (with manifest.json) or a raw root; None: bundled PTB-XL
-    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg (for raw roots)
+    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg | manifest (for raw roots)
     sample_rate: int = 500           # Hz after resampling
     seconds: float = 10.0
     lead_mask_prob: float = 0.5      # random lead masking (train split only)
@@ -331,8 +331,8 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.lead_mask_prob must be in [0, 1)")
     if d.sample_rate < 50 or d.seconds <= 0:
         problems.append("data.sample_rate must be >= 50 Hz and data.seconds > 0")
-    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg"):
-        problems.append(f"data.dataset must be auto, ptb-xl or mimic-iv-ecg, got {d.dataset!r}")
+    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg", "manifest"):
+        problems.append(f"data.dataset must be auto, ptb-xl, mimic-iv-ecg or manifest, got {d.dataset!r}")
     if not 0 <= d.val_fraction < 1:
         problems.append("data.val_fraction must be in [0, 1)")
     if d.shuffle_buffer < 0 or d.prefetch_batches < 1:
