@@ -14,6 +14,17 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def run_block(block: nn.Module, enabled: bool, *args, **kwargs) -> torch.Tensor:
+    """``block(*args, **kwargs)``; with ``enabled``, in training with gradients on, under
+    activation checkpointing: only the inputs are kept and the block's forward is re-run in
+    backward. Non-reentrant (PyTorch's recommended mode): keyword arguments and inputs that
+    need no gradient work, and dropout re-draws the same masks (the RNG state is restored)."""
+    if enabled and block.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
 
 
 class SelfAttention(nn.Module):
