@@ -27,6 +27,7 @@ the target rate, the first ``seconds`` kept, shorter records rejected (wrong_len
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -138,6 +139,33 @@ def list_manifest(root: str | os.PathLike, limit: int | None = None) -> list[Rec
             path=_ref_path(str(row["path"]).strip()), report=row["report"], labels=labels,
             fs=_fs(row.get("fs")), leads=str(row.get("leads", "")).strip()))
     return refs
+
+
+# ---------------------------------------------------------------- evaluation
+EVAL_PATH_SEP = "::"
+
+
+def eval_path(root: str | os.PathLike, record_id: str) -> str:
+    """"ROOT::RECORD_ID": how evaluation names a manifest record (its row holds fs/leads)."""
+    return f"{os.path.abspath(root)}{EVAL_PATH_SEP}{record_id}"
+
+
+@functools.lru_cache(maxsize=4)
+def _refs_by_id(root: str) -> dict[str, RecordRef]:
+    """The first row of each id (later ones are duplicates), read once per process."""
+    refs: dict[str, RecordRef] = {}
+    for ref in list_manifest(root):
+        refs.setdefault(ref.record_id, ref)
+    return refs
+
+
+def ref_for_eval_path(path: str) -> tuple[RecordRef, str]:
+    """(the row's RecordRef, the root) of an ``eval_path``."""
+    root, _, record_id = path.partition(EVAL_PATH_SEP)
+    ref = _refs_by_id(root).get(record_id)
+    if ref is None:
+        raise RecordRejected(MISSING_FILE, f"no row with record_id {record_id!r} in {root}")
+    return ref, root
 
 
 # ---------------------------------------------------------------- signal files

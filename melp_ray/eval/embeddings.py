@@ -63,6 +63,10 @@ def read_record(dataset: str, path: str, sample_rate: int, seconds: float,
     if dataset == "ptb-xl":
         ref = RecordRef(record_id="", subject_id="", dataset=dataset, path=path, report="")
         signal = load_signal(ref, None, sample_rate, keep)
+    elif dataset == "manifest":   # path: ROOT::RECORD_ID (data/manifest.py)
+        from melp_ray.data.manifest import ref_for_eval_path
+
+        signal = load_signal(*ref_for_eval_path(path), sample_rate, keep)
     elif dataset == "code-15":
         signal = _read_code15(path, sample_rate, keep)
     else:

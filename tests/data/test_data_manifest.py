@@ -168,3 +168,25 @@ def test_label_columns_and_format_errors(manifest_root, tmp_path):
     table.to_parquet(tmp_path / M.MANIFEST_PARQUET)
     with pytest.raises(M.ManifestFormatError, match="lacks columns"):
         M.list_manifest(tmp_path)
+
+
+def test_evaluate_lists_the_label_columns_and_reads_the_records(manifest_root):
+    from melp_ray.eval import datasets as D
+    from melp_ray.eval.embeddings import read_record
+    from melp_ray.eval.plan_checks import check_root
+
+    root, expected, bad = manifest_root
+    assert check_root("manifest", str(root)) == str(root.resolve())
+    listing = D.list_records("manifest", str(root), "super", RATE, None)
+    assert listing.classes == ["MI", "NORM"]
+    assert listing.excluded == {"duplicate_record_id": ["npy-lxs"]}
+    by_id = {r.record_id: r for r in listing.records}
+    assert len(by_id) == len(listing.records) == len(expected) + len(bad) - 1
+    assert by_id["wfdb-1"].labels.tolist() == [1.0, 1.0] and by_id["h5-0"].labels.tolist() == [0.0, 1.0]
+    for record_id in ("npy-lxs", "npy-sxl-5s", "h5-1"):
+        signal = read_record("manifest", by_id[record_id].path, RATE, SECONDS)
+        np.testing.assert_array_equal(signal, expected[record_id])
+    with pytest.raises(records.RecordRejected, match="missing_leads"):
+        read_record("manifest", by_id["x7"].path, RATE, SECONDS)
+    with pytest.raises(D.EvalError, match="no column labels_rhythm"):
+        D.list_records("manifest", str(root), "rhythm", RATE, None)
