@@ -11,16 +11,16 @@ paper model's size on an H200 the step is launch-bound (bench/gpu_step.py: 4.8 %
 is measured here, on a CPU: ``torch.profiler`` around one ``PretrainRecipe.micro_step``
 (lead masking, forward, the three losses, ``engine.backward``, ``engine.step``) on the
 DeepSpeed engine ``build_engine`` makes (world size 1, gloo), i.e. the code path of a Ray
-Train worker and of ``bench/gpu_step.py``. Counted: every aten/c10d operator that no other
-operator called (what Python, autograd and DeepSpeed dispatch; a composite such as
+Train worker and of ``bench/gpu_step.py``. Counted: every aten/c10d operator that does work
+and that no other such operator called (what Python, autograd and DeepSpeed dispatch; a composite such as
 ``aten::linear`` counts once, as one ``addmm`` launch on a GPU) and every generated kernel of
 a compiled region (``cpp.enable_kernel_profile``), less views, reshapes, empty allocations
 and other metadata operators, which launch nothing (``NO_KERNEL``).
 
 "before" runs with every optimisation key of ``OPTIMISATIONS`` off, "after" with each on.
 Numerics: the same two settings in fp32 with dropout 0, from the same weights and batch:
-the losses of ``--check-steps`` steps and every parameter's gradient on the last, before
-vs after, must agree to ``--tol`` (relative to the largest value).
+every parameter's gradient of the first step and the losses of ``--check-steps`` steps,
+before vs after, must agree to ``--tol`` (relative; see ``compare``).
 """
 from __future__ import annotations
 
@@ -32,9 +32,12 @@ import _common as C
 from gpu_step import build_recipe, init_single_process_group, one_batch
 
 # key -> (before, after). The "after" values are the defaults where the choice is not real.
-OPTIMISATIONS: dict[str, tuple[str, str]] = {}
+OPTIMISATIONS: dict[str, tuple[str, str]] = {
+    "deepspeed.check_grad_overflow": ("true", "false"),
+    "train.compile": ("false", "true"),
+}
 
-KERNEL_PREFIXES = ("cpp_fused", "cpp_", "triton_")   # inductor's generated kernels
+KERNEL = re.compile(r"(graph_\d+_)?(cpp_fused|triton_)")   # inductor's generated kernels
 
 # Operators that launch no kernel on a GPU: views, metadata, empty allocations.
 NO_KERNEL = re.compile(
@@ -57,7 +60,10 @@ def step_config(args, optimised: bool, check: bool):
     overrides = ["train.num_workers=1", f"train.global_batch_size={args.batch}",
                  f"deepspeed.zero_stage={args.stage}", "train.max_steps=1000",
                  "train.warmup_steps=2", "train.use_gpu=true"]
-    overrides += [f"{k}={after if optimised else before}" for k, (before, after) in OPTIMISATIONS.items()]
+    if not args.baseline:
+        overrides += [f"{k}={after if optimised else before}"
+                      for k, (before, after) in OPTIMISATIONS.items()]
+    overrides += [f"data.seconds={args.seconds}"]
     if args.smoke:   # the tiny model with the paper's optimizer settings (no clipping)
         overrides += ["train.decay_all_parameters=true", "train.schedule=cosine_restarts",
                       "train.grad_clip=0"]
@@ -70,6 +76,9 @@ def step_config(args, optimised: bool, check: bool):
         overrides += [f"train.precision={args.precision}"]
     cfg = load_config(PretrainConfig, preset, overrides)   # validated as the GPU run it stands for
     cfg.train.use_gpu = False   # ...and run here (DeepSpeed's bf16 bookkeeping is the same on a CPU)
+    if check:   # the text tower's dropout too
+        cfg.model.text_overrides = {**cfg.model.text_overrides, "hidden_dropout_prob": 0.0,
+                                    "attention_probs_dropout_prob": 0.0}
     return cfg
 
 
@@ -81,17 +90,22 @@ def launched_ops(events) -> Counter:
     counts: Counter = Counter()
     for e in events:
         name = e.name
-        if name.startswith(KERNEL_PREFIXES):
-            counts[name.split("_")[0] + "_* (compiled kernel)"] += 1
+        if KERNEL.match(name):
+            counts["compiled kernels (inductor)"] += 1
             continue
-        if not name.startswith(("aten::", "c10d::")) or NO_KERNEL.match(name):
+        if not does_work(name):
             continue
         parent = e.cpu_parent
-        while parent is not None and not parent.name.startswith(("aten::", "c10d::")):
+        while parent is not None and not does_work(parent.name):
             parent = parent.cpu_parent
         if parent is None:
             counts[name] += 1
     return counts
+
+
+def does_work(name: str) -> bool:
+    """An operator that launches work (``aten::to`` does not, its ``copy_`` does)."""
+    return name.startswith(("aten::", "c10d::")) and not NO_KERNEL.match(name)
 
 
 def count_step(args, optimised: bool, device) -> dict:
@@ -117,28 +131,30 @@ def count_step(args, optimised: bool, device) -> dict:
 
 
 def numerics(args, optimised: bool, device) -> dict:
-    """fp32, no dropout: the losses of each step and the gradients of the last step."""
+    """fp32, no dropout: every parameter's gradient of the first step (same weights before
+    and after) and the losses of ``--check-steps`` steps."""
     import torch
     from deepspeed.utils import safe_get_full_grad
 
     cfg = step_config(args, optimised, check=True)
     recipe = build_recipe(cfg, device)
     batch = one_batch(cfg, device)
-    losses = []
-    for _ in range(args.check_steps - 1):
-        losses.append(recipe.micro_step(batch))
-        recipe.state.micro_in_epoch += 1
-    # The last step without the optimizer: its gradients, then its losses.
-    torch.manual_seed(recipe.micro_seed())
+    seed = recipe.micro_seed()     # the first step as micro_step runs it, gradients read
+    torch.manual_seed(seed)
     recipe.engine.train()
-    out = recipe.compute_losses(batch, torch.Generator().manual_seed(recipe.micro_seed()))
+    out = recipe.compute_losses(batch, torch.Generator().manual_seed(seed))
     recipe.engine.backward(out["total"])
     grads = {}
     for name, p in recipe.engine.module.named_parameters():
         if p.requires_grad:
             g = safe_get_full_grad(p)
             grads[name] = None if g is None else g.detach().float().clone()
-    losses.append({k: float(v.detach()) for k, v in out.items()})
+    recipe.engine.step()
+    recipe.state.micro_in_epoch += 1
+    losses = [{k: float(v.detach()) for k, v in out.items()}]
+    for _ in range(args.check_steps - 1):
+        losses.append(recipe.micro_step(batch))
+        recipe.state.micro_in_epoch += 1
     del recipe
     gc.collect()
     torch._dynamo.reset()
@@ -146,18 +162,22 @@ def numerics(args, optimised: bool, device) -> dict:
 
 
 def compare(before: dict, after: dict) -> dict:
-    """Largest loss difference and largest gradient difference (relative to the tensor's max)."""
+    """Largest relative loss difference; largest gradient difference, relative to the
+    tensor's largest value or 1e-3 of the largest of all gradients, whichever is larger (a
+    gradient that is 0 in exact arithmetic, such as a key projection's bias, holds rounding
+    noise only)."""
     loss_diff = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
                     for a, b in zip(after["losses"], before["losses"]) for k in b)
     grad_diff, worst = 0.0, None
     missing = sorted(set(before["grads"]) ^ set(after["grads"]))
+    floor = 1e-3 * max(float(g.abs().max()) for g in before["grads"].values() if g is not None)
     for name, g in before["grads"].items():
         h = after["grads"].get(name)
         if g is None or h is None:
             if (g is None) != (h is None):
                 missing.append(name)
             continue
-        d = float((g - h).abs().max() / g.abs().max().clamp(min=1e-12))
+        d = float((g - h).abs().max()) / max(float(g.abs().max()), floor, 1e-30)
         if d > grad_diff:
             grad_diff, worst = d, name
     return {"max_rel_loss_diff": loss_diff, "max_rel_grad_diff": grad_diff,
@@ -175,6 +195,10 @@ def main(argv=None) -> int:
     p.add_argument("--check-steps", type=int, default=3, help="steps of the numerics check")
     p.add_argument("--tol", type=float, default=1e-4, help="largest relative loss/gradient difference")
     p.add_argument("--top", type=int, default=15, help="operator names in the table")
+    p.add_argument("--seconds", type=int, default=10, help="ECG length (the count does not depend on it)")
+    p.add_argument("--baseline", action="store_true",
+                   help="count one step with no optimisation key set, nothing else (for code "
+                        "that predates the keys: PYTHONPATH=<old checkout>)")
     args = p.parse_args(argv)
     import torch
     import torch._inductor.config as inductor_config
@@ -185,6 +209,15 @@ def main(argv=None) -> int:
     init_single_process_group("gloo")
     info = C.machine()
     counts, checks = {}, {}
+    if args.baseline:
+        row = count_step(args, False, device)
+        C.finish("step_ops", args, {"machine": info, "baseline": True, "stage": args.stage,
+                                    "precision": args.precision, "seconds": args.seconds,
+                                    "ops": row["ops"], "events": row["events"],
+                                    "by_name": row["by_name"]},
+                 C.table(["operator", "per step"], [["counted (launched)", row["ops"]],
+                                                    *list(row["by_name"].items())[: args.top]]))
+        return 0
     for label, optimised in (("before", False), ("after", True)):
         C.log(f"{label}: counting the operators of one step")
         counts[label] = count_step(args, optimised, device)
@@ -197,6 +230,7 @@ def main(argv=None) -> int:
     equal = (diff["max_rel_loss_diff"] <= args.tol and diff["max_rel_grad_diff"] <= args.tol
              and not diff["grad_mismatch"])
     result = {"machine": info, "config": "tiny" if args.smoke else "paper", "stage": args.stage,
+              "seconds": args.seconds,
               "precision": args.precision, "batch": args.batch, "optimisations": OPTIMISATIONS,
               "ops_before": counts["before"]["ops"], "ops_after": counts["after"]["ops"],
               "ratio": ratio, "target_ratio": 0.2, "verdict": C.check(ratio, 0.2, higher_is_better=False),
