@@ -62,15 +62,6 @@ def one_batch(cfg, device) -> dict:
     return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
 
 
-def init_single_process_group(backend: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29531")})
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-
-
 def build_recipe(cfg, device):
     """A PretrainRecipe with its engine and loss built as in a Ray Train worker (no Ray)."""
     from melp_ray.pretrain import PretrainRecipe
@@ -143,7 +134,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda", 0) if not args.smoke else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    init_single_process_group("nccl" if device.type == "cuda" else "gloo")
+    from melp_ray.train.session import single_process_group
+
+    single_process_group("nccl" if device.type == "cuda" else "gloo")
     info = C.machine()
     stages = {}
     for stage in (int(s) for s in args.stages.split(",")):

@@ -37,6 +37,23 @@ def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
     return {k: float(v) / n for k, v in zip(keys, t)}
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, in rank order, when ranks hold different
+    numbers of rows (none included): padded to the longest for the all-gather, then trimmed."""
+    n = world()[1]
+    if n == 1:
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(n)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)], dim=0)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (a process group's MASTER_PORT)."""
     with socket.socket() as s:

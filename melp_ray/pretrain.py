@@ -16,11 +16,12 @@ import sys
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from melp_ray.console import summary_table
 from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
                              config_keys, load_config)
-from melp_ray.distributed import mean_over_ranks
+from melp_ray.distributed import gather_rows, sum_over_ranks
 from melp_ray.losses import gather_no_grad
 from melp_ray.train.init_from import check_init_from
 from melp_ray.train.recipe import DeepSpeedRecipe
@@ -49,7 +50,8 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     def setup(self) -> None:
         super().setup()
-        self.epoch_files = self.reassignable_shard_files()
+        self.epoch_rows = self.reassignable_shard_rows()
+        self.spec = stream_spec(self.cfg)     # reads the manifest once, not every epoch
         self.loss_fn = self.build_loss()
 
     def build_loss(self):
@@ -59,28 +61,26 @@ class PretrainRecipe(DeepSpeedRecipe):
         return MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
                                           beat=w.beat, same_report_positives=w.same_report_positives)
 
-    def reassignable_shard_files(self) -> list[str] | None:
-        """The train split's shard files when each epoch deals them out anew, else None
-        (raw roots, materialized data, ``data.reassign_shards=false``)."""
+    def reassignable_shard_rows(self) -> list | None:
+        """The train split's shard files (with their kept rows) when each epoch deals them
+        out anew, else None (raw roots, materialized data, ``data.reassign_shards=false``)."""
         from melp_ray.data.sources import detect_layout
-        from melp_ray.data.stream import resolve_root, split_shard_files
+        from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
 
         d = self.cfg.data
         root = resolve_root(d.root)
         if not d.reassign_shards or d.materialize or detect_layout(root) != "shards":
             return None
-        return split_shard_files(root, "train", self.world, d.limit)
+        return shard_rows(split_shard_files(root, "train", self.world, d.limit), d.exclude_folds)
 
     def train_dataset(self, epoch: int):
-        """Streamed shards: this epoch's files for this rank (``rank_shard_files``)."""
-        if self.epoch_files is None:
+        """Streamed shards: this epoch's rows for this rank (``deal_rows``)."""
+        if self.epoch_rows is None:
             return self.train_data
-        from melp_ray.data.stream import rank_shard_files, shards_dataset
+        from melp_ray.data.stream import deal_rows, slices_dataset
 
-        files = rank_shard_files(self.epoch_files, self.world, self.rank, epoch,
-                                 self.cfg.train.seed)
-        return shards_dataset(files, stream_spec(self.cfg),
-                              exclude_folds=self.cfg.data.exclude_folds)
+        slices = deal_rows(self.epoch_rows, self.world, self.rank, epoch, self.cfg.train.seed)
+        return slices_dataset(slices, self.spec, self.cfg.data.exclude_folds)
 
     def forward(self, batch: dict[str, torch.Tensor], ecg: torch.Tensor) -> dict:
         if self.bf16:
@@ -102,36 +102,61 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation losses, ECG<->report retrieval recall and (with labels) zero-shot AUROC."""
+        """Validation losses, ECG<->report retrieval recall and (with labels) zero-shot AUROC,
+        over every validation record of every rank exactly once (up to ``val_batches``
+        batches a rank).
+
+        Ranks may hold different numbers of rows, even none (fewer records than workers),
+        yet every collective (ZeRO-3 gathers, the losses' all-gathers) needs every rank, with
+        equal shapes: so all ranks run the same rounds, each on a batch padded to
+        ``micro_batch_size`` by repeating rows (a rank out of rows repeats an earlier or a
+        borrowed batch). Only real rows count: losses are weighted by them, embeddings of
+        padding are dropped. A padded batch's losses still see its repeats as negatives.
+        """
         if self.val_data is None:
             return {}
         self.engine.eval()
-        batches = iter(self.val_data.iter_torch_batches(
-            batch_size=self.cfg.train.micro_batch_size, drop_last=True, device=self.device))
+        size = self.cfg.train.micro_batch_size
+        batches = iter(self.val_data.iter_torch_batches(batch_size=size, drop_last=False,
+                                                        device=self.device))
         sums: dict[str, float] = {}
-        ecg_embs, text_embs, labels, n = [], [], [], 0
+        ecg_embs, text_embs, labels, real, template = [], [], [], 0, None
         for _ in range(self.cfg.train.val_batches):
-            batch = self.next_batch_everywhere(batches)
-            if batch is None:
+            batch = next(batches, None)
+            n = 0 if batch is None else len(batch["ecg"])
+            template = template if n == 0 else batch
+            counts = gather_no_grad(torch.tensor([[n, template is not None]], device=self.device))
+            if counts[:, 0].max() == 0:
                 break
-            out = self.forward(batch, batch["ecg"])
+            if not counts[:, 1].all():     # some rank has never had a row: lend it one
+                template = self.borrow_batch(template, int(counts[:, 1].nonzero()[0, 0]))
+            padded = pad_rows(batch if n else template, size)
+            out = self.forward(padded, padded["ecg"])
             for k, v in self.losses_of(out).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            ecg_embs.append(out["ecg_emb"].float())
-            text_embs.append(out["text_emb"].float())
-            if "labels_super" in batch:
-                labels.append(batch["labels_super"].float())
-            n += 1
-        if n == 0:
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            real += n
+            ecg_embs.append(out["ecg_emb"][:n].float())
+            text_embs.append(out["text_emb"][:n].float())
+            if "labels_super" in template:
+                labels.append(template["labels_super"][:0] if n == 0 else batch["labels_super"].float())
+        self.engine.train()
+        if not ecg_embs:
             return {}
-        metrics = mean_over_ranks({f"loss_{k}": v / n for k, v in sums.items()}, self.device)
-        ecg_all = gather_no_grad(torch.cat(ecg_embs))
-        text_all = gather_no_grad(torch.cat(text_embs))
+        totals = sum_over_ranks(torch.tensor([*(sums[k] for k in sorted(sums)), real],
+                                             device=self.device, dtype=torch.float64))
+        metrics = {f"loss_{k}": float(v / totals[-1]) for k, v in zip(sorted(sums), totals)}
+        ecg_all = gather_rows(torch.cat(ecg_embs))
+        text_all = gather_rows(torch.cat(text_embs))
         metrics.update(retrieval_recall(ecg_all, text_all))
         if labels:
-            metrics.update(self.zero_shot_auroc(ecg_all, gather_no_grad(torch.cat(labels))))
-        self.engine.train()
+            metrics.update(self.zero_shot_auroc(ecg_all, gather_rows(torch.cat(labels).float())))
         return metrics
+
+    def borrow_batch(self, template: dict | None, src: int) -> dict:
+        """Rank ``src``'s batch, on every rank that has none of its own (a collective)."""
+        box = [None if template is None else {k: v.cpu() for k, v in template.items()}]
+        dist.broadcast_object_list(box, src=src)
+        return template if template is not None else {k: v.to(self.device) for k, v in box[0].items()}
 
     def zero_shot_auroc(self, ecg_emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         from melp_ray.eval.metrics import macro_auroc
@@ -152,6 +177,12 @@ class PretrainRecipe(DeepSpeedRecipe):
 
 
 # ---------------------------------------------------------------- small pieces
+
+def pad_rows(batch: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """``batch`` with exactly ``size`` rows: its rows repeated in turn (or the first ``size``)."""
+    index = torch.arange(size) % len(batch["ecg"])
+    return {k: v[index.to(v.device)] for k, v in batch.items()}
+
 
 def augment(ecg: torch.Tensor, data_cfg, generator: torch.Generator) -> torch.Tensor:
     """The training-time augmentation of a batch: lead masking, then the optional time shift."""
@@ -196,11 +227,26 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 # ---------------------------------------------------------------- driver
 
 def stream_spec(cfg: PretrainConfig):
-    """What the data pipelines must produce for this model."""
+    """What the data pipelines must produce for this model (from shards of another rate:
+    resampled on reading)."""
     from melp_ray.data.stream import StreamSpec
 
     return StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
-                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
+                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length,
+                      shard_rate=shard_rate(cfg.data))
+
+
+def shard_rate(data_cfg) -> int | None:
+    """The rate prepared shards are stored at (their manifest), None for a raw root."""
+    from melp_ray.data.shards import load_manifest
+    from melp_ray.data.sources import detect_layout
+    from melp_ray.data.stream import resolve_root
+
+    root = resolve_root(data_cfg.root)
+    if data_cfg.dataset not in ("auto", "shards") or detect_layout(root) != "shards":
+        return None
+    rate = load_manifest(root).get("sample_rate")
+    return None if rate is None else int(rate)
 
 
 def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
@@ -234,6 +280,50 @@ def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict
                          "records": sum(c["held_out"] for c in counts.values())}}
 
 
+def check_shards_fit(cfg: PretrainConfig) -> None:
+    """Prepared shards must hold ECGs of the config's rate and duration, and give every
+    worker at least one training micro-batch per epoch (rows are dealt evenly,
+    ``deal_rows``; any number of shard files is fine). Read from the manifest before Ray
+    starts, and with folds held out from the shards' ``strat_fold`` column (one small
+    column per file), as the workers will count them."""
+    from melp_ray.data.shards import load_manifest
+    from melp_ray.data.sources import detect_layout
+    from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
+
+    d, t = cfg.data, cfg.train
+    if d.root is None or (d.dataset if d.dataset != "auto" else detect_layout(d.root)) != "shards":
+        return
+    manifest = load_manifest(d.root)
+    check_shard_signal(manifest, d)
+    if d.exclude_folds:
+        files = split_shard_files(resolve_root(d.root), "train", t.num_workers, d.limit)
+        records = sum(len(f.kept) for f in shard_rows(files, d.exclude_folds))
+    else:
+        train = [s for s in manifest["shards"] if s["split"] == "train"]
+        if d.limit is not None:
+            train = sorted(train, key=lambda s: s["path"])[: max(t.num_workers, 1)]
+        records = sum(s["rows"] for s in train)
+    if records // max(t.num_workers, 1) < t.micro_batch_size:
+        raise ConfigError(
+            f"data.root: {records} train records give each of train.num_workers="
+            f"{t.num_workers} workers {records // max(t.num_workers, 1)}, fewer than one "
+            f"micro-batch of {t.micro_batch_size}: use fewer workers, a smaller "
+            f"train.global_batch_size or more data")
+
+
+def check_shard_signal(manifest: dict, data_cfg) -> None:
+    """Shards are stored at one rate and duration (``prepare --sample-rate/--seconds``).
+    Another rate is resampled on reading (``StreamSpec.shard_rate``); another duration
+    cannot be made up: a config error, not a worker's crash."""
+    rate, seconds = manifest.get("sample_rate"), manifest.get("seconds")
+    if rate is None or seconds is None or abs(float(seconds) - data_cfg.seconds) < 1e-6:
+        return
+    raise ConfigError(
+        f"data.root: the shards hold {seconds:g} s ECGs ({rate:g} Hz), the config asks for "
+        f"data.seconds={data_cfg.seconds:g}: add data.seconds={seconds:g}, or re-run prepare "
+        f"with --seconds {data_cfg.seconds:g}")
+
+
 def run(cfg: PretrainConfig, callbacks: list | None = None,
         recipe_cls: type[PretrainRecipe] = PretrainRecipe, in_process: bool = False
         ) -> dict[str, Any]:
@@ -248,6 +338,7 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     from melp_ray.train.launcher import fit_and_summarise, fit_in_process
 
     check_data_root(cfg.data)
+    check_shards_fit(cfg)
     check_init_from(cfg.train.init_from, cfg.model)
     init_ray(verbose=cfg.run.verbose)
     quiet_data_progress_bars()
@@ -281,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, config, overrides)
         check_data_root(cfg.data)      # a folder of unknown layout: exit 2, not a traceback
+        check_shards_fit(cfg)          # shards of another rate, too few records: exit 2
         check_checkpoint_metric(cfg)
         check_init_from(cfg.train.init_from, cfg.model)
     except ConfigError as err:

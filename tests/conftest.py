@@ -264,3 +264,35 @@ def code15_root(tmp_path_factory, bundled_ptbxl) -> dict:
 def s3_test_credentials() -> dict[str, str]:
     """The dummy credentials the session's Ray workers have (``S3_TEST_CREDENTIALS``)."""
     return dict(S3_TEST_CREDENTIALS)
+
+
+# ---------------------------------------------------------------- hand-made shard folders
+
+@pytest.fixture(scope="session")
+def make_shards(bundled_ptbxl):
+    """``make_shards(out, train=[16, 16], val=[1])``: a prepared-shards folder, written
+    without Ray from the bundled records (100 Hz): one shard file per number, that many
+    rows each, train rows first, no record twice. Returns ``out``."""
+    from melp_ray.data import shards
+    from melp_ray.data.records import load_signal
+    from melp_ray.data.sources import list_records
+
+    refs = list_records("ptb-xl", str(bundled_ptbxl), sample_rate=100)
+
+    def make(out: Path, train: list[int], val: list[int]) -> Path:
+        listed, at = [], 0
+        for split, sizes in (("train", train), ("val", val)):
+            for index, size in enumerate(sizes):
+                rows = [shards.shard_row(ref, split, load_signal(ref, str(bundled_ptbxl), 100, 10))
+                        for ref in refs[at:at + size]]
+                at += size
+                shards.write_shard(rows, out / shards.shard_relpath(split, index))
+                listed.append({"path": shards.shard_relpath(split, index), "split": split,
+                               "rows": size})
+        splits = {s: {"records": sum(x["rows"] for x in listed if x["split"] == s),
+                      "shards": sum(x["split"] == s for x in listed)} for s in shards.SPLITS}
+        manifest = {"dataset": "ptb-xl", "sample_rate": 100, "seconds": 10, "n_samples": 1000,
+                    "ecg_encoding": "float32", "shards": listed, "splits": splits}
+        (out / shards.MANIFEST_NAME).write_text(json.dumps(manifest))
+        return out
+    return make

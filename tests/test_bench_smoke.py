@@ -281,6 +281,15 @@ def accepts(address: str) -> bool:
         return False
 
 
+def test_gather_stress_smoke(tmp_path):
+    """The #30 stress of the differentiable all-gather: both ranks exit 0 and every step's
+    gradient is the known one (a collective touching freed memory would show here)."""
+    data = smoke("gather_stress", tmp_path)
+    assert data["exit_codes"] == [0, 0]
+    assert sorted(r["rank"] for r in data["ranks"]) == [0, 1]
+    assert all(r["wrong_gradients"] == 0 for r in data["ranks"])
+
+
 def test_a_hung_benchmark_fails_fast_and_prints_where_it_hangs(tmp_path):
     """A benchmark stuck with Ray running (here: asleep) exits on its own short timeout with
     the stack of every thread, and its Ray instance goes away with it."""

@@ -1,7 +1,7 @@
 """Several Ray nodes: prepare and pretraining spread over real raylets, and a whole node lost.
 
-Each scenario runs ``tests/fixtures/multinode_script.py`` in its own process, which starts
-a ``ray.cluster_utils.Cluster`` on this machine (a head with 1 CPU, worker nodes with 2
+Both scenarios run in one ``tests/fixtures/multinode_script.py`` process, which starts one
+``ray.cluster_utils.Cluster`` on this machine (a head with 1 CPU, worker nodes with 2
 CPUs each; every Ray Train worker asks for 2 CPUs, so two never share a node) and attaches
 its driver to it; a Cluster cannot live in the test session's process beside ``ray_local``.
 The runs write where their workers ran (Ray node ids, from each worker's runtime context)
@@ -23,14 +23,22 @@ SCRIPT = REPO / "tests" / "fixtures" / "multinode_script.py"
 TIMEOUT_S = 600
 
 
-def run_scenario(name: str, work: Path) -> dict:
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> Path:
+    """Both scenarios, run once on one cluster; each writes <work>/<scenario>/result.json."""
+    work = tmp_path_factory.mktemp("multinode")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), name, str(work)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(work)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    return json.loads((work / "result.json").read_text())
+    return work
+
+
+def scenario_result(work: Path, name: str) -> tuple[dict, Path]:
+    folder = work / name
+    return json.loads((folder / "result.json").read_text()), folder
 
 
 def worker_records(run_dir: Path) -> list[dict]:
@@ -43,9 +51,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def spread(tmp_path_factory) -> tuple[dict, Path]:
-    work = tmp_path_factory.mktemp("multinode_spread")
-    return run_scenario("spread", work), work
+def spread(scenarios) -> tuple[dict, Path]:
+    return scenario_result(scenarios, "spread")
 
 
 @pytest.mark.slow
@@ -79,17 +86,17 @@ def test_training_workers_run_on_distinct_nodes_into_shared_storage(spread):
 
 
 @pytest.mark.slow
-def test_run_survives_losing_a_whole_node(tmp_path):
+def test_run_survives_losing_a_whole_node(scenarios):
     """A worker node is killed (raylet, object store, the training worker on it) once the
     first checkpoint is registered; with a spare node and ``run.max_failures=1`` the run
     restarts from its last checkpoint on the surviving nodes and finishes, losing nothing."""
-    result = run_scenario("failover", tmp_path)
+    result, work = scenario_result(scenarios, "failover")
     removed, summary = result["removed"], result["summary"]
     assert "error" not in removed and "done" in removed, removed
     assert removed["node_id"] not in result["cluster_nodes"]   # gone from the cluster
     assert summary["steps"] == 8
 
-    run_dir = tmp_path / "runs" / "failover"
+    run_dir = work / "runs" / "failover"
     records = worker_records(run_dir)
     first, second = records[:2], records[2:]
     assert len(records) == 4, records                            # two starts of 2 workers

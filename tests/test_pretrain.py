@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,70 @@ def test_resume_is_exact_when_each_epoch_deals_the_shards_anew(ray_local, tiny_c
     second = run_in_process(tiny_cfg(tmp_path, "dealt", *args))
     assert second["steps"] == 9
     assert_same_weights(second["last_checkpoint"], reference["last_checkpoint"])
+
+
+def _records_seen_recipe():
+    """PretrainRecipe that appends, per rank, the epoch and the fingerprints of the records of
+    every training micro-batch it consumes to ``seen_rank<r>.jsonl`` in the run folder."""
+    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.train.metrics import run_dir
+
+    class RecordsSeen(PretrainRecipe):
+        def micro_step(self, batch):
+            line = {"epoch": self.state.epoch, "ecg": fingerprints(batch["ecg"].cpu().numpy())}
+            with open(os.path.join(run_dir(self.cfg), f"seen_rank{self.rank}.jsonl"), "a") as f:
+                f.write(json.dumps(line) + "\n")
+            return super().micro_step(batch)
+
+    return RecordsSeen
+
+
+def fingerprints(ecg) -> list[str]:
+    """One digest per model-ready record (its exact float32 bytes)."""
+    import hashlib
+
+    return [hashlib.sha1(row.tobytes()).hexdigest() for row in ecg]
+
+
+def dealt_fingerprints(root: Path, world: int, rank: int, epoch: int, seed: int) -> list[str]:
+    """What ``deal_rows`` gives ``rank`` in ``epoch``, read from the shard files here."""
+    from melp_ray.data.shards import decode_ecg
+    from melp_ray.data.stream import (deal_rows, minmax_normalise, read_row_range, shard_files,
+                                      shard_rows)
+
+    slices = deal_rows(shard_rows(shard_files(str(root), "train")), world, rank, epoch, seed)
+    return [d for s in slices
+            for d in fingerprints(minmax_normalise(np.stack([decode_ecg(b) for b in read_row_range(
+                s.path, s.start, s.stop, ["ecg"])["ecg"].to_pylist()])))]
+
+
+def test_three_shards_two_workers_read_every_record_once_per_epoch_and_validate_one_record(
+        ray_local, tiny_cfg, tmp_path, make_shards):
+    """3 train shard files of uneven sizes for 2 Ray Train workers: each epoch every record is
+    trained on exactly once, each rank reading the rows ``deal_rows`` gives it; a validation
+    split of 1 record (one rank has no row) still validates, over that one pair."""
+    root = make_shards(tmp_path / "shards", train=[10, 6, 8], val=[1])
+    cfg = tiny_cfg(tmp_path, "dealt-2", f"data.root={root}", "data.limit=null",
+                   "train.max_steps=6", "train.val_every=3", "train.checkpoint_every=6")
+    summary = run(cfg, recipe_cls=_records_seen_recipe())
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    # 24 records, 12 a worker, 3 micro-batches of 4 a worker: steps 1-3 epoch 0, 4-6 epoch 1.
+    seen = {(rank, epoch): [] for rank in (0, 1) for epoch in (0, 1)}
+    for rank in (0, 1):
+        for line in (local(summary["run_dir"]) / f"seen_rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            seen[rank, record["epoch"]] += record["ecg"]
+    everything = sorted(dealt_fingerprints(root, 1, 0, None, 0))
+    assert len(set(everything)) == 24
+    for epoch in (0, 1):
+        assert sorted(seen[0, epoch] + seen[1, epoch]) == everything   # each record once
+        for rank in (0, 1):
+            assert sorted(seen[rank, epoch]) == sorted(
+                dealt_fingerprints(root, 2, rank, epoch, cfg.train.seed))
+    assert set(seen[0, 0]) != set(seen[0, 1])                          # dealt anew
+    val = summary["validation"]
+    assert val["recall_at_1_chance"] == 1.0 and val["recall_at_1"] == 1.0   # the one pair
+    assert summary["data"]["train_records"] == 24 and summary["data"]["val_records"] == 1
 
 
 def train_worker_processes():

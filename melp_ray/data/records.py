@@ -232,6 +232,15 @@ def _source_rate(fs) -> int:
     return int(round(fs))
 
 
+def resample(ecg: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Signals (..., samples) from ``source_rate`` to ``target_rate`` (``resample_poly``, as
+    raw records are), float32."""
+    from scipy.signal import resample_poly
+
+    up, down = _resample_ratio(int(source_rate), target_rate)
+    return resample_poly(ecg, up, down, axis=-1).astype(np.float32)
+
+
 def _resample_ratio(source_rate: int, target_rate: int | float) -> tuple[int, int]:
     ratio = Fraction(int(round(target_rate)), source_rate)
     return ratio.numerator, ratio.denominator

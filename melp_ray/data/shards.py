@@ -86,7 +86,66 @@ def decode_ecg(data: bytes, n_leads: int = len(LEADS)) -> np.ndarray:
     return flat.reshape(n_leads, -1).astype(np.float32, copy=True)
 
 
-def _decode_compact(data: bytes, n_leads: int) -> np.ndarray:
+def decode_ecg_column(values, n_leads: int = len(LEADS)) -> np.ndarray:
+    """Many ``ecg`` values of one length -> one (n, n_leads, T) float32 array, equal to
+    stacking ``decode_ecg`` of each; ``values``: a pyarrow binary (chunked) array or bytes.
+
+    Why: the stream decodes a batch at a time, and each value is written straight into
+    the one output (``decode_ecg`` + ``np.stack`` allocated and copied every record twice,
+    and Python ``bytes`` out of Arrow are a third copy); fresh large allocations cost page
+    faults on every batch.
+    """
+    views = _value_views(values)
+    if not views:
+        return np.zeros((0, n_leads, 0), np.float32)
+    raw_multiple = ECG_DTYPE.itemsize * n_leads
+    out = None
+    for i, view in enumerate(views):
+        compact = bytes(view[:4]) == COMPACT_MAGIC and len(view) % raw_multiple
+        n_samples = _compact_samples(view, n_leads) if compact else len(view) // raw_multiple
+        if out is None:
+            out = np.empty((len(views), n_leads, n_samples), np.float32)
+        if n_samples != out.shape[-1]:
+            raise ValueError(f"ecg values of different lengths in one batch: {n_samples} and "
+                             f"{out.shape[-1]} samples per lead")
+        if compact:
+            _decode_compact(view, n_leads, out=out[i])
+        else:
+            out[i] = decode_view(view, n_leads)
+    return out
+
+
+def decode_view(view, n_leads: int) -> np.ndarray:
+    """Raw float32 bytes -> a read-only (n_leads, T) view of them (no copy)."""
+    if len(view) % (ECG_DTYPE.itemsize * n_leads):
+        raise ValueError(f"{len(view)} bytes are neither {n_leads} leads of float32 nor a "
+                         f"compact ({'/'.join(_COMPACT)}) record")
+    return np.frombuffer(view, dtype=ECG_DTYPE).reshape(n_leads, -1)
+
+
+def _value_views(values) -> list:
+    """Zero-copy memoryviews of the values of a binary column (Arrow or a sequence of bytes)."""
+    if isinstance(values, pa.ChunkedArray):
+        return [v for chunk in values.chunks for v in _value_views(chunk)]
+    if isinstance(values, pa.Array):
+        if values.null_count:
+            raise ValueError("the ecg column holds nulls")
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int32 if pa.types.is_binary(values.type)
+                                else np.int64)[values.offset: values.offset + len(values) + 1]
+        data = memoryview(values.buffers()[2])
+        return [data[offsets[i]: offsets[i + 1]] for i in range(len(values))]
+    return [memoryview(v) for v in values]
+
+
+def _compact_samples(view, n_leads: int) -> int:
+    header = len(COMPACT_MAGIC) + 1 + ECG_DTYPE.itemsize * n_leads
+    dtype = _DTYPE_OF_CODE.get(view[4])
+    if dtype is None:
+        raise ValueError(f"unknown compact ECG code {view[4]}")
+    return (len(view) - header) // dtype.itemsize // n_leads
+
+
+def _decode_compact(data: bytes, n_leads: int, out: np.ndarray | None = None) -> np.ndarray:
     dtype = _DTYPE_OF_CODE.get(data[4])
     if dtype is None:
         raise ValueError(f"unknown compact ECG code {data[4]}")
@@ -95,7 +154,10 @@ def _decode_compact(data: bytes, n_leads: int) -> np.ndarray:
     flat = np.frombuffer(data[header:], dtype=dtype)
     if flat.size % n_leads:
         raise ValueError(f"{flat.size} samples cannot be split into {n_leads} leads")
-    return flat.reshape(n_leads, -1).astype(np.float32) * scales[:, None]
+    if out is None:
+        return flat.reshape(n_leads, -1).astype(np.float32) * scales[:, None]
+    # int16/float16 x float32 computes in float32: the same values as astype, then multiply
+    return np.multiply(flat.reshape(n_leads, -1), scales[:, None], out=out)
 
 
 def shard_row(ref: RecordRef, split: str, signal: np.ndarray,

@@ -9,8 +9,9 @@ Why one dataset per training rank instead of ``streaming_split``: Ray's streamin
 blocks to whichever worker asks first, so which sample lands on which rank changes from run
 to run. Training must be exactly resumable and give the same global batch for any worker
 count, so each rank gets a fixed, deterministic slice: every ``world``-th record of a raw
-root (free: only metadata is sliced), or every ``world``-th shard file of prepared data
-(each rank reads only its own files). Reports are tokenised here, on the data workers.
+root (free: only metadata is sliced), or one contiguous run of the rows of prepared shards
+(``deal_rows``: row ranges of files, read by row group, so any number of shard files serves
+any number of ranks). Reports are tokenised here, on the data workers.
 """
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ import logging
 import random
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from melp_ray import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
+from melp_ray.data.records import resample
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,9 @@ class StreamSpec:
     text_model: str
     max_text_length: int
     with_labels: bool = True
+    # Prepared shards stored at another rate (same duration): resampled to ``sample_rate``
+    # as they are read, so shards of any ``prepare --sample-rate`` serve any config.
+    shard_rate: int | None = None
 
     @property
     def n_samples(self) -> int:
@@ -55,6 +63,16 @@ def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
     return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
 
 
+def minmax_normalise_(ecg: np.ndarray) -> np.ndarray:
+    """``minmax_normalise`` in place on a float32 array the caller owns: the same values
+    (the same float32 operations), without two fresh batch-sized arrays per batch."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    np.subtract(ecg, lo, out=ecg)
+    np.divide(ecg, np.maximum(hi - lo, 1e-6), out=ecg)
+    return ecg
+
+
 def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
     out = np.zeros((len(labels), len(SUPERCLASSES)), dtype=np.float32)
     for row, names in enumerate(labels):
@@ -66,29 +84,45 @@ def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
 
 def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     """Normalised signals + tokenised reports (+ multi-hot labels): the worker-side batch."""
+    return _finish(minmax_normalise(ecg), reports, labels_super, spec)
+
+
+def _finish(normalised: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
     tokenizer = load_report_tokenizer(spec.text_model)
-    batch = {"ecg": minmax_normalise(ecg),
+    batch = {"ecg": normalised,
              **encode_reports(tokenizer, [str(r) for r in reports], spec.max_text_length)}
     if spec.with_labels:
         batch["labels_super"] = superclass_multihot(labels_super)
     return batch
 
 
-def decode_shard_batch(batch: dict[str, Any], spec: StreamSpec,
+def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
                        exclude_folds: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    from melp_ray.data.shards import decode_ecg
+    """A batch of shard rows (an Arrow table as Ray Data hands it, or a dict of columns)
+    -> the worker-side batch of ``finish_batch``, bit for bit.
 
+    Arrow in: the ECG bytes are read where Arrow holds them and decoded straight into one
+    float32 array that is then normalised in place (no Python ``bytes`` per record, no
+    per-record arrays, no stack): see bench/README.md "ingest at 500 Hz".
+    """
+    from melp_ray.data.shards import decode_ecg_column
+
+    table = batch if isinstance(batch, pa.Table) else pa.table(
+        {k: pa.array(list(v)) for k, v in batch.items()})
     if exclude_folds:   # held-out folds: dropped before anything is decoded
-        keep = ~np.isin(np.asarray(batch["strat_fold"]), list(exclude_folds))
-        batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
-    if len(batch["ecg"]) == 0:
-        return finish_batch(np.zeros((0, 12, spec.n_samples), np.float32), [],
-                            [] if spec.with_labels else None, spec)
-    ecg = np.stack([decode_ecg(b) for b in batch["ecg"]])
+        table = table.filter(pc.invert(pc.is_in(table["strat_fold"],
+                                                value_set=pa.array(list(exclude_folds), pa.int32()))))
+    ecg = decode_ecg_column(table["ecg"])
+    if table.num_rows == 0:
+        ecg = np.zeros((0, 12, spec.n_samples), np.float32)
+    if spec.shard_rate and spec.shard_rate != spec.sample_rate \
+            and ecg.shape[-1] == int(round(spec.shard_rate * spec.seconds)):
+        ecg = resample(ecg, spec.shard_rate, spec.sample_rate)   # a fresh float32 array
     if ecg.shape[-1] != spec.n_samples:
         raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
                          f"{spec.n_samples}; re-run prepare with the same rate/duration")
-    return finish_batch(ecg, batch["report"], batch.get("labels_super"), spec)
+    labels = table["labels_super"].to_pylist() if spec.with_labels else None
+    return _finish(minmax_normalise_(ecg), table["report"].to_pylist(), labels, spec)
 
 
 def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
@@ -137,10 +171,17 @@ def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
         columns.append("strat_fold")
     if filesystem is None:   # shards behind a URI: one pyarrow filesystem, paths on it
         filesystem, files = storage.filesystem_and_paths(list(files))
-    ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None)
+    # One block per file: left to itself Ray Data splits each read into ~200 blocks of a
+    # few rows (its default parallelism), and the per-block cost then dominated 500 Hz
+    # ingest (2.7x fewer rows/s measured, bench/README.md "ingest at 500 Hz").
+    ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None,
+                         override_num_blocks=len(files))
     kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
+    # batch_size=None: the transform takes each read block whole, so Ray Data fuses it
+    # into the read task (no object-store round trip of the undecoded block); rows are
+    # transformed one by one, so the grouping does not change a value.
     return in_order(ds.map_batches(decode_shard_batch, fn_kwargs=kwargs,
-                                   batch_format="numpy", batch_size=64))
+                                   batch_format="pyarrow", batch_size=None))
 
 
 def read_parquet_v1(files: list[str], **kwargs):
@@ -232,35 +273,129 @@ def _shard_rank_datasets(root: str, split: str, world_size: int, spec: StreamSpe
                          limit: int | None, exclude_folds: Sequence[int],
                          counts: dict[str, int]) -> list:
     files = split_shard_files(root, split, world_size, limit)
-    counts.update(count_shard_folds(files, exclude_folds))
-    return [shards_dataset(rank_shard_files(files, world_size, r), spec, exclude_folds=exclude_folds)
+    rows = shard_rows(files, exclude_folds)
+    counts.update(records=sum(len(r.kept) for r in rows),
+                  held_out=sum(r.rows - len(r.kept) for r in rows))
+    return [slices_dataset(deal_rows(rows, world_size, r), spec, exclude_folds)
             for r in range(world_size)]
 
 
 def split_shard_files(root: str, split: str, world_size: int, limit: int | None = None) -> list[str]:
-    """The shard files of a split that training reads (``limit``: one per worker)."""
+    """The shard files of a split that training reads (``limit``: one per worker, at most
+    as many as there are). Any number of files serves any number of workers (``deal_rows``)."""
     files = shard_files(root, split)
     if limit is not None:
         files = files[: max(world_size, 1)]
-    if len(files) < world_size:
-        raise ValueError(
-            f"{root} has {len(files)} {split} shard(s) for {world_size} workers: each worker "
-            f"reads whole shards; re-run prepare with a smaller --shard-size")
     return files
 
 
-def rank_shard_files(files: Sequence[str], world_size: int, rank: int, epoch: int | None = None,
-                     seed: int = 0) -> list[str]:
-    """The files ``rank`` reads: every ``world_size``-th file, from ``rank`` on.
+@dataclass(frozen=True)
+class ShardRows:
+    """One shard file: its row count and the positions of the rows training keeps (all of
+    them unless folds are held out)."""
 
-    With an ``epoch``, of a permutation seeded by (seed, epoch): each epoch every file is
-    still read by exactly one rank, but which rank, and in which order, changes from epoch
-    to epoch; the same (seed, epoch) always gives the same files (exact resume).
+    path: str
+    rows: int
+    kept: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows [start, stop) of one shard file (held-out folds inside it are still dropped)."""
+
+    path: str
+    start: int
+    stop: int
+
+
+def shard_rows(files: Sequence[str], exclude_folds: Sequence[int] = ()) -> list[ShardRows]:
+    """The kept rows of each file: from the Parquet footers, or, with folds held out, from
+    the ``strat_fold`` column alone."""
+    from melp_ray.data.shards import read_shard_table
+
+    out = []
+    for path in files:
+        if exclude_folds:
+            folds = read_shard_table(path, columns=["strat_fold"])["strat_fold"].to_numpy()
+            kept = np.flatnonzero(~np.isin(folds, list(exclude_folds)))
+            out.append(ShardRows(path, len(folds), tuple(int(i) for i in kept)))
+        else:
+            n = parquet_rows(path)
+            out.append(ShardRows(path, n, tuple(range(n))))
+    return out
+
+
+def parquet_rows(path: str) -> int:
+    fs, fs_path = storage.filesystem_and_path(path)
+    with fs.open_input_file(fs_path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def deal_rows(files: Sequence[ShardRows], world_size: int, rank: int, epoch: int | None = None,
+              seed: int = 0) -> list[RowSlice]:
+    """The row slices ``rank`` reads: the kept rows of all files, end to end, cut into
+    ``world_size`` contiguous runs whose lengths differ by at most one; ``rank`` reads run
+    ``rank``. So every kept record is read exactly once per epoch whatever the numbers of
+    files and workers (fewer files than workers: a file is shared by several ranks).
+
+    With an ``epoch``, the files are first put in an order seeded by (seed, epoch): which
+    rank reads which records changes from epoch to epoch, and the same (seed, epoch) always
+    gives the same slices (exact resume).
     """
     order = list(files)
     if epoch is not None:
         random.Random(f"{seed}:{epoch}").shuffle(order)   # str seed: stable across processes
-    return order[rank::world_size]
+    total = sum(len(f.kept) for f in order)
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    slices, offset = [], 0
+    for f in order:
+        a, b = max(lo - offset, 0), min(hi - offset, len(f.kept))
+        if a < b:   # kept rows a..b-1 of this file: raw rows kept[a] .. kept[b-1]
+            slices.append(RowSlice(f.path, f.kept[a], f.kept[b - 1] + 1))
+        offset += len(f.kept)
+    return slices
+
+
+def slices_dataset(slices: Sequence[RowSlice], spec: StreamSpec, exclude_folds: Sequence[int] = ()):
+    """Row slices of shard files (local paths or URIs) -> model-ready rows, in slice order.
+    A rank with no rows gets an empty dataset of the same pipeline."""
+    import ray.data
+
+    items = [{"path": s.path, "start": s.start, "stop": s.stop} for s in slices]
+    if not items:   # an empty slice: the same pipeline, no rows
+        items = [{"path": "", "start": 0, "stop": 0}]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))   # a read task per slice
+    kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
+    return in_order(ds.map_batches(read_slices, fn_kwargs=kwargs, batch_format="numpy",
+                                   batch_size=1))
+
+
+def read_slices(batch: dict[str, np.ndarray], spec: StreamSpec,
+                exclude_folds: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
+    """Read each slice (only the row groups that hold it), decoded 64 rows at a time."""
+    columns = ["ecg", "report", "strat_fold"] + (["labels_super"] if spec.with_labels else [])
+    for path, start, stop in zip(batch["path"], batch["start"], batch["stop"]):
+        if start >= stop:
+            continue
+        table = read_row_range(str(path), int(start), int(stop), columns)
+        for at in range(0, table.num_rows, 64):
+            yield decode_shard_batch(table.slice(at, 64), spec, exclude_folds)
+
+
+def read_row_range(path: str, start: int, stop: int, columns: list[str]):
+    """Rows [start, stop) of one Parquet file, reading only the row groups that hold them."""
+    fs, fs_path = storage.filesystem_and_path(path)
+    with fs.open_input_file(fs_path) as f:
+        parquet = pq.ParquetFile(f)
+        groups, first, offset = [], None, 0
+        for i in range(parquet.num_row_groups):
+            n = parquet.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, stop - start)
 
 
 def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list, list]:
@@ -269,20 +404,6 @@ def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list,
     kept = [r for r in refs if r.strat_fold not in folds]
     held = [r for r in refs if r.strat_fold in folds]
     return kept, held
-
-
-def count_shard_folds(files: Sequence[str], exclude_folds: Sequence[int]) -> dict[str, int]:
-    """Rows of shard ``files`` kept / held out for their fold (reads only ``strat_fold``)."""
-    from melp_ray.data.shards import read_shard_table
-
-    folds = set(exclude_folds)
-    kept = held = 0
-    for path in files:
-        values = read_shard_table(path, columns=["strat_fold"])["strat_fold"].to_numpy()
-        n_held = int(np.isin(values, list(folds)).sum()) if folds else 0
-        held += n_held
-        kept += len(values) - n_held
-    return {"records": kept, "held_out": held}
 
 
 def list_splits(layout: str, root: str, val_fraction: float, seed: int, limit: int | None,

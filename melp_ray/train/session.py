@@ -140,5 +140,7 @@ def single_process_group(backend: str = "gloo") -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    dist.init_process_group(backend, rank=0, world_size=1)
+    # A fresh port, never an inherited MASTER_PORT: a world of one has no peer to agree with,
+    # and a port left in the environment may be held by the parent's own process group.
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1)

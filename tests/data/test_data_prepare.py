@@ -164,14 +164,13 @@ def test_mimic_split_keeps_subjects_together(tmp_path, ray_local):
 
 def _distinct_subjects_per_batch(out: Path, batch: int) -> float:
     """Mean distinct subjects per batch of rank 0 of 2, read as training reads the shards
-    (its slice of the sorted shard files, rows in order, local shuffle off), with Ray Data."""
-    from melp_ray.data.stream import in_order, read_parquet_v1, shard_files
+    (its run of the rows, ``deal_rows`` with no epoch, in order, local shuffle off)."""
+    from melp_ray.data.stream import deal_rows, read_row_range, shard_files, shard_rows
 
-    rank0_files = shard_files(str(out), "train")[0::2]      # = stream._shard_rank_datasets
-    dataset = in_order(read_parquet_v1(rank0_files, columns=["subject_id"], shuffle=None))
-    counts = [len(set(rows["subject_id"].tolist()))
-              for rows in dataset.iter_batches(batch_size=batch, batch_format="numpy",
-                                               drop_last=True)]
+    slices = deal_rows(shard_rows(shard_files(str(out), "train")), 2, 0)
+    subjects = [x for s in slices
+                for x in read_row_range(s.path, s.start, s.stop, ["subject_id"])["subject_id"].to_pylist()]
+    counts = [len(set(subjects[i:i + batch])) for i in range(0, len(subjects) - batch + 1, batch)]
     assert len(counts) >= 2
     return float(np.mean(counts))
 

@@ -1,9 +1,13 @@
 """The Ray Data pipelines that feed training: real Ray Data, real wfdb, real Parquet."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from melp_ray.data.shards import read_shard_table
 from melp_ray.data.stream import StreamSpec, minmax_normalise, rank_datasets, split_refs
 from melp_ray.prepare import PrepareSettings, prepare
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
@@ -47,7 +51,7 @@ def test_raw_wfdb_stream_gives_model_batches_split_by_rank(ray_local, bundled_pt
     assert first["labels_super"].sum() > 0
 
 
-def test_shard_stream_reads_each_file_on_one_rank_in_a_fixed_order(ray_local, shards):
+def test_shard_stream_gives_each_rank_fixed_rows_in_a_fixed_order(ray_local, shards):
     a = [collect(ds) for ds in rank_datasets(str(shards), "train", 2, SPEC)]
     b = [collect(ds) for ds in rank_datasets(str(shards), "train", 2, SPEC)]
     for x, y in zip(a, b):   # deterministic: same rows, same order, every time
@@ -60,14 +64,45 @@ def test_shard_stream_reads_each_file_on_one_rank_in_a_fixed_order(ray_local, sh
 
 
 def test_shards_with_another_rate_are_refused(ray_local, shards):
+    """A spec that does not know the shards' rate (``shard_rate``) cannot resample them."""
     spec = StreamSpec(sample_rate=500, seconds=10, text_model="minilm", max_text_length=32)
     with pytest.raises(Exception, match="re-run prepare"):
         collect(rank_datasets(str(shards), "train", 1, spec)[0])
 
 
-def test_too_few_shards_for_the_workers_is_a_clear_error(ray_local, shards):
-    with pytest.raises(ValueError, match="smaller --shard-size"):
-        rank_datasets(str(shards), "val", 8, SPEC)
+def shard_ecg(root) -> dict[str, np.ndarray]:
+    """{split: the model-ready ECGs of all its shard rows, in file order}."""
+    from melp_ray.data.shards import decode_ecg, read_shard_table
+    from melp_ray.data.stream import shard_files
+
+    return {split: np.stack([minmax_normalise(decode_ecg(b)) for path in shard_files(str(root), split)
+                             for b in read_shard_table(path, columns=["ecg"])["ecg"].to_pylist()])
+            for split in ("train", "val")}
+
+
+def ranks_ecg(root, split: str, world: int) -> list[np.ndarray]:
+    return [np.asarray(list(collect_or_empty(ds))) for ds in rank_datasets(str(root), split, world, SPEC)]
+
+
+def collect_or_empty(ds):
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        yield from batch["ecg"]
+
+
+@pytest.mark.parametrize("train, val, world", [([16], [9], 2),       # 1 shard, 2 workers
+                                               ([16, 16, 16], [1], 2),   # 3 shards; 1 val record
+                                               ([16], [5], 8)])      # more workers than records
+def test_any_number_of_shards_feeds_any_number_of_workers(ray_local, make_shards, tmp_path,
+                                                          train, val, world):
+    """Rows, not whole files, are dealt: each rank a contiguous run of the rows, the runs
+    differing by at most one row, every record read exactly once (a rank may get none)."""
+    root = make_shards(tmp_path, train, val)
+    expected = shard_ecg(root)
+    for split in ("train", "val"):
+        per_rank = ranks_ecg(root, split, world)
+        sizes = [len(r) for r in per_rank]
+        assert max(sizes) - min(sizes) <= 1, (split, sizes)
+        np.testing.assert_array_equal(np.concatenate([r for r in per_rank if len(r)]), expected[split])
 
 
 def test_iter_torch_batches_feeds_tensors(ray_local, shards):
@@ -179,17 +214,97 @@ def test_materialized_datasets_give_the_same_shuffled_batches(ray_local, bundled
     assert not np.array_equal(epoch(cached["train_r0"], 0)[0][0], epoch(cached["train_r0"], 1)[0][0])
 
 
-def test_each_epoch_deals_every_shard_file_to_exactly_one_rank():
-    from melp_ray.data.stream import rank_shard_files
+def shard_listing(sizes: list[int], held_out: dict[int, set[int]] | None = None) -> list:
+    from melp_ray.data.stream import ShardRows
 
-    files = [f"train/part-{i:05d}.parquet" for i in range(10)]
-    assert [rank_shard_files(files, 3, r) for r in range(3)] == \
-        [files[0::3], files[1::3], files[2::3]]                 # no epoch: the fixed slices
-    deals = []
-    for epoch in range(4):
-        dealt = [rank_shard_files(files, 3, r, epoch, seed=0) for r in range(3)]
-        assert sorted(f for rank_files in dealt for f in rank_files) == files   # each once
-        assert dealt == [rank_shard_files(files, 3, r, epoch, seed=0) for r in range(3)]
-        deals.append(tuple(tuple(rank_files) for rank_files in dealt))
-    assert len(set(deals)) == 4                                   # a new deal every epoch
-    assert rank_shard_files(files, 3, 0, 0, seed=1) != rank_shard_files(files, 3, 0, 0, seed=0)
+    held_out = held_out or {}
+    return [ShardRows(f"train/part-{i:05d}.parquet", n,
+                      tuple(r for r in range(n) if r not in held_out.get(i, set())))
+            for i, n in enumerate(sizes)]
+
+
+def rows_read(slices, files) -> list[tuple[str, int]]:
+    """The kept rows the slices cover (held-out rows inside a slice are dropped on reading)."""
+    kept = {(f.path, r) for f in files for r in f.kept}
+    return [(s.path, r) for s in slices for r in range(s.start, s.stop) if (s.path, r) in kept]
+
+
+@pytest.mark.parametrize("sizes, world", [([256], 2), ([256, 256, 100], 2), ([1], 2),
+                                          ([7, 3, 9, 1, 12], 4), ([5, 5], 16)])
+def test_each_epoch_deals_every_record_to_exactly_one_rank(sizes, world):
+    from melp_ray.data.stream import deal_rows
+
+    files = shard_listing(sizes, held_out={0: {0, 2}})    # held-out rows never dealt
+    kept = [(f.path, r) for f in files for r in f.kept]
+    # No epoch (validation, fixed slices): rank after rank, the kept rows in file order.
+    assert [r for rank in range(world) for r in rows_read(deal_rows(files, world, rank), files)] == kept
+    deals = {0: [], 1: []}
+    for seed in deals:
+        for epoch in range(4):
+            dealt = [deal_rows(files, world, rank, epoch, seed) for rank in range(world)]
+            read = [rows_read(d, files) for d in dealt]
+            assert sorted(r for rank_rows in read for r in rank_rows) == sorted(kept)  # each once
+            assert max(map(len, read)) - min(map(len, read)) <= 1   # balanced to one row
+            assert dealt == [deal_rows(files, world, rank, epoch, seed) for rank in range(world)]
+            deals[seed].append(dealt)
+    if len(sizes) > 2:            # several files: epochs and seeds deal them anew
+        assert any(d != deals[0][0] for d in deals[0][1:])
+        assert deals[0] != deals[1]
+
+
+def test_too_few_train_records_for_the_workers_is_a_config_error(make_shards, tmp_path):
+    """Fewer train records than workers x micro-batch: exit 2 with a clear message from the
+    manifest, before Ray is even imported; one record more per worker is fine."""
+    from melp_ray.config import ConfigError, PretrainConfig, load_config
+    from melp_ray.pretrain import check_shards_fit
+
+    root = make_shards(tmp_path, [6], [1])
+    ok = load_config(PretrainConfig, "tiny", [f"data.root={root}", "train.global_batch_size=6"])
+    check_shards_fit(ok)                                   # 3 records a worker, batch 3 each
+    cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "train.global_batch_size=8"])
+    message = ("6 train records give each of train.num_workers=2 workers 3, fewer than one "
+               "micro-batch of 4")
+    with pytest.raises(ConfigError, match=message):
+        check_shards_fit(cfg)
+    # Held-out folds count too (read from the shards' strat_fold column, not the manifest).
+    folds = sorted(set(read_shard_table(str(root / "train" / "part-00000.parquet"),
+                                        columns=["strat_fold"])["strat_fold"].to_pylist()))
+    held = load_config(PretrainConfig, "tiny", [f"data.root={root}", "train.global_batch_size=6",
+                                                f"data.exclude_folds=[{folds[0]}]"])
+    with pytest.raises(ConfigError, match="give each of train.num_workers=2 workers [0-2], "):
+        check_shards_fit(held)
+    code = ("import sys; from melp_ray.pretrain import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "--config", "tiny", f"data.root={root}",
+                           "train.global_batch_size=8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shards_of_another_rate_are_resampled_another_duration_is_a_config_error(make_shards,
+                                                                                tmp_path):
+    """The default prepare stores 500 Hz, the small config trains at 100 Hz: the shards are
+    resampled as they are read (as raw records are). A duration cannot be made up: said
+    before Ray starts, instead of a worker's traceback."""
+    from melp_ray.config import ConfigError, PretrainConfig, load_config
+    from melp_ray.data.records import resample
+    from melp_ray.data.shards import decode_ecg, read_shard_table
+    from melp_ray.data.stream import decode_shard_batch, shard_files
+    from melp_ray.pretrain import check_shards_fit, stream_spec
+
+    root = make_shards(tmp_path, [16], [1])                # 100 Hz x 10 s
+    cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "data.sample_rate=50"])
+    check_shards_fit(cfg)
+    spec = stream_spec(cfg)
+    assert (spec.shard_rate, spec.n_samples) == (100, 500)
+    table = read_shard_table(shard_files(str(root), "val")[0], columns=["ecg", "report", "labels_super"])
+    batch = decode_shard_batch({k: np.asarray(table[k].to_pylist(), dtype=object) for k in table.column_names},
+                               spec)
+    expected = minmax_normalise(resample(decode_ecg(table["ecg"][0].as_py())[None], 100, 50))
+    np.testing.assert_array_equal(batch["ecg"], expected)
+    assert batch["ecg"].shape == (1, 12, 500)
+    cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "data.seconds=5"])
+    with pytest.raises(ConfigError, match="the shards hold 10 s ECGs \\(100 Hz\\), the config asks "
+                                          "for data.seconds=5: add data.seconds=10, or re-run "
+                                          "prepare with --seconds 5"):
+        check_shards_fit(cfg)

@@ -1,0 +1,301 @@
+"""Do training workers crash? N short real pretraining runs, each crash counted and located (#30).
+
+    python bench/crash_loop.py --runs 8 --steps 150                  # the shipped small config
+    python bench/crash_loop.py --runs 8 --label omp1 --env OMP_NUM_THREADS=1
+    python bench/crash_loop.py --runs 8 --label before --pythonpath /work/wt/segv-before
+    python bench/crash_loop.py --smoke                               # tiny config, 1 run, 3 steps
+
+Each run is a fresh ``python -m melp_ray.pretrain`` process (its own local Ray instance under
+its own ``RAY_TMPDIR``, so its worker logs are its own) on the 1,490-record 100 Hz PTB-XL set
+with the shipped ``small`` config and ``run.max_failures`` (default 0: the first worker
+death ends the run, which is what is counted). Every process of the run has
+``PYTHONFAULTHANDLER=1``: a fatal signal prints the Python stack of *every* thread (Ray
+itself only enables the current thread's). After the run, the run's output and every Ray log
+file of its session are scanned for fatal signals ("Fatal Python error", Ray's
+"*** SIGSEGV received" / "SIGABRT" handler lines) and the stack dumps go into the JSON.
+While the run trains, one RayTrainWorker is inspected once: its thread count and names and
+which allocators / OpenMP / BLAS runtimes it has mapped (``/proc/PID/maps``).
+
+With ``--lock FILE`` (default the machine's heavy-job lock) each run takes that lock for
+itself, so other jobs of the shared machine can go between runs: do not also run this
+script under ``flock`` on the same file. Not a CI test: a full loop takes N x a few minutes.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+REPO = Path(__file__).resolve().parent.parent
+FATAL_MARKERS = ("Fatal Python error", "*** SIGSEGV", "*** SIGABRT", "*** SIGBUS", "*** SIGFPE",
+                 "Segmentation fault")
+# What a mapped library's name says it is (checked on a live RayTrainWorker).
+RUNTIME_LIBS = ("jemalloc", "tcmalloc", "mimalloc", "gomp", "iomp", "openblas", "mkl",
+                "deepspeed", "shm_comm", "gloo")
+TAIL_LINES = 60
+
+
+def parse_args():
+    p = C.parser("crash_loop", __doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=8, help="how many runs")
+    p.add_argument("--steps", type=int, default=150, help="train.max_steps of each run")
+    p.add_argument("--config", default="small", help="the pretrain config")
+    p.add_argument("--root", default=str(C.SHARED_DATA / "ptb-xl-100hz"), help="data.root")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="run.max_failures (0: a worker death ends the run)")
+    p.add_argument("--label", default="default", help="names the JSON (crash_loop_LABEL.json)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment of every run (a hypothesis: OMP_NUM_THREADS=1, ...)")
+    p.add_argument("--pythonpath", default=str(REPO),
+                   help="the melp_ray checkout the runs import (e.g. an older commit's worktree)")
+    p.add_argument("--run-timeout", type=float, default=900, help="seconds before a run is killed")
+    p.add_argument("--lock", default="/tmp/melp-heavy.lock",
+                   help="lock file each run holds ('' for none)")
+    p.add_argument("--workdir", default="/tmp/melp_crash", help="Ray temp dirs and run folders")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the Ray logs and run folder of runs that did not crash")
+    p.add_argument("overrides", nargs="*", help="extra key=value pretrain overrides")
+    args = p.parse_args()
+    if args.out == str(C.RESULTS_DIR / "crash_loop.json"):
+        args.out = str(C.RESULTS_DIR / f"crash_loop_{args.label}.json")
+    return args
+
+
+@contextlib.contextmanager
+def heavy_lock(path: str):
+    if not path:
+        yield 0.0
+        return
+    start = time.perf_counter()
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield time.perf_counter() - start
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_command(args, name: str, store: Path) -> list[str]:
+    if args.smoke:
+        config, root = "tiny", None
+        steps = ["train.max_steps=3", "train.log_every=1", "train.val_every=0",
+                 "train.checkpoint_every=3"]
+    else:
+        config, root = args.config, args.root
+        steps = [f"train.max_steps={args.steps}", "train.log_every=10"]
+    cmd = [sys.executable, "-m", "melp_ray.pretrain", "--config", config, *steps,
+           f"run.max_failures={args.max_failures}", f"run.storage_path={store}",
+           f"run.name={name}", *args.overrides]
+    return cmd + ([f"data.root={root}"] if root else [])
+
+
+def run_env(args, tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PYTHONFAULTHANDLER": "1", "RAY_ADDRESS": "local", "RAY_TMPDIR": str(tmp),
+                "PYTHONPATH": args.pythonpath, "PYTHONUNBUFFERED": "1"})
+    for item in args.env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    return env
+
+
+def train_workers(root_pid: int) -> list[int]:
+    import psutil
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child.pid)
+    return found
+
+
+def inspect_worker(pid: int) -> dict:
+    """Threads and native runtimes of a live training worker."""
+    info: dict = {"pid": pid}
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        names = Path(f"/proc/{pid}/task").iterdir()
+        threads = sorted(Path(t, "comm").read_text().strip() for t in names)
+    except OSError as err:
+        return {"pid": pid, "error": str(err)}
+    libs = sorted({line.split()[-1] for line in maps.splitlines()
+                   if line.split()[-1].startswith("/") and ".so" in line.split()[-1]})
+    info["runtime_libs"] = [lib for lib in libs
+                            if any(key in Path(lib).name.lower() for key in RUNTIME_LIBS)]
+    info["threads"] = len(threads)
+    counts: dict[str, int] = {}
+    for t in threads:
+        counts[t] = counts.get(t, 0) + 1
+    info["thread_names"] = counts
+    with contextlib.suppress(OSError):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        info["env"] = {k: v for k, _, v in (e.decode(errors="replace").partition("=")
+                                            for e in environ)
+                       if k in ("LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                "MALLOC_ARENA_MAX", "PYTHONFAULTHANDLER")}
+    return info
+
+
+def fatal_blocks(text: str, source: str) -> list[dict]:
+    """Each fatal-signal report in ``text``: where, and the lines that follow it."""
+    lines = text.splitlines()
+    blocks, skip_until = [], -1
+    for i, line in enumerate(lines):
+        if i <= skip_until or not any(m in line for m in FATAL_MARKERS):
+            continue
+        tail = lines[i:i + TAIL_LINES]
+        skip_until = i + TAIL_LINES - 1
+        pid = re.search(r"pid=(\d+)", line)
+        blocks.append({"source": source, "pid": int(pid.group(1)) if pid else None,
+                       "first_line": line.strip()[:300], "lines": tail})
+    return blocks
+
+
+def scan_logs(tmp: Path) -> list[dict]:
+    found = []
+    for path in sorted(tmp.glob("**/session_*/logs/**/*")):   # Ray adds ray/ under RAY_TMPDIR
+        if not path.is_file() or path.suffix not in (".err", ".out", ".log", ""):
+            continue
+        with contextlib.suppress(OSError):
+            text = path.read_text(errors="replace")
+            if any(m in text for m in FATAL_MARKERS):
+                found += fatal_blocks(text, str(path.relative_to(tmp)))
+    return found
+
+
+def last_step(store: Path, name: str) -> int | None:
+    path = store / name / "metrics.jsonl"
+    if not path.exists():
+        return None
+    steps = [json.loads(line).get("step") for line in path.read_text().splitlines() if line.strip()]
+    return int(steps[-1]) if steps else None
+
+
+def one_run(args, index: int) -> dict:
+    name = f"r{index:02d}"
+    base = Path(args.workdir, args.label, name)
+    shutil.rmtree(base, ignore_errors=True)
+    tmp, store = base / "ray", base / "store"
+    tmp.mkdir(parents=True)
+    cmd = run_command(args, name, store)
+    with heavy_lock(args.lock) as waited:
+        C.log(f"run {index + 1}/{args.runs} ({args.label}) after {waited:.0f} s for the lock")
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=args.pythonpath, env=run_env(args, tmp),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        worker_info, seen_at = None, None
+        out_lines: list[str] = []
+        reader = _drain(proc, out_lines)
+        while proc.poll() is None:
+            elapsed = time.perf_counter() - start
+            if elapsed > args.run_timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            if worker_info is None:
+                pids = train_workers(proc.pid)
+                if pids and seen_at is None:
+                    seen_at = elapsed
+                # Inspect once the worker is training (its pools and threads have started).
+                if pids and elapsed - seen_at > 60 and any("step " in x for x in out_lines):
+                    worker_info = inspect_worker(pids[0])
+            time.sleep(1)
+        proc.wait()
+        reader.join(timeout=10)
+        wall = time.perf_counter() - start
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)   # any Ray process the run left behind
+    output = "\n".join(out_lines)
+    crashes = fatal_blocks(output, "run output") + scan_logs(tmp)
+    result = {"run": name, "rc": proc.returncode, "wall_s": round(wall, 1),
+              "last_logged_step": last_step(store, name), "fatal_reports": crashes,
+              "worker_deaths": _worker_deaths(crashes),
+              "restarts": output.count("Restarting") + output.count("restarting"),
+              "output_tail": out_lines[-40:], "worker": worker_info}
+    C.log(f"run {name}: rc {proc.returncode}, {wall:.0f} s, step {result['last_logged_step']}, "
+          f"{result['worker_deaths']} worker death(s)")
+    if not args.keep_logs and not crashes and proc.returncode == 0:
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+def _drain(proc, lines: list[str]):
+    import threading
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def _worker_deaths(reports: list[dict]) -> int:
+    """Distinct dead processes: one crash is reported by faulthandler, Ray's C++ handler, the
+    worker's .err file and the driver's copy of it; a pid is counted once."""
+    pids = {r["pid"] for r in reports if r["pid"] is not None}
+    pids |= {int(m.group(1)) for r in reports
+             for m in [re.search(r"-(\d+)\.(err|out|log)$", r["source"])] if m}
+    return len(pids) or (1 if reports else 0)
+
+
+def crash_frame(result: dict) -> str:
+    """The innermost Python frame of the first faulthandler dump's current thread."""
+    for report in result["fatal_reports"]:
+        lines = report["lines"]
+        for i, line in enumerate(lines):
+            if line.startswith(("Current thread", "Thread 0x")) and "most recent call first" in line:
+                frames = [x.strip() for x in lines[i + 1:i + 4] if x.strip().startswith("File")]
+                if frames and line.startswith("Current thread"):
+                    return frames[0][:90]
+    return "-"
+
+
+def main() -> int:
+    args = parse_args()
+    if args.smoke:
+        args.runs = 1
+    machine = C.machine()
+    results = []
+    for i in range(args.runs):
+        results.append(one_run(args, i))
+    crashed = sum(1 for r in results if r["worker_deaths"])
+    rows = [[r["run"], r["rc"], r["wall_s"], r["last_logged_step"], r["worker_deaths"],
+             crash_frame(r)] for r in results]
+    text = C.table(["run", "rc", "wall s", "last step", "worker deaths", "crashing frame"], rows)
+    text += (f"\n\n{args.label}: {crashed} of {len(results)} runs lost a worker "
+             f"({sum(r['worker_deaths'] for r in results)} worker deaths, "
+             f"{sum(r['rc'] != 0 for r in results)} runs failed)")
+    workers = [r["worker"] for r in results if r["worker"]]
+    if workers:
+        w = workers[0]
+        text += (f"\nlive RayTrainWorker: {w.get('threads')} threads, runtimes "
+                 f"{[Path(x).name for x in w.get('runtime_libs', [])]}, env {w.get('env')}")
+    result = {"label": args.label, "runs": args.runs, "steps": args.steps, "env": args.env,
+              "pythonpath": args.pythonpath, "overrides": args.overrides,
+              "max_failures": args.max_failures, "runs_with_worker_death": crashed,
+              "worker_deaths": sum(r["worker_deaths"] for r in results),
+              "failed_runs": sum(r["rc"] != 0 for r in results),
+              "command": " ".join(sys.argv), "machine": machine, "results": results}
+    C.finish("crash_loop", args, result, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
