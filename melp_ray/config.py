@@ -243,6 +243,8 @@ def check_checkpoint_metric(cfg: PretrainConfig) -> None:
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
     problems = (train_problems(cfg.train) + deepspeed_problems(cfg.deepspeed)
                 + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:   # ZeRO-3's gather hooks vs dynamo
+        problems.append("train.compile needs deepspeed.zero_stage 0, 1 or 2")
     raise_if(problems)
 
 
