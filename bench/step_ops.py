@@ -4,6 +4,8 @@ before and after the step optimisations, with the numerics checked equal.
     python bench/step_ops.py                 # paper preset, bf16 (the GPU precision), ZeRO-2
     python bench/step_ops.py --stage 1       # the stage bench/gpu_step.py measured on the H200
     python bench/step_ops.py --smoke         # tiny preset: the same code path in ~30 s (CI)
+    python bench/step_ops.py --count after   # paper preset: count the optimised step only
+    PYTHONPATH=<old checkout> python bench/step_ops.py --baseline   # count older code
 
 On a GPU every operator that does arithmetic is (at least) one kernel launch, and at the
 paper model's size on an H200 the step is launch-bound (bench/gpu_step.py: 4.8 % MFU,
@@ -29,7 +31,7 @@ import re
 from collections import Counter
 
 import _common as C
-from gpu_step import build_recipe, init_single_process_group, one_batch
+from gpu_step import build_recipe, one_batch
 
 # key -> (before, after). The "after" values are the defaults where the choice is not real.
 OPTIMISATIONS: dict[str, tuple[str, str]] = {
@@ -199,19 +201,26 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", action="store_true",
                    help="count one step with no optimisation key set, nothing else (for code "
                         "that predates the keys: PYTHONPATH=<old checkout>)")
+    p.add_argument("--count", choices=("before", "after"),
+                   help="only count one step of this checkout with the keys off/on, no numerics "
+                        "(the paper model's compiled fp32 check takes ~30 min on 2 cores)")
     args = p.parse_args(argv)
     import torch
     import torch._inductor.config as inductor_config
 
+    from melp_ray.train.session import single_process_group
+
     inductor_config.cpp.enable_kernel_profile = True   # each generated kernel: one event
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     device = torch.device("cpu")
-    init_single_process_group("gloo")
+    single_process_group("gloo")
     info = C.machine()
     counts, checks = {}, {}
-    if args.baseline:
-        row = count_step(args, False, device)
-        C.finish("step_ops", args, {"machine": info, "baseline": True, "stage": args.stage,
+    if args.baseline or args.count:
+        row = count_step(args, args.count == "after", device)
+        C.finish("step_ops", args, {"machine": info, "baseline": args.baseline,
+                                    "count": args.count, "stage": args.stage,
+                                    "optimisations": {} if args.baseline else OPTIMISATIONS,
                                     "precision": args.precision, "seconds": args.seconds,
                                     "ops": row["ops"], "events": row["events"],
                                     "by_name": row["by_name"]},
