@@ -74,6 +74,10 @@ class TrainConfig:
     restart_steps: int | None = None  # cosine_restarts period; None: half of max_steps
     grad_clip: float = 1.0           # 0: no clipping (the reference clips nothing)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # torch.compile the model's own parts (MELP: ECG encoder, poolers, multimodal decoder):
+    # fused kernels, far fewer launches a step (bench/step_ops.py); costs compile time at the
+    # first step (and at the first validation). ZeRO 0-2 only.
+    compile: bool = False
     seed: int = 0
     log_every: int = 5
     val_every: int = 20              # 0: validate only at the end
@@ -106,6 +110,11 @@ class DeepSpeedConfig:
     # a 5e8-element buffer per worker (1 GiB in bf16), more than the paper model's 168 M
     # parameters; 5e7 still reduces the paper model in a handful of collectives.
     reduce_bucket_size: int = 50_000_000
+    # bf16 only: before each step, look for inf/NaN in every parameter's gradient and skip the
+    # step if one has any (DeepSpeed's bf16 default). It costs ~7 operators per parameter
+    # tensor (~2,700 kernel launches a step for the paper model, bench/step_ops.py); fp32
+    # runs never check, nor does the reference's bf16 training.
+    check_grad_overflow: bool = False
 
 
 @dataclass
@@ -237,6 +246,8 @@ def check_checkpoint_metric(cfg: PretrainConfig) -> None:
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
     problems = (train_problems(cfg.train) + deepspeed_problems(cfg.deepspeed)
                 + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:   # ZeRO-3's gather hooks vs dynamo
+        problems.append("train.compile needs deepspeed.zero_stage 0, 1 or 2")
     raise_if(problems)
 
 

@@ -61,6 +61,24 @@ def test_deepspeed_config_carries_our_settings():
                                       * cfg.train.num_workers)
 
 
+def test_per_parameter_gradient_checks_are_dropped_only_where_nothing_reads_them():
+    from melp_ray.train.deepspeed_config import deepspeed_config
+
+    def zero_and_bf16(*overrides):
+        cfg = load_config(PretrainConfig, "tiny", ["train.use_gpu=true", *overrides])
+        ds = deepspeed_config(cfg.train, cfg.deepspeed)
+        return ds["zero_optimization"], ds["bf16"]
+
+    zero, bf16 = zero_and_bf16("train.grad_clip=0")
+    assert zero["compute_grad_norm"] is False and bf16["check_grad_overflow"] is False
+    zero, bf16 = zero_and_bf16("train.grad_clip=1.0", "deepspeed.check_grad_overflow=true")
+    assert "compute_grad_norm" not in zero and bf16["check_grad_overflow"] is True
+    zero, _ = zero_and_bf16("train.grad_clip=0", "deepspeed.zero_stage=3")   # DeepSpeed: 1-2 only
+    assert "compute_grad_norm" not in zero
+    with pytest.raises(ConfigError, match="train.compile needs deepspeed.zero_stage"):
+        load_config(PretrainConfig, "tiny", ["train.compile=true", "deepspeed.zero_stage=3"])
+
+
 def test_exclude_folds_defaults_to_none_and_takes_a_list():
     assert load_config(PretrainConfig, "tiny").data.exclude_folds == []
     assert load_config(PretrainConfig, "tiny", ["data.exclude_folds=[8, 9]"]).data.exclude_folds == [8, 9]

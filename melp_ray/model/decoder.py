@@ -32,10 +32,8 @@ class MultimodalDecoder(nn.Module):
 
     def forward(self, text_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """(B, L, width), (B, Q, width) -> (B, L, vocab) next-token logits."""
-        n = text_states.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=text_states.device).triu(1)
         x = text_states
         for self_block, cross_block in zip(self.resblocks, self.cross_attn):
-            x = run_block(self_block, self.gradient_checkpointing, x, attn_mask=causal)
+            x = run_block(self_block, self.gradient_checkpointing, x, is_causal=True)
             x = run_block(cross_block, self.gradient_checkpointing, x, memory=memory)
         return self.text_projection(self.ln_final(x))

@@ -95,6 +95,8 @@ class DeepSpeedRecipe:
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
         t = self.cfg.train
+        if t.compile:
+            self.compile_model(model)
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
                                       lr=t.lr, betas=tuple(t.betas))
         scheduler = lr_schedule(optimizer, t)
@@ -102,6 +104,11 @@ class DeepSpeedRecipe:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg.train, self.cfg.deepspeed),
             dist_init_required=False)
+
+    def compile_model(self, model: torch.nn.Module) -> None:
+        """``train.compile``: compile in place (``nn.Module.compile``: parameter names, hence
+        checkpoints, stay as they are). A recipe may compile only some parts."""
+        model.compile()
 
     @property
     def model(self) -> torch.nn.Module:
