@@ -53,7 +53,7 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
         # run, each new cluster node). We keep torch's AdamW, which then steps the fp32 master
         # partitions on the host: the same update as without offload (losses match, tested),
         # no build, on CPU and GPU alike; the cost is a slower host step than DeepSpeed's SIMD
-        # Adam (see docs/offload.md).
+        # Adam (see docs/memory.md).
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
