@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
+import time
 from typing import Any
 
 from melp_ray import storage
@@ -13,14 +16,24 @@ def run_dir(cfg) -> str:
     return storage.join(storage.normalise_storage_path(cfg.run.storage_path), cfg.run.name)
 
 
+# On object storage, how often the local metrics.jsonl is uploaded (and at close).
+SYNC_SECONDS = 60.0
+
+
 class MetricsLogger:
+    """metrics.jsonl is appended one line per ``log``. Object stores cannot append: there the
+    lines are appended to a local file, uploaded whole at most every ``SYNC_SECONDS`` and at
+    ``close`` (so the upload cost no longer grows with every log line)."""
+
     def __init__(self, cfg, rank: int):
         self.active = rank == 0   # only the world rank 0 logs (W&B would start a run per rank)
         self.path = storage.join(run_dir(cfg), "metrics.jsonl")
-        self.lines: list[str] = []
+        self.remote = storage.is_uri(self.path)
+        self.local = self.path
+        self.last_sync = time.monotonic()
         self.wandb = None
-        if self.active and storage.exists(self.path):
-            self.lines = storage.read_text(self.path).splitlines()   # resumed run: keep history
+        if self.active:
+            self._open_local()
         if self.active and cfg.run.wandb:
             import wandb
 
@@ -33,13 +46,35 @@ class MetricsLogger:
         if not self.active:
             return
         worker_print(format_progress(metrics))
-        self.lines.append(json.dumps(metrics, sort_keys=True))
-        # Object stores cannot append: the (small) file is rewritten whole.
-        storage.write_text(self.path, "\n".join(self.lines) + "\n")
+        with open(self.local, "a") as f:
+            f.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if self.remote and time.monotonic() - self.last_sync >= SYNC_SECONDS:
+            self.sync()
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(metrics["step"]))
 
+    def _open_local(self) -> None:
+        """The file lines are appended to; a resumed run on object storage starts from its copy."""
+        if not self.remote:
+            os.makedirs(os.path.dirname(self.local), exist_ok=True)
+            return
+        fd, self.local = tempfile.mkstemp(prefix="melp_metrics_", suffix=".jsonl")
+        os.close(fd)
+        if storage.exists(self.path):
+            with open(self.local, "w") as f:
+                f.write(storage.read_text(self.path))
+
+    def sync(self) -> None:
+        """Upload the local copy (object storage only)."""
+        if self.active and self.remote:
+            with open(self.local) as f:
+                storage.write_text(self.path, f.read())
+            self.last_sync = time.monotonic()
+
     def close(self) -> None:
+        self.sync()
+        if self.active and self.remote and os.path.exists(self.local):
+            os.remove(self.local)
         if self.wandb is not None:
             self.wandb.finish()
 

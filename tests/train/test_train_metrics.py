@@ -46,3 +46,27 @@ def test_progress_line_names_every_loss_and_the_input_wait():
     line = format_progress(METRICS)
     for part in ("total 3.5000", "rhythm 1.2500", "lr 1.00e-04", "scale 14.29", "12.0 samples/s", "input wait 1.0%"):
         assert part in line
+
+
+def test_metrics_jsonl_is_appended_not_rewritten(tmp_path):
+    logger = MetricsLogger(cfg_for(tmp_path), rank=0)
+    logger.log(METRICS)
+    path = tmp_path / "m" / "metrics.jsonl"
+    first, inode = path.read_bytes(), path.stat().st_ino
+    logger.log({**METRICS, "step": 10})
+    assert path.stat().st_ino == inode                      # same file: appended, not replaced
+    assert path.read_bytes().startswith(first) and path.read_bytes().count(b"\n") == 2
+
+
+def test_object_storage_metrics_are_synced_at_close_and_resumed(tmp_path):
+    # file:// goes through pyarrow's FileSystem.from_uri like s3:// (no append there)
+    cfg = cfg_for(tmp_path, f"run.storage_path=file://{tmp_path}/bucket")
+    logger = MetricsLogger(cfg, rank=0)
+    logger.log(METRICS)
+    remote = tmp_path / "bucket" / "m" / "metrics.jsonl"
+    assert not remote.exists()                              # not uploaded at every line
+    logger.close()
+    again = MetricsLogger(cfg, rank=0)
+    again.log({**METRICS, "step": 10})
+    again.close()
+    assert [json.loads(line)["step"] for line in remote.read_text().splitlines()] == [5, 10]
