@@ -52,7 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "CPSC2018/Chapman: PhysioNet Challenge .hea/.mat files; code-15: "
                         "CODE-15%% exams.csv + exams_part*.hdf5, or CODE-test "
                         "ecg_tracings.hdf5 + annotations/gold_standard.csv; shards: a "
-                        "folder or s3://, gs:// URI written by python -m melp_ray.prepare)")
+                        "folder or s3://, gs:// URI written by python -m melp_ray.prepare; manifest: "
+                        "a folder with ecg_manifest.csv/.parquet, labels from its "
+                        "labels_<task> columns, docs/data.md)")
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--out", required=True,
                    help="output folder (created): a local path or an s3://, gs:// URI")
