@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")   # headless: runs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from melp_ray import storage  # noqa: E402
 
@@ -85,15 +86,18 @@ def draw(runs: dict[str, Curves], out: str, title: str = "") -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes.flat, titles):
         for i, (run, curves) in enumerate(runs.items()):
-            for j, (name, (steps, values)) in enumerate(curves.get(panel, {}).items()):
-                chance = name.endswith("chance")
-                # One run: a colour per series. Several: a colour per run, series by marker.
+            bases = list(dict.fromkeys(n.removesuffix(" chance") for n in curves.get(panel, {})))
+            for name, (steps, values) in curves.get(panel, {}).items():
+                chance = name.endswith(" chance")
+                # One run: a colour per series (a chance line shares its metric's). Several: a colour per run.
+                j = bases.index(name.removesuffix(" chance"))
                 colour = colours[(i if len(runs) > 1 else j) % len(colours)]
                 label = name if len(runs) == 1 else f"{run}: {name}"
                 ax.plot(steps, values, "--" if chance else "-", color=colour, alpha=0.6 if chance else 1,
                         marker=None if len(steps) > 30 else "o", markersize=3, label=label)
         ax.set_title(panel)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[len(titles):]:
