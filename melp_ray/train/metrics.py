@@ -1,12 +1,17 @@
-"""Where training metrics go: the console, metrics.jsonl beside the run, and W&B (rank 0 only)."""
+"""Where training metrics go: the console, metrics.jsonl beside the run, TensorBoard event
+files and W&B (rank 0 only)."""
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from typing import Any
 
 from melp_ray import storage
 from melp_ray.config import to_dict
+
+
+TENSORBOARD_DIR = "tensorboard"
 
 
 def run_dir(cfg) -> str:
@@ -29,6 +34,8 @@ class MetricsLogger:
                                     id=cfg.run.name, resume="allow", dir=local_dir,
                                     config=to_dict(cfg))
 
+        self.tensorboard = TensorBoardWriter(run_dir(cfg)) if self.active and cfg.run.tensorboard else None
+
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
@@ -38,10 +45,43 @@ class MetricsLogger:
         storage.write_text(self.path, "\n".join(self.lines) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(metrics["step"]))
+        if self.tensorboard is not None:
+            self.tensorboard.log(metrics)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class TensorBoardWriter:
+    """Every number of a metrics.jsonl row as a TensorBoard scalar (same key, at its step),
+    in ``<run dir>/tensorboard``. A resumed run adds a new event file to the same folder
+    (TensorBoard shows the newer values of repeated steps). tensorboardX comes with
+    ``ray[tune]``; it writes local files only, so a run on object storage writes to a local
+    folder and copies it beside the run at each flush."""
+
+    def __init__(self, run_folder: str):
+        from tensorboardX import SummaryWriter
+
+        self.dest = storage.join(run_folder, TENSORBOARD_DIR)
+        self.staging = tempfile.mkdtemp(prefix="melp-tb-") if storage.is_uri(run_folder) else None
+        self.writer = SummaryWriter(logdir=self.staging or self.dest)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        step = int(metrics["step"])
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()
+        if self.staging:
+            storage.copy_folder(self.staging, self.dest)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.staging:
+            storage.copy_folder(self.staging, self.dest)
 
 
 def worker_print(line: str) -> None:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import struct
+
+import pytest
+from tensorboardX.proto.event_pb2 import Event
 
 from melp_ray.config import PretrainConfig, load_config
 from melp_ray.train.metrics import MetricsLogger, format_progress
@@ -46,3 +50,34 @@ def test_progress_line_names_every_loss_and_the_input_wait():
     line = format_progress(METRICS)
     for part in ("total 3.5000", "rhythm 1.2500", "lr 1.00e-04", "scale 14.29", "12.0 samples/s", "input wait 1.0%"):
         assert part in line
+
+
+def read_tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of every event file in ``folder``: TFRecords (length, crc, Event proto, crc)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])   # file://: written locally, copied beside the run
+def test_tensorboard_events_hold_the_metrics_jsonl_scalars(tmp_path, scheme):
+    cfg = cfg_for(tmp_path, "run.tensorboard=true")
+    cfg.run.storage_path = scheme + str(tmp_path)
+    logger = MetricsLogger(cfg, rank=0)
+    logger.log(METRICS)
+    logger.log({**METRICS, "step": 10, "loss/total": 2.5})
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_tensorboard_scalars(tmp_path / "m" / "tensorboard")
+    assert set(scalars) == set(METRICS) - {"step"}
+    for key in scalars:   # float32 in the event file
+        assert [s for s, _ in scalars[key]] == [r["step"] for r in rows]
+        assert [v for _, v in scalars[key]] == [float(struct.unpack("f", struct.pack("f", r[key]))[0])
+                                                for r in rows]
