@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import uuid
 from typing import Any
 
 from melp_ray import storage
@@ -12,6 +13,7 @@ from melp_ray.config import to_dict
 
 
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_id"
 
 
 def run_dir(cfg) -> str:
@@ -27,12 +29,7 @@ class MetricsLogger:
         if self.active and storage.exists(self.path):
             self.lines = storage.read_text(self.path).splitlines()   # resumed run: keep history
         if self.active and cfg.run.wandb:
-            import wandb
-
-            local_dir = None if storage.is_uri(self.path) else run_dir(cfg)
-            self.wandb = wandb.init(project=cfg.run.wandb_project, name=cfg.run.name,
-                                    id=cfg.run.name, resume="allow", dir=local_dir,
-                                    config=to_dict(cfg))
+            self.wandb = start_wandb(cfg)
 
         self.tensorboard = TensorBoardWriter(run_dir(cfg)) if self.active and cfg.run.tensorboard else None
 
@@ -53,6 +50,33 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def start_wandb(cfg):
+    """The run's W&B run: the resolved config as its config, the id kept in the run folder
+    (``wandb_id``) so a resumed run (and the summary written at the end) continue it.
+
+    W&B keeps steps increasing: steps a resumed run repeats (those after its checkpoint) are
+    not logged again; metrics.jsonl and curves.png keep the newer values."""
+    import wandb
+
+    folder = run_dir(cfg)
+    id_file = storage.join(folder, WANDB_ID_FILE)
+    if storage.exists(id_file):
+        run_id = storage.read_text(id_file).strip()
+    else:
+        run_id = uuid.uuid4().hex[:8]   # W&B's id alphabet: lowercase letters and digits
+        storage.write_text(id_file, run_id + "\n")
+    return wandb.init(project=cfg.run.wandb_project, name=cfg.run.name, id=run_id, resume="allow",
+                      group=cfg.run.wandb_group, dir=None if storage.is_uri(folder) else folder,
+                      config=to_dict(cfg))
+
+
+def log_wandb_summary(cfg, summary: dict[str, Any]) -> None:
+    """summary.json as the W&B run's summary (the driver, once the workers are done)."""
+    run = start_wandb(cfg)
+    run.summary.update(summary)
+    run.finish()
 
 
 class TensorBoardWriter:
