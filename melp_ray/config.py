@@ -124,6 +124,9 @@ class RunConfig:
     max_failures: int = 0
     wandb: bool = False
     wandb_project: str = "melp_ray"
+    wandb_group: str | None = None   # W&B run group (a Tune sweep sets its name: one group a sweep)
+    # TensorBoard event files of the same scalars as metrics.jsonl, in <run dir>/tensorboard.
+    tensorboard: bool = False
     # True: the libraries (Ray Train/Data, DeepSpeed, transformers) print at their own default
     # levels; False: only their warnings and errors (melp_ray/console.py). CLI: --verbose.
     verbose: bool = False
