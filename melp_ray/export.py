@@ -24,6 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from melp_ray import checkpoint as ckpt_lib
 from melp_ray import storage
 from melp_ray.data.leads import LEADS
+from melp_ray.hub import push_to_hub
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint folder or run folder (latest checkpoint); path or URI")
     parser.add_argument("--out", required=True, help="output folder (local)")
     parser.add_argument("--eval-results", help="JSON file of evaluation metrics for the model card")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME",
+                        help="then upload the folder to this Hugging Face Hub model repository")
+    parser.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository "
+                        "(default: private)")
     args = parser.parse_args(argv)
     eval_results = None
     if args.eval_results:
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.push_to_hub:
+        info["hub_url"] = push_to_hub(args.out, args.push_to_hub, private=not args.public)
     print(json.dumps(info, indent=2))
     return 0
 
