@@ -190,3 +190,28 @@ def test_evaluate_lists_the_label_columns_and_reads_the_records(manifest_root):
         read_record("manifest", by_id["x7"].path, RATE, SECONDS)
     with pytest.raises(D.EvalError, match="no column labels_rhythm"):
         D.list_records("manifest", str(root), "rhythm", RATE, None)
+
+
+def test_pretrain_streams_a_manifest_root(ray_local, bundled_ptbxl, tiny_cfg, tmp_path):
+    """``pretrain data.root=<manifest root>``: 40 bundled records as .npy files (samples x
+    leads) and a CSV of their reports train a few steps straight from the files (Ray Data
+    reads them; the one worker runs in this process)."""
+    from melp_ray.data.sources import list_records
+    from melp_ray.pretrain import run
+
+    root = tmp_path / "own"
+    (root / "ecg").mkdir(parents=True)
+    rows = []
+    for ref in list_records("ptb-xl", str(bundled_ptbxl), sample_rate=100)[:40]:
+        signal = load_signal(ref, bundled_ptbxl, 100, 10)            # (12, 1000)
+        np.save(root / "ecg" / f"{ref.record_id}.npy", signal.T)
+        rows.append({"path": f"ecg/{ref.record_id}.npy", "report": ref.report,
+                     "subject_id": ref.subject_id, "fs": 100})
+    pd.DataFrame(rows).to_csv(root / M.MANIFEST_CSV, index=False)
+    cfg = tiny_cfg(tmp_path / "runs", "own", f"data.root={root}", "data.limit=null",
+                   "train.num_workers=1", "train.max_steps=2", "train.checkpoint_every=2",
+                   "train.val_every=2", "train.log_every=1")
+    summary = run(cfg, in_process=True)
+    assert summary["steps"] == 2
+    assert summary["data"]["train_records"] + summary["data"]["val_records"] == len(rows)
+    assert all(np.isfinite(v) for v in summary["losses"].values())
