@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from melp_ray import storage
+from model_fixture import REFUSE_MELP_RAY
 
 REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response.",
            "left bundle branch block."]
@@ -140,13 +141,7 @@ def test_export_cli_from_run_folder_writes_model_card(runs, tmp_path):
 
 
 # A child process that cannot import melp_ray: only torch + transformers + the folder's code.
-_LOAD_WITHOUT_MELP_RAY = """
-import json, sys
-class RefuseMelpRay:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "melp_ray":
-            raise ImportError("melp_ray must not be imported here")
-sys.meta_path.insert(0, RefuseMelpRay())
+_LOAD_WITHOUT_MELP_RAY = REFUSE_MELP_RAY + """
 import numpy as np
 from transformers import AutoModel
 folder, inputs, out = sys.argv[1:4]

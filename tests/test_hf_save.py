@@ -18,16 +18,11 @@ from melp_ray.export import model_card
 from melp_ray.hf import MELPHFModel
 from melp_ray.model import MELP
 from melp_ray.model.config import model_config_from_preset
+from model_fixture import REFUSE_MELP_RAY
 
 # Run with `python -I` (no PYTHONPATH, no cwd, no user site) and a finder that refuses
 # melp_ray, which the venv still has installed (editable): only the folder's own code loads.
-_LOAD_WITHOUT_MELP_RAY = """
-import importlib.util, json, sys
-class RefuseMelpRay:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "melp_ray":
-            raise ImportError("melp_ray must not be imported here")
-sys.meta_path.insert(0, RefuseMelpRay())
+_LOAD_WITHOUT_MELP_RAY = REFUSE_MELP_RAY + """
 try:
     import melp_ray  # noqa
     importable = True

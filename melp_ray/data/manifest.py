@@ -37,7 +37,8 @@ import numpy as np
 
 from melp_ray.data.leads import LEADS, LeadMappingError, lead_indices
 from melp_ray.data.records import (LABEL_TASKS, MISSING_FILE, MISSING_LEADS, UNREADABLE, WRONG_SHAPE,
-                                   RecordRef, RecordRejected, empty_labels)
+                                   RecordRef, RecordRejected, empty_labels, read_metadata_csv,
+                                   require_columns)
 
 DATASET = "manifest"
 MANIFEST_CSV = "ecg_manifest.csv"
@@ -68,18 +69,15 @@ def read_manifest_table(root: str | os.PathLike):
     path = manifest_file(root)
     if path is None:
         raise ManifestFormatError(f"{root} has neither {MANIFEST_CSV} nor {MANIFEST_PARQUET}")
+    if path.suffix == ".csv":
+        return read_metadata_csv(root, path.name, REQUIRED_COLUMNS, ManifestFormatError,
+                                 DATASET, dtype=str, keep_default_na=False)
     try:
-        if path.suffix == ".csv":
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            table = pd.read_parquet(path)
-            table = table.astype(object).where(table.notna(), "").astype(str)
+        table = pd.read_parquet(path)
     except Exception as err:
         raise ManifestFormatError(f"cannot parse {path}: {err}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise ManifestFormatError(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")
-    return table
+    table = table.astype(object).where(table.notna(), "").astype(str)
+    return require_columns(table, REQUIRED_COLUMNS, path, ManifestFormatError)
 
 
 def label_tasks(table) -> list[str]:

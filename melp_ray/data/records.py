@@ -297,6 +297,11 @@ def read_metadata_csv(root, name: str, required: tuple[str, ...], error: type[Ex
         table = pd.read_csv(path, **kwargs)
     except Exception as err:
         raise error(f"cannot parse {path}: {err}") from None
+    return require_columns(table, required, path, error)
+
+
+def require_columns(table, required: tuple[str, ...], path, error: type[Exception]):
+    """``table`` if it has every ``required`` column, else ``error`` naming what it lacks."""
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise error(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")

@@ -8,18 +8,13 @@ import torch
 from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.model.text_tower import transformer_layers
+from model_fixture import random_batch
 
 BATCH = 2
 
 
 def tiny_batch(cfg) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(0)
-    length = cfg.max_text_length
-    ecg = torch.randn(BATCH, cfg.ecg_leads, 1000, generator=gen)
-    ids = torch.randint(1000, 2000, (BATCH, length), generator=gen)
-    mask = torch.ones(BATCH, length, dtype=torch.long)
-    sentence_ids = torch.arange(length).repeat(BATCH, 1) % 3
-    return ecg, ids, mask, sentence_ids
+    return random_batch(cfg, BATCH, 0)
 
 
 def gradients_and_forward_counts(checkpointing: bool) -> tuple[dict, dict]:

@@ -11,19 +11,14 @@ from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op
 from melp_ray.train.recipe import param_groups
 from melp_ray.train.session import single_process_group
+from model_fixture import random_batch
 
 STEPS = 3
 BATCH = 2
 
 
 def synthetic_batch(cfg, step: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(step)
-    length = cfg.max_text_length
-    ecg = torch.randn(BATCH, cfg.ecg_leads, 1000, generator=gen)
-    ids = torch.randint(1000, 2000, (BATCH, length), generator=gen)
-    mask = torch.ones(BATCH, length, dtype=torch.long)
-    sentence_ids = torch.arange(length).repeat(BATCH, 1) % 3
-    return ecg, ids, mask, sentence_ids
+    return random_batch(cfg, BATCH, step)
 
 
 def losses_of_run(ds: DeepSpeedConfig) -> list[float]:
