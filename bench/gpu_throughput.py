@@ -2,6 +2,7 @@
 
     python bench/gpu_throughput.py                 # needs a CUDA GPU; refuses without one
     python bench/gpu_throughput.py --smoke         # CPU: same code path, tiny preset, fp32
+    python bench/gpu_throughput.py --text-folder DIR   # text tower from DIR's config, random init
 
 Each stage is a real ``melp_ray.pretrain`` run (1 worker, use_gpu=true, bf16, the ``paper``
 config) on PTB-XL prepared at 500 Hz: by default the bundled 100 Hz sample resampled by
@@ -33,7 +34,8 @@ def peak_key(device_name: str) -> str:
 
 
 def run_stage(stage: int, shards_root: str, storage: str, *, smoke: bool, steps: int,
-              batch: int, cpus_per_worker: float, use_gpu: bool) -> dict:
+              batch: int, cpus_per_worker: float, use_gpu: bool,
+              text_folder: str | None = None) -> dict:
     from melp_ray import pretrain
     from melp_ray.config import PretrainConfig, load_config
 
@@ -48,6 +50,8 @@ def run_stage(stage: int, shards_root: str, storage: str, *, smoke: bool, steps:
     ]
     if not smoke:
         overrides += ["data.sample_rate=500", "train.precision=bf16"]
+    if text_folder:   # weights need not travel to the GPU machine: they do not change the cost
+        overrides += [f"model.text_model={text_folder}", "model.text_pretrained=false"]
     cfg = load_config(PretrainConfig, config, overrides)
     cfg.data.root = shards_root          # set after prepare: the config checks that it exists
     summary = pretrain.run(cfg)
@@ -65,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=64, help="micro-batch = global batch (1 GPU)")
+    p.add_argument("--text-folder", help="folder with a BERT-style config.json + tokenizer: the "
+                                         "text tower at random init (default: the config's own)")
     p.set_defaults(num_cpus=None)
     args = p.parse_args(argv)
 
@@ -103,7 +109,8 @@ def main(argv=None) -> int:
     for stage in stages:
         C.log(f"ZeRO-{stage}: {steps} steps at batch {batch}")
         r = run_stage(stage, shards_root, str(Path(tmp.name) / "runs"), smoke=smoke, steps=steps,
-                      batch=batch, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu)
+                      batch=batch, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
+                      text_folder=args.text_folder)
         cfg = r.pop("cfg")
         flops = training_flops(cfg.model, int(cfg.data.sample_rate * cfg.data.seconds))
         r["train_flops_per_sample"] = flops

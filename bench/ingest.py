@@ -140,7 +140,8 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
 def pretrain_input_wait(shards_root: str, storage: str, steps: int, smoke: bool) -> dict:
     """Input wait of a real run whose epochs are short (2 shard files, one per worker, of
     128 rows: 16 steps an epoch), so its log windows cross epoch boundaries, where each
-    rank's Ray Data pipeline starts again."""
+    rank's Ray Data pipeline starts again. ``--smoke`` checks the code path: one worker in
+    this process (``pretrain.run(in_process=True)``), not Ray Train's start-up."""
     from melp_ray import pretrain
     from melp_ray.config import PretrainConfig, load_config
 
@@ -149,8 +150,9 @@ def pretrain_input_wait(shards_root: str, storage: str, steps: int, smoke: bool)
         # data.limit on shards keeps one file per worker (smoke shards are too small for that)
         f"data.root={shards_root}", *([] if smoke else ["data.limit=2"]), f"train.max_steps={steps}",
         f"train.log_every={log_every}", "train.val_every=0", f"train.checkpoint_every={steps}",
-        "train.val_batches=1", f"run.storage_path={storage}", f"run.name=ingest-{int(time.time())}"])
-    summary = pretrain.run(cfg)
+        "train.val_batches=1", f"run.storage_path={storage}", f"run.name=ingest-{int(time.time())}",
+        *(["train.num_workers=1"] if smoke else [])])
+    summary = pretrain.run(cfg, in_process=smoke)
     windows = C.run_windows(summary)
     steady = C.steady(windows)
     crossing = [w for prev, w in zip(windows, windows[1:]) if w["epoch"] > prev["epoch"]]

@@ -4,6 +4,10 @@
     python bench/learning.py train.max_steps=200    # key=value overrides of the pretrain config
     python bench/learning.py --smoke                # tiny config, bundled sample, 4 steps (CI)
 
+``--smoke`` checks the code path, not Ray's start-up: its one training worker and the
+evaluation model run in this process (``pretrain.run(in_process=True)``, ``--actors 0``);
+Ray Train and the actor pool have tests of their own.
+
 1. pretrain: a real ``melp_ray.pretrain`` run (Ray Train + DeepSpeed) with the config
    ``--config`` on ``--root``, with ``data.exclude_folds=[HOLDOUT]``: no record of the
    held-out fold reaches training or validation (the run's summary counts them);
@@ -45,7 +49,8 @@ TARGETS = {"probe_gain_over_random": 0.05, "zeroshot_auroc": 0.65,
 KS = (1, 5, 10)
 # The benchmark owns these pretrain keys (the data it learns from, where the run lives).
 OWNED_KEYS = ("data.root", "data.exclude_folds", "run.storage_path", "run.name")
-SMOKE_OVERRIDES = ["train.max_steps=4", "train.log_every=2", "train.val_every=0",
+SMOKE_OVERRIDES = ["train.num_workers=1", "train.max_steps=4", "train.log_every=2",
+                   "train.val_every=0",
                    "train.checkpoint_every=4", "train.val_batches=1", "train.warmup_steps=1"]
 
 
@@ -59,12 +64,12 @@ def phase(seconds: dict[str, float], name: str):
     C.log(f"{name}: {seconds[name]:.1f} s")
 
 
-def pretrain(config: str, overrides: list[str]) -> dict:
+def pretrain(config: str, overrides: list[str], in_process: bool = False) -> dict:
     from melp_ray import pretrain as P
     from melp_ray.config import PretrainConfig, load_config
 
     cfg = load_config(PretrainConfig, config, overrides)
-    summary = P.run(cfg)
+    summary = P.run(cfg, in_process=in_process)
     windows = C.run_windows(summary)
     keep = ("step", "loss/rhythm", "loss/token", "loss/beat", "loss/total", "samples_per_s",
             "input_wait_frac", "val/loss_rhythm", "val/recall_at_10", "val/zeroshot_auroc",
@@ -118,7 +123,7 @@ def linear_args(checkpoint, root, out, folds: dict, random_init: bool, bootstrap
                          *(["--random-init"] if random_init else []))
 
 
-def embedding_table(checkpoint, root, out, folds: dict, random_init: bool):
+def embedding_table(checkpoint, root, out, folds: dict, random_init: bool, actors: int | None):
     """One inference pass over every record the evaluations below use (the probe's folds and
     all of the held-out fold), with every column they ask for."""
     from melp_ray.eval.embeddings import EmbeddingTable, build_model
@@ -134,7 +139,7 @@ def embedding_table(checkpoint, root, out, folds: dict, random_init: bool):
     if not random_init:
         outputs["text_emb"] = ("encode_reports", "report")
     model_fn = functools.partial(build_model, probe_plan.checkpoint, random_init, args.seed)
-    return EmbeddingTable.compute(probe_plan, records, outputs, model_fn, args.batch_size, args.actors)
+    return EmbeddingTable.compute(probe_plan, records, outputs, model_fn, args.batch_size, actors)
 
 
 def linear_probe(checkpoint, root, out, folds: dict, random_init: bool, bootstrap: int,
@@ -309,13 +314,14 @@ def main(argv=None) -> int:
             pre = given_checkpoint(args.checkpoint)
         else:
             with phase(phases, "pretrain"):
-                pre = pretrain(args.config, overrides)
+                pre = pretrain(args.config, overrides, in_process=smoke)
         ckpt = pre["checkpoint"]
+        actors = 0 if smoke else None   # None: evaluate's default pool
         ev = work / "eval"
         with phase(phases, "embed_pretrained"):
-            table = embedding_table(ckpt, root, ev / "embed", folds, random_init=False)
+            table = embedding_table(ckpt, root, ev / "embed", folds, False, actors)
         with phase(phases, "embed_random_init"):
-            table_random = embedding_table(ckpt, root, ev / "embed-random", folds, random_init=True)
+            table_random = embedding_table(ckpt, root, ev / "embed-random", folds, True, actors)
         with phase(phases, "linear_probe_pretrained"):
             probe = linear_probe(ckpt, root, ev / "linear", folds, False, bootstrap, table)
         with phase(phases, "linear_probe_random_init"):

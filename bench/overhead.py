@@ -11,6 +11,10 @@ one thread each (a Ray Train worker runs with OMP_NUM_THREADS=1):
 - bare: a plain loop (forward, loss, backward, clip, AdamW, LR schedule) over batches taken
   from the same pipeline and held in memory, run before and after ours (noise control).
 Target: ours / bare >= 0.95 (ratio of throughputs).
+
+``--smoke`` checks the code path, not Ray's start-up: "ours" trains its one worker in this
+process (``pretrain.run(in_process=True)``); Ray Train's own path has its smoke in
+``gpu_suite.py --smoke``.
 """
 from __future__ import annotations
 
@@ -90,24 +94,21 @@ def start_engine(cfg, model, opt, sched):
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
-    import torch.distributed as dist
 
-    from melp_ray.distributed import free_port
     from melp_ray.train.deepspeed_config import deepspeed_config
+    from melp_ray.train.session import single_process_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    single_process_group()   # a no-op after an in-process "ours" (--smoke) made one
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                       config=deepspeed_config(cfg.train, cfg.deepspeed),
                                       dist_init_required=False)
     return engine
 
 
-def ours(cfg) -> dict:
+def ours(cfg, in_process: bool = False) -> dict:
     from melp_ray import pretrain
 
-    summary = pretrain.run(cfg)
+    summary = pretrain.run(cfg, in_process=in_process)
     windows = C.run_windows(summary)
     steady = C.steady(windows)
     return {"windows": [{k: w[k] for k in ("step", "samples_per_s", "input_wait_frac")} for w in windows],
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     C.log("bare loop (before)")
     bare = [bare_loop(cfg, batches, warmup, steps)]
     C.log(f"ours: pretrain, 1 worker, ZeRO-{args.zero_stage}")
-    mine = ours(cfg)
+    mine = ours(cfg, in_process=smoke)
     C.log("bare loop (after)")
     bare.append(bare_loop(cfg, batches, warmup, steps))
     C.log("DeepSpeed engine without Ray")

@@ -2,6 +2,13 @@
 
     python bench/zero_memory.py           # a ~33 M-parameter MELP ("mid"), batch 2/worker
     python bench/zero_memory.py --smoke   # the tiny preset, fp32 only
+    python bench/zero_memory.py --stages 2,2-offload,3,3-offload   # ZeRO-Offload rows
+
+Stages: 0-3, plus ``2-offload`` (``deepspeed.offload_optimizer``) and ``3-offload``
+(``offload_optimizer`` + ``offload_param``). This bench runs on CPU (gloo), where host and
+"device" are the same memory: offload rows show that the states are all still held (moved,
+not dropped); the accelerator memory they save is reported "not run" until a GPU variant
+exists (``accelerator`` column: bytes of counted tensors on a non-CPU device).
 
 For each stage, two fresh processes join a gloo group, build the model, start DeepSpeed
 with the same config our recipe uses (``melp_ray.train.deepspeed_config``), and train two
@@ -56,6 +63,7 @@ class Ledger:
 
     def __init__(self):
         self.seen: dict[int, tuple[int, str]] = {}
+        self.accelerator = 0
 
     def add(self, t, category: str) -> None:
         import torch
@@ -65,6 +73,8 @@ class Ledger:
         storage = t.untyped_storage()
         if storage.nbytes() and storage.data_ptr() not in self.seen:
             self.seen[storage.data_ptr()] = (storage.nbytes(), category)
+            if t.device.type != "cpu":
+                self.accelerator += storage.nbytes()
 
     def walk(self, obj, category_of, name: str = "", depth: int = 0) -> None:
         """Tensors in (nested) lists / tuples / dicts of an object's attributes."""
@@ -85,6 +95,7 @@ class Ledger:
         for nbytes, category in self.seen.values():
             out[category] += nbytes
         out["total"] = sum(out.values())
+        out["accelerator"] = self.accelerator
         return out
 
 
@@ -132,7 +143,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def rank_main(rank: int, world: int, port: int, stage: int, precision: str, smoke: bool,
+def parse_stage(spec: str) -> tuple[int, bool, bool]:
+    """``"3-offload"`` -> (3, offload optimizer, offload parameters)."""
+    stage, _, mode = spec.partition("-")
+    if mode not in ("", "offload") or stage not in "0123" or (mode and stage == "0"):
+        raise ValueError(f"stage {spec!r}: expected 0-3, 1-offload, 2-offload or 3-offload")
+    return int(stage), bool(mode), bool(mode) and stage == "3"
+
+
+def rank_main(rank: int, world: int, port: int, stage: str, precision: str, smoke: bool,
               out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -144,7 +163,7 @@ def rank_main(rank: int, world: int, port: int, stage: int, precision: str, smok
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
 
-    from melp_ray.config import DeepSpeedConfig, TrainConfig
+    from melp_ray.config import TrainConfig
     from melp_ray.losses import compute_losses
     from melp_ray.model import MELP, count_parameters
     from melp_ray.train.deepspeed_config import deepspeed_config
@@ -160,7 +179,7 @@ def rank_main(rank: int, world: int, port: int, stage: int, precision: str, smok
                         precision=precision, max_steps=10)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(train, DeepSpeedConfig(zero_stage=stage)),
+                                      config=deepspeed_config(train, ds_config(stage)),
                                       dist_init_required=False)
     gen = torch.Generator().manual_seed(rank)
     length = cfg.max_text_length
@@ -192,7 +211,15 @@ def rank_main(rank: int, world: int, port: int, stage: int, precision: str, smok
     dist.destroy_process_group()
 
 
-def run_stage(stage: int, precision: str, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
+def ds_config(spec: str):
+    from melp_ray.config import DeepSpeedConfig
+
+    stage, offload_optimizer, offload_param = parse_stage(spec)
+    return DeepSpeedConfig(zero_stage=stage, offload_optimizer=offload_optimizer,
+                           offload_param=offload_param)
+
+
+def run_stage(stage: str, precision: str, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
 
     from melp_ray.distributed import free_port
@@ -203,7 +230,7 @@ def run_stage(stage: int, precision: str, smoke: bool, out_dir: str, world: int 
             for r in range(world)]
 
 
-def measure_stages(stages: list[int], precision: str, workers: int, smoke: bool) -> dict:
+def measure_stages(stages: list[str], precision: str, workers: int, smoke: bool) -> dict:
     per_stage = {}
     with tempfile.TemporaryDirectory(prefix="melp-bench-zero-") as tmp:
         for stage in stages:
@@ -217,15 +244,16 @@ def measure_stages(stages: list[int], precision: str, workers: int, smoke: bool)
                 "grads": worst("model_states_peak", "grads"),
                 "optimizer": worst("model_states_peak", "optimizer"),
                 "model_states": worst("model_states_peak", "total"),
+                "accelerator": worst("model_states_peak", "accelerator"),
                 "all_live_tensors": worst("all_live_tensor_bytes"),
                 "peak_rss": worst("peak_rss"),
                 "peak_rss_over_start": max(r["peak_rss"] - r["rss_before_model"] for r in ranks),
             }
-    base = per_stage.get(0)
+    base = per_stage.get("0")
     for row in per_stage.values():
         for key in ("model_states", "all_live_tensors", "peak_rss", "peak_rss_over_start"):
             row[f"{key}_vs_stage0"] = row[key] / base[key] if base else None
-    s3 = per_stage.get(3, {}).get("model_states_vs_stage0")
+    s3 = per_stage.get("3", {}).get("model_states_vs_stage0")
     verdict = C.check(s3, TARGET, higher_is_better=False) if s3 is not None else "n/a"
     return {"stages": {str(k): v for k, v in per_stage.items()}, "stage3_vs_stage0": s3,
             "verdict": verdict}
@@ -234,11 +262,14 @@ def measure_stages(stages: list[int], precision: str, workers: int, smoke: bool)
 def stage_table(precision: str, measured: dict) -> str:
     mb = 1 / 2**20
     rows = [[f"ZeRO-{k}", v["params"] * mb, v["grads"] * mb, v["optimizer"] * mb,
-             v["model_states"] * mb, v["model_states_vs_stage0"], v["all_live_tensors"] * mb,
+             v["model_states"] * mb, v["model_states_vs_stage0"],
+             v["accelerator"] * mb if v["accelerator"] else "not run",
+             v["all_live_tensors"] * mb,
              v["peak_rss"] * mb, v["peak_rss_vs_stage0"]] for k, v in measured["stages"].items()]
     s3 = measured["stage3_vs_stage0"]
     return (f"{precision}: MiB per worker (the larger rank)\n"
             + C.table(["stage", "params", "grads", "optimizer", "model states", "vs ZeRO-0",
+                       "on accelerator",
                        "gc-visible tensors", "peak RSS", "RSS vs ZeRO-0"], rows)
             + f"\n{precision}: ZeRO-3 model states vs ZeRO-0: {s3 if s3 is None else round(s3, 3)} "
               f"(target <= {TARGET}): {measured['verdict']}\n")
@@ -246,12 +277,14 @@ def stage_table(precision: str, measured: dict) -> str:
 
 def main(argv=None) -> int:
     p = C.parser("zero_memory", __doc__.splitlines()[0])
-    p.add_argument("--stages", default="0,1,2,3")
+    p.add_argument("--stages", default="0,1,2,3,2-offload,3-offload")
     p.add_argument("--precisions", default="fp32,bf16", help="fp32 (CPU runs), bf16 (GPU runs)")
     p.add_argument("--workers", type=int, default=2, help="ranks (processes) per stage")
     args = p.parse_args(argv)
     info = C.machine()
-    stages = [int(s) for s in args.stages.split(",")]
+    stages = args.stages.split(",")
+    for spec in stages:
+        parse_stage(spec)                     # a bad name fails before any process starts
     precisions = ["fp32"] if args.smoke else args.precisions.split(",")
     measured = {prec: measure_stages(stages, prec, args.workers, args.smoke) for prec in precisions}
     first = next(iter(next(iter(measured.values()))["stages"].values()))["ranks"][0]

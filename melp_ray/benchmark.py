@@ -34,7 +34,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "melp_ray/configs/benchmark/ptbxl.yaml)")
     p.add_argument("--out", required=True, help="local output folder (created)")
     p.add_argument("--actors", type=int,
-                   help="inference actors (default: one per GPU, or 1 without GPUs)")
+                   help="inference actors (default: one per GPU, or 1 without GPUs); 0: "
+                        "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
     return p
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        check_at_least("--actors", args.actors, 1)
+        check_at_least("--actors", args.actors, 0)
         check_output_folder(args.out, uri_ok=False)   # the tables are written with local paths
         bench = plan_benchmark(args.checkpoint, args.suite, args.out)
     except EvalError as err:

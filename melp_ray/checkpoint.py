@@ -58,6 +58,9 @@ def resolve_checkpoint(path: str) -> str:
     resumed run that re-reported an older step cannot shadow a newer one.
     """
     path = path.rstrip("/") if storage.is_uri(path) else storage.normalise_storage_path(path)
+    if storage.is_file(path):
+        raise NotADirectoryError(f"{path} is a file: expected a run folder or a checkpoint "
+                                 f"folder (checkpoint_*/ with {RUN_CONFIG})")
     if is_training_checkpoint(path):
         return path
     candidates = []

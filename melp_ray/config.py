@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from collections.abc import Sequence
 
-import yaml
-
 from melp_ray import storage
-from melp_ray.config_parsing import ConfigError, apply_preset, from_dict, parse_override, set_dotted
+from melp_ray.config_parsing import (ConfigError, apply_preset, from_dict, load_yaml, parse_override,
+                                     set_dotted)
 from melp_ray.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -28,7 +27,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 @dataclass
 class DataConfig:
     root: str | None = None          # prepared shards (with manifest.json) or a raw root; None: bundled PTB-XL
-    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg (for raw roots)
+    dataset: str = "auto"            # auto | ptb-xl | mimic-iv-ecg | manifest (for raw roots)
     sample_rate: int = 500           # Hz after resampling
     seconds: float = 10.0
     lead_mask_prob: float = 0.5      # random lead masking (train split only)
@@ -80,6 +79,10 @@ class TrainConfig:
     restart_steps: int | None = None  # cosine_restarts period; None: half of max_steps
     grad_clip: float = 1.0           # 0: no clipping (the reference clips nothing)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # torch.compile the model's own parts (MELP: ECG encoder, poolers, multimodal decoder):
+    # fused kernels, far fewer launches a step (bench/step_ops.py); costs compile time at the
+    # first step (and at the first validation). ZeRO 0-2 only.
+    compile: bool = False
     seed: int = 0
     log_every: int = 5
     val_every: int = 20              # 0: validate only at the end
@@ -110,11 +113,20 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 2
+    # ZeRO-Offload: optimizer states (fp32 master weights, AdamW moments) and the optimizer
+    # step live in host memory (stages 1-3); offload_param also keeps the parameter partitions
+    # there between uses (stage 3 only). Trades accelerator memory for host<->device copies.
     offload_optimizer: bool = False
+    offload_param: bool = False
     # Elements per gradient-reduction bucket. DeepSpeed's default (5e8) makes ZeRO-3 allocate
     # a 5e8-element buffer per worker (1 GiB in bf16), more than the paper model's 168 M
     # parameters; 5e7 still reduces the paper model in a handful of collectives.
     reduce_bucket_size: int = 50_000_000
+    # bf16 only: before each step, look for inf/NaN in every parameter's gradient and skip the
+    # step if one has any (DeepSpeed's bf16 default). It costs ~7 operators per parameter
+    # tensor (~2,700 kernel launches a step for the paper model, bench/step_ops.py); fp32
+    # runs never check, nor does the reference's bf16 training.
+    check_grad_overflow: bool = False
 
 
 @dataclass
@@ -124,6 +136,9 @@ class RunConfig:
     max_failures: int = 0
     wandb: bool = False
     wandb_project: str = "melp_ray"
+    wandb_group: str | None = None   # W&B run group (a Tune sweep sets its name: one group a sweep)
+    # TensorBoard event files of the same scalars as metrics.jsonl, in <run dir>/tensorboard.
+    tensorboard: bool = False
     # True: the libraries (Ray Train/Data, DeepSpeed, transformers) print at their own default
     # levels; False: only their warnings and errors (melp_ray/console.py). CLI: --verbose.
     verbose: bool = False
@@ -154,7 +169,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None,
     if path is not None:
         path = resolve_config_path(path)
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     raw = apply_preset(cls, raw)
@@ -246,6 +261,8 @@ def check_checkpoint_metric(cfg: PretrainConfig) -> None:
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
     problems = (train_problems(cfg.train) + deepspeed_problems(cfg.deepspeed)
                 + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:   # ZeRO-3's gather hooks vs dynamo
+        problems.append("train.compile needs deepspeed.zero_stage 0, 1 or 2")
     raise_if(problems)
 
 
@@ -321,6 +338,11 @@ def deepspeed_problems(ds: DeepSpeedConfig) -> list[str]:
     if ds.reduce_bucket_size < 1_000_000:
         problems.append(f"deepspeed.reduce_bucket_size must be >= 1e6 elements, "
                         f"got {ds.reduce_bucket_size}")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        problems.append("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if ds.offload_param and ds.zero_stage != 3:
+        problems.append("deepspeed.offload_param needs deepspeed.zero_stage=3 "
+                        "(only ZeRO-3 partitions parameters)")
     return problems
 
 
@@ -338,8 +360,8 @@ def data_problems(d: DataConfig) -> list[str]:
         problems.append("data.lead_mask_prob must be in [0, 1)")
     if d.sample_rate < 50 or d.seconds <= 0:
         problems.append("data.sample_rate must be >= 50 Hz and data.seconds > 0")
-    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg"):
-        problems.append(f"data.dataset must be auto, ptb-xl or mimic-iv-ecg, got {d.dataset!r}")
+    if d.dataset not in ("auto", "ptb-xl", "mimic-iv-ecg", "manifest"):
+        problems.append(f"data.dataset must be auto, ptb-xl, mimic-iv-ecg or manifest, got {d.dataset!r}")
     if not 0 <= d.val_fraction < 1:
         problems.append("data.val_fraction must be in [0, 1)")
     if d.shuffle_buffer < 0 or d.prefetch_batches < 1:

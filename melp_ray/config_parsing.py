@@ -22,13 +22,55 @@ class ConfigError(ValueError):
     """A configuration that cannot run; raised before any cluster resource is used."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Scalar:
+    """A plain YAML scalar that YAML 1.1 resolved to a bool, int or float, with the text as
+    typed: a ``str`` key gets the text back (``run.name=off`` is "off", not False; ``007``
+    stays "007"), any other key gets the value."""
+    value: Any
+    text: str
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that wraps resolved bool/int/float scalars in ``Scalar``."""
+
+
+def _keep_text(tag_constructor):
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = tag_constructor(loader, node)
+        return Scalar(value, node.value) if node.style is None else value
+    return construct
+
+
+for _tag, _method in (("bool", "construct_yaml_bool"), ("int", "construct_yaml_int"),
+                      ("float", "construct_yaml_float")):
+    ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}",
+                                 _keep_text(getattr(yaml.SafeLoader, _method)))
+
+
+def load_yaml(stream: Any) -> Any:
+    """YAML for configs and overrides: ``Scalar`` for bool/int/float scalars (see ``coerce``)."""
+    return yaml.load(stream, Loader=ConfigLoader)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every ``Scalar`` replaced by its YAML 1.1 value."""
+    if isinstance(value, Scalar):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
 def apply_preset(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     """Fill model keys from ``model.preset`` where the user did not set them."""
     hints = typing.get_type_hints(cls)
     if hints.get("model") is not ModelConfig or not isinstance(raw.get("model", {}), dict):
         return raw
     model = dict(raw.get("model") or {})
-    preset = model.get("preset", ModelConfig.preset)
+    preset = plain(model.get("preset", ModelConfig.preset))
     if preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     explicit = model.pop("_explicit", None) or [k for k in model if k != "preset"]
@@ -43,7 +85,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = load_yaml(text) if text != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
     return key.strip(), value
@@ -83,6 +125,10 @@ def from_dict(cls: type[T], raw: dict[str, Any], prefix: str = "") -> T:
 def coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, Scalar) and origin not in (typing.Union, types.UnionType):
+        if tp is str:
+            return value.text
+        value = value.value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value or {}, key + ".")
     if origin in (typing.Union, types.UnionType):
@@ -96,7 +142,7 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if tp is Any:
-        return value
+        return plain(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -104,11 +150,11 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return plain(dict(value))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [coerce(args[0], v, key) for v in value] if args else list(value)
+        return [coerce(args[0], v, key) for v in value] if args else plain(list(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

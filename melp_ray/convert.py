@@ -111,12 +111,12 @@ def convert(reference: str, out: str, text_model: str, sample_rate: int = 500,
             seconds: float = 10.0, overrides: dict[str, Any] | None = None,
             seed: int = 0) -> dict[str, Any]:
     """Write the export folder + conversion.json; returns the conversion record."""
-    from melp_ray.hf import MELPHFModel, save_folder
+    from melp_ray.hf import MELPHFModel
 
     ref = read_reference(reference)
     model, filled, vocabulary = build_model(ref, text_model, overrides or {}, seed)
     record = conversion_record(ref, model, filled, vocabulary, text_model)
-    save_folder(MELPHFModel.from_melp(model, sample_rate=sample_rate, seconds=seconds), out)
+    MELPHFModel.from_melp(model, sample_rate=sample_rate, seconds=seconds).save_pretrained(out)
     with open(os.path.join(out, CONVERSION_FILE), "w") as f:
         json.dump(record, f, indent=2)
     return record

@@ -52,7 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "CPSC2018/Chapman: PhysioNet Challenge .hea/.mat files; code-15: "
                         "CODE-15%% exams.csv + exams_part*.hdf5, or CODE-test "
                         "ecg_tracings.hdf5 + annotations/gold_standard.csv; shards: a "
-                        "folder or s3://, gs:// URI written by python -m melp_ray.prepare)")
+                        "folder or s3://, gs:// URI written by python -m melp_ray.prepare; manifest: "
+                        "a folder with ecg_manifest.csv/.parquet, labels from its "
+                        "labels_<task> columns, docs/data.md)")
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--out", required=True,
                    help="output folder (created): a local path or an s3://, gs:// URI")
@@ -108,7 +110,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "ptbxl_super_class, ..., icbeb, chapman): records, labels and classes "
                         "come from them instead of folds")
     p.add_argument("--actors", type=int,
-                   help="inference actors (default: one per GPU, or 1 without GPUs)")
+                   help="inference actors (default: one per GPU, or 1 without GPUs); 0: "
+                        "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
     return p

@@ -19,10 +19,12 @@ import sys
 from typing import Any
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from melp_ray import checkpoint as ckpt_lib
 from melp_ray import storage
 from melp_ray.data.leads import LEADS
+from melp_ray.hub import push_to_hub
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,7 +40,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def export(checkpoint: str, out: str, eval_results: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the HF folder; returns {"checkpoint", "out", "step", "parameters"}."""
-    from melp_ray.hf import MELPHFModel, save_folder
+    from melp_ray.hf import MELPHFModel
 
     source = ckpt_lib.resolve_checkpoint(checkpoint)
     train_config = ckpt_lib.checkpoint_config(source)
@@ -46,14 +48,13 @@ def export(checkpoint: str, out: str, eval_results: dict[str, Any] | None = None
     data = train_config.get("data", {})
     hf_model = MELPHFModel.from_melp(model, sample_rate=data.get("sample_rate"),
                                      seconds=data.get("seconds"), leads=list(LEADS))
-    save_folder(hf_model, out)
+    hf_model.save_pretrained(out)
 
     step = ckpt_lib.checkpoint_step(source)
     summary = run_summary(source)
     card = model_card(source, step, train_config, summary, eval_results,
                       n_params=sum(p.numel() for p in model.parameters()))
-    with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(card)
+    card.save(os.path.join(out, "README.md"))
     return {"checkpoint": source, "out": os.path.abspath(out), "step": step,
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -124,17 +125,35 @@ def _data_lines(train_config: dict[str, Any], summary: dict[str, Any] | None) ->
     return lines
 
 
+def card_eval_results(metrics: dict[str, Any], dataset: str,
+                      split: str | None = None) -> list[EvalResult]:
+    """Numeric metrics as model-index entries: "task/.../metric" -> task, dataset, metric."""
+    results = []
+    for key, value in sorted(flatten(metrics).items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        parts = key.split("/")
+        results.append(EvalResult(
+            task_type=parts[0] if len(parts) > 1 else "feature-extraction",
+            dataset_type=dataset, dataset_name="/".join(parts[1:-1]) or dataset,
+            dataset_split=split, metric_type=parts[-1], metric_name=key, metric_value=value))
+    return results
+
+
 def model_card(source: str, step: int | None, train_config: dict[str, Any],
                summary: dict[str, Any] | None, eval_results: dict[str, Any] | None,
-               n_params: int) -> str:
+               n_params: int) -> ModelCard:
+    """The folder's README.md: metadata (eval results as model-index) + the text below."""
     preset = train_config.get("model", {}).get("preset", "?")
+    dataset = os.path.basename(str(train_config.get("data", {}).get("root") or "ptbxl-sample")
+                               .rstrip("/")) or "ecg"
+    results = card_eval_results(eval_results or {}, dataset) + \
+        card_eval_results((summary or {}).get("validation") or {}, dataset, "validation")
+    metadata = ModelCardData(
+        library_name="transformers", license="apache-2.0",
+        tags=["ecg", "electrocardiogram", "multimodal", "contrastive", "melp", "custom_code"],
+        model_name=f"melp_ray-{preset}" if results else None, eval_results=results or None)
     lines = [
-        "---",
-        "library_name: transformers",
-        "license: apache-2.0",
-        "tags: [ecg, electrocardiogram, multimodal, contrastive, melp, custom_code]",
-        "---",
-        "",
         f"# MELP ({preset} preset), trained with melp_ray",
         "",
         "An ECG-language model (MELP: multi-scale ECG-language pretraining) that embeds "
@@ -197,7 +216,7 @@ def model_card(source: str, step: int | None, train_config: dict[str, Any],
         "## Training configuration", "", "```yaml",
         yaml.safe_dump(train_config, sort_keys=False).rstrip(), "```", "",
     ]
-    return "\n".join(lines)
+    return ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkpoint folder or run folder (latest checkpoint); path or URI")
     parser.add_argument("--out", required=True, help="output folder (local)")
     parser.add_argument("--eval-results", help="JSON file of evaluation metrics for the model card")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME",
+                        help="then upload the folder to this Hugging Face Hub model repository")
+    parser.add_argument("--public", action="store_true", help="with --push-to-hub: a public repository "
+                        "(default: private)")
     args = parser.parse_args(argv)
     eval_results = None
     if args.eval_results:
@@ -215,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             eval_results = json.load(f)
     try:
         info = export(args.checkpoint, args.out, eval_results)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.push_to_hub:
+        info["hub_url"] = push_to_hub(args.out, args.push_to_hub, private=not args.public)
     print(json.dumps(info, indent=2))
     return 0
 

@@ -10,7 +10,8 @@ Anywhere, with only torch + transformers (the folder carries its code, ``melp_ra
 With melp_ray installed, ``import melp_ray.hf`` registers model_type "melp_ray" with the Auto
 classes, so the same call works without ``trust_remote_code`` and uses melp_ray's classes.
 
-An exported folder (``save_folder``)::
+A saved folder (``MELPHFModel.save_pretrained``: the one writer, used by ``melp_ray.export``,
+``melp_ray.convert`` and ``push_to_hub``)::
 
     config.json            MELPHFConfig: model_type "melp_ray", auto_map, the ModelConfig under "melp"
     configuration_melp_ray.py, modeling_melp_ray.py   the code (generated from melp_ray's modules)
@@ -27,56 +28,25 @@ from __future__ import annotations
 
 import os
 
-import torch
 from transformers import AutoConfig, AutoModel
 
-from melp_ray import hub_code
+from melp_ray import hf_model, hub_code
 from melp_ray.hf_config import MODEL_TYPE, MELPHFConfig
-from melp_ray.hf_model import MELPHFModel, runtime_model_config, write_text_assets
+from melp_ray.hf_model import runtime_model_config
 
 __all__ = ["MODEL_TYPE", "MELPHFConfig", "MELPHFModel", "runtime_model_config",
-           "exported_model_config", "save_folder", "register"]
-
-WEIGHTS_NAME = "model.safetensors"
+           "exported_model_config", "register"]
 
 
-def _safetensors_ready(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory: give every name its own copy.
+class MELPHFModel(hf_model.MELPHFModel):
+    """melp_ray's class: what it saves carries code rendered from melp_ray's modules.
 
-    Tied parameters then load twice with the same values into the same Parameter, so the
-    tie survives; dropping an alias instead would leave transformers to re-initialise it.
+    The shipped copy of ``hf_model.MELPHFModel`` (``modeling_melp_ray.py``) instead lets
+    transformers copy its own files, as for any model loaded with ``trust_remote_code``.
     """
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, tensor in state.items():
-        t = tensor.detach().cpu()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != \
-                t.numel() * t.element_size():
-            t = t.contiguous().clone()
-        else:
-            seen.add(key)
-        out[name] = t
-    return out
 
-
-def save_folder(model: MELPHFModel, out: str | os.PathLike,
-                state: dict[str, torch.Tensor] | None = None) -> None:
-    """config.json (with auto_map) + the code + model.safetensors (fp32) + text assets.
-
-    ``state`` defaults to the model's own state dict (names ``melp.<...>``).
-    """
-    from safetensors.torch import save_file
-
-    out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    model.config.auto_map = hub_code.write_code(out)
-    model.config.save_pretrained(out)
-    state = state if state is not None else model.state_dict()
-    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-    save_file(_safetensors_ready(tensors), os.path.join(out, WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    write_text_assets(model.melp, out)
+    def write_custom_code(self, out: str | os.PathLike) -> dict[str, str]:
+        return hub_code.write_code(out)
 
 
 def exported_model_config(folder: str, config: MELPHFConfig | None = None):

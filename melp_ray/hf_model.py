@@ -106,10 +106,51 @@ class MELPHFModel(PreTrainedModel):
             out["text_emb"] = self.melp.encode_text(input_ids, mask)
         return out
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save, plus the text tower's config and tokenizer (self-contained folder)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """The one writer of a MELP folder (export, convert, ``push_to_hub``): the custom code
+        and ``auto_map``, the text tower's config + tokenizer, then transformers' save of
+        config.json and model.safetensors (fp32, tied tensors stored under every name).
+
+        Code and text files come first: with ``push_to_hub=True`` transformers uploads at the
+        end of its own save.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        auto_map = self.write_custom_code(save_directory)
+        if auto_map:
+            self.config.auto_map = auto_map
         write_text_assets(self.melp, save_directory)
+        state = state_dict if state_dict is not None else self.state_dict()
+        fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+        super().save_pretrained(save_directory, *args, state_dict=safetensors_ready(fp32), **kwargs)
+
+    def write_custom_code(self, out: str | os.PathLike) -> dict[str, str] | None:
+        """Write the custom code into ``out``; return its ``auto_map`` (None: nothing written).
+
+        This copy (the one shipped in an exported folder) writes nothing: a model loaded with
+        ``trust_remote_code`` is remote code to transformers, which copies its files itself.
+        melp_ray's subclass (``melp_ray.hf.MELPHFModel``) renders them from its modules.
+        """
+        return None
+
+
+def safetensors_ready(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory: give every name its own copy.
+
+    Tied parameters then load twice with the same values into the same Parameter, so the
+    tie survives; dropping an alias instead would leave transformers to re-initialise it.
+    """
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != \
+                t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        else:
+            seen.add(key)
+        out[name] = t
+    return out
 
 
 def text_folder(config: MELPHFConfig) -> str:

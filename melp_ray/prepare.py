@@ -30,8 +30,10 @@ from typing import Any
 from melp_ray import storage
 from melp_ray.data import shards
 from melp_ray.data.leads import LEADS
-from melp_ray.data.records import REJECTION_REASONS, RecordRef, RecordRejected, load_signal, n_samples_for
-from melp_ray.data.sources import DATASETS, DataRootError, RecordListing, scan_records, split_for_subject
+from melp_ray.data.records import (MANIFEST_REJECTION_REASONS, REJECTION_REASONS, RecordRef, RecordRejected,
+                                   load_signal, n_samples_for)
+from melp_ray.data.sources import (DATASETS, MANIFEST, DataRootError, RecordListing, scan_records,
+                                   split_for_subject)
 
 FORMAT_VERSION = 1
 ORDERS = ("shuffled", "listing")
@@ -158,9 +160,14 @@ def _process_chunk_row(row: dict[str, Any]) -> dict[str, Any]:
     return {"split": state["split"], "index": state["index"], "rows": state["rows"]}
 
 
-def run_chunks(chunks: list[dict[str, Any]], settings: PrepareSettings) -> None:
-    """Process the chunks in parallel on the Ray cluster (one Ray Data row per chunk)."""
+def run_chunks(chunks: list[dict[str, Any]], settings: PrepareSettings, local: bool = False) -> None:
+    """Process the chunks in parallel on the Ray cluster (one Ray Data row per chunk), or
+    one after the other in this process (``local``: small roots, tests; same output bytes)."""
     if not chunks:
+        return
+    if local:
+        for chunk in chunks:
+            process_chunk(chunk, settings)
         return
     import ray
 
@@ -174,7 +181,8 @@ def run_chunks(chunks: list[dict[str, Any]], settings: PrepareSettings) -> None:
 
 # ---------------------------------------------------------------- manifest (driver)
 def build_manifest(listing: RecordListing, states: list[dict[str, Any]], settings: PrepareSettings) -> dict[str, Any]:
-    rejected: dict[str, list[str]] = {reason: list(listing.rejected.get(reason, [])) for reason in REJECTION_REASONS}
+    reasons = MANIFEST_REJECTION_REASONS if settings.dataset == MANIFEST else REJECTION_REASONS
+    rejected: dict[str, list[str]] = {reason: list(listing.rejected.get(reason, [])) for reason in reasons}
     kept = 0
     shard_list = []
     splits = {split: {"records": 0, "subjects": set(), "shards": 0} for split in shards.SPLITS}
@@ -213,8 +221,9 @@ def build_manifest(listing: RecordListing, states: list[dict[str, Any]], setting
 
 
 # ---------------------------------------------------------------- entry points
-def prepare(settings: PrepareSettings) -> dict[str, Any]:
-    """Prepare (or resume preparing) ``settings.out``; returns the manifest it wrote."""
+def prepare(settings: PrepareSettings, local: bool = False) -> dict[str, Any]:
+    """Prepare (or resume preparing) ``settings.out``; returns the manifest it wrote.
+    ``local``: process the chunks in this process, without Ray (``--local``)."""
     if storage.is_uri(settings.root):
         raise DataRootError(f"--root {settings.root}: raw records are read with wfdb from a local folder "
                             f"(or a shared file system); only --out may be a URI")
@@ -238,7 +247,7 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
     _check_output_folder(out, settings)
     chunks = plan_chunks(listing.refs, settings)
     pending = [chunk for chunk in chunks if not chunk_is_done(out, chunk, settings)]
-    run_chunks(pending, settings)
+    run_chunks(pending, settings, local)
     states = []
     for chunk in chunks:
         state = _read_state(out, chunk)
@@ -253,15 +262,17 @@ def prepare(settings: PrepareSettings) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m melp_ray.prepare",
-        description="Convert a raw PTB-XL or MIMIC-IV-ECG root into Parquet shards (with Ray Data). "
-                    "Each record is read with wfdb, its leads are mapped by name to "
+        description="Convert a raw PTB-XL, MIMIC-IV-ECG or manifest root (ecg_manifest.csv: your own "
+                    ".npy / HDF5 / EDF / WFDB files, docs/data.md) into Parquet shards (with Ray Data). "
+                    "Each record is read, its leads are mapped by name to "
                     f"{', '.join(LEADS)}, it is checked (NaN/Inf, flat, length, report) and "
                     "resampled; rejected records are listed by reason in OUT/manifest.json. "
                     "Re-running with the same arguments resumes and skips finished shards. "
                     "Attaches to a running Ray cluster (ray start / RAY_ADDRESS) or starts a local one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="layout of --root")
-    parser.add_argument("--root", required=True, help="dataset root (holds ptbxl_database.csv or record_list.csv)")
+    parser.add_argument("--root", required=True, help="dataset root (holds ptbxl_database.csv, record_list.csv or "
+                                                         "ecg_manifest.csv/.parquet)")
     parser.add_argument("--out", required=True,
                         help="output folder for <split>/part-NNNNN.parquet and manifest.json: a local path or "
                              "a URI (s3://bucket/x, gs://bucket/x, file:///x; an S3-compatible endpoint via "
@@ -281,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="only the first N records of the listing (smoke runs)")
     parser.add_argument("--min-report-words", type=int, default=None,
                         help="reject reports with fewer words (default: 4 for mimic-iv-ecg, 1 for ptb-xl)")
+    parser.add_argument("--local", action="store_true",
+                        help="process the chunks one after the other in this process, without Ray "
+                             "(small roots; the same shards)")
     return parser
 
 
@@ -292,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, limit=args.limit, min_report_words=args.min_report_words, order=args.order,
         ecg_encoding=args.ecg_encoding)
     try:
-        manifest = prepare(settings)
+        manifest = prepare(settings, local=args.local)
     except (DataRootError, PrepareError, ValueError, OSError) as err:   # OSError: storage went away
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2

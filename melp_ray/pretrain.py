@@ -45,6 +45,9 @@ class PretrainRecipe(DeepSpeedRecipe):
                 load_initial_weights(model, init_from)
         return model
 
+    def compile_model(self, model) -> None:
+        model.compile_parts()
+
     def setup(self) -> None:
         super().setup()
         self.epoch_rows = self.reassignable_shard_rows()

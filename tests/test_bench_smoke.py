@@ -155,29 +155,40 @@ def test_zero_memory_smoke(tmp_path):
     assert fp32["stages"]["3"]["model_states"] < fp32["stages"]["0"]["model_states"]
 
 
-def test_gpu_throughput_smoke(tmp_path):
-    data = smoke("gpu_throughput", tmp_path)
-    assert data["stages"]
-    for stage, row in data["stages"].items():
-        assert_finite(data, f"stages.{stage}.samples_per_s", f"stages.{stage}.mfu",
-                      f"stages.{stage}.train_flops_per_sample")
-        assert row["samples_per_s"] > 0
+def test_gpu_suite_smoke_runs_the_step_and_the_ray_path(tmp_path):
+    """bench/gpu_suite.py --smoke: the one GPU script of #29 on CPU. Its parts are the two
+    GPU benchmarks, each checked here as its own smoke was:
 
-
-def test_gpu_step_smoke_runs_the_recipe_step_with_the_paper_optimizer(tmp_path):
-    """bench/gpu_step.py --smoke: the recipe's own step on a DeepSpeed engine without Ray,
-    ZeRO 1-3, with the paper's optimizer settings (every parameter decayed, warm restarts):
-    the combination that once failed at the first step (an empty parameter group)."""
-    data = smoke("gpu_step", tmp_path)
-    assert data["backend"] == "gloo" and data["losses_finite"] is True
-    assert set(data["stages"]) == {"1", "2", "3"}
-    for stage, row in data["stages"].items():
-        assert_finite(data, f"stages.{stage}.samples_per_s", f"stages.{stage}.train_flops_per_sample")
+    - bench/gpu_step.py: the recipe's own step on a DeepSpeed engine without Ray, ZeRO 1-3,
+      with the paper's optimizer settings (every parameter decayed, warm restarts): the
+      combination that once failed at the first step (an empty parameter group);
+    - bench/gpu_throughput.py: the real Ray Data -> Ray Train -> DeepSpeed run."""
+    data = smoke("gpu_suite", tmp_path)
+    step, ray_path = data["step"], data["throughput"]
+    assert step["status"] == ray_path["status"] == "ok", (step, ray_path)
+    step = step["result"]
+    assert step["backend"] == "gloo" and step["losses_finite"] is True
+    assert set(step["stages"]) == {"1", "2", "3"}
+    for stage, row in step["stages"].items():
+        assert_finite(step, f"stages.{stage}.samples_per_s", f"stages.{stage}.train_flops_per_sample")
         assert row["samples_per_s"] > 0 and row["param_dtypes"] == ["float32"]
     # Same seed, same batch, same steps: the three stages train the same model.
-    first = data["stages"]["1"]["losses_last"]
+    first = step["stages"]["1"]["losses_last"]
     for stage in ("2", "3"):
-        assert data["stages"][stage]["losses_last"] == pytest.approx(first, rel=1e-4)
+        assert step["stages"][stage]["losses_last"] == pytest.approx(first, rel=1e-4)
+    ray_path = ray_path["result"]
+    assert ray_path["stages"]
+    for stage, row in ray_path["stages"].items():
+        assert_finite(ray_path, f"stages.{stage}.samples_per_s", f"stages.{stage}.mfu",
+                      f"stages.{stage}.train_flops_per_sample")
+        assert row["samples_per_s"] > 0
+    # The Ray path over the bare step, same stage; nothing compared with the GPU "before".
+    stage = min(ray_path["stages"])
+    assert data["ratios"]["ray_over_step"] == pytest.approx(
+        ray_path["stages"][stage]["samples_per_s"] / step["stages"][stage]["samples_per_s"])
+    assert data["ratios"]["step_over_before"] is None
+    assert data["before"]["gpu"] and data["before"]["samples_per_s"] > 0
+    assert data["reference"]["status"].startswith("not run")
 
 
 def test_gpu_throughput_refuses_without_gpu(tmp_path):

@@ -111,7 +111,7 @@ def bench_run(tiny_checkpoint, code15_root, tmp_path_factory):
                            "code-15": code})
     out = tmp / "out"
     assert benchmark.main(["--checkpoint", tiny_checkpoint, "--suite", str(suite),
-                           "--out", str(out)]) == 0
+                           "--out", str(out), "--actors", "0"]) == 0
     plan = plan_benchmark(tiny_checkpoint, str(suite), out)   # what the run embedded
     return {"out": out, "missing": missing, "plan": plan,
             "results": json.loads((out / "results.json").read_text())}

@@ -38,10 +38,12 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ("train.checkpoint_mode=best", "checkpoint_mode must be max or min"),
     ("train.early_stop_patience=3", "needs train.checkpoint_metric"),
     ("train.early_stop_patience=-1", "early_stop_patience must be >= 0"),
+    ("deepspeed.offload_param=true", "offload_param needs deepspeed.zero_stage=3"),
+    ("deepspeed.offload_optimizer=true deepspeed.zero_stage=0", "needs deepspeed.zero_stage >= 1"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(PretrainConfig, "tiny", [override])
+        load_config(PretrainConfig, "tiny", override.split())
 
 
 def test_deepspeed_config_carries_our_settings():
@@ -57,6 +59,24 @@ def test_deepspeed_config_carries_our_settings():
     assert deepspeed_config(cpu.train, cpu.deepspeed)["bf16"]["enabled"] is False
     assert ds["train_batch_size"] == (cfg.train.micro_batch_size * cfg.train.grad_accum
                                       * cfg.train.num_workers)
+
+
+def test_per_parameter_gradient_checks_are_dropped_only_where_nothing_reads_them():
+    from melp_ray.train.deepspeed_config import deepspeed_config
+
+    def zero_and_bf16(*overrides):
+        cfg = load_config(PretrainConfig, "tiny", ["train.use_gpu=true", *overrides])
+        ds = deepspeed_config(cfg.train, cfg.deepspeed)
+        return ds["zero_optimization"], ds["bf16"]
+
+    zero, bf16 = zero_and_bf16("train.grad_clip=0")
+    assert zero["compute_grad_norm"] is False and bf16["check_grad_overflow"] is False
+    zero, bf16 = zero_and_bf16("train.grad_clip=1.0", "deepspeed.check_grad_overflow=true")
+    assert "compute_grad_norm" not in zero and bf16["check_grad_overflow"] is True
+    zero, _ = zero_and_bf16("train.grad_clip=0", "deepspeed.zero_stage=3")   # DeepSpeed: 1-2 only
+    assert "compute_grad_norm" not in zero
+    with pytest.raises(ConfigError, match="train.compile needs deepspeed.zero_stage"):
+        load_config(PretrainConfig, "tiny", ["train.compile=true", "deepspeed.zero_stage=3"])
 
 
 def test_exclude_folds_defaults_to_none_and_takes_a_list():
@@ -89,3 +109,14 @@ def test_configs_load_without_transformers_and_hf_registers_the_auto_classes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "MELPHFConfig"]
+
+
+@pytest.mark.parametrize("typed", ["off", "on", "yes", "no", "007", "1.10", "True"])
+def test_string_keys_keep_the_text_as_typed(tmp_path, typed):
+    # YAML 1.1 reads off/yes/007/1.10 as bool/int/float; a str key keeps what the user typed
+    assert load_config(PretrainConfig, "tiny", [f"run.name={typed}"]).run.name == typed
+    path = tmp_path / "run.yaml"
+    path.write_text(f"run:\n  name: {typed}\n  wandb: yes\n")
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.run.name == typed
+    assert cfg.run.wandb is True                    # bool keys still read YAML 1.1 booleans

@@ -35,6 +35,8 @@ TEST_FOLD = 6
 def _evaluate(checkpoint, root, out: Path, *options: str) -> dict:
     argv = ["--checkpoint", str(checkpoint), "--root", str(root), "--out", str(out),
             "--bootstrap", "200", *options]
+    if "--actors" not in options:   # the model in this process: no actor start-up per test
+        argv += ["--actors", "0"]
     if "--dataset" not in options:
         argv += ["--dataset", "ptb-xl"]
     assert evaluate.main(argv) == 0
@@ -94,8 +96,11 @@ def zeroshot_reference(direct_test_embeddings, bundled_ptbxl):
 def test_zeroshot_end_to_end_matches_in_process_scores(tiny_checkpoint, bundled_ptbxl,
                                                        direct_test_embeddings,
                                                        zeroshot_reference, tmp_path):
+    # The one test of the whole command through the inference actor pool (the others run
+    # the model in this process, --actors 0; tests/eval/test_eval_inference.py checks both
+    # give the same embeddings).
     results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "zeroshot",
-                        "--task", "super", "--test-folds", str(TEST_FOLD))
+                        "--task", "super", "--test-folds", str(TEST_FOLD), "--actors", "1")
     _assert_classification_files(tmp_path, results)
     assert results["class_names"] == SUPERCLASSES
     assert results["settings"]["sample_rate"] == 100 and results["settings"]["seconds"] == 10
@@ -337,7 +342,7 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
     def args_for(out, *options):
         return evaluate.make_parser().parse_args([
             "--checkpoint", str(tiny_checkpoint), "--root", str(bundled_ptbxl), "--dataset",
-            "ptb-xl", "--out", str(out), "--bootstrap", "50", *options])
+            "ptb-xl", "--out", str(out), "--bootstrap", "50", "--actors", "0", *options])
 
     linear = ("--mode", "linear", "--task", "super", *LINEAR_FOLDS)
     retrieval = ("--mode", "retrieval", "--test-folds", str(TEST_FOLD))
@@ -346,7 +351,7 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
     outputs = {"ecg_feat": ("ecg_features", "ecg"), "ecg_emb": ("encode_ecg", "ecg"),
                "text_emb": ("encode_reports", "report")}
     model_fn = functools.partial(build_model, plans[0].checkpoint, False, 0)
-    table = EmbeddingTable.compute(plans[0], records, outputs, model_fn, 64, None)
+    table = EmbeddingTable.compute(plans[0], records, outputs, model_fn, 64, 0)
     assert len(table.data["record_id"]) == len({r.record_id for r in records})
 
     for options in (linear, retrieval):

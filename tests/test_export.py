@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from melp_ray import storage
+from model_fixture import REFUSE_MELP_RAY
 
 REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response.",
            "left bundle branch block."]
@@ -140,13 +141,7 @@ def test_export_cli_from_run_folder_writes_model_card(runs, tmp_path):
 
 
 # A child process that cannot import melp_ray: only torch + transformers + the folder's code.
-_LOAD_WITHOUT_MELP_RAY = """
-import json, sys
-class RefuseMelpRay:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "melp_ray":
-            raise ImportError("melp_ray must not be imported here")
-sys.meta_path.insert(0, RefuseMelpRay())
+_LOAD_WITHOUT_MELP_RAY = REFUSE_MELP_RAY + """
 import numpy as np
 from transformers import AutoModel
 folder, inputs, out = sys.argv[1:4]
@@ -276,7 +271,7 @@ def test_shared_tensors_are_exported_and_reload(tmp_path):
     import melp_ray.hf  # noqa: F401
     from safetensors.torch import load_file
     from transformers import AutoModel
-    from melp_ray.hf import MELPHFModel, save_folder
+    from melp_ray.hf import MELPHFModel
     from melp_ray.model import MELP
     from melp_ray.model.config import model_config_from_preset
 
@@ -285,7 +280,7 @@ def test_shared_tensors_are_exported_and_reload(tmp_path):
     emb = melp.text.backbone.get_input_embeddings()
     assert melp.decoder.text_projection.weight.shape == emb.weight.shape
     melp.decoder.text_projection.weight = emb.weight                      # tie (vocab x 64 both)
-    save_folder(MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0), tmp_path)
+    MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0).save_pretrained(tmp_path)
 
     weights = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(weights["melp.decoder.text_projection.weight"],
@@ -297,13 +292,13 @@ def test_shared_tensors_are_exported_and_reload(tmp_path):
 
 def test_exported_model_config_builds_the_saved_architecture(tmp_path):
     """What `evaluate --random-init` and `train.init_from` read from an export folder."""
-    from melp_ray.hf import MELPHFModel, exported_model_config, save_folder
+    from melp_ray.hf import MELPHFModel, exported_model_config
     from melp_ray.model import MELP
     from melp_ray.model.config import model_config_from_preset
 
     torch.manual_seed(0)
     melp = MELP(model_config_from_preset("tiny"))
-    save_folder(MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0), tmp_path / "hf")
+    MELPHFModel.from_melp(melp, sample_rate=100, seconds=10.0).save_pretrained(tmp_path / "hf")
     cfg = exported_model_config(str(tmp_path / "hf"))
     assert cfg.text_model == str(tmp_path / "hf" / "text_model") and not cfg.text_pretrained
     rebuilt = MELP(cfg).state_dict()

@@ -19,13 +19,12 @@ def tiny_model_config(*overrides: str):
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> Path:
     """An export folder of a tiny MELP initialised with another seed than any run's."""
-    from melp_ray.hf import MELPHFModel, save_folder
+    from melp_ray.hf import MELPHFModel
     from melp_ray.model import MELP
 
     out = tmp_path_factory.mktemp("init_from") / "exported"
     torch.manual_seed(123)
-    save_folder(MELPHFModel.from_melp(MELP(tiny_model_config()), sample_rate=100, seconds=10.0),
-                out)
+    MELPHFModel.from_melp(MELP(tiny_model_config()), sample_rate=100, seconds=10.0).save_pretrained(out)
     return out
 
 

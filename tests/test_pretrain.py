@@ -115,6 +115,7 @@ def assert_trained(summary: dict, stage: int, world_size: int = 2) -> None:
     assert logged[-1]["loss/token"] < logged[0]["loss/token"]
     assert logged[-1]["loss/total"] < logged[0]["loss/total"]
     assert {"val/recall_at_1", "val/recall_at_10", "val/loss_total"} <= set(logged[-1])
+    assert local(summary["curves"]).read_bytes()[:4] == b"\x89PNG"   # curves.png, drawn at the end
     # Each recall is reported beside its chance level k / N (N validation pairs).
     val = summary["validation"]
     n_pairs = round(1 / val["recall_at_1_chance"])

@@ -15,7 +15,7 @@ import yaml
 
 from melp_ray.config import ConfigError
 from melp_ray.sweeps.space import load_space
-from melp_ray.sweeps.summary import PLOT_FILE, SUMMARY_FILE
+from melp_ray.sweeps.summary import CURVES_FILE, PLOT_FILE, SUMMARY_FILE
 from melp_ray.sweeps.tuner import run_sweep
 from melp_ray.sweeps.validate import validate_sweep
 from melp_ray.tune import main
@@ -126,6 +126,8 @@ def test_sweep_summary_ranks_by_weight_free_metric(sweep_runs):
     assert summary["best_config"] == best["config"]
     assert Path(summary["plot"]).name == PLOT_FILE
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(summary["curves_plot"]).name == CURVES_FILE      # every trial's curves, overlaid
+    assert Path(summary["curves_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- invalid spaces (no Ray)

@@ -43,11 +43,15 @@ WRONG_LENGTH = "wrong_length"        # shorter than the wanted duration
 BAD_SAMPLE_RATE = "bad_sample_rate"  # rate <= 0 or not a whole number of Hz
 EMPTY_REPORT = "empty_report"
 SHORT_REPORT = "short_report"        # fewer words than min_report_words
+# Only the manifest layout (data/manifest.py) can produce these two.
+WRONG_SHAPE = "wrong_shape"          # an array that is not leads x samples / samples x leads
+DUPLICATE_RECORD_ID = "duplicate_record_id"   # a second row with an id already listed
 
 REJECTION_REASONS: tuple[str, ...] = (
     MISSING_FILE, UNREADABLE, BAD_HEADER, NAN_OR_INF, FLAT_SIGNAL, MISSING_LEADS,
     WRONG_LENGTH, BAD_SAMPLE_RATE, EMPTY_REPORT, SHORT_REPORT,
 )
+MANIFEST_REJECTION_REASONS: tuple[str, ...] = REJECTION_REASONS + (WRONG_SHAPE, DUPLICATE_RECORD_ID)
 
 FLAT_TOLERANCE_MV = 1e-3   # below one ADC step of any common ECG format: the lead is constant
 
@@ -61,7 +65,7 @@ class RecordRejected(Exception):
     """A record that cannot be used; ``reason`` is one of REJECTION_REASONS."""
 
     def __init__(self, reason: str, detail: str = ""):
-        if reason not in REJECTION_REASONS:
+        if reason not in MANIFEST_REJECTION_REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
@@ -83,6 +87,8 @@ class RecordRef:
     report: str
     strat_fold: int = -1      # PTB-XL fold, -1 when the source has none
     labels: dict[str, list[str]] = field(default_factory=empty_labels)
+    fs: float = 0.0           # manifest rows: the rate of a file that does not say it (0: unknown)
+    leads: str = ""           # manifest rows: its lead names, ";"-separated ("": the file's / LEADS)
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict of plain types (a Ray Data row); labels become labels_<task> columns."""
@@ -93,6 +99,8 @@ class RecordRef:
             "path": self.path,
             "report": self.report,
             "strat_fold": int(self.strat_fold),
+            "fs": float(self.fs),
+            "leads": self.leads,
         }
         for task in LABEL_TASKS:
             row[f"labels_{task}"] = list(self.labels.get(task, []))
@@ -113,6 +121,8 @@ class RecordRef:
             report=str(row["report"]),
             strat_fold=int(row.get("strat_fold", -1)),
             labels=labels,
+            fs=float(row.get("fs") or 0.0),
+            leads=str(row.get("leads") or ""),
         )
 
 
@@ -155,10 +165,18 @@ def resolve_path(ref: RecordRef, root: str | os.PathLike | None) -> str:
 
 def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int = 500,
                 seconds: float = 10.0) -> np.ndarray:
-    """Read, validate and resample one record: float32 (12, sample_rate*seconds) in mV."""
+    """Read, validate and resample one record: float32 (12, sample_rate*seconds) in mV.
+
+    WFDB unless the path names a .npy, HDF5 or EDF file (manifest roots, data/manifest.py)."""
     import wfdb  # imported here so that light users of this module do not pay for it
 
+    # manifest imports this module, hence the import here
+    from melp_ray.data.manifest import is_array_path, read_signal_file
+
     record_path = resolve_path(ref, root)
+    if is_array_path(record_path):
+        signal, fs = read_signal_file(record_path, ref.fs, ref.leads)
+        return fit_signal(signal, fs, sample_rate, seconds)
     record = _read_record(wfdb, record_path)
     source_rate = _source_rate(record.fs)
     try:
@@ -279,6 +297,11 @@ def read_metadata_csv(root, name: str, required: tuple[str, ...], error: type[Ex
         table = pd.read_csv(path, **kwargs)
     except Exception as err:
         raise error(f"cannot parse {path}: {err}") from None
+    return require_columns(table, required, path, error)
+
+
+def require_columns(table, required: tuple[str, ...], path, error: type[Exception]):
+    """``table`` if it has every ``required`` column, else ``error`` naming what it lacks."""
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise error(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")

@@ -1,7 +1,7 @@
 """Data roots: find the shipped sample, recognise a root's layout, list its records, split.
 
     root = bundled_root()                      # 259 real PTB-XL records at 100 Hz
-    detect_layout(root)                        # "ptb-xl" | "mimic-iv-ecg" | "shards"
+    detect_layout(root)                        # "ptb-xl" | "mimic-iv-ecg" | "manifest" | "shards"
     refs = list_records("ptb-xl", root)        # RecordRefs with a usable report
     split_for_subject(ref.subject_id, 0.1)     # "train" | "val", stable per subject
 """
@@ -13,20 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from melp_ray import storage
-from melp_ray.data import mimic, ptbxl
-from melp_ray.data.records import RecordRef, RecordRejected, check_report
+from melp_ray.data import manifest, mimic, ptbxl
+from melp_ray.data.records import DUPLICATE_RECORD_ID, RecordRef, RecordRejected, check_report
 
 PTBXL = ptbxl.DATASET          # "ptb-xl"
 MIMIC = mimic.DATASET          # "mimic-iv-ecg"
+MANIFEST = manifest.DATASET    # "manifest": your own files + ecg_manifest.csv/.parquet
 SHARDS = "shards"
-DATASETS = (PTBXL, MIMIC)
+DATASETS = (PTBXL, MIMIC, MANIFEST)
 
 # Minimum report length per dataset. MIMIC follows the reference (>= 4 words); PTB-XL's
 # hand-written reports are often 3 words ("sinusrhythmus normales ekg"), so any
 # non-empty report is kept there.
 DEFAULT_MIN_REPORT_WORDS = {PTBXL: 1, MIMIC: 4}
 
-_LAYOUT_MARKERS = (("manifest.json", SHARDS), (ptbxl.DATABASE_CSV, PTBXL), (mimic.RECORD_LIST_CSV, MIMIC))
+_LAYOUT_MARKERS = (("manifest.json", SHARDS), (ptbxl.DATABASE_CSV, PTBXL), (mimic.RECORD_LIST_CSV, MIMIC),
+                   (manifest.MANIFEST_CSV, MANIFEST), (manifest.MANIFEST_PARQUET, MANIFEST))
 
 
 class DataRootError(ValueError):
@@ -39,7 +41,8 @@ def bundled_root() -> str:
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-    """"shards" (has manifest.json), "ptb-xl" (ptbxl_database.csv) or "mimic-iv-ecg" (record_list.csv).
+    """"shards" (has manifest.json), "ptb-xl" (ptbxl_database.csv), "mimic-iv-ecg" (record_list.csv)
+    or "manifest" (ecg_manifest.csv / ecg_manifest.parquet: your own files, data/manifest.py).
 
     A URI (s3://, gs://, file://) must hold prepared shards: raw roots are read with wfdb,
     which needs local files."""
@@ -92,7 +95,8 @@ class RecordListing:
 
 def scan_records(dataset: str, root: str | os.PathLike, limit: int | None = None,
                  min_report_words: int | None = None, sample_rate: int = 500) -> RecordListing:
-    """List a raw root and reject what the csv files alone show to be unusable (reports).
+    """List a raw root and reject what the csv files alone show to be unusable (reports,
+    and a repeated record id: the first row with an id is kept, later ones are rejected).
 
     ``limit`` keeps the first N rows of the sorted listing *before* rejection, so the
     same N records are seen every time. Signals are not read here (see load_signal).
@@ -100,12 +104,18 @@ def scan_records(dataset: str, root: str | os.PathLike, limit: int | None = None
     if min_report_words is None:
         min_report_words = DEFAULT_MIN_REPORT_WORDS.get(dataset, 1)
     listing = RecordListing(refs=[])
+    seen: set[str] = set()
     for ref in _raw_refs(dataset, root, limit, sample_rate):
         try:
+            if ref.record_id in seen:
+                raise RecordRejected(DUPLICATE_RECORD_ID, f"record id {ref.record_id!r} listed before")
+            seen.add(ref.record_id)
             ref.report = check_report(ref.report, min_report_words)
         except RecordRejected as rejection:
             listing.rejected.setdefault(rejection.reason, []).append(ref.record_id)
-            listing.details[ref.record_id] = str(rejection)
+            # a duplicate's details would overwrite the first row's: name it by its row
+            key = ref.record_id if rejection.reason != DUPLICATE_RECORD_ID else f"{ref.record_id} ({ref.path})"
+            listing.details[key] = str(rejection)
             continue
         listing.refs.append(ref)
     return listing
@@ -132,8 +142,10 @@ def _raw_refs(dataset: str, root, limit, sample_rate) -> list[RecordRef]:
     try:
         if dataset == PTBXL:
             return ptbxl.list_ptbxl(root, sample_rate=sample_rate, limit=limit)
+        if dataset == MANIFEST:
+            return manifest.list_manifest(root, limit=limit)
         return mimic.list_mimic(root, limit=limit)
-    except (ptbxl.PTBXLFormatError, mimic.MIMICFormatError) as err:
+    except (ptbxl.PTBXLFormatError, mimic.MIMICFormatError, manifest.ManifestFormatError) as err:
         raise DataRootError(str(err)) from None
     except (ValueError, KeyError, SyntaxError) as err:   # a malformed cell (ids, scp_codes)
         raise DataRootError(f"malformed {dataset} metadata in {root}: {type(err).__name__}: {err}") from None

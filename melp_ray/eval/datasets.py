@@ -15,6 +15,7 @@ import functools
 import os
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -71,6 +72,8 @@ def list_records(dataset: str, root: str, task: str | None, sample_rate: int,
         return Listing(*_ptbxl_records(root, task, sample_rate, class_file))
     if dataset == "code-15":
         return _code15_records(root)
+    if dataset == "manifest":
+        return _manifest_records(root, task, class_file)
     return Listing(*_physionet_records(dataset, root, min_count, class_file))
 
 
@@ -85,6 +88,42 @@ def _code15_records(root: str) -> Listing:
                           labels=r.labels) for r in listing.records]
     classes = list(code15.CLASSES)
     return Listing(records, classes, {c: c for c in classes}, listing.excluded)
+
+
+def _manifest_records(root: str, task: str | None, class_file: str | None) -> Listing:
+    """A manifest root's rows (first row of each id) with labels from ``labels_<task>``;
+    the classes are the names found in that column, sorted, or a class file's list."""
+    from melp_ray.data import manifest as M
+
+    try:
+        refs = M.list_manifest(root)
+        labels = M.read_labels(root, task) if task else {}
+    except M.ManifestFormatError as err:
+        raise EvalError(f"--root: {err}") from None
+    classes = sorted({name for names in labels.values() for name in names})
+    if task and class_file:
+        classes = _or_eval_error(_plain_class_names, class_file)
+    seen, records, excluded = set(), [], {}
+    for ref in refs:
+        if ref.record_id in seen:
+            excluded.setdefault("duplicate_record_id", []).append(ref.record_id)
+            continue
+        seen.add(ref.record_id)
+        records.append(EvalRecord(record_id=ref.record_id, path=M.eval_path(root, ref.record_id),
+                                  fold=physionet_fold(ref.record_id), report=ref.report,
+                                  labels=_multi_hot(labels[ref.record_id], classes) if task else None))
+    return Listing(records, classes, {c: c for c in classes}, excluded)
+
+
+def _plain_class_names(path: str) -> list[str]:
+    """A class file for a manifest root: one class name per line."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as err:
+        raise ValueError(f"--class-names {path}: {err}") from None
+    if not names:
+        raise ValueError(f"--class-names {path} names no class")
+    return names
 
 
 def _ptbxl_records(root: str, task: str | None, sample_rate: int,

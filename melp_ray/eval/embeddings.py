@@ -63,6 +63,10 @@ def read_record(dataset: str, path: str, sample_rate: int, seconds: float,
     if dataset == "ptb-xl":
         ref = RecordRef(record_id="", subject_id="", dataset=dataset, path=path, report="")
         signal = load_signal(ref, None, sample_rate, keep)
+    elif dataset == "manifest":   # path: ROOT::RECORD_ID (data/manifest.py)
+        from melp_ray.data.manifest import ref_for_eval_path
+
+        signal = load_signal(*ref_for_eval_path(path), sample_rate, keep)
     elif dataset == "code-15":
         signal = _read_code15(path, sample_rate, keep)
     else:
@@ -154,7 +158,7 @@ def embed_records(plan: Plan, records: list[EvalRecord], outputs: dict[str, tupl
     global _inference_passes
     _inference_passes += 1
 
-    from melp_ray.eval.inference import collect_columns, extract_embeddings
+    from melp_ray.eval.inference import collect_columns, embed_in_this_process, extract_embeddings
 
     if plan.dataset == "shards":   # one read task per shard file, where the shards lie
         from melp_ray.eval.shard_source import shard_dataset
@@ -168,9 +172,13 @@ def embed_records(plan: Plan, records: list[EvalRecord], outputs: dict[str, tupl
         ds = ds.map_batches(load_batch, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"dataset": plan.dataset, "sample_rate": plan.sample_rate,
                                        "seconds": plan.seconds, "crop_seconds": plan.crop_seconds})
-    ds = extract_embeddings(ds, model_fn, outputs=outputs, batch_size=batch_size,
-                            concurrency=actors)
-    data = collect_columns(ds, [*outputs, "rejected"], sort_by="record_id")
+    columns = [*outputs, "rejected"]
+    if actors == 0:
+        data = embed_in_this_process(ds, model_fn, outputs, columns, batch_size, "record_id")
+    else:
+        data = collect_columns(extract_embeddings(ds, model_fn, outputs=outputs,
+                                                  batch_size=batch_size, concurrency=actors),
+                               columns, sort_by="record_id")
     if len(data["record_id"]) != len(records):
         raise RuntimeError(f"inference returned {len(data['record_id'])} rows for "
                            f"{len(records)} records")

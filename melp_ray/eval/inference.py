@@ -12,7 +12,7 @@ align on it (``collect_columns(..., sort_by="record_id")``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -108,9 +108,31 @@ def collect_columns(dataset, columns: Sequence[str], sort_by: str | None = None
                     ) -> dict[str, np.ndarray]:
     """Materialise ``columns`` (plus ``sort_by``) as stacked numpy arrays, optionally sorted."""
     wanted = list(dict.fromkeys([*columns, *([sort_by] if sort_by else [])]))
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in wanted}
-    for batch in dataset.select_columns(wanted).iter_batches(batch_format="numpy"):
-        for c in wanted:
+    return stack_columns(dataset.select_columns(wanted).iter_batches(batch_format="numpy"),
+                         wanted, sort_by)
+
+
+def embed_in_this_process(dataset, build_model: Callable[[], torch.nn.Module],
+                          outputs: Mapping[str, tuple], columns: Sequence[str],
+                          batch_size: int = 64, sort_by: str | None = None
+                          ) -> dict[str, np.ndarray]:
+    """``collect_columns(extract_embeddings(...))`` without the actor pool: Ray Data still
+    reads and decodes the records, the model runs here (``--actors 0``). For small sets,
+    debugging, and a process that already holds torch: no actor process to start, import
+    torch/transformers in, and build the model in."""
+    extractor = EmbeddingExtractor(build_model, outputs=outputs)
+    batches = (extractor(b) for b in dataset.iter_batches(batch_size=batch_size,
+                                                          batch_format="numpy"))
+    wanted = list(dict.fromkeys([*columns, *([sort_by] if sort_by else [])]))
+    return stack_columns(({c: b[c] for c in wanted} for b in batches), wanted, sort_by)
+
+
+def stack_columns(batches: Iterable[Mapping[str, np.ndarray]], columns: Sequence[str],
+                  sort_by: str | None = None) -> dict[str, np.ndarray]:
+    """Numpy batches -> one array per column, rows in ``sort_by`` order if given."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in batches:
+        for c in columns:
             parts[c].append(batch[c])
     data = {c: np.concatenate(v) if v else np.empty(0) for c, v in parts.items()}
     if sort_by:

@@ -30,7 +30,8 @@ from melp_ray.eval.plan_checks import (REPORT_MODES, check_crop, check_disjoint,
                                        check_option_combinations, check_root, fmt_folds,
                                        parse_folds)
 
-DATASETS = ("ptb-xl", "cpsc2018", "chapman", "code-15", "shards")   # shards: a prepare output
+# shards: a prepare output; manifest: your own files + ecg_manifest.csv (docs/data.md)
+DATASETS = ("ptb-xl", "cpsc2018", "chapman", "code-15", "shards", "manifest")
 MODES = ("zeroshot", "linear", "retrieval", "generation")
 PTBXL_TASKS = ("super", "sub", "form", "rhythm")
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
@@ -100,7 +101,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     check_crop(args.crop_seconds, sample_rate, seconds)
 
     task = None
-    if args.dataset in ("ptb-xl", "shards") and args.mode not in REPORT_MODES:
+    if args.dataset in ("ptb-xl", "shards", "manifest") and args.mode not in REPORT_MODES:
         task = args.task or "super"
     split_names = ("train", "val", "test") if args.mode == "linear" else ("test",)
     split_files: dict[str, str] = {}
@@ -282,6 +283,8 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
         defaults = physionet_labels.CPSC2018_DESCRIPTIONS
     elif dataset == "code-15":
         defaults = P.CODE15_PROMPTS
+    elif dataset == "manifest":   # your own classes: the name is the prompt unless --prompts
+        defaults = {c: c for c in classes}
     else:
         defaults = physionet_labels.SNOMED_DESCRIPTIONS
     defaults = {**defaults, **{name: defaults[ours] for name, ours in (aliases or {}).items()

@@ -28,17 +28,20 @@ def check_option_combinations(args) -> None:
     for option, given, mode in only:
         if given and args.mode != mode:
             raise EvalError(f"{option} only applies to --mode {mode}")
+    if args.dataset == "manifest" and args.split_dir is not None:
+        raise EvalError("--split-dir does not apply to --dataset manifest (its folds come from "
+                        "a hash of each record id)")
     if args.dataset == "shards":
         for option, value in (("--split-dir", args.split_dir), ("--class-names", args.class_names)):
             if value is not None:
                 raise EvalError(f"{option} does not apply to --dataset shards (the shards "
                                 "hold their records' folds and labels)")
-    if args.task is not None and args.dataset not in ("ptb-xl", "shards"):
+    if args.task is not None and args.dataset not in ("ptb-xl", "shards", "manifest"):
         raise EvalError(f"--task selects a PTB-XL label set; {args.dataset} has one fixed "
                         "label set (leave --task out)")
     if args.task is not None and args.mode in REPORT_MODES:
         raise EvalError(f"--task has no effect on --mode {args.mode} (leave it out)")
-    if args.mode in REPORT_MODES and args.dataset not in ("ptb-xl", "shards"):
+    if args.mode in REPORT_MODES and args.dataset not in ("ptb-xl", "shards", "manifest"):
         raise EvalError(f"--mode {args.mode} needs free-text reports; {args.dataset} has none "
                         "(use --dataset ptb-xl)")
     if args.max_new_tokens is not None and args.mode != "generation":
@@ -74,7 +77,7 @@ def check_option_combinations(args) -> None:
         raise EvalError("--prompt-format needs --prompts FILE")
     for option, value, low in (("--batch-size", args.batch_size, 1),
                                ("--bootstrap", args.bootstrap, 0),
-                               ("--actors", args.actors, 1),
+                               ("--actors", args.actors, 0),
                                ("--max-new-tokens", args.max_new_tokens, 1)):
         check_at_least(option, value, low)
     check_output_folder(args.out)
@@ -129,6 +132,12 @@ def check_root(dataset: str, root: str) -> str:
         missing = [f for f in (DATABASE_CSV, STATEMENTS_CSV) if not (path / f).is_file()]
         if missing:
             raise EvalError(f"--root {root} is not a PTB-XL folder (no {', '.join(missing)})")
+    elif dataset == "manifest":
+        from melp_ray.data.manifest import MANIFEST_CSV, MANIFEST_PARQUET, manifest_file
+
+        if manifest_file(path) is None:
+            raise EvalError(f"--root {root} is not a manifest folder (no {MANIFEST_CSV} nor "
+                            f"{MANIFEST_PARQUET})")
     elif dataset == "code-15":
         from melp_ray.data import code15
 

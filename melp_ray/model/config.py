@@ -69,6 +69,12 @@ class ModelConfig:
     beat_similarity_temperature: float = 5.0  # exp(5 * cosine) summed over sentences
     beat_logit_scale: float = 10.0            # scale of the report-level beat logits
 
+    # --- memory ---
+    # Activation checkpointing: keep only each ECG transformer layer's, text tower layer's and
+    # decoder block's input in training and recompute the rest in backward (same gradients,
+    # ~one more forward of those layers per step; bench/checkpointing.py measures the cost).
+    gradient_checkpointing: bool = False
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

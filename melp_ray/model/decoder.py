@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from melp_ray.model.config import ModelConfig
-from melp_ray.model.layers import ResidualAttentionBlock
+from melp_ray.model.layers import ResidualAttentionBlock, run_block
 
 
 class MultimodalDecoder(nn.Module):
@@ -28,13 +28,12 @@ class MultimodalDecoder(nn.Module):
         # The reference leaves this matrix uninitialised (torch.empty); open_clip's intent:
         self.text_projection = nn.Linear(width, vocab_size, bias=False)
         nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
+        self.gradient_checkpointing = cfg.gradient_checkpointing
 
     def forward(self, text_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """(B, L, width), (B, Q, width) -> (B, L, vocab) next-token logits."""
-        n = text_states.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=text_states.device).triu(1)
         x = text_states
         for self_block, cross_block in zip(self.resblocks, self.cross_attn):
-            x = self_block(x, attn_mask=causal)
-            x = cross_block(x, memory=memory)
+            x = run_block(self_block, self.gradient_checkpointing, x, is_causal=True)
+            x = run_block(cross_block, self.gradient_checkpointing, x, memory=memory)
         return self.text_projection(self.ln_final(x))

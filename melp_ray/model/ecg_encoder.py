@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from melp_ray.model.config import ModelConfig
-from melp_ray.model.layers import PostLNLayer
+from melp_ray.model.layers import PostLNLayer, run_block
 
 
 class ScaleGradient(torch.autograd.Function):
@@ -124,6 +124,7 @@ class ECGEncoder(nn.Module):
             for _ in range(cfg.ecg_layers)
         ])
         self.width = cfg.ecg_width
+        self.gradient_checkpointing = cfg.gradient_checkpointing
 
     def forward(self, ecg: torch.Tensor) -> torch.Tensor:
         """(B, leads, T) -> (B, frames, ecg_width)."""
@@ -135,5 +136,5 @@ class ECGEncoder(nn.Module):
         x = x + self.pos_conv(x)
         x = self.dropout(self.encoder_layer_norm(x))
         for layer in self.layers:
-            x = layer(x)
+            x = run_block(layer, self.gradient_checkpointing, x)
         return x

@@ -79,6 +79,14 @@ class TextTower(nn.Module):
             nn.Linear(hidden, cfg.embed_dim), nn.GELU(), nn.Linear(cfg.embed_dim, cfg.embed_dim))
         self.sentence_proj = nn.Linear(hidden, cfg.embed_dim)
         self.freeze(cfg.text_frozen_layers, cfg.freeze_text_embeddings)
+        if cfg.gradient_checkpointing:
+            # transformers' own switch (its layers take it only in train mode); non-reentrant
+            # as in the ECG encoder and decoder: frozen layers and kwargs need no special care.
+            self.backbone.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+            # It also makes the embedding output require grad (for reentrant checkpointing and
+            # PEFT); that would run backward through frozen embeddings and layers for nothing.
+            self.backbone.disable_input_require_grads()
 
     def freeze(self, num_layers: int, embeddings: bool) -> None:
         """No gradient for the first ``num_layers`` layers (and the embeddings if asked)."""

@@ -14,6 +14,6 @@ In the order a sweep goes through them:
 
 Sweep folder ``<run.storage_path>/<sweep name>/``: Tune's experiment state and trial folders,
 ``sweep.json`` (what was asked), ``runs/<trial id>/`` (each trial's Train run: checkpoints,
-metrics.jsonl, summary.json), ``tune_summary.json`` and ``tune_metric_vs_params.png``.
+metrics.jsonl, summary.json), ``tune_summary.json``, ``tune_metric_vs_params.png`` and ``tune_curves.png``.
 The command line is ``python -m melp_ray.tune``; docs/tune.md has the space format.
 """

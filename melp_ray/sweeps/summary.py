@@ -6,11 +6,13 @@ import math
 from typing import Any
 
 from melp_ray import storage
+from melp_ray.plot import plot_runs
 from melp_ray.sweeps.space import is_number
 from melp_ray.sweeps.validate import Sweep
 
 SUMMARY_FILE = "tune_summary.json"
 PLOT_FILE = "tune_metric_vs_params.png"
+CURVES_FILE = "tune_curves.png"
 
 
 def summarise(sweep: Sweep) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def summarise(sweep: Sweep) -> dict[str, Any]:
     }
     storage.write_json(storage.join(sweep.dir, SUMMARY_FILE), summary)
     summary["plot"] = write_plot(summary, sweep)
+    summary["curves_plot"] = write_trial_curves(summary, sweep)
     storage.write_json(storage.join(sweep.dir, SUMMARY_FILE), summary)
     return summary
 
@@ -109,6 +112,18 @@ def write_plot(summary: dict[str, Any], sweep: Sweep) -> str | None:
     fs, p = storage.filesystem_and_path(path)
     with fs.open_output_stream(p) as f:
         f.write(buf.getvalue())
+    return path
+
+
+def write_trial_curves(summary: dict[str, Any], sweep: Sweep) -> str | None:
+    """Every trial's training curves overlaid in one picture (one colour a trial)."""
+    runs = {t["trial_id"]: storage.join(sweep.runs_dir, f"{sweep.space.name}_{t['trial_id']}")
+            for t in summary["trials"]}
+    runs = {k: d for k, d in runs.items() if storage.exists(storage.join(d, "metrics.jsonl"))}
+    if not runs:
+        return None
+    path = storage.join(sweep.dir, CURVES_FILE)
+    plot_runs(runs, path, title=f"sweep {summary['sweep']}: {len(runs)} trial(s)")
     return path
 
 

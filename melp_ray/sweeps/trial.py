@@ -55,7 +55,8 @@ def run_trial(config: dict[str, Any], *, base_args: list[str], metric: str, runs
     trial_id = tune.get_context().get_trial_id()
     # Stable across a restore: a restarted trial resumes its Train run from its checkpoint.
     cfg = load_config(PretrainConfig, None, base_args + trial_overrides(config) + [
-        f"run.name={sweep_name}_{trial_id}", f"run.storage_path={runs_dir}"])
+        f"run.name={sweep_name}_{trial_id}", f"run.storage_path={runs_dir}",
+        f"run.wandb_group={sweep_name}"])   # with run.wandb=true: one W&B group a sweep
     run(cfg, callbacks=[trial_report_callback(metric)])
     # A trial that never reported the metric would leave Tune with a result that lacks it
     # (which stops the whole sweep); fail just this trial, with the reason.

@@ -28,6 +28,12 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size}
     if ds.offload_optimizer and ds.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    if ds.offload_param and ds.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    if ds.zero_stage in (1, 2) and train.grad_clip == 0 and not ds.offload_optimizer:
+        # Nothing reads the global gradient norm without clipping; computing it costs a norm
+        # and a dtype conversion per parameter tensor every step.
+        zero["compute_grad_norm"] = False
     if ds.zero_stage == 3:
         # Gather full parameters for the forward of small modules instead of prefetching
         # fragments; keeps the tiny CPU runs from spending their time in bookkeeping.
@@ -38,10 +44,17 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_bf16(train)},
+        "bf16": {"enabled": use_bf16(train), "check_grad_overflow": ds.check_grad_overflow},
         "fp16": {"enabled": False},
         # Our client torch.optim.AdamW compiles nothing (DeepSpeed's own Adam JIT-builds C++).
         "zero_allow_untested_optimizer": True,
+        # With offload, DeepSpeed refuses a client optimizer unless told otherwise: it wants its
+        # DeepSpeedCPUAdam, whose C++ JIT-builds for ~45 s in every fresh environment (each CI
+        # run, each new cluster node). We keep torch's AdamW, which then steps the fp32 master
+        # partitions on the host: the same update as without offload (losses match, tested),
+        # no build, on CPU and GPU alike; the cost is a slower host step than DeepSpeed's SIMD
+        # Adam (see docs/memory.md).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -23,7 +23,7 @@ from melp_ray.model.config import ModelConfig
 
 # The run may choose these freely: they change how the weights train, not what they are.
 TRAINING_BEHAVIOUR_FIELDS = frozenset({
-    "preset", "dropout", "attention_dropout", "activation_dropout", "dropout_input",
+    "preset", "gradient_checkpointing", "dropout", "attention_dropout", "activation_dropout", "dropout_input",
     "feature_grad_mult", "text_frozen_layers", "freeze_text_embeddings", "max_text_length",
     "logit_scale_init", "logit_scale_max", "beat_attention_temperature",
     "beat_similarity_temperature", "beat_logit_scale",

@@ -8,7 +8,8 @@ from typing import Any
 
 from melp_ray import storage
 from melp_ray.console import configure_libraries, ray_train_logging
-from melp_ray.train.metrics import run_dir
+from melp_ray.plot import write_run_curves
+from melp_ray.train.metrics import log_wandb_summary, run_dir
 from melp_ray.train.session import run_locally, single_process_group
 
 
@@ -119,9 +120,12 @@ def write_summary(cfg, out: dict[str, Any], wall: float, last_checkpoint: str | 
         "last_checkpoint": last_checkpoint,
         **model_selection_summary(cfg, kept, out),
         "run_dir": run_dir(cfg),
+        "curves": write_run_curves(run_dir(cfg)),
         **(extra_summary or {}),
     }
     storage.write_json(storage.join(run_dir(cfg), "summary.json"), summary)
+    if cfg.run.wandb:
+        log_wandb_summary(cfg, summary)
     return summary
 
 

@@ -96,6 +96,8 @@ class DeepSpeedRecipe:
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
         t = self.cfg.train
+        if t.compile:
+            self.compile_model(model)
         optimizer = self.build_optimizer(model)
         scheduler = lr_schedule(optimizer, t)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -107,6 +109,11 @@ class DeepSpeedRecipe:
         t = self.cfg.train
         return torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
                                  lr=t.lr, betas=tuple(t.betas))
+
+    def compile_model(self, model: torch.nn.Module) -> None:
+        """``train.compile``: compile in place (``nn.Module.compile``: parameter names, hence
+        checkpoints, stay as they are). A recipe may compile only some parts."""
+        model.compile()
 
     @property
     def model(self) -> torch.nn.Module:

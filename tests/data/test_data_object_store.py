@@ -207,7 +207,7 @@ def test_evaluate_reads_shards_from_the_bucket_and_writes_results_there(
 
     uri, local, _ = prepared
     common = ["--checkpoint", tiny_checkpoint, "--dataset", "shards", "--mode", "retrieval",
-              "--test-folds", "1-10"]
+              "--test-folds", "1-10", "--actors", "0"]
     out_uri = s3_uri(s3_endpoint, "eval/retrieval")
     assert evaluate.main([*common, "--root", uri, "--out", out_uri]) == 0
     assert os.listdir(empty_cwd) == []

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from melp_ray.eval.inference import EmbeddingExtractor, collect_columns, extract_embeddings
+from melp_ray.eval.inference import (EmbeddingExtractor, collect_columns, embed_in_this_process,
+                                     extract_embeddings)
 
 
 class TinyModel(torch.nn.Module):
@@ -24,6 +25,11 @@ class TinyModel(torch.nn.Module):
 
     def encode_reports(self, texts):
         return torch.tensor([[float(len(t)), 1.0, 0.0, 0.0] for t in texts])
+
+
+def seeded_linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(8, 3)
 
 
 def test_extractor_maps_numeric_and_text_columns():
@@ -58,3 +64,11 @@ def test_actor_pool_extracts_every_row_aligned_by_id(ray_local):
     data = collect_columns(out, ["emb"], sort_by="record_id")
     assert list(data["record_id"]) == [f"{i:03d}" for i in range(40)]
     np.testing.assert_array_equal(data["emb"], x)
+    # --actors 0: the same rows and values with the model in this process.
+    here = embed_in_this_process(ds, seeded_linear, {"emb": ("forward", "x")}, ["emb"],
+                                 batch_size=16, sort_by="record_id")
+    pool = collect_columns(extract_embeddings(ds, seeded_linear, outputs={"emb": ("forward", "x")},
+                                              batch_size=16, concurrency=1),
+                           ["emb"], sort_by="record_id")
+    assert list(here["record_id"]) == list(pool["record_id"]) == list(data["record_id"])
+    np.testing.assert_allclose(here["emb"], pool["emb"], rtol=1e-6)

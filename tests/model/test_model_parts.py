@@ -6,12 +6,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from melp_ray.text import report_ids
 from melp_ray.losses import compute_losses
 from melp_ray.model import MELP, count_parameters, model_config_from_preset
 from melp_ray.model.ecg_encoder import ConvPositionalEmbedding, ECGEncoder
+from melp_ray.model.layers import MultiheadAttention
 from melp_ray.model.pooler import AttentionalPooler
 from melp_ray.model.text_tower import transformer_layers
 
@@ -196,11 +198,41 @@ def test_attentional_pooler_has_open_clip_semantics():
     pooler = AttentionalPooler(width=32, context_dim=48, num_queries=5, heads=4)
     assert pooler.query.std().item() == pytest.approx(1.0, abs=0.35)   # queries ~ N(0, 1)
     frames = torch.rand(3, 7, 48)
-    expected = pooler.attn(pooler.ln_q(pooler.query).expand(3, -1, -1), pooler.ln_k(frames),
-                           pooler.ln_k(frames), need_weights=False)[0]
-    torch.testing.assert_close(pooler(frames), expected)
+    # torch's own nn.MultiheadAttention forward on the pooler's weights
+    expected = nn.MultiheadAttention.forward(
+        pooler.attn, pooler.ln_q(pooler.query).expand(3, -1, -1), pooler.ln_k(frames),
+        pooler.ln_k(frames), need_weights=False)[0]
+    torch.testing.assert_close(pooler(frames), expected, rtol=0, atol=1e-6)
     for n_frames in (1, 250):
         assert pooler(torch.rand(3, n_frames, 48)).shape == (3, 5, 32)
+
+
+@pytest.mark.parametrize("case", ["self", "causal", "cross_packed", "cross_kdim"])
+def test_sdpa_attention_equals_torch_multihead_attention(case):
+    """layers.MultiheadAttention: nn.MultiheadAttention's weights and state dict, its forward
+    through SDPA, equal to torch's forward in fp32, dropout included (same random draws: both
+    end in SDPA)."""
+    torch.manual_seed(0)
+    kdim = 24 if case == "cross_kdim" else None
+    ours = MultiheadAttention(32, 4, kdim=kdim, vdim=kdim)
+    theirs = nn.MultiheadAttention(32, 4, kdim=kdim, vdim=kdim, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())   # the same parameter names and shapes
+    x = torch.randn(3, 9, 32, requires_grad=True)
+    memory = torch.randn(3, 5, kdim or 32, requires_grad=True)
+    kv = x if case in ("self", "causal") else memory
+    causal = case == "causal"
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1) if causal else None
+    for module in (ours, theirs):
+        module.eval()
+    got = ours(x, kv, kv, is_causal=causal)
+    want = theirs(x, kv, kv, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), [x, memory, *m.parameters()], allow_unused=True)
+             for out, m in ((got, ours), (want, theirs))]
+    for g, h in zip(*grads):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h, rtol=0, atol=1e-5)
 
 
 def test_beat_and_caption_heads(cfg, model):

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import struct
+
+import pytest
+from tensorboardX.proto.event_pb2 import Event
+from wandb.proto.wandb_internal_pb2 import Record
 
 from melp_ray.config import PretrainConfig, load_config
-from melp_ray.train.metrics import MetricsLogger, format_progress
+from melp_ray.train.metrics import WANDB_ID_FILE, MetricsLogger, format_progress, log_wandb_summary
 
 METRICS = {"step": 5, "loss/total": 3.5, "loss/rhythm": 1.25, "lr": 1e-4,
            "samples_per_s": 12.0, "input_wait_frac": 0.01, "val/recall_at_1": 0.5,
@@ -32,17 +37,125 @@ def test_other_ranks_log_nothing(tmp_path, capfd):
     assert capfd.readouterr().out == ""
 
 
-def test_wandb_offline_run_is_written_beside_the_run(tmp_path, monkeypatch):
+def wandb_records(path) -> list[Record]:
+    """The records of an offline run's ``.wandb`` file: a 7-byte header (":W&B", version),
+    then LevelDB-log chunks (crc32 4, length 2, type 1: full/first/middle/last) in 32 KiB blocks."""
+    data, pos, pending, records = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:      # a block's tail too short for a chunk header: padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def item_value(item):
+    field = item.WhichOneof("value")
+    return json.loads(item.value_json) if field in (None, "value_json") else getattr(item, field)
+
+
+def wandb_offline_runs(folder) -> list[dict]:
+    """Per offline run (in the order written): its id, group, history rows and summary."""
+    runs = []
+    for run_folder in sorted(folder.glob("offline-run-*")):
+        out = {"history": [], "summary": {}}
+        for record in wandb_records(next(run_folder.glob("*.wandb"))):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                out.update(id=record.run.run_id, group=record.run.run_group)
+            elif kind == "history":
+                out["history"].append({"/".join(i.nested_key) or i.key: item_value(i)
+                                       for i in record.history.item})
+            elif kind == "summary":
+                out["summary"].update({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                       for i in record.summary.update})
+        runs.append(out)
+    return runs
+
+
+def test_wandb_offline_run_logs_metrics_jsonl_then_resumes_with_the_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = MetricsLogger(cfg_for(tmp_path, "run.wandb=true"), rank=0)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = cfg_for(tmp_path, "run.wandb=true", "run.wandb_group=sweep-a")
+    logger = MetricsLogger(cfg, rank=0)
     logger.log(METRICS)
+    logger.log({**METRICS, "step": 10, "loss/total": 2.5})
     logger.close()
-    runs = list((tmp_path / "m" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb")), "no W&B event file written"
+    log_wandb_summary(cfg, {"steps": 10, "losses": {"total": 2.5}, "last_checkpoint": None})
+
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    train, summary = wandb_offline_runs(tmp_path / "m" / "wandb")
+    run_id = (tmp_path / "m" / WANDB_ID_FILE).read_text().strip()
+    assert train["id"] == summary["id"] == run_id        # the end (like a resumed run) continues it
+    assert train["group"] == "sweep-a"
+    logged = [{k: v for k, v in h.items() if not k.startswith("_")} for h in train["history"]]
+    assert logged == rows
+    assert [h["_step"] for h in train["history"]] == [5, 10]
+    assert summary["summary"]["steps"] == 10 and summary["summary"]["losses"] == {"total": 2.5}
 
 
 def test_progress_line_names_every_loss_and_the_input_wait():
     line = format_progress(METRICS)
     for part in ("total 3.5000", "rhythm 1.2500", "lr 1.00e-04", "scale 14.29", "12.0 samples/s", "input wait 1.0%"):
         assert part in line
+
+
+def test_metrics_jsonl_is_appended_not_rewritten(tmp_path):
+    logger = MetricsLogger(cfg_for(tmp_path), rank=0)
+    logger.log(METRICS)
+    path = tmp_path / "m" / "metrics.jsonl"
+    first, inode = path.read_bytes(), path.stat().st_ino
+    logger.log({**METRICS, "step": 10})
+    assert path.stat().st_ino == inode                      # same file: appended, not replaced
+    assert path.read_bytes().startswith(first) and path.read_bytes().count(b"\n") == 2
+
+
+def test_object_storage_metrics_are_synced_at_close_and_resumed(tmp_path):
+    # file:// goes through pyarrow's FileSystem.from_uri like s3:// (no append there)
+    cfg = cfg_for(tmp_path, f"run.storage_path=file://{tmp_path}/bucket")
+    logger = MetricsLogger(cfg, rank=0)
+    logger.log(METRICS)
+    remote = tmp_path / "bucket" / "m" / "metrics.jsonl"
+    assert not remote.exists()                              # not uploaded at every line
+    logger.close()
+    again = MetricsLogger(cfg, rank=0)
+    again.log({**METRICS, "step": 10})
+    again.close()
+    assert [json.loads(line)["step"] for line in remote.read_text().splitlines()] == [5, 10]
+
+
+def read_tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of every event file in ``folder``: TFRecords (length, crc, Event proto, crc)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])   # file://: written locally, copied beside the run
+def test_tensorboard_events_hold_the_metrics_jsonl_scalars(tmp_path, scheme):
+    cfg = cfg_for(tmp_path, "run.tensorboard=true")
+    cfg.run.storage_path = scheme + str(tmp_path)
+    logger = MetricsLogger(cfg, rank=0)
+    logger.log(METRICS)
+    logger.log({**METRICS, "step": 10, "loss/total": 2.5})
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_tensorboard_scalars(tmp_path / "m" / "tensorboard")
+    assert set(scalars) == set(METRICS) - {"step"}
+    for key in scalars:   # float32 in the event file
+        assert [s for s, _ in scalars[key]] == [r["step"] for r in rows]
+        assert [v for _, v in scalars[key]] == [float(struct.unpack("f", struct.pack("f", r[key]))[0])
+                                                for r in rows]
