@@ -104,7 +104,8 @@ class TrainConfig:
 
     @property
     def contrastive_negatives(self) -> int:
-        """Samples each rhythm-loss step scores against: the global batch when cached."""
+        """ECG-report pairs one rhythm loss scores together (each pair's negatives are the
+        others): the global batch when cached, else one micro-batch of every worker."""
         if self.contrastive_accumulation == "cached":
             return self.global_batch_size
         return self.micro_batch_size * self.num_workers

@@ -337,6 +337,25 @@ def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
     return datasets
 
 
+def batch_banner(cfg: PretrainConfig) -> str:
+    """The start line that says how the global batch is split and how many ECG-report pairs
+    one rhythm (contrastive) loss scores at once: its negatives are the other pairs."""
+    t = cfg.train
+    split = f"{t.num_workers} workers x micro-batch {t.micro_batch_size}"
+    if t.grad_accum > 1:
+        split += f" x {t.grad_accum} accumulation steps"
+    times = "" if t.contrastive_negatives == t.global_batch_size else f", {t.grad_accum} times a step"
+    return (f"[melp_ray] batch: {t.global_batch_size} a step = {split}; rhythm loss over "
+            f"{t.contrastive_negatives} pairs at once{times} "
+            f"(train.contrastive_accumulation={t.contrastive_accumulation})")
+
+
+def contrastive_summary(cfg: PretrainConfig) -> dict[str, Any]:
+    """summary.json's record of the contrastive batch (see ``batch_banner``)."""
+    return {"contrastive_accumulation": cfg.train.contrastive_accumulation,
+            "contrastive_negatives": cfg.train.contrastive_negatives}
+
+
 def data_summary(cfg: PretrainConfig, counts: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Records per split (before signal-level rejections) and those held out for their fold."""
     return {"train_records": counts["train"]["records"],
@@ -407,9 +426,10 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     check_init_from(cfg.train.init_from, cfg.model)
     init_ray(verbose=cfg.run.verbose)
     quiet_data_progress_bars()
+    print(batch_banner(cfg), flush=True)
     data_info: dict[str, Any] = {}
     datasets = build_datasets(cfg, data_info)
-    extra = {"data": data_info, "init_from": cfg.train.init_from}
+    extra = {"data": data_info, "init_from": cfg.train.init_from, **contrastive_summary(cfg)}
     if in_process:
         return fit_in_process(cfg, recipe_cls, datasets, extra_summary=extra)
     return fit_and_summarise(cfg, recipe_cls, datasets, callbacks=callbacks, extra_summary=extra)

@@ -25,7 +25,7 @@ from melp_ray.data.stream import finish_batch
 from melp_ray.distributed import free_port
 from melp_ray.losses import compute_losses, rhythm_loss
 from melp_ray.model import MELP
-from melp_ray.pretrain import PretrainRecipe, stream_spec
+from melp_ray.pretrain import PretrainRecipe, batch_banner, contrastive_summary, stream_spec
 from melp_ray.train.session import single_process_group
 
 GLOBAL = 32
@@ -96,8 +96,9 @@ def two_worker_runs(rank: int, port: int, folder: str, batch: dict) -> None:
         os.environ[key] = value
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    # The one-big-batch step once (ZeRO-2): the reference of the split steps of both stages.
     results = {f"{micro}_z{zero}": one_step(2, micro, zero, batch)
-               for zero in (1, 2) for micro in (16, 4)}
+               for micro, zero in ((16, 2), (4, 1), (4, 2))}
     torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -125,7 +126,8 @@ def assert_same_step(a: dict, b: dict) -> None:
 
 
 def test_cached_step_equals_one_big_batch_step(tmp_path, batch):
-    """(2 workers x 16, accum 1) == (2 x 4, accum 4) == (1 x 8, accum 4), ZeRO 1 and 2."""
+    """(2 workers x 16, accum 1) == (2 x 4, accum 4) == (1 x 8, accum 4), the split steps
+    under ZeRO 1 and 2."""
     mp.spawn(two_worker_runs, args=(free_port(), str(tmp_path), batch), nprocs=2, join=True)
     single_process_group()
     alone = {zero: one_step(1, 8, zero, batch) for zero in (1, 2)}
@@ -134,9 +136,9 @@ def test_cached_step_equals_one_big_batch_step(tmp_path, batch):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # Both ranks apply the same update (ZeRO gathers the stepped partitions).
     torch.testing.assert_close(ranks[0]["16_z2"]["update"], ranks[1]["16_z2"]["update"])
+    big = mean_over_ranks(ranks, "16_z2")
+    assert big["update"].abs().max() > 1e-4                # the step moved the weights
     for zero in (1, 2):
-        big = mean_over_ranks(ranks, f"16_z{zero}")
-        assert big["update"].abs().max() > 1e-4            # the step moved the weights
         assert_same_step(mean_over_ranks(ranks, f"4_z{zero}"), big)
         assert_same_step(alone[zero], big)
     assert abs(per_micro["losses"]["rhythm"] - big["losses"]["rhythm"]) > 1e-3
@@ -177,11 +179,19 @@ def test_cached_step_with_dropout_reuses_the_draws(batch):
     assert (again["ecg_emb"] - outs[0]["ecg_emb"]).abs().max() > 1e-4
 
 
-def test_contrastive_accumulation_is_validated():
+def test_contrastive_accumulation_is_validated_and_announced():
+    """A bad mode is a config error; the start banner and summary.json say how many pairs
+    one rhythm loss scores together (``test_resume_is_exact`` reads summary.json's)."""
     with pytest.raises(ConfigError, match="contrastive_accumulation"):
         load_config(PretrainConfig, "tiny", ["train.contrastive_accumulation=big"])
-    cfg = load_config(PretrainConfig, "tiny", ["train.num_workers=1", "train.micro_batch_size=4",
+    cfg = load_config(PretrainConfig, "tiny", ["train.num_workers=2", "train.micro_batch_size=2",
                                                "train.global_batch_size=16"])
     assert cfg.train.contrastive_negatives == 16
+    assert batch_banner(cfg) == (
+        "[melp_ray] batch: 16 a step = 2 workers x micro-batch 2 x 4 accumulation steps; "
+        "rhythm loss over 16 pairs at once (train.contrastive_accumulation=cached)")
     cfg.train.contrastive_accumulation = "per_micro_batch"
     assert cfg.train.contrastive_negatives == 4
+    assert "over 4 pairs at once, 4 times a step" in batch_banner(cfg)
+    assert contrastive_summary(cfg) == {"contrastive_accumulation": "per_micro_batch",
+                                        "contrastive_negatives": 4}

@@ -151,10 +151,12 @@ def test_resume_is_exact(ray_local, tiny_cfg, tmp_path):
     """Stopped at step 3 and resumed to 6 == the uninterrupted 6-step run (one worker, in
     process; across Ray Train restarts and two workers: ``test_killed_worker_...``).
 
-    The interrupted run reads materialized datasets (``data.materialize``), the reference
-    streams: caching the pipeline must change nothing either.
+    With gradient accumulation (2 micro-batches of 4 a step) and its default cached rhythm
+    loss over the whole batch of 8 (#35). The interrupted run reads materialized datasets
+    (``data.materialize``), the reference streams: caching the pipeline must change nothing
+    either.
     """
-    one = ("train.num_workers=1",)
+    one = ("train.num_workers=1", "train.micro_batch_size=4")
     reference = run_in_process(tiny_cfg(tmp_path, "reference", *one))
     cached = (*one, "data.materialize=true")
     first = run_in_process(tiny_cfg(tmp_path, "resumed", *cached, "train.stop_at_step=3"))
@@ -166,6 +168,8 @@ def test_resume_is_exact(ray_local, tiny_cfg, tmp_path):
     steps = [m["step"] for m in metrics_of(second)]
     assert steps == [2, 3, 4, 6]
     assert metrics_of(second)[2]["resumed_from_step"] == 3
+    written = json.loads((local(second["run_dir"]) / "summary.json").read_text())
+    assert (written["contrastive_accumulation"], written["contrastive_negatives"]) == ("cached", 8)
 
 
 @pytest.fixture(scope="module")
@@ -202,11 +206,11 @@ def _records_seen_recipe():
     from melp_ray.train.metrics import run_dir
 
     class RecordsSeen(PretrainRecipe):
-        def micro_step(self, batch):
+        def micro_step(self, batch, seed=None):
             line = {"epoch": self.state.epoch, "ecg": fingerprints(batch["ecg"].cpu().numpy())}
             with open(os.path.join(run_dir(self.cfg), f"seen_rank{self.rank}.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
-            return super().micro_step(batch)
+            return super().micro_step(batch, seed)
 
     return RecordsSeen
 
