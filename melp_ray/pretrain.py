@@ -341,7 +341,7 @@ def batch_banner(cfg: PretrainConfig) -> str:
     """The start line that says how the global batch is split and how many ECG-report pairs
     one rhythm (contrastive) loss scores at once: its negatives are the other pairs."""
     t = cfg.train
-    split = f"{t.num_workers} workers x micro-batch {t.micro_batch_size}"
+    split = f"{t.num_workers} worker{'s' * (t.num_workers > 1)} x micro-batch {t.micro_batch_size}"
     if t.grad_accum > 1:
         split += f" x {t.grad_accum} accumulation steps"
     times = "" if t.contrastive_negatives == t.global_batch_size else f", {t.grad_accum} times a step"
