@@ -55,7 +55,8 @@ def mode_config(mode: str, args):
         "train.num_workers=1", f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={micro}", f"train.contrastive_accumulation={accumulation}",
         "deepspeed.zero_stage=2", "train.max_steps=1000", "train.warmup_steps=2",
-        *(["data.seconds=2.5", "model.max_text_length=32"] if args.smoke else [])])
+        *(["data.seconds=2.5", "model.max_text_length=32", "model.text_model=minilm-reports"]
+          if args.smoke else [])])
     if not args.smoke:
         cfg.model = model_config(False)
     return cfg

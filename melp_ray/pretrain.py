@@ -133,8 +133,9 @@ class PretrainRecipe(DeepSpeedRecipe):
 
         w, k, b = self.cfg.loss, len(group), self.cfg.train.micro_batch_size
         self.engine.train()
-        with torch.no_grad():
-            firsts = [self.seeded_forward(batch, seed) for batch, seed in group]
+        with torch.no_grad():   # keep only what the loss needs (not e.g. the token logits)
+            firsts = [{key: out[key] for key in ("ecg_emb", "text_emb", "labels", "logit_scale")}
+                      for out in (self.seeded_forward(batch, seed) for batch, seed in group)]
         ecg_emb = torch.cat([o["ecg_emb"].float() for o in firsts])
         text_emb = torch.cat([o["text_emb"].float() for o in firsts])
         labels = torch.cat([o["labels"] for o in firsts])
