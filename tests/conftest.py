@@ -36,6 +36,14 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
 # waited on in the next one (a worker only counts as hung after 10 minutes), so polling every
 # 0.5 s only shortens that delay, for four times as many (tiny) poll calls.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray keeps at most one idle worker process per CPU (2 here) and ends the rest a second after
+# they go idle, so every Ray Data pipeline (each split, rank and run) started new task
+# workers, each importing torch and transformers again (~5 CPU-s apiece). Keeping up to 8 lets
+# the session's runs (and the CLI runs, which inherit this environment) reuse them. The
+# preemption watcher (an actor per Ray Train run) has nothing to watch on one machine; the CLI
+# turns it off the same way (ray_utils.init_ray).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Dummy credentials for the local S3 server of tests/data/test_data_object_store.py. Ray
 # workers keep the environment of the moment Ray started, so the session's workers get them
@@ -45,6 +53,12 @@ S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": 
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+# Session fixtures cheap enough for each pytest-xdist worker to build its own.
+CHEAP_SHARED_FIXTURES = {"ray_local", "bundled_ptbxl", "shared_ptbxl", "fast_overrides",
+                         "tiny_cfg", "s3_test_credentials", "make_shards", "challenge_root",
+                         "code15_root", "tmp_path_factory", "worker_id", "testrun_uid"}
 
 
 def pytest_collection_modifyitems(items):
@@ -57,6 +71,37 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
+    group_tests_that_share_costly_fixtures(items)
+
+
+def group_tests_that_share_costly_fixtures(items) -> None:
+    """``pytest -n 2`` (pyproject's addopts) runs tests on two worker processes
+    (``--dist loadgroup``): tests that share a module- or session-scoped fixture that trains
+    or prepares something go to the same worker (one ``xdist_group``), so each such fixture
+    is still built once per run. Connected through any shared fixture (union-find)."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys_of = {}
+    for item in items:
+        keys = []
+        for name in item.fixturenames:
+            defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+            scope = defs[-1].scope if defs else "function"
+            if scope == "module":
+                keys.append(f"{item.nodeid.split('::')[0]}::{name}")
+            elif scope == "session" and name not in CHEAP_SHARED_FIXTURES:
+                keys.append(name)
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        keys_of[item] = keys
+    for item, keys in keys_of.items():
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(root(keys[0])))
 
 
 @pytest.fixture(scope="session")
