@@ -95,7 +95,7 @@ def given_checkpoint(checkpoint: str) -> dict:
     """What the JSON records about a checkpoint trained elsewhere (--checkpoint)."""
     from melp_ray.checkpoint import TRAINER_STATE, checkpoint_config, resolve_checkpoint
 
-    from melp_ray import storage
+    from melp_ray.utils import storage
 
     path = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(path)

@@ -222,7 +222,7 @@ def ds_config(spec: str):
 def run_stage(stage: str, precision: str, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
 
-    from melp_ray.distributed import free_port
+    from melp_ray.utils.distributed import free_port
 
     mp.start_processes(rank_main, args=(world, free_port(), stage, precision, smoke, out_dir),
                        nprocs=world, start_method="spawn", join=True)

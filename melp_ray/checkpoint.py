@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from melp_ray import storage
+from melp_ray.utils import storage
 
 CHECKPOINT_TAG = "deepspeed"          # the sub-folder DeepSpeed writes inside a checkpoint
 TRAINER_STATE = "trainer_state.json"

@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.eval.modes import evaluate
 from melp_ray.eval.prompts import PROMPT_FORMATS
 from melp_ray.eval.plan import DATASETS, DEFAULT_FOLDS, MODES, PTBXL_TASKS, EvalError

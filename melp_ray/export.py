@@ -22,7 +22,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from melp_ray import checkpoint as ckpt_lib
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data.leads import LEADS
 from melp_ray.hub import push_to_hub
 

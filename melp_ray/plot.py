@@ -20,7 +20,7 @@ matplotlib.use("Agg")   # headless: runs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from melp_ray import storage  # noqa: E402
+from melp_ray.utils import storage  # noqa: E402
 
 CURVES_FILE = "curves.png"
 RECALL_KS = (1, 5, 10)

@@ -27,7 +27,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data import shards
 from melp_ray.data.leads import LEADS
 from melp_ray.data.records import (MANIFEST_REJECTION_REASONS, REJECTION_REASONS, RecordRef, RecordRejected,
@@ -171,7 +171,7 @@ def run_chunks(chunks: list[dict[str, Any]], settings: PrepareSettings, local: b
         return
     import ray
 
-    from melp_ray.ray_utils import init_ray
+    from melp_ray.utils.ray_connect import init_ray
 
     init_ray()
     tasks = [{"task": json.dumps({"chunk": chunk, "settings": asdict(settings)})} for chunk in chunks]

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from melp_ray.console import summary_table
+from melp_ray.utils.console import summary_table
 from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
                              config_keys, load_config)
-from melp_ray.distributed import gather_rows, sum_over_ranks
+from melp_ray.utils.distributed import gather_rows, sum_over_ranks
 from melp_ray.losses import gather_no_grad
 from melp_ray.train.init_from import check_init_from
 from melp_ray.train.recipe import DeepSpeedRecipe
@@ -334,7 +334,7 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     ``in_process``: run the one worker (``train.num_workers=1``) in this process instead of
     on Ray Train (``launcher.fit_in_process``: debugging, tests of the recipe's logic).
     """
-    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray, quiet_data_progress_bars
     from melp_ray.train.launcher import fit_and_summarise, fit_in_process
 
     check_data_root(cfg.data)

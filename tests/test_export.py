@@ -4,7 +4,7 @@ Two real Ray Train + DeepSpeed pretraining runs (2 workers, 6 steps; ``tiny_runs
 conftest, shared with the pretraining tests) are made once per session:
 ZeRO-2 into a local folder, ZeRO-3 into a ``file://`` URI. The URI goes through
 ``pyarrow.fs.FileSystem.from_uri`` exactly like ``s3://``/``gs://`` do (in Ray Train and
-in ``melp_ray.storage``), with the local disk standing in for the bucket.
+in ``melp_ray.utils.storage``), with the local disk standing in for the bucket.
 
 Each run also saves its *live* weights at the end of training (gathered from the
 DeepSpeed engine on every rank, not read from the checkpoint files), so the weights
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from model_fixture import REFUSE_MELP_RAY
 
 REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response.",

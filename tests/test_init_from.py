@@ -64,7 +64,7 @@ def test_text_stage_refuses_init_from():
 
 def _initial_weights_recipe():
     """PretrainRecipe that writes the weights the engine holds before its first step."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.pretrain import PretrainRecipe
 
     class InitialWeightsRecipe(PretrainRecipe):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from melp_ray.config import PretrainConfig
-from melp_ray.distributed import free_port
+from melp_ray.utils.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data import manifest, mimic, ptbxl
 from melp_ray.data.records import DUPLICATE_RECORD_ID, RecordRef, RecordRejected, check_report
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.data.records import resample
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer

@@ -161,7 +161,7 @@ def run_benchmark(bench: BenchmarkPlan, actors: int | None = None,
 
     from melp_ray.eval import bench_report
     from melp_ray.eval.embeddings import EmbeddingTable, build_model, inference_passes
-    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray, quiet_data_progress_bars
 
     init_ray(verbose=verbose)
     quiet_data_progress_bars()

@@ -33,8 +33,8 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
     ``embed(records, outputs)`` supplies the embeddings (e.g. an ``EmbeddingTable`` computed
     once for several modes); by default each mode runs its own inference pass."""
     plan = build_plan(args)
-    from melp_ray.ray_utils import quiet_data_progress_bars
-    from melp_ray.ray_utils import init_ray
+    from melp_ray.utils.ray_connect import quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray
 
     init_ray(verbose=getattr(args, "verbose", False))
     quiet_data_progress_bars()
@@ -52,7 +52,7 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
 def output_folder(out: str):
     """The local folder the result files are written to: ``out`` itself, or for a URI
     (``s3://``, ``gs://``) a temporary folder copied there once every file is written."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
 
     if not storage.is_uri(out):
         yield Path(out)

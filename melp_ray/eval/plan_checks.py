@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.eval.datasets import EvalError
 
 REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports

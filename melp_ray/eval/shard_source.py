@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold
 
 # The columns listed on the driver: everything but the signal.

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.text.config import TextPretrainConfig
 from melp_ray.text.wordpiece import nfc
 

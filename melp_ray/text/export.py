@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import from_dict
 from melp_ray.text.config import TextPretrainConfig, tokenizer_source
 from melp_ray.text.mlm import build_mlm_model

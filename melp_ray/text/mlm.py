@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from melp_ray.distributed import sum_over_ranks
+from melp_ray.utils.distributed import sum_over_ranks
 from melp_ray.text.config import TextPretrainConfig, tokenizer_source
 from melp_ray.train.metrics import worker_print
 from melp_ray.train.recipe import DeepSpeedRecipe

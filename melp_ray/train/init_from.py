@@ -17,7 +17,7 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config_parsing import ConfigError
 from melp_ray.model.config import ModelConfig
 

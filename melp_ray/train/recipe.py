@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from melp_ray.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
 from melp_ray.config import to_dict
-from melp_ray.distributed import mean_over_ranks
+from melp_ray.utils.distributed import mean_over_ranks
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
 from melp_ray.train.metrics import MetricsLogger, worker_print
 from melp_ray.train.prefetch import EpochPrefetcher

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from melp_ray.distributed import free_port
+from melp_ray.utils.distributed import free_port
 
 WORLD = 2
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from model_ddp_rhythm_worker import WORLD
 
-from melp_ray.distributed import free_port
+from melp_ray.utils.distributed import free_port
 
 
 def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
