@@ -83,7 +83,7 @@ def pretrain(config: str, overrides: list[str], in_process: bool = False) -> dic
 
 
 def check_held_out(checkpoint: str, holdout: int, parser) -> None:
-    from melp_ray.checkpoint import checkpoint_config
+    from melp_ray.hub.checkpoint import checkpoint_config
 
     excluded = checkpoint_config(checkpoint).get("data", {}).get("exclude_folds") or []
     if holdout not in excluded:
@@ -93,7 +93,7 @@ def check_held_out(checkpoint: str, holdout: int, parser) -> None:
 
 def given_checkpoint(checkpoint: str) -> dict:
     """What the JSON records about a checkpoint trained elsewhere (--checkpoint)."""
-    from melp_ray.checkpoint import TRAINER_STATE, checkpoint_config, resolve_checkpoint
+    from melp_ray.hub.checkpoint import TRAINER_STATE, checkpoint_config, resolve_checkpoint
 
     from melp_ray.utils import storage
 

@@ -135,7 +135,7 @@ def _live_weights_recipe():
             import tempfile
 
             from safetensors.torch import save_file
-            from melp_ray.checkpoint import gathered_state_dict
+            from melp_ray.hub.checkpoint import gathered_state_dict
             from melp_ray.train.metrics import run_dir
 
             state = gathered_state_dict(self.engine.module)   # collective: every rank

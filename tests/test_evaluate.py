@@ -46,7 +46,7 @@ def _evaluate(checkpoint, root, out: Path, *options: str) -> dict:
 @pytest.fixture(scope="module")
 def direct_test_embeddings(tiny_checkpoint, bundled_ptbxl):
     """Test-fold embeddings computed in-process, without Ray: the reference side."""
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     model = load_model(tiny_checkpoint)
     refs = [r for r in list_ptbxl(bundled_ptbxl, sample_rate=100) if r.strat_fold == TEST_FOLD]
@@ -122,7 +122,7 @@ def test_zeroshot_end_to_end_matches_in_process_scores(tiny_checkpoint, bundled_
 
 def test_exported_folder_gives_the_same_zeroshot_result(tiny_checkpoint, bundled_ptbxl,
                                                         zeroshot_reference, tmp_path):
-    from melp_ray.export import export
+    from melp_ray.hub.export import export
 
     export(tiny_checkpoint, str(tmp_path / "hf"))
     results = _evaluate(tmp_path / "hf", bundled_ptbxl, tmp_path / "out", "--mode", "zeroshot",
@@ -219,7 +219,7 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
 
 def test_generation_end_to_end_matches_in_process_generate(tiny_checkpoint, bundled_ptbxl,
                                                          tmp_path):
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
     from melp_ray.eval.generation import generation_metrics
 
     results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "generation",

@@ -24,7 +24,7 @@ def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
     """
     import torch
 
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
     from melp_ray.config import model_config_from_dict
 
     if not random_init:
@@ -34,7 +34,7 @@ def build_model(checkpoint: str, random_init: bool = False, seed: int = 0):
     kind, model_cfg, _ = checkpoint_info(checkpoint)
     if kind == "exported folder":
         # An export names its text tower relative to the folder; hf.py resolves it.
-        from melp_ray.hf import exported_model_config
+        from melp_ray.hub.hf import exported_model_config
 
         cfg = exported_model_config(checkpoint)
     else:

@@ -64,7 +64,7 @@ class Plan:
 
 def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(kind, model config dict, data config dict) of a training checkpoint or an export."""
-    from melp_ray import checkpoint as ckpt
+    from melp_ray.hub import checkpoint as ckpt
     from melp_ray.utils import storage
 
     local = path if storage.is_uri(path) else storage.normalise_storage_path(path)

@@ -18,7 +18,7 @@ from melp_ray.text.mlm import build_mlm_model
 
 def export_hf_model(checkpoint: str, out: str) -> str:
     """Checkpoint (local folder or URI) -> Hugging Face folder: config, safetensors, tokenizer."""
-    from melp_ray.checkpoint import checkpoint_config, consolidated_state_dict
+    from melp_ray.hub.checkpoint import checkpoint_config, consolidated_state_dict
     from melp_ray.text.wordpiece import load_tokenizer_folder
 
     cfg = from_dict(TextPretrainConfig, checkpoint_config(checkpoint))

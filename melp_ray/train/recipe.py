@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from melp_ray.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
+from melp_ray.hub.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
 from melp_ray.config import to_dict
 from melp_ray.utils.distributed import mean_over_ranks
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
