@@ -105,7 +105,7 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
     """Steady-state rows/s of one training worker (pure compute, no data wait)."""
     import torch
 
-    from melp_ray.losses import MELPLoss
+    from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.pretrain import augment
     from melp_ray.train.recipe import param_groups

@@ -115,7 +115,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
     import torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from melp_ray.losses import compute_losses
+    from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP
     from melp_ray.pretrain import augment
 

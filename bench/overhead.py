@@ -32,7 +32,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
     (one-process gloo group, the recipe's DeepSpeed config) to split the gap into its parts."""
     import torch
 
-    from melp_ray.losses import MELPLoss
+    from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.pretrain import augment
     from melp_ray.train.recipe import lr_schedule, param_groups

@@ -164,7 +164,7 @@ def rank_main(rank: int, world: int, port: int, stage: str, precision: str, smok
     import deepspeed
 
     from melp_ray.config import TrainConfig
-    from melp_ray.losses import compute_losses
+    from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP, count_parameters
     from melp_ray.train.deepspeed_config import deepspeed_config
     from melp_ray.train.recipe import param_groups

@@ -22,7 +22,7 @@ from melp_ray.utils.console import summary_table
 from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
                              config_keys, load_config)
 from melp_ray.utils.distributed import gather_rows, sum_over_ranks
-from melp_ray.losses import gather_no_grad
+from melp_ray.model.losses import gather_no_grad
 from melp_ray.train.init_from import check_init_from
 from melp_ray.train.recipe import DeepSpeedRecipe
 
@@ -55,7 +55,7 @@ class PretrainRecipe(DeepSpeedRecipe):
         self.loss_fn = self.build_loss()
 
     def build_loss(self):
-        from melp_ray.losses import MELPLoss
+        from melp_ray.model.losses import MELPLoss
 
         w = self.cfg.loss
         return MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
