@@ -8,7 +8,7 @@ from typing import Any
 
 from melp_ray.utils import storage
 from melp_ray.utils.console import configure_libraries, ray_train_logging
-from melp_ray.plot import write_run_curves
+from melp_ray.train.curves import write_run_curves
 from melp_ray.train.metrics import log_wandb_summary, run_dir
 from melp_ray.train.session import run_locally, single_process_group
 
