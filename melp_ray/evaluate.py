@@ -19,7 +19,7 @@ import sys
 
 from melp_ray.utils import storage
 from melp_ray.eval.modes import evaluate
-from melp_ray.eval.prompts import PROMPT_FORMATS
+from melp_ray.text.prompts import PROMPT_FORMATS
 from melp_ray.eval.plan import DATASETS, DEFAULT_FOLDS, MODES, PTBXL_TASKS, EvalError
 from melp_ray.eval.plan_checks import DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_MAX_NEW_TOKENS
 

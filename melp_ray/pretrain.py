@@ -161,7 +161,7 @@ class PretrainRecipe(DeepSpeedRecipe):
     def zero_shot_auroc(self, ecg_emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         from melp_ray.eval.metrics import macro_auroc
         from melp_ray.data.ptbxl import SUPERCLASSES
-        from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+        from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 
         from melp_ray.eval.zero_shot import prompt_embeddings
 

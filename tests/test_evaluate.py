@@ -23,7 +23,7 @@ import torch
 
 from melp_ray import evaluate
 from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
-from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 from melp_ray.data.records import load_signal
 from melp_ray.data.stream import minmax_normalise
 
@@ -78,7 +78,7 @@ def _assert_classification_files(out: Path, results: dict) -> None:
 def zeroshot_reference(direct_test_embeddings, bundled_ptbxl):
     """Superclass zero-shot AUROC on the test fold, computed without Ray."""
     from melp_ray.eval.metrics import macro_auroc
-    from melp_ray.eval.prompts import ptbxl_prompts
+    from melp_ray.text.prompts import ptbxl_prompts
     from melp_ray.eval.zero_shot import prompt_embeddings, zero_shot_scores
 
     refs, model = direct_test_embeddings["refs"], direct_test_embeddings["model"]

@@ -56,7 +56,7 @@ def test_missing_source_fails_in_the_config_checks(tmp_path, capsys):
 
 
 def test_text_stage_refuses_init_from():
-    from melp_ray.text.config import TextPretrainConfig
+    from melp_ray.text_mlm.config import TextPretrainConfig
 
     with pytest.raises(ConfigError, match="train.init_from is for ECG-language pretraining"):
         load_config(TextPretrainConfig, "text_tiny", ["train.init_from=/somewhere"])

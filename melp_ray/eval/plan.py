@@ -262,7 +262,7 @@ def _drop_unusable(records: list[EvalRecord], mode: str, excluded: dict[str, lis
 
 
 def _prompt_format(args) -> str:
-    from melp_ray.eval.prompts import prompt_file_format
+    from melp_ray.text.prompts import prompt_file_format
 
     try:
         return prompt_file_format(args.prompts, args.prompt_format)
@@ -275,7 +275,7 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
     """Prompts per class; a class named after one of ours (``aliases``: name -> our label
     name, from --class-names) gets our label's default prompt."""
     from melp_ray.data import physionet_labels
-    from melp_ray.eval import prompts as P
+    from melp_ray.text import prompts as P
 
     if dataset == "ptb-xl":
         defaults = P.ptbxl_descriptions(Path(root) / "scp_statements.csv")

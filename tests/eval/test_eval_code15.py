@@ -12,7 +12,7 @@ from melp_ray.data import code15
 from melp_ray.data.leads import LEADS
 from melp_ray.eval.embeddings import load_batch, read_record
 from melp_ray.eval.plan import EvalError, build_plan
-from melp_ray.eval.prompts import CODE15_PROMPTS
+from melp_ray.text.prompts import CODE15_PROMPTS
 
 
 def _plan(plan_args, root, *options):

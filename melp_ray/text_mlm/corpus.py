@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from melp_ray.utils import storage
-from melp_ray.text.config import TextPretrainConfig
-from melp_ray.text.wordpiece import nfc
+from melp_ray.text_mlm.config import TextPretrainConfig
+from melp_ray.text_mlm.wordpiece import nfc
 
 TOKENIZER_FOLDER = "tokenizer"       # <storage>/<name>/tokenizer (scratch runs)
 
@@ -58,7 +58,7 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
     It is saved under the run folder; a re-run (resume) finds it there and reuses it, so a
     resumed run keeps its vocabulary. Returns the config with ``text.tokenizer`` set.
     """
-    from melp_ray.text.wordpiece import save_tokenizer, train_wordpiece, unk_rate
+    from melp_ray.text_mlm.wordpiece import save_tokenizer, train_wordpiece, unk_rate
     from melp_ray.train.metrics import run_dir
 
     if cfg.text.init != "scratch" or cfg.text.tokenizer is not None:
