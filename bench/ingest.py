@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     info = C.machine()
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.stream import StreamSpec, shard_files, shards_dataset, split_refs, wfdb_dataset
+    from melp_ray.data.rows import shard_files, split_refs
+    from melp_ray.train.stream import StreamSpec, shards_dataset, wfdb_dataset
     from melp_ray.prepare import PrepareSettings, prepare
 
     cfg = load_config(PretrainConfig, "tiny", [])   # the default run: its batch, model, rate

@@ -33,7 +33,7 @@ def load_batches(cfg, root: str):
 
     from melp_ray.data.records import RecordRejected, load_signal
     from melp_ray.data.sources import scan_records
-    from melp_ray.data.stream import StreamSpec, finish_batch
+    from melp_ray.train.stream import StreamSpec, finish_batch
 
     spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)

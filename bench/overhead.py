@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     info = C.machine()
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.stream import StreamSpec, shard_files, shards_dataset
+    from melp_ray.data.rows import shard_files
+    from melp_ray.train.stream import StreamSpec, shards_dataset
     from melp_ray.prepare import PrepareSettings, prepare
 
     tmp = tempfile.TemporaryDirectory(prefix="melp-bench-overhead-")

@@ -136,7 +136,8 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
     import ingest as I
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.stream import StreamSpec, shard_files, shards_dataset, split_refs
+    from melp_ray.data.rows import shard_files, split_refs
+    from melp_ray.train.stream import StreamSpec, shards_dataset
 
     cfg = load_config(PretrainConfig, "paper", [])
     batch = cfg.train.micro_batch_size

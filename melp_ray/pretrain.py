@@ -65,7 +65,7 @@ class PretrainRecipe(DeepSpeedRecipe):
         """The train split's shard files (with their kept rows) when each epoch deals them
         out anew, else None (raw roots, materialized data, ``data.reassign_shards=false``)."""
         from melp_ray.data.sources import detect_layout
-        from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
+        from melp_ray.data.rows import resolve_root, shard_rows, split_shard_files
 
         d = self.cfg.data
         root = resolve_root(d.root)
@@ -77,7 +77,8 @@ class PretrainRecipe(DeepSpeedRecipe):
         """Streamed shards: this epoch's rows for this rank (``deal_rows``)."""
         if self.epoch_rows is None:
             return self.train_data
-        from melp_ray.data.stream import deal_rows, slices_dataset
+        from melp_ray.data.rows import deal_rows
+        from melp_ray.train.stream import slices_dataset
 
         slices = deal_rows(self.epoch_rows, self.world, self.rank, epoch, self.cfg.train.seed)
         return slices_dataset(slices, self.spec, self.cfg.data.exclude_folds)
@@ -229,7 +230,7 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 def stream_spec(cfg: PretrainConfig):
     """What the data pipelines must produce for this model (from shards of another rate:
     resampled on reading)."""
-    from melp_ray.data.stream import StreamSpec
+    from melp_ray.train.stream import StreamSpec
 
     return StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length,
@@ -240,7 +241,7 @@ def shard_rate(data_cfg) -> int | None:
     """The rate prepared shards are stored at (their manifest), None for a raw root."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
-    from melp_ray.data.stream import resolve_root
+    from melp_ray.data.rows import resolve_root
 
     root = resolve_root(data_cfg.root)
     if data_cfg.dataset not in ("auto", "shards") or detect_layout(root) != "shards":
@@ -252,7 +253,7 @@ def shard_rate(data_cfg) -> int | None:
 def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """One dataset per rank and split; ``data_info`` (if given) receives what goes in."""
-    from melp_ray.data.stream import split_datasets
+    from melp_ray.train.stream import split_datasets
 
     spec = stream_spec(cfg)
     kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
@@ -288,7 +289,7 @@ def check_shards_fit(cfg: PretrainConfig) -> None:
     column per file), as the workers will count them."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
-    from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
+    from melp_ray.data.rows import resolve_root, shard_rows, split_shard_files
 
     d, t = cfg.data, cfg.train
     if d.root is None or (d.dataset if d.dataset != "auto" else detect_layout(d.root)) != "shards":

@@ -25,7 +25,7 @@ from melp_ray import evaluate
 from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
 from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 from melp_ray.data.records import load_signal
-from melp_ray.data.stream import minmax_normalise
+from melp_ray.data.records import minmax_normalise
 
 # The bundled sample has folds 1-6 only: probe on 1-4, stop on 5, score on 6.
 LINEAR_FOLDS = ["--train-folds", "1-4", "--val-folds", "5", "--test-folds", "6"]

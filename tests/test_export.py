@@ -44,7 +44,7 @@ def ecg() -> torch.Tensor:
     import numpy as np
     from melp_ray.data.sources import bundled_root, list_records
     from melp_ray.data.records import load_signal
-    from melp_ray.data.stream import minmax_normalise
+    from melp_ray.data.records import minmax_normalise
 
     root = bundled_root()
     refs = list_records("ptb-xl", root, limit=3, sample_rate=100)

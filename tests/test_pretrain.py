@@ -221,8 +221,8 @@ def fingerprints(ecg) -> list[str]:
 def dealt_fingerprints(root: Path, world: int, rank: int, epoch: int, seed: int) -> list[str]:
     """What ``deal_rows`` gives ``rank`` in ``epoch``, read from the shard files here."""
     from melp_ray.data.shards import decode_ecg
-    from melp_ray.data.stream import (deal_rows, minmax_normalise, read_row_range, shard_files,
-                                      shard_rows)
+    from melp_ray.data.records import minmax_normalise
+    from melp_ray.data.rows import deal_rows, read_row_range, shard_files, shard_rows
 
     slices = deal_rows(shard_rows(shard_files(str(root), "train")), world, rank, epoch, seed)
     return [d for s in slices

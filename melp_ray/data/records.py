@@ -306,3 +306,20 @@ def require_columns(table, required: tuple[str, ...], path, error: type[Exceptio
     if missing:
         raise error(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")
     return table
+
+
+def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
+    """Per-record min-max scaling to [0, 1] over all leads (the reference MELP scaling)."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
+
+
+def minmax_normalise_(ecg: np.ndarray) -> np.ndarray:
+    """``minmax_normalise`` in place on a float32 array the caller owns: the same values
+    (the same float32 operations), without two fresh batch-sized arrays per batch."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    np.subtract(ecg, lo, out=ecg)
+    np.divide(ecg, np.maximum(hi - lo, 1e-6), out=ecg)
+    return ecg

@@ -90,7 +90,7 @@ def normalised_or_rejected(read, n_samples: int) -> tuple[np.ndarray, str]:
     """(min-max normalised ``read()``, "") or, for a rejected record, (zeros, the reason):
     a rejected record keeps its row so one pass encodes the good ones and names the bad."""
     from melp_ray.data.records import RecordRejected
-    from melp_ray.data.stream import minmax_normalise
+    from melp_ray.data.records import minmax_normalise
 
     try:
         return minmax_normalise(read()), ""

@@ -27,7 +27,7 @@ def corpus(cfg: TextPretrainConfig) -> dict[str, list[str]]:
     on one side. Order is fixed: the per-rank streams built from it are deterministic.
     """
     from melp_ray.data.sources import detect_layout, split_for_subject
-    from melp_ray.data.stream import list_splits, resolve_root, shard_files
+    from melp_ray.data.rows import list_splits, resolve_root, shard_files
 
     d, seed = cfg.data, cfg.train.seed
     texts: dict[str, list[str]] = {"train": [], "val": []}

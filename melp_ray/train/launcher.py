@@ -47,7 +47,7 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets=datasets,
-        # Each rank has its own deterministic dataset (see melp_ray.data.stream): nothing to
+        # Each rank has its own deterministic dataset (see melp_ray.data.rows): nothing to
         # split, and block order preserved so a resumed run sees the same batches.
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ExecutionOptions(preserve_order=True)),

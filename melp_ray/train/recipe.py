@@ -6,7 +6,7 @@ A recipe subclass says *what* to train (``build_model``, ``compute_losses``,
     recipe = MyRecipe(cfg); recipe.setup(); recipe.train(); recipe.cleanup()
 
 Determinism (exact resume): each rank reads its own fixed slice of the data in a fixed
-order (``melp_ray.data.stream``), every random draw of a micro-step is seeded from
+order (``melp_ray.data.rows``), every random draw of a micro-step is seeded from
 (seed, step, micro-step, rank), and a checkpoint records the data position
 (epoch, micro-batches consumed in it). Resuming replays nothing and skips exactly that.
 """

@@ -18,7 +18,9 @@ from melp_ray.data import manifest as M
 from melp_ray.data import records, shards
 from melp_ray.data.records import RecordRef, load_signal
 from melp_ray.data.sources import detect_layout, split_for_subject
-from melp_ray.data.stream import StreamSpec, list_splits, minmax_normalise, read_wfdb_batch
+from melp_ray.data.records import minmax_normalise
+from melp_ray.data.rows import list_splits
+from melp_ray.train.stream import StreamSpec, read_wfdb_batch
 from melp_ray.prepare import PrepareSettings, prepare
 
 RATE, SECONDS = 100, 5.0

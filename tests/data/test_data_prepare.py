@@ -103,7 +103,8 @@ def test_other_settings_in_the_same_folder_are_refused(ptbxl_prepared):
 
 
 def test_int16_shards_are_smaller_and_stream_like_float32(ptbxl_prepared, tmp_path):
-    from melp_ray.data.stream import StreamSpec, shards_dataset, shard_files
+    from melp_ray.data.rows import shard_files
+    from melp_ray.train.stream import StreamSpec, shards_dataset
 
     settings, manifest = ptbxl_prepared
     compact = prepare(replace(settings, out=str(tmp_path / "int16"), ecg_encoding="int16"))
@@ -165,7 +166,7 @@ def test_mimic_split_keeps_subjects_together(tmp_path, ray_local):
 def _distinct_subjects_per_batch(out: Path, batch: int) -> float:
     """Mean distinct subjects per batch of rank 0 of 2, read as training reads the shards
     (its run of the rows, ``deal_rows`` with no epoch, in order, local shuffle off)."""
-    from melp_ray.data.stream import deal_rows, read_row_range, shard_files, shard_rows
+    from melp_ray.data.rows import deal_rows, read_row_range, shard_files, shard_rows
 
     slices = deal_rows(shard_rows(shard_files(str(out), "train")), 2, 0)
     subjects = [x for s in slices
