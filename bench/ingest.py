@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.data.rows import shard_files, split_refs
     from melp_ray.train.stream import StreamSpec, shards_dataset, wfdb_dataset
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     cfg = load_config(PretrainConfig, "tiny", [])   # the default run: its batch, model, rate
     batch = cfg.train.micro_batch_size

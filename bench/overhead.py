@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.data.rows import shard_files
     from melp_ray.train.stream import StreamSpec, shards_dataset
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     tmp = tempfile.TemporaryDirectory(prefix="melp-bench-overhead-")
     shards_root = str(Path(tmp.name) / "shards")

@@ -69,7 +69,7 @@ def source_root() -> str | None:
 
 def prepare_one(root: str, out: str, num_cpus: int, shard_size: int, warm_up: bool) -> dict:
     """In a fresh process: time ``prepare`` of ``root``; sample this driver's RSS meanwhile."""
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     C.start_ray(num_cpus)
     if warm_up:   # untimed: Ray spawns and imports its worker processes once

@@ -171,7 +171,7 @@ def test_resume_is_exact(ray_local, tiny_cfg, tmp_path):
 @pytest.fixture(scope="module")
 def dealt_shards(tmp_path_factory, ray_local, bundled_ptbxl) -> Path:
     """Small shards (5 records each), so each epoch deals several files to each worker."""
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     out = tmp_path_factory.mktemp("dealt") / "shards"
     prepare(PrepareSettings(dataset="ptb-xl", root=str(bundled_ptbxl), out=str(out),

@@ -21,7 +21,7 @@ from melp_ray.data.sources import detect_layout, split_for_subject
 from melp_ray.data.records import minmax_normalise
 from melp_ray.data.rows import list_splits
 from melp_ray.train.stream import StreamSpec, read_wfdb_batch
-from melp_ray.prepare import PrepareSettings, prepare
+from melp_ray.data.prepare import PrepareSettings, prepare
 
 RATE, SECONDS = 100, 5.0
 PTBXL_NAMES = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]

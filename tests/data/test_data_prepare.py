@@ -14,7 +14,8 @@ from melp_ray.data import records, shards
 from mimic_fixture import BREAKAGES, break_record, write_mimic_fixture
 from melp_ray.data.records import RecordRef, load_signal
 from melp_ray.data.sources import split_for_subject
-from melp_ray.prepare import PrepareError, PrepareSettings, main, prepare
+from melp_ray.data.prepare import PrepareError, PrepareSettings, prepare
+from melp_ray.prepare import main
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

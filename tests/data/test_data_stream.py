@@ -11,7 +11,7 @@ from melp_ray.data.shards import read_shard_table
 from melp_ray.data.records import minmax_normalise
 from melp_ray.data.rows import split_refs
 from melp_ray.train.stream import StreamSpec, rank_datasets
-from melp_ray.prepare import PrepareSettings, prepare
+from melp_ray.data.prepare import PrepareSettings, prepare
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 SPEC = StreamSpec(sample_rate=100, seconds=10, text_model="minilm", max_text_length=32)
