@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from melp_ray.eval import datasets as D
 # Re-exported: callers import these from the plan.
-from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold  # noqa: F401
+from melp_ray.eval.datasets import EvalError, EvalRecord, Plan, physionet_fold  # noqa: F401
+from melp_ray.eval.embeddings import checkpoint_info
 from melp_ray.eval.plan_checks import (REPORT_MODES, check_crop, check_disjoint, check_length,
                                        check_option_combinations, check_root, fmt_folds,
                                        parse_folds)
@@ -37,49 +36,7 @@ PTBXL_TASKS = ("super", "sub", "form", "rhythm")
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
 
 
-@dataclass
-class Plan:
-    """The checked, resolved form of the command line."""
-
-    mode: str
-    dataset: str
-    root: str
-    out: Path
-    checkpoint: str
-    checkpoint_kind: str               # "training checkpoint" | "exported folder"
-    sample_rate: int
-    seconds: float
-    task: str | None
-    class_names: list[str]
-    splits: dict[str, list[EvalRecord]]     # the splits the mode uses
-    folds: dict[str, list[int]]
-    excluded: dict[str, list[str]]          # reason -> record ids left out before loading
-    prompts: list[list[str]] | None = None
-    crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
-    shard_sample_rate: int | None = None    # --dataset shards: the rate the shards hold
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------- the plan
-
-def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(kind, model config dict, data config dict) of a training checkpoint or an export."""
-    from melp_ray.hub import checkpoint as ckpt
-    from melp_ray.utils import storage
-
-    local = path if storage.is_uri(path) else storage.normalise_storage_path(path)
-    if not storage.is_uri(path) and not os.path.exists(local):
-        raise EvalError(f"--checkpoint {path} does not exist")
-    if not storage.is_uri(path) and ckpt.is_exported_folder(local):
-        config = storage.read_json(storage.join(local, "config.json"))
-        data = {"sample_rate": config.get("sample_rate"), "seconds": config.get("seconds")}
-        return "exported folder", config.get("melp", {}), data
-    try:
-        config = ckpt.checkpoint_config(path)
-    except FileNotFoundError as err:
-        raise EvalError(f"--checkpoint: {err}, nor an exported folder (config.json with "
-                        "model_type melp_ray)") from None
-    return "training checkpoint", config["model"], config.get("data", {})
 
 
 def build_plan(args: argparse.Namespace) -> Plan:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from melp_ray.eval.embeddings import load_batch
+from melp_ray.eval.records import load_batch
 from melp_ray.eval.generation import generation_metrics
 from melp_ray.eval.inference import EmbeddingExtractor
 from melp_ray.eval.plan import EvalError, build_plan
