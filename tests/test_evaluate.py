@@ -336,8 +336,8 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
     import functools
 
     from melp_ray.eval.embeddings import EmbeddingTable, build_model
-    from melp_ray.eval.modes import evaluate as run_mode
-    from melp_ray.eval.plan import build_plan
+    from melp_ray.eval_plan.modes import evaluate as run_mode
+    from melp_ray.eval_plan.plan import build_plan
 
     def args_for(out, *options):
         return evaluate.make_parser().parse_args([

@@ -21,7 +21,7 @@ LAYERS = [
     ["hub"],                        # checkpoints, Hugging Face export, the official weights
     ["train"],                      # the Ray Train + DeepSpeed machinery, data streams, curves
     ["eval"],                       # what evaluates: embeddings, zero-shot, probe, metrics
-    ["evaluation"],                 # what plans and reports: options, plans, suite, tables
+    ["eval_plan"],                  # what plans and reports: options, plans, runs, suite, tables
     ["text_mlm"],                   # stage 1 (recipe on train/)
     ["pretrain"],                   # stage 2: PretrainRecipe and run() (also an entry point)
     ["sweeps"],                     # Ray Tune over pretrain.run

@@ -175,7 +175,7 @@ def test_label_columns_and_format_errors(manifest_root, tmp_path):
 def test_evaluate_lists_the_label_columns_and_reads_the_records(manifest_root):
     from melp_ray.eval import datasets as D
     from melp_ray.eval.records import read_record
-    from melp_ray.eval.plan_checks import check_root
+    from melp_ray.eval_plan.plan_checks import check_root
 
     root, expected, bad = manifest_root
     assert check_root("manifest", str(root)) == str(root.resolve())

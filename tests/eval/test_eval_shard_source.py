@@ -12,7 +12,7 @@ import pytest
 from melp_ray.data import shards
 from melp_ray.data.records import RecordRef
 from melp_ray.eval import shard_source
-from melp_ray.eval.plan import EvalError, build_plan, physionet_fold
+from melp_ray.eval_plan.plan import EvalError, build_plan, physionet_fold
 from melp_ray.evaluate import make_parser
 
 

@@ -1,4 +1,4 @@
-"""The command-line option checks behind ``build_plan`` (``melp_ray.eval.plan``).
+"""The command-line option checks behind ``build_plan`` (``melp_ray.eval_plan.plan``).
 
 Kept apart from the plan so that ``plan.py`` reads as what is evaluated (records, folds,
 classes, prompts) while this module holds the rules on the options themselves: which

@@ -5,7 +5,7 @@ their labels (and reports), the class names and prompts, and the settings writte
 results.json. Everything that can be checked without Ray (paths, the checkpoint, folds,
 prompts, option combinations) is checked here and raises ``EvalError``, so a typo fails in
 a second, not after the cluster starts; the checks of the options themselves (which go
-together, bounds, --root, --out, lengths) live in ``melp_ray.eval.plan_checks``. No Ray, no
+together, bounds, --root, --out, lengths) live in ``melp_ray.eval_plan.plan_checks``. No Ray, no
 model weights.
 
 Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10); the other
@@ -25,7 +25,7 @@ from melp_ray.eval import datasets as D
 # Re-exported: callers import these from the plan.
 from melp_ray.eval.datasets import EvalError, EvalRecord, Plan, physionet_fold  # noqa: F401
 from melp_ray.eval.embeddings import checkpoint_info
-from melp_ray.eval.plan_checks import (REPORT_MODES, check_crop, check_disjoint, check_length,
+from melp_ray.eval_plan.plan_checks import (REPORT_MODES, check_crop, check_disjoint, check_length,
                                        check_option_combinations, check_root, fmt_folds,
                                        parse_folds)
 
