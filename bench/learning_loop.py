@@ -31,7 +31,8 @@ def load_batches(cfg, root: str):
     import numpy as np
     import torch
 
-    from melp_ray.data.records import RecordRejected, load_signal
+    from melp_ray.data.records import load_signal
+    from melp_ray.data.rejections import RecordRejected
     from melp_ray.data.sources import scan_records
     from melp_ray.train.stream import StreamSpec, finish_batch
 

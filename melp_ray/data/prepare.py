@@ -27,8 +27,8 @@ from typing import Any
 from melp_ray.utils import storage
 from melp_ray.data import shards
 from melp_ray.data.leads import LEADS
-from melp_ray.data.records import (MANIFEST_REJECTION_REASONS, REJECTION_REASONS, RecordRef, RecordRejected,
-                                   load_signal, n_samples_for)
+from melp_ray.data.records import RecordRef, load_signal, n_samples_for
+from melp_ray.data.rejections import MANIFEST_REJECTION_REASONS, REJECTION_REASONS, RecordRejected
 from melp_ray.data.sources import (DATASETS, MANIFEST, DataRootError, RecordListing, scan_records,
                                    split_for_subject)
 

@@ -17,8 +17,8 @@ def read_record(dataset: str, path: str, sample_rate: int, seconds: float,
     10 s), so a record of 5-10 s is kept. Crop, then resample, then pad: the padding stays
     exact zeros; the caller normalises the padded record, as the reference does.
     """
-    from melp_ray.data.records import (RecordRef, RecordRejected, UNREADABLE, fit_signal,
-                                       load_signal, n_samples_for)
+    from melp_ray.data.records import RecordRef, fit_signal, load_signal, n_samples_for
+    from melp_ray.data.rejections import RecordRejected, UNREADABLE
 
     keep = seconds if crop_seconds is None else crop_seconds
     if dataset == "ptb-xl":
@@ -50,7 +50,7 @@ def zero_pad(signal: np.ndarray, n_samples: int) -> np.ndarray:
 def normalised_or_rejected(read, n_samples: int) -> tuple[np.ndarray, str]:
     """(min-max normalised ``read()``, "") or, for a rejected record, (zeros, the reason):
     a rejected record keeps its row so one pass encodes the good ones and names the bad."""
-    from melp_ray.data.records import RecordRejected
+    from melp_ray.data.rejections import RecordRejected
     from melp_ray.data.records import minmax_normalise
 
     try:
@@ -65,7 +65,8 @@ def _read_code15(path: str, sample_rate: int, keep: float) -> np.ndarray:
     import math
 
     from melp_ray.data import code15
-    from melp_ray.data.records import FLAT_SIGNAL, RecordRejected, UNREADABLE, fit_signal
+    from melp_ray.data.records import fit_signal
+    from melp_ray.data.rejections import FLAT_SIGNAL, RecordRejected, UNREADABLE
 
     try:
         raw = code15.read_tracing(path)

@@ -106,7 +106,8 @@ def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
 
 def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
     """Read each record with wfdb; rejected records are logged by name and left out."""
-    from melp_ray.data.records import RecordRef, RecordRejected, load_signal
+    from melp_ray.data.records import RecordRef, load_signal
+    from melp_ray.data.rejections import RecordRejected
 
     signals, reports, labels = [], [], []
     for row in _rows(batch):

@@ -8,7 +8,8 @@ import wfdb
 from melp_ray.data import records
 from melp_ray.data.leads import LEADS
 from mimic_fixture import write_wfdb
-from melp_ray.data.records import RecordRef, RecordRejected, check_report, load_signal
+from melp_ray.data.records import RecordRef, check_report, load_signal
+from melp_ray.data.rejections import RecordRejected
 
 PTBXL_RECORD = "records100/00000/00001_lr"
 
