@@ -6,9 +6,12 @@ same."""
 from __future__ import annotations
 
 import ast
+import functools
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "melp_ray"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "melp_ray"
 
 # Bottom to top: melp_ray.<part> for each package or top-level module. One line = one layer.
 LAYERS = [
@@ -69,6 +72,7 @@ def imported(module: str, path: Path, known: dict[str, Path]) -> set[str]:
     return out
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     known = modules()
     return {m: imported(m, p, known) for m, p in known.items()}
@@ -143,3 +147,12 @@ def test_top_level_holds_entry_points_config_and_the_face():
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     entry_points = set(LAYERS[-1]) | {"pretrain"}
     assert set(top) == entry_points | {"config", "config_parsing", FACE}
+
+
+def test_readme_table_names_every_part_and_only_paths_that_exist():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## What is where")[1].split("\n\n")[1]
+    paths = set(re.findall(r"`(melp_ray/[\w/.]*)`", table))
+    assert sorted(p for p in paths if not (REPO / p).exists()) == []
+    named = {p.split("/")[1].removesuffix(".py") for p in paths}
+    assert sorted({part(m) for m in modules()} - named - {"melp_ray", FACE}) == []
