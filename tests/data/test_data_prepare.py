@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from melp_ray.data import records, shards
+from melp_ray.data import rejections, shards
 from mimic_fixture import BREAKAGES, break_record, write_mimic_fixture
 from melp_ray.data.records import RecordRef, load_signal
 from melp_ray.data.sources import split_for_subject
@@ -28,7 +28,7 @@ def _all_rows(out: Path) -> list[dict]:
 
 
 def _check_accounting(manifest: dict) -> None:
-    assert set(manifest["rejected"]) == set(records.REJECTION_REASONS)
+    assert set(manifest["rejected"]) == set(rejections.REJECTION_REASONS)
     assert manifest["input"] == manifest["kept"] + sum(len(ids) for ids in manifest["rejected"].values())
     assert manifest["kept"] == sum(shard["rows"] for shard in manifest["shards"])
 
@@ -145,7 +145,7 @@ def test_mimic_every_rejection_is_named(tmp_path, ray_local):
     manifest = prepare(settings)
     _check_accounting(manifest)
     assert manifest["input"] == len(BREAKAGES) + 4 and manifest["kept"] == 4
-    assert manifest["rejected"] == {reason: [broken[reason]] for reason in records.REJECTION_REASONS}
+    assert manifest["rejected"] == {reason: [broken[reason]] for reason in rejections.REJECTION_REASONS}
     rows = _all_rows(tmp_path / "out")
     assert sorted(row["record_id"] for row in rows) == sorted(str(s.study_id) for s in fixture.studies[-4:])
     for row in rows:
