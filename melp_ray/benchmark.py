@@ -8,7 +8,7 @@ checkpoint and for the same architecture with untrained weights, embedding each 
 once per model, and writes OUT/table.md, OUT/table.csv and OUT/results.json (plus each
 run's results and ROC plot under OUT/runs/). The suite file and every dataset's options
 are checked before Ray starts; a problem is a usage error (exit code 2). The work lives in
-``melp_ray.eval.benchmark``.
+``melp_ray.eval_plan.benchmark``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from melp_ray.eval.datasets import EvalError
-from melp_ray.eval.plan_checks import check_at_least, check_output_folder
+from melp_ray.eval_plan.plan_checks import check_at_least, check_output_folder
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 
@@ -42,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from melp_ray.eval.benchmark import plan_benchmark, run_benchmark
+    from melp_ray.eval_plan.benchmark import plan_benchmark, run_benchmark
 
     parser = make_parser()
     args = parser.parse_args(argv)

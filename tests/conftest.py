@@ -113,7 +113,7 @@ def ray_local():
         # address="local": a private instance, never a cluster some other process started.
         # Its processes inherit the environment of this moment (the settings above, and the
         # S3 credentials only for them): no runtime_env, which costs each worker start ~1 s.
-        from melp_ray.ray_utils import init_local_ray
+        from melp_ray.utils.ray_connect import init_local_ray
 
         with mock.patch.dict(os.environ, S3_TEST_CREDENTIALS):
             init_local_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
@@ -171,7 +171,7 @@ def _live_weights_recipe():
     """PretrainRecipe that also writes the final *live* weights beside the run (rank 0):
     gathered from the DeepSpeed engine on every rank, not read from the checkpoint files,
     so weights rebuilt from a checkpoint can be checked against an independent source."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.pretrain import PretrainRecipe
 
     class LiveWeightsRecipe(PretrainRecipe):
@@ -180,7 +180,7 @@ def _live_weights_recipe():
             import tempfile
 
             from safetensors.torch import save_file
-            from melp_ray.checkpoint import gathered_state_dict
+            from melp_ray.hub.checkpoint import gathered_state_dict
             from melp_ray.train.metrics import run_dir
 
             state = gathered_state_dict(self.engine.module)   # collective: every rank
@@ -204,7 +204,7 @@ def tiny_runs(ray_local, tiny_cfg, tmp_path_factory) -> dict:
     ``s3://``/``gs://``, with the local disk standing in for the bucket).
     Each value is ``(summary, live_weights)``; ``"bucket"`` is the URI's local folder."""
     from safetensors.torch import load_file
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.pretrain import run
 
     bucket = tmp_path_factory.mktemp("bucket")

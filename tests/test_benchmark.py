@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from melp_ray import benchmark
-from melp_ray.eval.bench_report import column_label
+from melp_ray.eval_plan.bench_report import column_label
 
 REPO = Path(__file__).resolve().parents[1]
 # The bundled sample has folds 1-6: probe on 1-4, stop on 5, score on 6.
@@ -86,7 +86,7 @@ def test_missing_checkpoint_exits_2_before_ray_starts(tmp_path):
 
 
 def test_shipped_suite_plans_every_task_on_the_bundled_sample(config_only_export, tmp_path):
-    from melp_ray.eval.benchmark import expand_runs, plan_benchmark
+    from melp_ray.eval_plan.benchmark import expand_runs, plan_benchmark
     from melp_ray.data.sources import bundled_root
 
     bench = plan_benchmark(str(config_only_export), benchmark.DEFAULT_SUITE, tmp_path)
@@ -102,7 +102,7 @@ def test_shipped_suite_plans_every_task_on_the_bundled_sample(config_only_export
 
 @pytest.fixture(scope="module")
 def bench_run(tiny_checkpoint, code15_root, tmp_path_factory):
-    from melp_ray.eval.benchmark import plan_benchmark
+    from melp_ray.eval_plan.benchmark import plan_benchmark
 
     tmp = tmp_path_factory.mktemp("bench")
     missing = tmp / "no-cpsc2018"

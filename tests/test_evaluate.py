@@ -23,9 +23,9 @@ import torch
 
 from melp_ray import evaluate
 from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
-from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 from melp_ray.data.records import load_signal
-from melp_ray.data.stream import minmax_normalise
+from melp_ray.data.records import minmax_normalise
 
 # The bundled sample has folds 1-6 only: probe on 1-4, stop on 5, score on 6.
 LINEAR_FOLDS = ["--train-folds", "1-4", "--val-folds", "5", "--test-folds", "6"]
@@ -46,7 +46,7 @@ def _evaluate(checkpoint, root, out: Path, *options: str) -> dict:
 @pytest.fixture(scope="module")
 def direct_test_embeddings(tiny_checkpoint, bundled_ptbxl):
     """Test-fold embeddings computed in-process, without Ray: the reference side."""
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     model = load_model(tiny_checkpoint)
     refs = [r for r in list_ptbxl(bundled_ptbxl, sample_rate=100) if r.strat_fold == TEST_FOLD]
@@ -78,7 +78,7 @@ def _assert_classification_files(out: Path, results: dict) -> None:
 def zeroshot_reference(direct_test_embeddings, bundled_ptbxl):
     """Superclass zero-shot AUROC on the test fold, computed without Ray."""
     from melp_ray.eval.metrics import macro_auroc
-    from melp_ray.eval.prompts import ptbxl_prompts
+    from melp_ray.text.prompts import ptbxl_prompts
     from melp_ray.eval.zero_shot import prompt_embeddings, zero_shot_scores
 
     refs, model = direct_test_embeddings["refs"], direct_test_embeddings["model"]
@@ -122,7 +122,7 @@ def test_zeroshot_end_to_end_matches_in_process_scores(tiny_checkpoint, bundled_
 
 def test_exported_folder_gives_the_same_zeroshot_result(tiny_checkpoint, bundled_ptbxl,
                                                         zeroshot_reference, tmp_path):
-    from melp_ray.export import export
+    from melp_ray.hub.export import export
 
     export(tiny_checkpoint, str(tmp_path / "hf"))
     results = _evaluate(tmp_path / "hf", bundled_ptbxl, tmp_path / "out", "--mode", "zeroshot",
@@ -219,7 +219,7 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
 
 def test_generation_end_to_end_matches_in_process_generate(tiny_checkpoint, bundled_ptbxl,
                                                          tmp_path):
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
     from melp_ray.eval.generation import generation_metrics
 
     results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "generation",
@@ -336,8 +336,8 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
     import functools
 
     from melp_ray.eval.embeddings import EmbeddingTable, build_model
-    from melp_ray.eval.modes import evaluate as run_mode
-    from melp_ray.eval.plan import build_plan
+    from melp_ray.eval_plan.modes import evaluate as run_mode
+    from melp_ray.eval_plan.plan import build_plan
 
     def args_for(out, *options):
         return evaluate.make_parser().parse_args([

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from melp_ray.data.signal_files import TO_MILLIVOLT
+
 try:  # the shared lead definition (written concurrently by the data layer)
     from melp_ray.data.leads import LEADS as _CANONICAL_LEADS
 except ImportError:  # pragma: no cover - only while melp_ray.data.leads does not exist yet
@@ -218,12 +220,9 @@ def _canonical_lead_rows(path: Path, leads: Sequence[str]) -> list[int]:
     return [by_name[lead.lower()] for lead in CANONICAL_LEADS]
 
 
-_TO_MILLIVOLT = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
-
-
 def _millivolt_factor(path: Path, units: str) -> float:
     try:
-        return _TO_MILLIVOLT[units.lower()]
+        return TO_MILLIVOLT[units.lower()]
     except KeyError:
         raise _fail(path, f"unsupported signal units {units!r}") from None
 
