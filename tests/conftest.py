@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # workers, each importing torch and transformers again (~5 CPU-s apiece). Keeping up to 8 lets
 # the session's runs (and the CLI runs, which inherit this environment) reuse them. The
 # preemption watcher (an actor per Ray Train run) has nothing to watch on one machine; the CLI
-# turns it off the same way (ray_utils.init_ray).
+# turns it off the same way (utils.ray_connect.init_ray).
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
