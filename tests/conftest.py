@@ -44,6 +44,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # turns it off the same way (utils.ray_connect.init_ray).
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A raylet waits a fixed time for its dashboard agent's port file and aborts after that
+# ("Timed out waiting for file ...dashboard_agent_listen_port"): seen for the `ray start
+# --head` of the job-submission test with the suite's two processes busy. Wait up to 2 min.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
 # Dummy credentials for the local S3 server of tests/data/test_data_object_store.py. Ray
 # workers keep the environment of the moment Ray started, so the session's workers get them
@@ -61,6 +65,8 @@ CHEAP_SHARED_FIXTURES = {"ray_local", "bundled_ptbxl", "shared_ptbxl", "fast_ove
                          "code15_root", "tmp_path_factory", "worker_id", "testrun_uid"}
 
 
+# tryfirst: pytest-xdist's own hook reads the xdist_group markers, so they must be set before.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Every test that needs the session's Ray instance (itself or through a fixture that
     trains with it) is marked ``slow``, like the ones marked by hand (subprocess runs,
