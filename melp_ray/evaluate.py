@@ -22,6 +22,8 @@ from melp_ray.eval.modes import evaluate
 from melp_ray.eval.prompts import PROMPT_FORMATS
 from melp_ray.eval.plan import DATASETS, DEFAULT_FOLDS, MODES, PTBXL_TASKS, EvalError
 from melp_ray.eval.plan_checks import DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_MAX_NEW_TOKENS
+from melp_ray.eval.tracking import (add_tracking_arguments, checkpoint_training_step,
+                                   evaluation_scalars, evaluation_table, log_results)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
+    add_tracking_arguments(p)
     return p
 
 
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                 "generation": ("bleu1", "bleu4", "rouge_l", "meteor")
                 }.get(args.mode, ("macro_auroc", "ci"))
     print(json.dumps({k: results.get(k) for k in headline}))
+    log_results(args, job_type="evaluate", scalars=evaluation_scalars(results),
+                table=evaluation_table(results), config=results["settings"],
+                text=storage.read_text(storage.join(args.out, "results.md")),
+                step=checkpoint_training_step(args.checkpoint, args.random_init))
     print(f"[melp_ray] wrote {storage.join(args.out, 'results.json')}")
     return 0
 
