@@ -19,7 +19,7 @@ from pathlib import Path
 from melp_ray.eval.datasets import EvalError
 from melp_ray.eval.plan_checks import check_at_least, check_output_folder
 from melp_ray.eval.tracking import (add_tracking_arguments, benchmark_scalars, benchmark_table,
-                                   checkpoint_training_step, log_results)
+                                   log_results)
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 table=benchmark_table(results),
                 config={"checkpoint": results["checkpoint"], "suite": results["suite"],
                         **results["settings"]},
-                text=(Path(args.out) / "table.md").read_text(),
-                step=checkpoint_training_step(args.checkpoint))
+                text_file=str(Path(args.out) / "table.md"))
     return 0
 
 

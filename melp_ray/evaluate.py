@@ -22,8 +22,8 @@ from melp_ray.eval.modes import evaluate
 from melp_ray.eval.prompts import PROMPT_FORMATS
 from melp_ray.eval.plan import DATASETS, DEFAULT_FOLDS, MODES, PTBXL_TASKS, EvalError
 from melp_ray.eval.plan_checks import DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_MAX_NEW_TOKENS
-from melp_ray.eval.tracking import (add_tracking_arguments, checkpoint_training_step,
-                                   evaluation_scalars, evaluation_table, log_results)
+from melp_ray.eval.tracking import (add_tracking_arguments, evaluation_scalars, evaluation_table,
+                                   log_results)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: results.get(k) for k in headline}))
     log_results(args, job_type="evaluate", scalars=evaluation_scalars(results),
                 table=evaluation_table(results), config=results["settings"],
-                text=storage.read_text(storage.join(args.out, "results.md")),
-                step=checkpoint_training_step(args.checkpoint, args.random_init))
+                text_file=storage.join(args.out, "results.md"), random_init=args.random_init)
     print(f"[melp_ray] wrote {storage.join(args.out, 'results.json')}")
     return 0
 

@@ -92,11 +92,15 @@ def benchmark_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[An
 
 def log_results(args: argparse.Namespace, *, job_type: str, scalars: dict[str, float],
                 table: tuple[list[str], list[list[Any]]], config: Mapping[str, Any],
-                text: str, step: int) -> None:
-    """Log one command's result where ``args`` asks (nothing without the flags)."""
+                text_file: str, random_init: bool = False) -> None:
+    """Log one command's result where ``args`` asks (nothing, and no reads, without the
+    flags): the numbers at the checkpoint's step, ``text_file`` (results.md / table.md)."""
+    if not (args.tensorboard or args.wandb):
+        return
+    step = checkpoint_training_step(args.checkpoint, random_init)
     if args.tensorboard:
         writer = TensorBoardWriter(args.out)
-        writer.writer.add_text("results", text, global_step=step)
+        writer.writer.add_text("results", storage.read_text(text_file), global_step=step)
         writer.log({"step": step, **scalars})
         writer.close()
     if args.wandb:
