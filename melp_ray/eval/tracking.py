@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from melp_ray import storage
+from melp_ray.checkpoint import checkpoint_step, is_exported_folder
 from melp_ray.train.metrics import TensorBoardWriter
 
 # results.json entries that are not results (inputs, record lists, texts)
@@ -108,7 +109,7 @@ def log_results(args: argparse.Namespace, *, job_type: str, scalars: dict[str, f
 
 
 def _log_wandb(args, job_type: str, scalars: dict[str, float], table, config, step: int) -> None:
-    import wandb
+    import wandb   # only when asked, as in train/metrics.py: it is slow to import
 
     out = args.out.rstrip("/")
     run = wandb.init(project=args.wandb_project, group=args.wandb_group, job_type=job_type,
@@ -121,8 +122,6 @@ def _log_wandb(args, job_type: str, scalars: dict[str, float], table, config, st
 
 def checkpoint_training_step(checkpoint: str, random_init: bool = False) -> int:
     """The step the evaluated weights were trained to: 0 for untrained or exported ones."""
-    from melp_ray.checkpoint import checkpoint_step, is_exported_folder
-
     if random_init or is_exported_folder(checkpoint):
         return 0
     return int(checkpoint_step(checkpoint) or 0)
