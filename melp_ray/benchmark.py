@@ -18,6 +18,8 @@ from pathlib import Path
 
 from melp_ray.eval.datasets import EvalError
 from melp_ray.eval_plan.plan_checks import check_at_least, check_output_folder
+from melp_ray.eval_plan.tracking import (add_tracking_arguments, benchmark_scalars, benchmark_table,
+                                        log_results)
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 
@@ -38,6 +40,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
+    add_tracking_arguments(p)
     return p
 
 
@@ -54,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))   # exit code 2, before Ray starts
     for skipped in bench.skipped:
         print(f"[melp_ray] skipping {skipped['dataset']}: {skipped['reason']}")
-    run_benchmark(bench, actors=args.actors, verbose=args.verbose)
+    results = run_benchmark(bench, actors=args.actors, verbose=args.verbose)
     print(f"[melp_ray] wrote {Path(args.out) / 'table.md'}")
+    log_results(args, job_type="benchmark", scalars=benchmark_scalars(results),
+                table=benchmark_table(results),
+                config={"checkpoint": results["checkpoint"], "suite": results["suite"],
+                        **results["settings"]},
+                text_file=str(Path(args.out) / "table.md"))
     return 0
 
 

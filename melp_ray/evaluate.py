@@ -21,6 +21,7 @@ from melp_ray.utils import storage
 from melp_ray.eval_plan.modes import evaluate
 from melp_ray.eval_plan.options import make_parser
 from melp_ray.eval_plan.plan import EvalError
+from melp_ray.eval_plan.tracking import evaluation_scalars, evaluation_table, log_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                 "generation": ("bleu1", "bleu4", "rouge_l", "meteor")
                 }.get(args.mode, ("macro_auroc", "ci"))
     print(json.dumps({k: results.get(k) for k in headline}))
+    log_results(args, job_type="evaluate", scalars=evaluation_scalars(results),
+                table=evaluation_table(results), config=results["settings"],
+                text_file=storage.join(args.out, "results.md"), random_init=args.random_init)
     print(f"[melp_ray] wrote {storage.join(args.out, 'results.json')}")
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tracking_fixture import read_tensorboard_scalars, wandb_offline_runs
 
 from melp_ray import evaluate
 from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
@@ -274,11 +275,15 @@ def test_split_dir_zeroshot_scores_every_listed_record(tiny_checkpoint, bundled_
 
 # ---------------------------------------------------------------- CPSC2018
 
-def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
+def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path,
+                                                  monkeypatch):
     from melp_ray.data.physionet_labels import CPSC2018_CLASSES
 
+    monkeypatch.setenv("WANDB_MODE", "offline")   # W&B without a server or key
+    monkeypatch.setenv("WANDB_SILENT", "true")
     results = _evaluate(tiny_checkpoint, challenge_root, tmp_path, "--dataset", "cpsc2018",
-                        "--mode", "zeroshot", "--test-folds", "1-10")
+                        "--mode", "zeroshot", "--test-folds", "1-10",
+                        "--tensorboard", "--wandb", "--wandb-group", "eval-test")
     _assert_classification_files(tmp_path, results)
     assert results["class_names"] == list(CPSC2018_CLASSES)
     test = results["records"]["test"]
@@ -288,6 +293,33 @@ def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_roo
     no_label = results["records"]["excluded_before_loading"].get("no_label", [])
     assert test["used"] + 2 + len(no_label) == 62
     assert "wrong_length" in (tmp_path / "results.md").read_text()
+    _assert_results_tracked(tmp_path, results)
+
+
+def _assert_results_tracked(out: Path, results: dict) -> None:
+    """--tensorboard / --wandb: results.json's numbers at the checkpoint's step (the tiny
+    run's 30), the per-class AUROC as a W&B table, the settings as the W&B config."""
+    expected = {"macro_auroc": results["macro_auroc"], "ci/low": results["ci"][0],
+                "ci/high": results["ci"][1], "n_samples": results["n_samples"],
+                **{f"per_class/{c}": v for c, v in results["per_class"].items()
+                   if isinstance(v, float) and np.isfinite(v)}}
+    assert any(key.startswith("per_class/") for key in expected)
+    scalars = read_tensorboard_scalars(out / "tensorboard")
+    assert set(scalars) - {"results/text_summary"} == set(expected)
+    for key, value in expected.items():
+        assert scalars[key] == [(30, pytest.approx(value, abs=1e-6))]   # float32 in the file
+
+    (run,) = wandb_offline_runs(out / "wandb")
+    assert run["job_type"] == "evaluate" and run["group"] == "eval-test"
+    assert {k: run["config"][k] for k in ("mode", "dataset")} == {"mode": "zeroshot",
+                                                                  "dataset": "cpsc2018"}
+    (logged,) = run["history"]
+    assert logged["_step"] == 30
+    assert {k: v for k, v in logged.items() if not k.startswith(("_", "results/"))} == expected
+    table = json.loads(next((out / "wandb").glob(
+        "offline-run-*/files/" + logged["results/path"])).read_text())
+    assert table["columns"] == ["class", "auroc"]
+    assert {c: v for c, v in table["data"]} == results["per_class"]
 
 
 def test_cpsc2018_crop_keeps_the_five_second_record(tiny_checkpoint, challenge_root, tmp_path):

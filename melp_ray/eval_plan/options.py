@@ -6,6 +6,7 @@ import argparse
 
 from melp_ray.eval_plan.plan import DATASETS, DEFAULT_FOLDS, MODES, PTBXL_TASKS
 from melp_ray.eval_plan.plan_checks import DEFAULT_CHAPMAN_MIN_COUNT, DEFAULT_MAX_NEW_TOKENS
+from melp_ray.eval_plan.tracking import add_tracking_arguments
 from melp_ray.text.prompts import PROMPT_FORMATS
 
 
@@ -99,4 +100,5 @@ def make_parser() -> argparse.ArgumentParser:
                         "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
+    add_tracking_arguments(p)
     return p
