@@ -171,7 +171,7 @@ def start_ray(num_cpus: int, **kwargs):
     # several times slower than a plain process at nice 0 (measured: 4x in overhead.py),
     # so every Ray-vs-plain comparison would measure the scheduler. Same priority for all.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    from melp_ray.ray_utils import init_local_ray
+    from melp_ray.utils.ray_connect import init_local_ray
 
     # Ray's processes inherit this environment (DS_ACCELERATOR, HF_HUB_OFFLINE, ...): no
     # runtime_env, which would cost each worker start about a second. Tried again when Ray's

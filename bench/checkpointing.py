@@ -35,7 +35,7 @@ def run_mode(checkpointing: bool, smoke: bool, batch: int, steps: int, device: s
              out: str) -> None:
     import torch
 
-    from melp_ray.losses import compute_losses
+    from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP
     from zero_memory import model_config
 

@@ -1,7 +1,7 @@
 """The loss's differentiable all-gather alone, many times, on 2 gloo processes (no Ray, no model).
 
     python bench/gather_stress.py --steps 3000 --mode funcol   # torch's functional all_gather_single
-    python bench/gather_stress.py --steps 3000 --mode ours     # melp_ray.losses.gather_with_grad
+    python bench/gather_stress.py --steps 3000 --mode ours     # melp_ray.model.losses.gather_with_grad
 
 Each step gathers two (16, 256) embeddings with gradient, as MELPLoss does, and backpropagates
 a loss whose gradient is known exactly: rank r weights the gathered rows by (r + 1), so every
@@ -44,7 +44,7 @@ def gather(mode: str, x):
         from torch.distributed._functional_collectives import all_gather_single
 
         return all_gather_single(x.contiguous(), 0, dist.group.WORLD)
-    from melp_ray.losses import gather_with_grad
+    from melp_ray.model.losses import gather_with_grad
 
     return gather_with_grad(x)
 

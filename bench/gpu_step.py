@@ -50,7 +50,7 @@ def one_batch(cfg, device) -> dict:
 
     from melp_ray.data.ptbxl import read_database
     from melp_ray.data.sources import bundled_root
-    from melp_ray.data.stream import finish_batch
+    from melp_ray.train.stream import finish_batch
     from melp_ray.pretrain import stream_spec
 
     spec = stream_spec(cfg)

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
     from melp_ray.data.sources import bundled_root
     from melp_ray.model.flops import PEAK_FLOPS, estimate_mfu, training_flops
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     root = args.root or bundled_root()
     rate = 100 if smoke else 500

@@ -105,7 +105,7 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
     """Steady-state rows/s of one training worker (pure compute, no data wait)."""
     import torch
 
-    from melp_ray.losses import MELPLoss
+    from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.pretrain import augment
     from melp_ray.train.recipe import param_groups
@@ -187,8 +187,9 @@ def main(argv=None) -> int:
     info = C.machine()
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.stream import StreamSpec, shard_files, shards_dataset, split_refs, wfdb_dataset
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.rows import shard_files, split_refs
+    from melp_ray.train.stream import StreamSpec, shards_dataset, wfdb_dataset
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     cfg = load_config(PretrainConfig, "tiny", [])   # the default run: its batch, model, rate
     batch = cfg.train.micro_batch_size

@@ -11,7 +11,7 @@ Ray Train and the actor pool have tests of their own.
 1. pretrain: a real ``melp_ray.pretrain`` run (Ray Train + DeepSpeed) with the config
    ``--config`` on ``--root``, with ``data.exclude_folds=[HOLDOUT]``: no record of the
    held-out fold reaches training or validation (the run's summary counts them);
-2. evaluate the final checkpoint on the held-out fold with ``melp_ray.eval.modes.evaluate``
+2. evaluate the final checkpoint on the held-out fold with ``melp_ray.eval_plan.modes.evaluate``
    (the code behind ``python -m melp_ray.evaluate``, called in-process):
    - linear probe on the PTB-XL superclasses, for the pretrained encoder and for the same
      architecture at random init (``--random-init``): trained on the other folds, early
@@ -83,7 +83,7 @@ def pretrain(config: str, overrides: list[str], in_process: bool = False) -> dic
 
 
 def check_held_out(checkpoint: str, holdout: int, parser) -> None:
-    from melp_ray.checkpoint import checkpoint_config
+    from melp_ray.hub.checkpoint import checkpoint_config
 
     excluded = checkpoint_config(checkpoint).get("data", {}).get("exclude_folds") or []
     if holdout not in excluded:
@@ -93,9 +93,9 @@ def check_held_out(checkpoint: str, holdout: int, parser) -> None:
 
 def given_checkpoint(checkpoint: str) -> dict:
     """What the JSON records about a checkpoint trained elsewhere (--checkpoint)."""
-    from melp_ray.checkpoint import TRAINER_STATE, checkpoint_config, resolve_checkpoint
+    from melp_ray.hub.checkpoint import TRAINER_STATE, checkpoint_config, resolve_checkpoint
 
-    from melp_ray import storage
+    from melp_ray.utils import storage
 
     path = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(path)
@@ -127,7 +127,7 @@ def embedding_table(checkpoint, root, out, folds: dict, random_init: bool, actor
     """One inference pass over every record the evaluations below use (the probe's folds and
     all of the held-out fold), with every column they ask for."""
     from melp_ray.eval.embeddings import EmbeddingTable, build_model
-    from melp_ray.eval.plan import build_plan
+    from melp_ray.eval_plan.plan import build_plan
 
     args = linear_args(checkpoint, root, out / "probe", folds, random_init, 0)
     probe_plan = build_plan(args)
@@ -144,7 +144,7 @@ def embedding_table(checkpoint, root, out, folds: dict, random_init: bool, actor
 
 def linear_probe(checkpoint, root, out, folds: dict, random_init: bool, bootstrap: int,
                  table) -> dict:
-    from melp_ray.eval.modes import evaluate
+    from melp_ray.eval_plan.modes import evaluate
 
     r = evaluate(linear_args(checkpoint, root, out, folds, random_init, bootstrap), embed=table)
     return {k: r[k] for k in ("macro_auroc", "ci", "per_class", "best_val_auroc", "n_train")
@@ -157,7 +157,7 @@ def paired_probe_gain(out: Path, out_random: Path, bootstrap: int) -> dict:
     import numpy as np
 
     from melp_ray.eval.metrics import paired_bootstrap_gain
-    from melp_ray.eval.report import SCORES_NPZ
+    from melp_ray.eval_plan.report import SCORES_NPZ
 
     mine, rand = np.load(out / SCORES_NPZ), np.load(out_random / SCORES_NPZ)
     if not np.array_equal(mine["y_true"], rand["y_true"]):
@@ -167,7 +167,7 @@ def paired_probe_gain(out: Path, out_random: Path, bootstrap: int) -> dict:
 
 
 def zero_shot(checkpoint, root, out, test_fold: int, bootstrap: int, table) -> dict:
-    from melp_ray.eval.modes import evaluate
+    from melp_ray.eval_plan.modes import evaluate
 
     r = evaluate(evaluate_args(checkpoint, root, out, "zeroshot", test_fold, "--task", "super",
                                "--bootstrap", str(bootstrap)), embed=table)
@@ -177,8 +177,8 @@ def zero_shot(checkpoint, root, out, test_fold: int, bootstrap: int, table) -> d
 
 def retrieval(checkpoint, root, out, test_fold: int, table) -> dict:
     """Recall@k (both directions and their mean), chance k/N, and the duplicate reports."""
-    from melp_ray.eval.modes import evaluate
-    from melp_ray.eval.plan import build_plan
+    from melp_ray.eval_plan.modes import evaluate
+    from melp_ray.eval_plan.plan import build_plan
 
     r = evaluate(evaluate_args(checkpoint, root, out, "retrieval", test_fold), embed=table)
     n = int(r["n_pairs"])
@@ -208,7 +208,7 @@ def chance_with_ties(reports: list[str], draws: int = 200, seed: int = 0) -> dic
     import numpy as np
 
     from melp_ray.eval.metrics import recall_at_k
-    from melp_ray.eval.modes import report_similarity
+    from melp_ray.eval_plan.modes import report_similarity
 
     rng = np.random.default_rng(seed)
     n = len(reports)
@@ -225,7 +225,7 @@ def ecg_cosine(checkpoint, root, out, test_fold: int, table) -> dict:
     """Mean pairwise cosine of the rhythm embeddings of the held-out records."""
     from melp_ray.eval.embeddings import drop_rejected
     from melp_ray.eval.metrics import mean_pairwise_cosine
-    from melp_ray.eval.plan import build_plan
+    from melp_ray.eval_plan.plan import build_plan
 
     plan = build_plan(evaluate_args(checkpoint, root, out, "retrieval", test_fold))
     data = drop_rejected(table(plan.splits["test"], {"ecg_emb": ("encode_ecg", "ecg")}), {})

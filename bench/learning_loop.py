@@ -31,9 +31,10 @@ def load_batches(cfg, root: str):
     import numpy as np
     import torch
 
-    from melp_ray.data.records import RecordRejected, load_signal
+    from melp_ray.data.records import load_signal
+    from melp_ray.data.rejections import RecordRejected
     from melp_ray.data.sources import scan_records
-    from melp_ray.data.stream import StreamSpec, finish_batch
+    from melp_ray.train.stream import StreamSpec, finish_batch
 
     spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
@@ -115,7 +116,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
     import torch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from melp_ray.losses import compute_losses
+    from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP
     from melp_ray.pretrain import augment
 

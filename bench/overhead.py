@@ -32,7 +32,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
     (one-process gloo group, the recipe's DeepSpeed config) to split the gap into its parts."""
     import torch
 
-    from melp_ray.losses import MELPLoss
+    from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.pretrain import augment
     from melp_ray.train.recipe import lr_schedule, param_groups
@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     info = C.machine()
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.stream import StreamSpec, shard_files, shards_dataset
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.rows import shard_files
+    from melp_ray.train.stream import StreamSpec, shards_dataset
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     tmp = tempfile.TemporaryDirectory(prefix="melp-bench-overhead-")
     shards_root = str(Path(tmp.name) / "shards")

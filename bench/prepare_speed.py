@@ -37,7 +37,7 @@ def workloads(smoke: bool) -> list[dict]:
 
 
 def timed_prepare(work: dict, out: str) -> dict:
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     start = time.perf_counter()
     manifest = prepare(PrepareSettings(dataset="ptb-xl", root=work["root"], out=out,

@@ -69,7 +69,7 @@ def source_root() -> str | None:
 
 def prepare_one(root: str, out: str, num_cpus: int, shard_size: int, warm_up: bool) -> dict:
     """In a fresh process: time ``prepare`` of ``root``; sample this driver's RSS meanwhile."""
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     C.start_ray(num_cpus)
     if warm_up:   # untimed: Ray spawns and imports its worker processes once
@@ -136,7 +136,8 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
     import ingest as I
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.stream import StreamSpec, shard_files, shards_dataset, split_refs
+    from melp_ray.data.rows import shard_files, split_refs
+    from melp_ray.train.stream import StreamSpec, shards_dataset
 
     cfg = load_config(PretrainConfig, "paper", [])
     batch = cfg.train.micro_batch_size

@@ -36,7 +36,8 @@ def workloads(smoke: bool) -> list[dict]:
 
 
 def load_records(work: dict) -> list[tuple]:
-    from melp_ray.data.records import RecordRejected, load_signal
+    from melp_ray.data.records import load_signal
+    from melp_ray.data.rejections import RecordRejected
     from melp_ray.data.sources import list_records
 
     refs = list_records("ptb-xl", work["root"], limit=work["limit"], sample_rate=work["rate"])

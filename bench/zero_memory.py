@@ -164,7 +164,7 @@ def rank_main(rank: int, world: int, port: int, stage: str, precision: str, smok
     import deepspeed
 
     from melp_ray.config import TrainConfig
-    from melp_ray.losses import compute_losses
+    from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP, count_parameters
     from melp_ray.train.deepspeed_config import deepspeed_config
     from melp_ray.train.recipe import param_groups
@@ -222,7 +222,7 @@ def ds_config(spec: str):
 def run_stage(stage: str, precision: str, smoke: bool, out_dir: str, world: int = 2) -> list[dict]:
     import torch.multiprocessing as mp
 
-    from melp_ray.distributed import free_port
+    from melp_ray.utils.distributed import free_port
 
     mp.start_processes(rank_main, args=(world, free_port(), stage, precision, smoke, out_dir),
                        nprocs=world, start_method="spawn", join=True)

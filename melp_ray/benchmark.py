@@ -8,7 +8,7 @@ checkpoint and for the same architecture with untrained weights, embedding each 
 once per model, and writes OUT/table.md, OUT/table.csv and OUT/results.json (plus each
 run's results and ROC plot under OUT/runs/). The suite file and every dataset's options
 are checked before Ray starts; a problem is a usage error (exit code 2). The work lives in
-``melp_ray.eval.benchmark``.
+``melp_ray.eval_plan.benchmark``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from melp_ray.eval.datasets import EvalError
-from melp_ray.eval.plan_checks import check_at_least, check_output_folder
+from melp_ray.eval_plan.plan_checks import check_at_least, check_output_folder
+from melp_ray.eval_plan.tracking import (add_tracking_arguments, benchmark_scalars, benchmark_table,
+                                        log_results)
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 
@@ -38,11 +40,12 @@ def make_parser() -> argparse.ArgumentParser:
                         "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
+    add_tracking_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from melp_ray.eval.benchmark import plan_benchmark, run_benchmark
+    from melp_ray.eval_plan.benchmark import plan_benchmark, run_benchmark
 
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -54,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))   # exit code 2, before Ray starts
     for skipped in bench.skipped:
         print(f"[melp_ray] skipping {skipped['dataset']}: {skipped['reason']}")
-    run_benchmark(bench, actors=args.actors, verbose=args.verbose)
+    results = run_benchmark(bench, actors=args.actors, verbose=args.verbose)
     print(f"[melp_ray] wrote {Path(args.out) / 'table.md'}")
+    log_results(args, job_type="benchmark", scalars=benchmark_scalars(results),
+                table=benchmark_table(results),
+                config={"checkpoint": results["checkpoint"], "suite": results["suite"],
+                        **results["settings"]},
+                text_file=str(Path(args.out) / "table.md"))
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from collections.abc import Sequence
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config_parsing import (ConfigError, apply_preset, from_dict, load_yaml, parse_override,
                                      set_dotted)
 from melp_ray.model.config import ModelConfig
@@ -141,7 +141,7 @@ class RunConfig:
     # TensorBoard event files of the same scalars as metrics.jsonl, in <run dir>/tensorboard.
     tensorboard: bool = False
     # True: the libraries (Ray Train/Data, DeepSpeed, transformers) print at their own default
-    # levels; False: only their warnings and errors (melp_ray/console.py). CLI: --verbose.
+    # levels; False: only their warnings and errors (melp_ray/utils/console.py). CLI: --verbose.
     verbose: bool = False
 
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from melp_ray.console import summary_table
+from melp_ray.utils.console import summary_table
 from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
                              config_keys, load_config)
-from melp_ray.distributed import gather_rows, sum_over_ranks
-from melp_ray.losses import gather_no_grad
+from melp_ray.utils.distributed import gather_rows, sum_over_ranks
+from melp_ray.model.losses import gather_no_grad
 from melp_ray.train.init_from import check_init_from
 from melp_ray.train.recipe import DeepSpeedRecipe
 
@@ -55,7 +55,7 @@ class PretrainRecipe(DeepSpeedRecipe):
         self.loss_fn = self.build_loss()
 
     def build_loss(self):
-        from melp_ray.losses import MELPLoss
+        from melp_ray.model.losses import MELPLoss
 
         w = self.cfg.loss
         return MELPLoss.from_model_config(self.cfg.model, rhythm=w.rhythm, token=w.token,
@@ -65,7 +65,7 @@ class PretrainRecipe(DeepSpeedRecipe):
         """The train split's shard files (with their kept rows) when each epoch deals them
         out anew, else None (raw roots, materialized data, ``data.reassign_shards=false``)."""
         from melp_ray.data.sources import detect_layout
-        from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
+        from melp_ray.data.rows import resolve_root, shard_rows, split_shard_files
 
         d = self.cfg.data
         root = resolve_root(d.root)
@@ -77,7 +77,8 @@ class PretrainRecipe(DeepSpeedRecipe):
         """Streamed shards: this epoch's rows for this rank (``deal_rows``)."""
         if self.epoch_rows is None:
             return self.train_data
-        from melp_ray.data.stream import deal_rows, slices_dataset
+        from melp_ray.data.rows import deal_rows
+        from melp_ray.train.stream import slices_dataset
 
         slices = deal_rows(self.epoch_rows, self.world, self.rank, epoch, self.cfg.train.seed)
         return slices_dataset(slices, self.spec, self.cfg.data.exclude_folds)
@@ -227,7 +228,7 @@ class PretrainRecipe(DeepSpeedRecipe):
     def zero_shot_auroc(self, ecg_emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         from melp_ray.eval.metrics import macro_auroc
         from melp_ray.data.ptbxl import SUPERCLASSES
-        from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+        from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 
         from melp_ray.eval.zero_shot import prompt_embeddings
 
@@ -295,7 +296,7 @@ def retrieval_recall(ecg_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str,
 def stream_spec(cfg: PretrainConfig):
     """What the data pipelines must produce for this model (from shards of another rate:
     resampled on reading)."""
-    from melp_ray.data.stream import StreamSpec
+    from melp_ray.train.stream import StreamSpec
 
     return StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length,
@@ -306,7 +307,7 @@ def shard_rate(data_cfg) -> int | None:
     """The rate prepared shards are stored at (their manifest), None for a raw root."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
-    from melp_ray.data.stream import resolve_root
+    from melp_ray.data.rows import resolve_root
 
     root = resolve_root(data_cfg.root)
     if data_cfg.dataset not in ("auto", "shards") or detect_layout(root) != "shards":
@@ -318,7 +319,7 @@ def shard_rate(data_cfg) -> int | None:
 def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """One dataset per rank and split; ``data_info`` (if given) receives what goes in."""
-    from melp_ray.data.stream import split_datasets
+    from melp_ray.train.stream import split_datasets
 
     spec = stream_spec(cfg)
     kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
@@ -373,7 +374,7 @@ def check_shards_fit(cfg: PretrainConfig) -> None:
     column per file), as the workers will count them."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
-    from melp_ray.data.stream import resolve_root, shard_rows, split_shard_files
+    from melp_ray.data.rows import resolve_root, shard_rows, split_shard_files
 
     d, t = cfg.data, cfg.train
     if d.root is None or (d.dataset if d.dataset != "auto" else detect_layout(d.root)) != "shards":
@@ -419,7 +420,7 @@ def run(cfg: PretrainConfig, callbacks: list | None = None,
     ``in_process``: run the one worker (``train.num_workers=1``) in this process instead of
     on Ray Train (``launcher.fit_in_process``: debugging, tests of the recipe's logic).
     """
-    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray, quiet_data_progress_bars
     from melp_ray.train.launcher import fit_and_summarise, fit_in_process
 
     check_data_root(cfg.data)

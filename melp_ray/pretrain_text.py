@@ -22,13 +22,13 @@ import argparse
 import sys
 from typing import Any
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import ConfigError, check_data_root, config_keys, load_config
-from melp_ray.text.config import TextPretrainConfig, tokenizer_source
-from melp_ray.text.corpus import build_datasets, prepare_tokenizer
-from melp_ray.console import summary_table
-from melp_ray.text.export import export_hf_model
-from melp_ray.text.mlm import TextPretrainRecipe
+from melp_ray.text_mlm.config import TextPretrainConfig, tokenizer_source
+from melp_ray.text_mlm.corpus import build_datasets, prepare_tokenizer
+from melp_ray.utils.console import summary_table
+from melp_ray.text_mlm.export import export_hf_model
+from melp_ray.text_mlm.recipe import TextPretrainRecipe
 
 DEFAULT_CONFIG = "text_tiny"
 HF_FOLDER = "hf_text_model"          # <storage>/<name>/hf_text_model
@@ -38,8 +38,8 @@ def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None 
         in_process: bool = False) -> dict[str, Any]:
     """Train (or resume), export the final checkpoint as a HF folder; returns the summary.
     ``in_process``: as in ``melp_ray.pretrain.run`` (one worker, in this process)."""
-    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
-    from melp_ray.text.wordpiece import load_tokenizer_folder
+    from melp_ray.utils.ray_connect import init_ray, quiet_data_progress_bars
+    from melp_ray.text_mlm.wordpiece import load_tokenizer_folder
     from melp_ray.train.launcher import fit_and_summarise, fit_in_process
     from melp_ray.train.metrics import run_dir
 

@@ -36,6 +36,18 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
 # waited on in the next one (a worker only counts as hung after 10 minutes), so polling every
 # 0.5 s only shortens that delay, for four times as many (tiny) poll calls.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray keeps at most one idle worker process per CPU (2 here) and ends the rest a second after
+# they go idle, so every Ray Data pipeline (each split, rank and run) started new task
+# workers, each importing torch and transformers again (~5 CPU-s apiece). Keeping up to 8 lets
+# the session's runs (and the CLI runs, which inherit this environment) reuse them. The
+# preemption watcher (an actor per Ray Train run) has nothing to watch on one machine; the CLI
+# turns it off the same way (utils.ray_connect.init_ray).
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# A raylet waits a fixed time for its dashboard agent's port file and aborts after that
+# ("Timed out waiting for file ...dashboard_agent_listen_port"): seen for the `ray start
+# --head` of the job-submission test with the suite's two processes busy. Wait up to 2 min.
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
 # Dummy credentials for the local S3 server of tests/data/test_data_object_store.py. Ray
 # workers keep the environment of the moment Ray started, so the session's workers get them
@@ -47,6 +59,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# Session fixtures cheap enough for each pytest-xdist worker to build its own.
+CHEAP_SHARED_FIXTURES = {"ray_local", "bundled_ptbxl", "shared_ptbxl", "fast_overrides",
+                         "tiny_cfg", "s3_test_credentials", "make_shards", "challenge_root",
+                         "code15_root", "tmp_path_factory", "worker_id", "testrun_uid"}
+
+
+# tryfirst: pytest-xdist's own hook reads the xdist_group markers, so they must be set before.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Every test that needs the session's Ray instance (itself or through a fixture that
     trains with it) is marked ``slow``, like the ones marked by hand (subprocess runs,
@@ -57,6 +77,37 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
+    group_tests_that_share_costly_fixtures(items)
+
+
+def group_tests_that_share_costly_fixtures(items) -> None:
+    """``pytest -n 2`` (pyproject's addopts) runs tests on two worker processes
+    (``--dist loadgroup``): tests that share a module- or session-scoped fixture that trains
+    or prepares something go to the same worker (one ``xdist_group``), so each such fixture
+    is still built once per run. Connected through any shared fixture (union-find)."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys_of = {}
+    for item in items:
+        keys = []
+        for name in item.fixturenames:
+            defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+            scope = defs[-1].scope if defs else "function"
+            if scope == "module":
+                keys.append(f"{item.nodeid.split('::')[0]}::{name}")
+            elif scope == "session" and name not in CHEAP_SHARED_FIXTURES:
+                keys.append(name)
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        keys_of[item] = keys
+    for item, keys in keys_of.items():
+        if keys:
+            item.add_marker(pytest.mark.xdist_group(root(keys[0])))
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +119,7 @@ def ray_local():
         # address="local": a private instance, never a cluster some other process started.
         # Its processes inherit the environment of this moment (the settings above, and the
         # S3 credentials only for them): no runtime_env, which costs each worker start ~1 s.
-        from melp_ray.ray_utils import init_local_ray
+        from melp_ray.utils.ray_connect import init_local_ray
 
         with mock.patch.dict(os.environ, S3_TEST_CREDENTIALS):
             init_local_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
@@ -126,7 +177,7 @@ def _live_weights_recipe():
     """PretrainRecipe that also writes the final *live* weights beside the run (rank 0):
     gathered from the DeepSpeed engine on every rank, not read from the checkpoint files,
     so weights rebuilt from a checkpoint can be checked against an independent source."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.pretrain import PretrainRecipe
 
     class LiveWeightsRecipe(PretrainRecipe):
@@ -135,7 +186,7 @@ def _live_weights_recipe():
             import tempfile
 
             from safetensors.torch import save_file
-            from melp_ray.checkpoint import gathered_state_dict
+            from melp_ray.hub.checkpoint import gathered_state_dict
             from melp_ray.train.metrics import run_dir
 
             state = gathered_state_dict(self.engine.module)   # collective: every rank
@@ -159,7 +210,7 @@ def tiny_runs(ray_local, tiny_cfg, tmp_path_factory) -> dict:
     ``s3://``/``gs://``, with the local disk standing in for the bucket).
     Each value is ``(summary, live_weights)``; ``"bucket"`` is the URI's local folder."""
     from safetensors.torch import load_file
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.pretrain import run
 
     bucket = tmp_path_factory.mktemp("bucket")

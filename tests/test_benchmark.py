@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tracking_fixture import read_tensorboard_scalars, wandb_offline_runs
 
 from melp_ray import benchmark
-from melp_ray.eval.bench_report import column_label
+from melp_ray.eval_plan.bench_report import column_label
 
 REPO = Path(__file__).resolve().parents[1]
 # The bundled sample has folds 1-6: probe on 1-4, stop on 5, score on 6.
@@ -86,7 +87,7 @@ def test_missing_checkpoint_exits_2_before_ray_starts(tmp_path):
 
 
 def test_shipped_suite_plans_every_task_on_the_bundled_sample(config_only_export, tmp_path):
-    from melp_ray.eval.benchmark import expand_runs, plan_benchmark
+    from melp_ray.eval_plan.benchmark import expand_runs, plan_benchmark
     from melp_ray.data.sources import bundled_root
 
     bench = plan_benchmark(str(config_only_export), benchmark.DEFAULT_SUITE, tmp_path)
@@ -102,7 +103,7 @@ def test_shipped_suite_plans_every_task_on_the_bundled_sample(config_only_export
 
 @pytest.fixture(scope="module")
 def bench_run(tiny_checkpoint, code15_root, tmp_path_factory):
-    from melp_ray.eval.benchmark import plan_benchmark
+    from melp_ray.eval_plan.benchmark import plan_benchmark
 
     tmp = tmp_path_factory.mktemp("bench")
     missing = tmp / "no-cpsc2018"
@@ -110,8 +111,12 @@ def bench_run(tiny_checkpoint, code15_root, tmp_path_factory):
     suite = _suite(tmp, **{"ptb-xl": _ptbxl(), "cpsc2018": {"root": str(missing)},
                            "code-15": code})
     out = tmp / "out"
-    assert benchmark.main(["--checkpoint", tiny_checkpoint, "--suite", str(suite),
-                           "--out", str(out), "--actors", "0"]) == 0
+    with pytest.MonkeyPatch.context() as env:   # W&B without a server or key
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        assert benchmark.main(["--checkpoint", tiny_checkpoint, "--suite", str(suite),
+                               "--out", str(out), "--actors", "0", "--tensorboard", "--wandb",
+                               "--wandb-group", "bench-test"]) == 0
     plan = plan_benchmark(tiny_checkpoint, str(suite), out)   # what the run embedded
     return {"out": out, "missing": missing, "plan": plan,
             "results": json.loads((out / "results.json").read_text())}
@@ -206,3 +211,32 @@ def test_embeddings_computed_once_per_dataset_and_model(bench_run):
         assert acc["records_embedded"] == len(unique)
         assert acc["runs_served"] == len(TASKS) + len(TASKS) * len(FRACTIONS)
         assert acc["columns"] == ["ecg_emb", "ecg_feat"]
+
+
+def test_table_is_logged_to_tensorboard_and_wandb_at_the_checkpoint_step(bench_run):
+    """--tensorboard / --wandb: each scored table cell's AUROC and CI as scalars at the
+    checkpoint's step (the tiny run's 30), the table.csv rows as a W&B table."""
+    cells = bench_run["results"]["cells"]
+    expected = {}
+    for cell in cells:
+        if cell["status"] == "ok":
+            column = "/".join(str(p) for p in (cell["dataset"], cell["task"], cell["fraction"])
+                              if p is not None).replace("/1.0", "/1")
+            for k in ("macro_auroc", "ci_low", "ci_high"):
+                expected[f"{cell['table']}/{cell['model']}/{column}/{k}"] = cell[k]
+    assert "linear/random_init/ptb-xl/super/0.1/macro_auroc" in expected
+    scalars = read_tensorboard_scalars(bench_run["out"] / "tensorboard")
+    assert set(scalars) - {"results/text_summary"} == set(expected)
+    for key, value in expected.items():
+        assert scalars[key] == [(30, pytest.approx(value, abs=1e-6))]   # float32 in the file
+
+    (run,) = wandb_offline_runs(bench_run["out"] / "wandb")
+    assert run["job_type"] == "benchmark" and run["group"] == "bench-test"
+    assert run["config"]["bootstrap"] == 50 and run["config"]["suite"].endswith("suite.yaml")
+    (logged,) = run["history"]
+    assert logged["_step"] == 30
+    assert {k: v for k, v in logged.items() if not k.startswith(("_", "results/"))} == expected
+    table = json.loads(next((bench_run["out"] / "wandb").glob(
+        "offline-run-*/files/" + logged["results/path"])).read_text())
+    assert len(table["data"]) == len(cells)
+    assert {row[table["columns"].index("status")] for row in table["data"]} == {"ok", "skipped"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melp_ray.cluster import (
+from melp_ray.utils.cluster_checks import (
     ClusterConfigError,
     check_kuberay_manifest,
     install_order_problems,

@@ -98,13 +98,13 @@ def test_bad_exclude_folds_are_named(value, message):
 
 def test_configs_load_without_transformers_and_hf_registers_the_auto_classes():
     """Every Ray process that unpickles a config imports melp_ray: transformers (seconds) must
-    not come with it; ``import melp_ray.hf`` is what registers model_type "melp_ray"."""
+    not come with it; ``import melp_ray.hub.hf`` is what registers model_type "melp_ray"."""
     import subprocess
     import sys
 
     code = ("import sys; from melp_ray.config import PretrainConfig, load_config; "
             "load_config(PretrainConfig, 'small'); print('transformers' in sys.modules); "
-            "import melp_ray.hf; from transformers import AutoConfig; "
+            "import melp_ray.hub.hf; from transformers import AutoConfig; "
             "print(type(AutoConfig.for_model('melp_ray')).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()

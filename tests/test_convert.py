@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from melp_ray.convert import build_model, main
-from melp_ray.reference_files import ConversionError, ReferenceWeights, read_reference
+from melp_ray.convert import main
+from melp_ray.hub.convert import build_model
+from melp_ray.hub.reference_files import ConversionError, ReferenceWeights, read_reference
 
 WORDS = ["sinus", "rhythm", "normal", "ecg", "left", "axis", "deviation", "atrial",
          "fibrillation", "block", "bundle", "branch", "right", "ventricular", "##s", "rate"]
@@ -187,7 +188,7 @@ def test_paper_size_checkpoint_fills_every_key_strictly(tmp_path):
     assert (cfg.ecg_width, cfg.ecg_layers, cfg.ecg_heads, cfg.ecg_ffn, cfg.conv_layers,
             cfg.num_beat_queries, cfg.num_caption_queries, cfg.decoder_layers,
             cfg.text_frozen_layers) == (768, 8, 12, 3072, 4, 12, 128, 6, 6)
-    from melp_ray.reference_weights import matching_preset
+    from melp_ray.hub.reference_weights import matching_preset
     assert matching_preset(cfg) == "paper"
     assert vocabulary == {"embedding_rows": len(WORDS) + 7, "bos_row": len(WORDS) + 6}
     ours = model.state_dict()
@@ -199,7 +200,7 @@ def test_paper_size_checkpoint_fills_every_key_strictly(tmp_path):
 
 
 def test_small_checkpoint_converts_to_a_loadable_export_folder(small):
-    from melp_ray.checkpoint import is_exported_folder, load_model
+    from melp_ray.hub.checkpoint import is_exported_folder, load_model
 
     out = small["out"]
     assert is_exported_folder(str(out))
@@ -223,7 +224,7 @@ def test_small_checkpoint_converts_to_a_loadable_export_folder(small):
 
 
 def test_canonical_leads_give_the_reference_output_of_mimic_ordered_leads(small):
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     model = load_model(str(small["out"]))
     reference_conv = small["state"][BACKBONE + "feature_extractor.conv_layers.0.0.weight"]
@@ -246,7 +247,7 @@ def test_canonical_leads_give_the_reference_output_of_mimic_ordered_leads(small)
 
 
 def test_transposed_reference_matrices_act_as_the_reference_uses_them(small):
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     model = load_model(str(small["out"]))
     ref = small["state"]
@@ -318,7 +319,7 @@ def as_numpy1_pickle(ckpt: Path) -> Path:
 def test_lightning_checkpoint_pickled_under_numpy1_converts(small, tmp_path):
     """The numpy scalar in ``hyper_parameters`` under its numpy-1 module path is allowed
     (exactly the numpy globals, still weights_only=True), and converts to the same model."""
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     ckpt = as_numpy1_pickle(small["ckpt"])
     out = tmp_path / "converted"
@@ -339,8 +340,8 @@ def test_missing_reference_path_exits_2(small, tmp_path, capsys):
 def test_melp_encoder_folder_converts_the_ecg_side(tmp_path):
     from safetensors.torch import save_file
 
-    from melp_ray.checkpoint import load_model
-    from melp_ray.reference_weights import ECG_PARTS
+    from melp_ray.hub.checkpoint import load_model
+    from melp_ray.hub.reference_weights import ECG_PARTS
 
     folder = tmp_path / "MELP_Encoder"
     folder.mkdir()

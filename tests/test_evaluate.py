@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tracking_fixture import read_tensorboard_scalars, wandb_offline_runs
 
 from melp_ray import evaluate
 from melp_ray.data.ptbxl import SUPERCLASSES, list_ptbxl
-from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 from melp_ray.data.records import load_signal
-from melp_ray.data.stream import minmax_normalise
+from melp_ray.data.records import minmax_normalise
 
 # The bundled sample has folds 1-6 only: probe on 1-4, stop on 5, score on 6.
 LINEAR_FOLDS = ["--train-folds", "1-4", "--val-folds", "5", "--test-folds", "6"]
@@ -46,7 +47,7 @@ def _evaluate(checkpoint, root, out: Path, *options: str) -> dict:
 @pytest.fixture(scope="module")
 def direct_test_embeddings(tiny_checkpoint, bundled_ptbxl):
     """Test-fold embeddings computed in-process, without Ray: the reference side."""
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     model = load_model(tiny_checkpoint)
     refs = [r for r in list_ptbxl(bundled_ptbxl, sample_rate=100) if r.strat_fold == TEST_FOLD]
@@ -78,7 +79,7 @@ def _assert_classification_files(out: Path, results: dict) -> None:
 def zeroshot_reference(direct_test_embeddings, bundled_ptbxl):
     """Superclass zero-shot AUROC on the test fold, computed without Ray."""
     from melp_ray.eval.metrics import macro_auroc
-    from melp_ray.eval.prompts import ptbxl_prompts
+    from melp_ray.text.prompts import ptbxl_prompts
     from melp_ray.eval.zero_shot import prompt_embeddings, zero_shot_scores
 
     refs, model = direct_test_embeddings["refs"], direct_test_embeddings["model"]
@@ -122,7 +123,7 @@ def test_zeroshot_end_to_end_matches_in_process_scores(tiny_checkpoint, bundled_
 
 def test_exported_folder_gives_the_same_zeroshot_result(tiny_checkpoint, bundled_ptbxl,
                                                         zeroshot_reference, tmp_path):
-    from melp_ray.export import export
+    from melp_ray.hub.export import export
 
     export(tiny_checkpoint, str(tmp_path / "hf"))
     results = _evaluate(tmp_path / "hf", bundled_ptbxl, tmp_path / "out", "--mode", "zeroshot",
@@ -219,7 +220,7 @@ def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled
 
 def test_generation_end_to_end_matches_in_process_generate(tiny_checkpoint, bundled_ptbxl,
                                                          tmp_path):
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
     from melp_ray.eval.generation import generation_metrics
 
     results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "generation",
@@ -274,11 +275,15 @@ def test_split_dir_zeroshot_scores_every_listed_record(tiny_checkpoint, bundled_
 
 # ---------------------------------------------------------------- CPSC2018
 
-def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path):
+def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_root, tmp_path,
+                                                  monkeypatch):
     from melp_ray.data.physionet_labels import CPSC2018_CLASSES
 
+    monkeypatch.setenv("WANDB_MODE", "offline")   # W&B without a server or key
+    monkeypatch.setenv("WANDB_SILENT", "true")
     results = _evaluate(tiny_checkpoint, challenge_root, tmp_path, "--dataset", "cpsc2018",
-                        "--mode", "zeroshot", "--test-folds", "1-10")
+                        "--mode", "zeroshot", "--test-folds", "1-10",
+                        "--tensorboard", "--wandb", "--wandb-group", "eval-test")
     _assert_classification_files(tmp_path, results)
     assert results["class_names"] == list(CPSC2018_CLASSES)
     test = results["records"]["test"]
@@ -288,6 +293,33 @@ def test_cpsc2018_zeroshot_names_rejected_records(tiny_checkpoint, challenge_roo
     no_label = results["records"]["excluded_before_loading"].get("no_label", [])
     assert test["used"] + 2 + len(no_label) == 62
     assert "wrong_length" in (tmp_path / "results.md").read_text()
+    _assert_results_tracked(tmp_path, results)
+
+
+def _assert_results_tracked(out: Path, results: dict) -> None:
+    """--tensorboard / --wandb: results.json's numbers at the checkpoint's step (the tiny
+    run's 30), the per-class AUROC as a W&B table, the settings as the W&B config."""
+    expected = {"macro_auroc": results["macro_auroc"], "ci/low": results["ci"][0],
+                "ci/high": results["ci"][1], "n_samples": results["n_samples"],
+                **{f"per_class/{c}": v for c, v in results["per_class"].items()
+                   if isinstance(v, float) and np.isfinite(v)}}
+    assert any(key.startswith("per_class/") for key in expected)
+    scalars = read_tensorboard_scalars(out / "tensorboard")
+    assert set(scalars) - {"results/text_summary"} == set(expected)
+    for key, value in expected.items():
+        assert scalars[key] == [(30, pytest.approx(value, abs=1e-6))]   # float32 in the file
+
+    (run,) = wandb_offline_runs(out / "wandb")
+    assert run["job_type"] == "evaluate" and run["group"] == "eval-test"
+    assert {k: run["config"][k] for k in ("mode", "dataset")} == {"mode": "zeroshot",
+                                                                  "dataset": "cpsc2018"}
+    (logged,) = run["history"]
+    assert logged["_step"] == 30
+    assert {k: v for k, v in logged.items() if not k.startswith(("_", "results/"))} == expected
+    table = json.loads(next((out / "wandb").glob(
+        "offline-run-*/files/" + logged["results/path"])).read_text())
+    assert table["columns"] == ["class", "auroc"]
+    assert {c: v for c, v in table["data"]} == results["per_class"]
 
 
 def test_cpsc2018_crop_keeps_the_five_second_record(tiny_checkpoint, challenge_root, tmp_path):
@@ -336,8 +368,8 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
     import functools
 
     from melp_ray.eval.embeddings import EmbeddingTable, build_model
-    from melp_ray.eval.modes import evaluate as run_mode
-    from melp_ray.eval.plan import build_plan
+    from melp_ray.eval_plan.modes import evaluate as run_mode
+    from melp_ray.eval_plan.plan import build_plan
 
     def args_for(out, *options):
         return evaluate.make_parser().parse_args([

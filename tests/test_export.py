@@ -4,7 +4,7 @@ Two real Ray Train + DeepSpeed pretraining runs (2 workers, 6 steps; ``tiny_runs
 conftest, shared with the pretraining tests) are made once per session:
 ZeRO-2 into a local folder, ZeRO-3 into a ``file://`` URI. The URI goes through
 ``pyarrow.fs.FileSystem.from_uri`` exactly like ``s3://``/``gs://`` do (in Ray Train and
-in ``melp_ray.storage``), with the local disk standing in for the bucket.
+in ``melp_ray.utils.storage``), with the local disk standing in for the bucket.
 
 Each run also saves its *live* weights at the end of training (gathered from the
 DeepSpeed engine on every rank, not read from the checkpoint files), so the weights
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from model_fixture import REFUSE_MELP_RAY
 
 REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response.",
@@ -44,7 +44,7 @@ def ecg() -> torch.Tensor:
     import numpy as np
     from melp_ray.data.sources import bundled_root, list_records
     from melp_ray.data.records import load_signal
-    from melp_ray.data.stream import minmax_normalise
+    from melp_ray.data.records import minmax_normalise
 
     root = bundled_root()
     refs = list_records("ptb-xl", root, limit=3, sample_rate=100)
@@ -54,7 +54,7 @@ def ecg() -> torch.Tensor:
 
 @pytest.mark.parametrize("key", ["zero2", "zero3"])
 def test_consolidated_weights_equal_live_weights(runs, key):
-    from melp_ray.checkpoint import consolidated_state_dict
+    from melp_ray.hub.checkpoint import consolidated_state_dict
 
     summary, live = runs[key]
     state = consolidated_state_dict(summary["last_checkpoint"])
@@ -64,7 +64,7 @@ def test_consolidated_weights_equal_live_weights(runs, key):
         assert torch.equal(tensor, live[name]), name
     # The run really trained: the live weights moved away from the seeded initialisation.
     from melp_ray.model import MELP
-    from melp_ray.checkpoint import checkpoint_config
+    from melp_ray.hub.checkpoint import checkpoint_config
     from melp_ray.config import model_config_from_dict
 
     torch.manual_seed(0)
@@ -74,12 +74,12 @@ def test_consolidated_weights_equal_live_weights(runs, key):
 
 @pytest.mark.parametrize("key", ["zero2", "zero3"])
 def test_export_round_trip_gives_identical_embeddings(runs, key, tmp_path, ecg):
-    import melp_ray.hf  # noqa: F401  (registers model_type "melp_ray")
+    import melp_ray.hub.hf  # noqa: F401  (registers model_type "melp_ray")
     from safetensors.torch import load_file
     from transformers import AutoModel
-    from melp_ray.checkpoint import load_model_from_checkpoint, model_from_state_dict
-    from melp_ray.export import export
-    from melp_ray.hf import MELPHFModel
+    from melp_ray.hub.checkpoint import load_model_from_checkpoint, model_from_state_dict
+    from melp_ray.hub.export import export
+    from melp_ray.hub.hf import MELPHFModel
 
     summary, live = runs[key]
     out = tmp_path / "hf"
@@ -166,7 +166,7 @@ def loaded_without_melp_ray(runs, tmp_path_factory, ecg) -> dict:
     import subprocess
     import sys
     import numpy as np
-    from melp_ray.export import export
+    from melp_ray.hub.export import export
 
     tmp = tmp_path_factory.mktemp("remote_code")
     summary, _ = runs["zero2"]
@@ -186,7 +186,7 @@ def loaded_without_melp_ray(runs, tmp_path_factory, ecg) -> dict:
 
 def test_exported_folder_loads_with_only_transformers(loaded_without_melp_ray, ecg):
     """trust_remote_code: the folder's own code gives melp_ray's embeddings and zero-shot scores."""
-    from melp_ray.checkpoint import load_model_from_checkpoint
+    from melp_ray.hub.checkpoint import load_model_from_checkpoint
     from melp_ray.eval.zero_shot import prompt_embeddings, zero_shot_scores
 
     info, arrays = loaded_without_melp_ray["info"], loaded_without_melp_ray["arrays"]
@@ -208,7 +208,7 @@ def test_exported_folder_loads_with_only_transformers(loaded_without_melp_ray, e
 
 
 def test_exported_folder_generates_reports_with_only_transformers(loaded_without_melp_ray, ecg):
-    from melp_ray.checkpoint import load_model_from_checkpoint
+    from melp_ray.hub.checkpoint import load_model_from_checkpoint
 
     generated = loaded_without_melp_ray["info"]["generated"]
     model = load_model_from_checkpoint(loaded_without_melp_ray["checkpoint"])
@@ -217,7 +217,7 @@ def test_exported_folder_generates_reports_with_only_transformers(loaded_without
 
 
 def test_generated_code_refuses_what_would_break_it(monkeypatch):
-    from melp_ray import hub_code
+    from melp_ray.hub import custom_code as hub_code
 
     modeling = hub_code.render_modeling()
     assert "import melp_ray" not in modeling and "from melp_ray" not in modeling
@@ -234,7 +234,7 @@ def test_generated_code_refuses_what_would_break_it(monkeypatch):
 
 
 def test_run_writes_checkpoints_and_summary_to_uri_storage(runs):
-    from melp_ray.checkpoint import is_training_checkpoint, load_model, resolve_checkpoint
+    from melp_ray.hub.checkpoint import is_training_checkpoint, load_model, resolve_checkpoint
 
     summary, _ = runs["zero3"]
     bucket = runs["bucket"]
@@ -253,8 +253,8 @@ def test_run_writes_checkpoints_and_summary_to_uri_storage(runs):
 
 
 def test_load_model_accepts_checkpoint_and_exported_folder(runs, tmp_path, ecg):
-    from melp_ray.checkpoint import load_model
-    from melp_ray.export import export
+    from melp_ray.hub.checkpoint import load_model
+    from melp_ray.hub.export import export
     from melp_ray.model import MELP
 
     summary, _ = runs["zero2"]
@@ -268,10 +268,10 @@ def test_load_model_accepts_checkpoint_and_exported_folder(runs, tmp_path, ecg):
 
 def test_shared_tensors_are_exported_and_reload(tmp_path):
     """Tied parameters: safetensors refuses shared memory; the export de-aliases them."""
-    import melp_ray.hf  # noqa: F401
+    import melp_ray.hub.hf  # noqa: F401
     from safetensors.torch import load_file
     from transformers import AutoModel
-    from melp_ray.hf import MELPHFModel
+    from melp_ray.hub.hf import MELPHFModel
     from melp_ray.model import MELP
     from melp_ray.model.config import model_config_from_preset
 
@@ -292,7 +292,7 @@ def test_shared_tensors_are_exported_and_reload(tmp_path):
 
 def test_exported_model_config_builds_the_saved_architecture(tmp_path):
     """What `evaluate --random-init` and `train.init_from` read from an export folder."""
-    from melp_ray.hf import MELPHFModel, exported_model_config
+    from melp_ray.hub.hf import MELPHFModel, exported_model_config
     from melp_ray.model import MELP
     from melp_ray.model.config import model_config_from_preset
 

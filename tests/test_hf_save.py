@@ -14,8 +14,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModel
 
 from melp_ray.export import main as export_main
-from melp_ray.export import model_card
-from melp_ray.hf import MELPHFModel
+from melp_ray.hub.export import model_card
+from melp_ray.hub.hf import MELPHFModel
 from melp_ray.model import MELP
 from melp_ray.model.config import model_config_from_preset
 from model_fixture import REFUSE_MELP_RAY

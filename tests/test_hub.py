@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import HfApi
 
-from melp_ray.hub import push_to_hub
+from melp_ray.hub.push import push_to_hub
 
 
 def export_folder(tmp_path):

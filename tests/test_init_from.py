@@ -19,7 +19,7 @@ def tiny_model_config(*overrides: str):
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> Path:
     """An export folder of a tiny MELP initialised with another seed than any run's."""
-    from melp_ray.hf import MELPHFModel
+    from melp_ray.hub.hf import MELPHFModel
     from melp_ray.model import MELP
 
     out = tmp_path_factory.mktemp("init_from") / "exported"
@@ -56,7 +56,7 @@ def test_missing_source_fails_in_the_config_checks(tmp_path, capsys):
 
 
 def test_text_stage_refuses_init_from():
-    from melp_ray.text.config import TextPretrainConfig
+    from melp_ray.text_mlm.config import TextPretrainConfig
 
     with pytest.raises(ConfigError, match="train.init_from is for ECG-language pretraining"):
         load_config(TextPretrainConfig, "text_tiny", ["train.init_from=/somewhere"])
@@ -64,7 +64,7 @@ def test_text_stage_refuses_init_from():
 
 def _initial_weights_recipe():
     """PretrainRecipe that writes the weights the engine holds before its first step."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.pretrain import PretrainRecipe
 
     class InitialWeightsRecipe(PretrainRecipe):
@@ -72,7 +72,7 @@ def _initial_weights_recipe():
             super().setup()
             from safetensors.torch import save_file
 
-            from melp_ray.checkpoint import gathered_state_dict
+            from melp_ray.hub.checkpoint import gathered_state_dict
             from melp_ray.train.metrics import run_dir
 
             state = gathered_state_dict(self.engine.module)   # collective: every rank
@@ -88,7 +88,7 @@ def test_run_starts_from_the_export_weights_with_a_fresh_step(ray_local, tiny_cf
                                                                tiny_export):
     from safetensors.torch import load_file
 
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
     from melp_ray.model import MELP
     from melp_ray.pretrain import run
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from melp_ray import plot
-from melp_ray.plot import CURVES_FILE, curve_data, latest_history, write_run_curves
+from melp_ray.train import curves
+from melp_ray.train.curves import CURVES_FILE, curve_data, latest_history, write_run_curves
 
 
 def history(scale: float) -> list[dict]:
@@ -59,8 +60,8 @@ def test_resumed_history_keeps_the_newer_rows():
 def test_cli_overlays_runs_with_each_runs_values(tmp_path, monkeypatch):
     a = write_run(tmp_path / "a", history(1.0))
     b = write_run(tmp_path / "b", history(2.0))
-    drawn, real_draw = {}, plot.draw
-    monkeypatch.setattr(plot, "draw", lambda runs, out, title="": drawn.update(runs=runs, out=out))
+    drawn, real_draw = {}, curves.draw
+    monkeypatch.setattr(curves, "draw", lambda runs, out, title="": drawn.update(runs=runs, out=out))
     assert plot.main([a, b, "--out", str(tmp_path / "both.png")]) == 0
     assert drawn["out"] == str(tmp_path / "both.png") and list(drawn["runs"]) == ["a", "b"]
     assert drawn["runs"]["b"]["training loss"]["total"][1] == [r["loss/total"] for r in history(2.0)]

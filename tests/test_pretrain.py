@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from melp_ray.config import PretrainConfig
-from melp_ray.distributed import free_port
+from melp_ray.utils.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_resume_is_exact(ray_local, tiny_cfg, tmp_path):
 @pytest.fixture(scope="module")
 def dealt_shards(tmp_path_factory, ray_local, bundled_ptbxl) -> Path:
     """Small shards (5 records each), so each epoch deals several files to each worker."""
-    from melp_ray.prepare import PrepareSettings, prepare
+    from melp_ray.data.prepare import PrepareSettings, prepare
 
     out = tmp_path_factory.mktemp("dealt") / "shards"
     prepare(PrepareSettings(dataset="ptb-xl", root=str(bundled_ptbxl), out=str(out),
@@ -225,8 +225,8 @@ def fingerprints(ecg) -> list[str]:
 def dealt_fingerprints(root: Path, world: int, rank: int, epoch: int, seed: int) -> list[str]:
     """What ``deal_rows`` gives ``rank`` in ``epoch``, read from the shard files here."""
     from melp_ray.data.shards import decode_ecg
-    from melp_ray.data.stream import (deal_rows, minmax_normalise, read_row_range, shard_files,
-                                      shard_rows)
+    from melp_ray.data.records import minmax_normalise
+    from melp_ray.data.rows import deal_rows, read_row_range, shard_files, shard_rows
 
     slices = deal_rows(shard_rows(shard_files(str(root), "train")), world, rank, epoch, seed)
     return [d for s in slices

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from melp_ray.config import PretrainConfig, load_config
-from melp_ray.checkpoint import consolidated_state_dict
+from melp_ray.hub.checkpoint import consolidated_state_dict
 from melp_ray.pretrain_text import run
-from melp_ray.text.config import TextPretrainConfig
+from melp_ray.text_mlm.config import TextPretrainConfig
 
 
 # ---------------------------------------------------------------- training runs

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from melp_ray import ray_utils
-from melp_ray.ray_utils import RayAddressError, host_port, init_ray, probe
+from melp_ray.utils import ray_connect as ray_utils
+from melp_ray.utils.ray_connect import RayAddressError, host_port, init_ray, probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -344,7 +344,7 @@ def test_local_start_tries_again_when_ray_times_out_starting(monkeypatch, capsys
     ``ray.init`` is replaced: the timeout cannot be provoked on purpose."""
     import ray
 
-    from melp_ray import ray_utils
+    from melp_ray.utils import ray_connect as ray_utils
 
     calls = []
 

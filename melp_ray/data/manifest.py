@@ -28,26 +28,20 @@ the target rate, the first ``seconds`` kept, shorter records rejected (wrong_len
 from __future__ import annotations
 
 import functools
-import math
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 
-from melp_ray.data.leads import LEADS, LeadMappingError, lead_indices
-from melp_ray.data.records import (LABEL_TASKS, MISSING_FILE, MISSING_LEADS, UNREADABLE, WRONG_SHAPE,
-                                   RecordRef, RecordRejected, empty_labels, read_metadata_csv,
-                                   require_columns)
+from melp_ray.data.records import LABEL_TASKS, RecordRef, empty_labels, read_metadata_csv, require_columns
+from melp_ray.data.rejections import MISSING_FILE, RecordRejected
+from melp_ray.data.signal_files import parse_fs
 
 DATASET = "manifest"
 MANIFEST_CSV = "ecg_manifest.csv"
 MANIFEST_PARQUET = "ecg_manifest.parquet"
 REQUIRED_COLUMNS = ("path", "report", "subject_id")
-ARRAY_SUFFIXES = (".npy", ".h5", ".hdf5", ".edf")
 _HDF5_SUFFIXES = (".h5", ".hdf5")
 _WFDB_SUFFIXES = (".hea", ".dat")
-_LEAD_SEPARATORS = re.compile(r"[;,]")
 
 
 class ManifestFormatError(ValueError):
@@ -104,14 +98,6 @@ def _record_id(row: dict) -> str:
     return str(row.get("record_id", "")).strip() or str(row["path"]).strip()
 
 
-def _fs(cell) -> float:
-    try:
-        value = float(cell)
-    except (TypeError, ValueError):
-        return 0.0
-    return value if math.isfinite(value) else 0.0
-
-
 def _ref_path(path: str) -> str:
     """A WFDB record is named without extension (as wfdb wants it); other files keep theirs."""
     stem, suffix = os.path.splitext(path)
@@ -135,7 +121,7 @@ def list_manifest(root: str | os.PathLike, limit: int | None = None) -> list[Rec
             record_id=_record_id(row), subject_id=str(row["subject_id"]).strip(),
             dataset=str(row.get("dataset", "")).strip() or DATASET,
             path=_ref_path(str(row["path"]).strip()), report=row["report"], labels=labels,
-            fs=_fs(row.get("fs")), leads=str(row.get("leads", "")).strip()))
+            fs=parse_fs(row.get("fs")), leads=str(row.get("leads", "")).strip()))
     return refs
 
 
@@ -164,91 +150,3 @@ def ref_for_eval_path(path: str) -> tuple[RecordRef, str]:
     if ref is None:
         raise RecordRejected(MISSING_FILE, f"no row with record_id {record_id!r} in {root}")
     return ref, root
-
-
-# ---------------------------------------------------------------- signal files
-def is_array_path(path: str) -> bool:
-    """True for the non-WFDB formats this module reads (.npy, HDF5 ``#dataset``, .edf)."""
-    return os.path.splitext(path.partition("#")[0])[1].lower() in ARRAY_SUFFIXES
-
-
-def read_signal_file(path: str, fs: float, leads: str) -> tuple[np.ndarray, float]:
-    """One .npy / HDF5 / EDF record -> (float64 (12, T) in mV, canonical order; its rate)."""
-    file, _, key = path.partition("#")
-    if not os.path.isfile(file):
-        raise RecordRejected(MISSING_FILE, f"{file} not found")
-    suffix = os.path.splitext(file)[1].lower()
-    if suffix == ".edf":
-        return _read_edf(file)
-    names = _lead_names(leads)
-    if suffix == ".npy":
-        array = _read_npy(file)
-    else:
-        array, attrs = _read_hdf5(file, key)
-        names = _lead_names(leads or attrs.get("leads", ""))
-        fs = fs or _fs(attrs.get("fs"))
-    return _canonical(array, names), fs
-
-
-def _lead_names(leads) -> list[str]:
-    if isinstance(leads, (bytes, np.bytes_)):
-        leads = leads.decode()
-    if not isinstance(leads, str):   # an HDF5 attribute array of names
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in leads]
-    names = [n.strip() for n in _LEAD_SEPARATORS.split(leads) if n.strip()]
-    return names or list(LEADS)
-
-
-def _read_npy(file: str) -> np.ndarray:
-    try:
-        return np.load(file, allow_pickle=False)
-    except Exception as err:   # truncated, not a .npy, an object array
-        raise RecordRejected(UNREADABLE, f"{file}: {type(err).__name__}: {err}") from None
-
-
-def _read_hdf5(file: str, key: str) -> tuple[np.ndarray, dict]:
-    import h5py
-
-    name, index = key, None
-    head, _, tail = key.rpartition("/")
-    if head and tail.isdigit():
-        name, index = head, int(tail)
-    try:
-        with h5py.File(file, "r") as f:
-            data = f[name]
-            array = np.asarray(data if index is None else data[index])
-            attrs = dict(data.attrs)
-    except Exception as err:   # not HDF5, no such dataset, index out of range
-        raise RecordRejected(UNREADABLE, f"{file}#{key}: {type(err).__name__}: {err}") from None
-    return array, attrs
-
-
-def _read_edf(file: str) -> tuple[np.ndarray, float]:
-    from wfdb.io.convert.edf import read_edf
-
-    from melp_ray.data.records import _millivolt_factors
-
-    try:
-        record = read_edf(file)
-    except Exception as err:
-        raise RecordRejected(UNREADABLE, f"{file}: {type(err).__name__}: {err}") from None
-    try:
-        columns = lead_indices(record.sig_name or [])
-    except LeadMappingError as err:
-        raise RecordRejected(MISSING_LEADS, str(err)) from None
-    signal = (record.p_signal[:, columns] * _millivolt_factors(record.units, columns)).T
-    return signal.astype(np.float64), record.fs
-
-
-def _canonical(array: np.ndarray, names: list[str]) -> np.ndarray:
-    """(leads, T) or (T, leads) with ``names`` -> float64 (12, T) in LEADS order."""
-    n = len(names)
-    if array.ndim != 2 or array.dtype.kind not in "fiu" or (array.shape[0] == n) == (array.shape[1] == n):
-        raise RecordRejected(WRONG_SHAPE, f"array {array.shape} {array.dtype} is not {n} leads x samples "
-                                          f"or samples x {n} leads (leads: {names})")
-    signal = array if array.shape[0] == n else array.T
-    try:
-        columns = lead_indices(names)
-    except LeadMappingError as err:
-        raise RecordRejected(MISSING_LEADS, str(err)) from None
-    return signal[columns].astype(np.float64)

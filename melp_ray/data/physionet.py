@@ -1,8 +1,8 @@
 """Readers for the PhysioNet/CinC Challenge 2020/2021 layout (CPSC2018, Chapman-Shaoxing).
 
-Each record is a WFDB-style text header ``<name>.hea`` next to a MATLAB file ``<name>.mat``
-holding one int matrix ``val`` of shape (n_leads, n_samples). The header's signal lines
-give per-lead gain (ADC units per physical unit, usually ``1000/mV`` so the ints are µV),
+Each record is a WFDB header ``<name>.hea`` next to a MATLAB v4 file ``<name>.mat`` holding
+one int16 matrix ``val`` of shape (n_leads, n_samples). The header's signal lines give
+per-lead gain (ADC units per physical unit, usually ``1000/mV`` so the ints are µV),
 baseline and lead name; comment lines carry the metadata::
 
     A0001 12 500 7500 05-Feb-2020 11:39:16
@@ -12,29 +12,35 @@ baseline and lead name; comment lines carry the metadata::
     #Sex: Male
     #Dx: 59118001,164884008
 
+The format field ``16+24`` says it all to WFDB: 16-bit samples after a 24-byte prefix (the
+MAT v4 matrix header of ``val``), so ``wfdb.rdheader`` / ``wfdb.rdrecord`` read these
+records like any other WFDB record (as ``data/records.py`` does PTB-XL's). What wfdb does
+not check is checked here: the lines the record line announces, a gain field it could not
+parse, and that the ``.mat`` holds a ``val`` matrix of the header's shape (wfdb would read
+whatever bytes follow the offset).
+
 ``#Dx`` holds SNOMED CT codes; the label sets built on them (CPSC2018's 9 classes,
 Chapman-Shaoxing's codes, their descriptions) are in ``melp_ray.data.physionet_labels``.
 The signal is returned in the canonical lead order, mapped by lead name
-(case-insensitive), in mV, float32. The Challenge files are MAT v4 (hence the
-``+24`` byte offset in the format field); ``scipy.io.loadmat`` reads v4 and v5 alike.
+(case-insensitive), in mV, float32. A sample of -32768 is WFDB's "no value" in format 16
+and comes back as NaN (the record is then rejected as ``nan_or_inf`` downstream).
 """
 from __future__ import annotations
 
 import math
-import re
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.io
+import wfdb
 
-try:  # the shared lead definition (written concurrently by the data layer)
-    from melp_ray.data.leads import LEADS as _CANONICAL_LEADS
-except ImportError:  # pragma: no cover - only while melp_ray.data.leads does not exist yet
-    _CANONICAL_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF",
-                        "V1", "V2", "V3", "V4", "V5", "V6")
+from melp_ray.data.leads import LEADS
+from melp_ray.data.signal_files import TO_MILLIVOLT
 
-CANONICAL_LEADS: tuple[str, ...] = tuple(_CANONICAL_LEADS)
+CANONICAL_LEADS: tuple[str, ...] = tuple(LEADS)
 
 
 class PhysioNetFormatError(ValueError):
@@ -79,57 +85,54 @@ class PhysioNetRecord:
     sex: str | None
 
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-# "1000/mV", "1000.0(0)/mV", "4.88(-2)/uV", "200": gain, optional (baseline), optional /units
-_GAIN_RE = re.compile(
-    rf"^(?P<gain>{_NUMBER})?(?:\((?P<baseline>{_NUMBER})\))?(?:/(?P<units>\S+))?$")
-_DEFAULT_GAIN = 200.0  # WFDB: a missing or zero gain means 200 ADC units per mV
-
-
 def _fail(path: Path, message: str) -> PhysioNetFormatError:
     return PhysioNetFormatError(f"{path}: {message}")
 
 
-def _parse_record_line(path: Path, line: str) -> tuple[str, int, float, int]:
-    fields = line.split()
-    if len(fields) < 4:
-        raise _fail(path, f"record line needs 'name n_signals fs n_samples', got {line!r}")
+def _record_path(header_path: Path) -> str:
+    """The path wfdb wants: the record without ``.hea``."""
+    return os.fspath(header_path.with_suffix(""))
+
+
+def _count_signal_lines(path: Path) -> int:
+    """Non-comment lines after the record line; wfdb reads only as many as announced."""
     try:
-        n_signals = int(fields[1])
-        fs = float(re.split(r"[/(]", fields[2])[0])  # "500" or "500/..." or "500(...)"
-        n_samples = int(fields[3])
-    except ValueError:
-        raise _fail(path, f"non-numeric field in record line {line!r}") from None
-    if n_signals < 1 or fs <= 0 or n_samples < 1:
-        raise _fail(path, f"invalid record line {line!r}")
-    return fields[0], n_signals, fs, n_samples
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise _fail(path, f"cannot read header ({exc})") from None
+    body = [ln for ln in (raw.strip() for raw in lines) if ln and not ln.startswith("#")]
+    if not body:
+        raise _fail(path, "empty header")
+    return len(body) - 1
 
 
-def _parse_signal_line(path: Path, line: str) -> tuple[str, SignalSpec]:
-    fields = line.split()
-    if len(fields) < 9:
-        raise _fail(path, f"signal line needs 9 fields (file format gain adc_res adc_zero "
-                          f"init checksum block lead), got {line!r}")
-    match = _GAIN_RE.match(fields[2])
-    if match is None:
-        raise _fail(path, f"cannot parse gain {fields[2]!r}")
+def _rdheader(path: Path) -> wfdb.Record:
+    """``wfdb.rdheader`` plus the checks wfdb leaves out (see the module docstring)."""
+    n_lines = _count_signal_lines(path)
     try:
-        adc_zero = float(fields[4])
-    except ValueError:
-        raise _fail(path, f"non-numeric ADC zero in {line!r}") from None
-    gain = float(match["gain"]) if match["gain"] else 0.0
-    spec = SignalSpec(
-        lead=" ".join(fields[8:]),
-        gain=gain if gain != 0 else _DEFAULT_GAIN,
-        baseline=float(match["baseline"]) if match["baseline"] else adc_zero,
-        units=match["units"] or "mV",
-    )
-    return fields[0], spec
+        header = wfdb.rdheader(_record_path(path))
+    except Exception as exc:  # HeaderSyntaxError, ValueError from its casts, ...
+        raise _fail(path, f"invalid header ({type(exc).__name__}: {exc})") from None
+    n_sig, fs, sig_len = header.n_sig or 0, header.fs or 0, header.sig_len or 0
+    if n_sig < 1 or fs <= 0 or sig_len < 1:
+        raise _fail(path, f"invalid record line: {n_sig} signals, {fs} Hz, {sig_len} samples")
+    if n_lines != n_sig:
+        raise _fail(path, f"record line announces {n_sig} signals, found {n_lines}")
+    for units in header.units:
+        # A gain that is not a number does not fail wfdb's signal-line pattern: the gain is
+        # left at its default and the whole field ("fast/mV") ends up in the units.
+        if units and "/" in units:
+            raise _fail(path, f"cannot parse gain {units!r}")
+    files = set(header.file_name)
+    if len(files) != 1:
+        raise _fail(path, f"signals spread over several files {sorted(files)}")
+    return header
 
 
-def _parse_comment(line: str) -> tuple[str, str] | None:
-    key, sep, value = line.lstrip("#").partition(":")
-    return (key.strip().lower(), value.strip()) if sep else None
+def _comments(lines: Sequence[str]) -> dict[str, str]:
+    """``Key: value`` comment lines (wfdb strips the ``#``), keys lower-cased."""
+    pairs = (line.partition(":") for line in lines)
+    return {key.strip().lower(): value.strip() for key, sep, value in pairs if sep}
 
 
 def _parse_age(value: str) -> float | None:
@@ -141,29 +144,19 @@ def _parse_age(value: str) -> float | None:
 
 
 def read_physionet_header(path: str | Path) -> PhysioNetHeader:
-    """Parse a Challenge ``.hea`` file (record line, signal lines, ``#Key: value`` lines)."""
+    """Read a Challenge ``.hea`` file (``wfdb.rdheader``) with its ``#Key: value`` metadata."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise _fail(path, f"cannot read header ({exc})") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    body = [ln for ln in lines if not ln.startswith("#")]
-    comments = dict(filter(None, (_parse_comment(ln) for ln in lines if ln.startswith("#"))))
-    if not body:
-        raise _fail(path, "empty header")
-    name, n_signals, fs, n_samples = _parse_record_line(path, body[0])
-    if len(body) - 1 != n_signals:
-        raise _fail(path, f"record line announces {n_signals} signals, found {len(body) - 1}")
-    parsed = [_parse_signal_line(path, ln) for ln in body[1:]]
-    files = {file for file, _ in parsed}
-    if len(files) != 1:
-        raise _fail(path, f"signals spread over several files {sorted(files)}")
+    header = _rdheader(path)
+    comments = _comments(header.comments or [])
     dx = tuple(code.strip() for code in comments.get("dx", "").split(",") if code.strip())
     sex = comments.get("sex") or None
+    signals = tuple(SignalSpec(lead=name, gain=float(gain), baseline=float(baseline),
+                               units=units or "mV")
+                    for name, gain, baseline, units in zip(
+                        header.sig_name, header.adc_gain, header.baseline, header.units))
     return PhysioNetHeader(
-        record_name=name, fs=fs, n_samples=n_samples, signal_file=files.pop(),
-        signals=tuple(spec for _, spec in parsed), dx_codes=dx,
+        record_name=header.record_name, fs=float(header.fs), n_samples=int(header.sig_len),
+        signal_file=header.file_name[0], signals=signals, dx_codes=dx,
         age=_parse_age(comments.get("age", "")),
         sex=None if sex is None or sex.lower() in {"unknown", "nan"} else sex,
     )
@@ -218,49 +211,47 @@ def _canonical_lead_rows(path: Path, leads: Sequence[str]) -> list[int]:
     return [by_name[lead.lower()] for lead in CANONICAL_LEADS]
 
 
-_TO_MILLIVOLT = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
-
-
-def _millivolt_factor(path: Path, units: str) -> float:
+def _millivolt_factor(path: Path, units: str | None) -> float:
     try:
-        return _TO_MILLIVOLT[units.lower()]
+        return TO_MILLIVOLT[(units or "mV").lower()]
     except KeyError:
         raise _fail(path, f"unsupported signal units {units!r}") from None
 
 
-def _load_val_matrix(mat_path: Path) -> np.ndarray:
-    from scipy.io import loadmat
-
+def _check_val_matrix(mat_path: Path, header: wfdb.Record) -> None:
+    """The .mat holds one MAT v4 int16 ``val`` of the header's shape, so that wfdb's
+    format-16 read past the 24-byte prefix yields exactly that matrix."""
     try:
-        content = loadmat(mat_path)
+        version = scipy.io.matlab.matfile_version(os.fspath(mat_path))
+        matrices = dict((name, shape) for name, shape, _ in scipy.io.whosmat(mat_path))
     except Exception as exc:  # scipy raises several types for a corrupt file
         raise _fail(mat_path, f"cannot read MATLAB file ({exc})") from None
-    if "val" not in content:
-        keys = sorted(k for k in content if not k.startswith("__"))
-        raise _fail(mat_path, f"no 'val' matrix (keys: {keys})")
-    val = np.asarray(content["val"])
-    if val.ndim != 2 or not np.issubdtype(val.dtype, np.number):
-        raise _fail(mat_path, f"'val' must be a 2-D numeric matrix, got {val.dtype} {val.shape}")
-    return val
+    if "val" not in matrices:
+        raise _fail(mat_path, f"no 'val' matrix (keys: {sorted(matrices)})")
+    expected = (header.n_sig, header.sig_len)
+    if matrices["val"] != expected:
+        raise _fail(mat_path, f"'val' has shape {matrices['val']}, header says {expected}")
+    int16_size = 24 + 2 * header.n_sig * header.sig_len  # "val" v4 prefix + the samples
+    if version[0] != 0 or len(matrices) != 1 or mat_path.stat().st_size != int16_size:
+        raise _fail(mat_path, "'val' must be the only matrix of a MAT v4 file, as int16 "
+                              "(the header's format 16+24)")
 
 
 def load_physionet_signal(path: str | Path) -> tuple[np.ndarray, float]:
     """Load one record as ``(signal, fs)``: float32 (12, T) in mV, canonical lead order.
 
     ``path`` may be the ``.hea``, the ``.mat`` or the record path without suffix.
-    Physical value = (adc - baseline) / gain, converted to mV from the header's units.
+    Physical value = (adc - baseline) / gain (``wfdb.rdrecord``), converted to mV from the
+    header's units.
     """
     header_path = _header_path(path)
-    header = read_physionet_header(header_path)
-    mat_path = header_path.parent / header.signal_file
-    val = _load_val_matrix(mat_path)
-    expected = (len(header.signals), header.n_samples)
-    if val.shape != expected:
-        raise _fail(mat_path, f"'val' has shape {val.shape}, header says {expected}")
-    rows = _canonical_lead_rows(header_path, [s.lead for s in header.signals])
-    specs = [header.signals[r] for r in rows]
-    gain = np.array([s.gain for s in specs])[:, None]
-    baseline = np.array([s.baseline for s in specs])[:, None]
-    to_mv = np.array([_millivolt_factor(header_path, s.units) for s in specs])[:, None]
-    signal = (val[rows].astype(np.float64) - baseline) / gain * to_mv
-    return signal.astype(np.float32), header.fs
+    header = _rdheader(header_path)
+    _check_val_matrix(header_path.parent / header.file_name[0], header)
+    rows = _canonical_lead_rows(header_path, header.sig_name)
+    to_mv = np.array([_millivolt_factor(header_path, header.units[r]) for r in rows])
+    try:
+        record = wfdb.rdrecord(_record_path(header_path))
+    except Exception as exc:
+        raise _fail(header_path, f"cannot read signal ({type(exc).__name__}: {exc})") from None
+    signal = record.p_signal[:, rows].T * to_mv[:, None]
+    return signal.astype(np.float32), float(record.fs)

@@ -3,7 +3,7 @@
 Kept apart from ``melp_ray.data.physionet``, which reads the Challenge files (headers,
 listing, signals), because the classes and their SNOMED CT codes are a separate matter:
 the ``#Dx`` codes of a listed record become multi-hot labels here, and the descriptions
-here become zero-shot prompts (``melp_ray.eval.prompts``).
+here become zero-shot prompts (``melp_ray.text.prompts``).
 
 * CPSC2018: the challenge's 9 classes. The Challenge 2020/2021 releases re-coded them with
   SNOMED CT; ``CPSC2018_CODES`` lists, per class, the code used in those releases plus the

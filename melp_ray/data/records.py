@@ -31,45 +31,14 @@ from typing import Any
 import numpy as np
 
 from melp_ray.data.leads import LEADS, LeadMappingError, lead_indices
-
-# ---------------------------------------------------------------- rejection reasons
-MISSING_FILE = "missing_file"        # .hea or .dat not on disk
-UNREADABLE = "unreadable"            # header parses but the samples cannot be read (truncated/corrupt .dat)
-BAD_HEADER = "bad_header"            # .hea cannot be parsed, or has unknown units
-NAN_OR_INF = "nan_or_inf"
-FLAT_SIGNAL = "flat_signal"          # every lead is flat (e.g. all zero)
-MISSING_LEADS = "missing_leads"      # one of the 12 leads is absent or repeated
-WRONG_LENGTH = "wrong_length"        # shorter than the wanted duration
-BAD_SAMPLE_RATE = "bad_sample_rate"  # rate <= 0 or not a whole number of Hz
-EMPTY_REPORT = "empty_report"
-SHORT_REPORT = "short_report"        # fewer words than min_report_words
-# Only the manifest layout (data/manifest.py) can produce these two.
-WRONG_SHAPE = "wrong_shape"          # an array that is not leads x samples / samples x leads
-DUPLICATE_RECORD_ID = "duplicate_record_id"   # a second row with an id already listed
-
-REJECTION_REASONS: tuple[str, ...] = (
-    MISSING_FILE, UNREADABLE, BAD_HEADER, NAN_OR_INF, FLAT_SIGNAL, MISSING_LEADS,
-    WRONG_LENGTH, BAD_SAMPLE_RATE, EMPTY_REPORT, SHORT_REPORT,
-)
-MANIFEST_REJECTION_REASONS: tuple[str, ...] = REJECTION_REASONS + (WRONG_SHAPE, DUPLICATE_RECORD_ID)
+from melp_ray.data.rejections import (BAD_HEADER, BAD_SAMPLE_RATE, EMPTY_REPORT, FLAT_SIGNAL, MISSING_FILE,
+                                      MISSING_LEADS, NAN_OR_INF, SHORT_REPORT, UNREADABLE, WRONG_LENGTH,
+                                      RecordRejected)
+from melp_ray.data.signal_files import is_array_path, millivolt_factors, read_signal_file
 
 FLAT_TOLERANCE_MV = 1e-3   # below one ADC step of any common ECG format: the lead is constant
 
 LABEL_TASKS: tuple[str, ...] = ("super", "sub", "form", "rhythm")
-
-# physical unit in the header -> factor to millivolts
-_TO_MILLIVOLT = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
-
-
-class RecordRejected(Exception):
-    """A record that cannot be used; ``reason`` is one of REJECTION_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        if reason not in MANIFEST_REJECTION_REASONS:
-            raise ValueError(f"unknown rejection reason {reason!r}")
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def empty_labels() -> dict[str, list[str]]:
@@ -167,11 +136,8 @@ def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int
                 seconds: float = 10.0) -> np.ndarray:
     """Read, validate and resample one record: float32 (12, sample_rate*seconds) in mV.
 
-    WFDB unless the path names a .npy, HDF5 or EDF file (manifest roots, data/manifest.py)."""
+    WFDB unless the path names a .npy, HDF5 or EDF file (manifest roots, data/signal_files.py)."""
     import wfdb  # imported here so that light users of this module do not pay for it
-
-    # manifest imports this module, hence the import here
-    from melp_ray.data.manifest import is_array_path, read_signal_file
 
     record_path = resolve_path(ref, root)
     if is_array_path(record_path):
@@ -183,7 +149,7 @@ def load_signal(ref: RecordRef, root: str | os.PathLike | None, sample_rate: int
         columns = lead_indices(record.sig_name or [])
     except LeadMappingError as err:
         raise RecordRejected(MISSING_LEADS, str(err)) from None
-    to_mv = _millivolt_factors(record.units, columns)
+    to_mv = millivolt_factors(record.units, columns)
     signal = (record.p_signal[:, columns] * to_mv).T        # (12, T), canonical order, mV
     return fit_signal(signal, source_rate, sample_rate, seconds)
 
@@ -264,17 +230,6 @@ def _resample_ratio(source_rate: int, target_rate: int | float) -> tuple[int, in
     return ratio.numerator, ratio.denominator
 
 
-def _millivolt_factors(units, columns: list[int]) -> np.ndarray:
-    factors = []
-    for column in columns:
-        unit = (units[column] if units and column < len(units) and units[column] else "mV")
-        factor = _TO_MILLIVOLT.get(unit.strip().lower())
-        if factor is None:
-            raise RecordRejected(BAD_HEADER, f"unknown physical unit {unit!r} for lead {LEADS[len(factors)]}")
-        factors.append(factor)
-    return np.asarray(factors)
-
-
 def _check_values(signal: np.ndarray) -> None:
     """NaN/Inf anywhere, or every lead flat -> rejected (see the module docstring)."""
     if not np.all(np.isfinite(signal)):
@@ -306,3 +261,20 @@ def require_columns(table, required: tuple[str, ...], path, error: type[Exceptio
     if missing:
         raise error(f"{path} lacks columns {missing} (has {list(table.columns)[:12]})")
     return table
+
+
+def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
+    """Per-record min-max scaling to [0, 1] over all leads (the reference MELP scaling)."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
+
+
+def minmax_normalise_(ecg: np.ndarray) -> np.ndarray:
+    """``minmax_normalise`` in place on a float32 array the caller owns: the same values
+    (the same float32 operations), without two fresh batch-sized arrays per batch."""
+    lo = ecg.min(axis=(-2, -1), keepdims=True)
+    hi = ecg.max(axis=(-2, -1), keepdims=True)
+    np.subtract(ecg, lo, out=ecg)
+    np.divide(ecg, np.maximum(hi - lo, 1e-6), out=ecg)
+    return ecg

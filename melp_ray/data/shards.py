@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data.leads import LEADS
 from melp_ray.data.records import LABEL_TASKS, RecordRef
 

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data import manifest, mimic, ptbxl
-from melp_ray.data.records import DUPLICATE_RECORD_ID, RecordRef, RecordRejected, check_report
+from melp_ray.data.records import RecordRef, check_report
+from melp_ray.data.rejections import DUPLICATE_RECORD_ID, RecordRejected
 
 PTBXL = ptbxl.DATASET          # "ptb-xl"
 MIMIC = mimic.DATASET          # "mimic-iv-ecg"

@@ -1,9 +1,8 @@
-"""Evaluation of MELP models, behind ``python -m melp_ray.evaluate``.
-
-Model-independent pieces: ``metrics``, ``prompts``, ``zero_shot`` (scoring), ``linear_probe``,
-``inference`` (a Ray Data actor pool) and ``report`` (result files). The command line's
-pipeline: ``plan`` (arguments checked into a Plan), ``embeddings`` (the model and its
-embeddings of the records) and ``modes`` (zero-shot / linear / retrieval runs).
+"""What evaluates a MELP model: each dataset's records and labels (datasets, class_lists,
+splits, shard_source), reading one record (records), the model and its embeddings with Ray
+Data batch inference (embeddings, inference), and the scores: zero-shot, linear probe,
+metrics, generation. What to evaluate and how it is reported (the command line, the Plan,
+the runs, result files, the benchmark suite) is ``melp_ray.eval_plan``, above it.
 
 Submodules are imported on use (``from melp_ray.eval.metrics import macro_auroc``) so that
 importing the package pulls in neither torch nor matplotlib.

@@ -2,8 +2,8 @@
 
 ``list_records`` lists a dataset's root (PTB-XL, CPSC2018, Chapman-Shaoxing, CODE-15%)
 into ``EvalRecord``s over a class list; ``split_dir_records`` does the same from the
-reference's split CSVs. ``build_plan`` (``melp_ray.eval.plan``) splits and checks them. No
-signal is read here (only CODE's HDF5 row index).
+reference's split CSVs. ``build_plan`` (``melp_ray.eval_plan.plan``) splits and checks them into a
+``Plan``. No signal is read here (only CODE's HDF5 row index).
 
 CPSC2018, Chapman-Shaoxing and CODE ship no folds, so each record gets a fixed pseudo-fold
 1-10 from a hash of its record id (``physionet_fold``): the same fold options then work on
@@ -16,6 +16,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -284,3 +285,26 @@ def default_aliases(dataset: str, root: str, task: str | None, classes: list[str
         known = {**ICBEB_TO_CPSC2018, **{c: c for c in CPSC2018_CLASSES}}
         return {c: known[c] for c in classes if c in known}
     return {c: c for c in classes}
+
+
+@dataclass
+class Plan:
+    """The checked, resolved form of the command line."""
+
+    mode: str
+    dataset: str
+    root: str
+    out: Path
+    checkpoint: str
+    checkpoint_kind: str               # "training checkpoint" | "exported folder"
+    sample_rate: int
+    seconds: float
+    task: str | None
+    class_names: list[str]
+    splits: dict[str, list[EvalRecord]]     # the splits the mode uses
+    folds: dict[str, list[int]]
+    excluded: dict[str, list[str]]          # reason -> record ids left out before loading
+    prompts: list[list[str]] | None = None
+    crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
+    shard_sample_rate: int | None = None    # --dataset shards: the rate the shards hold
+    settings: dict[str, Any] = field(default_factory=dict)

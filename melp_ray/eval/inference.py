@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from melp_ray.console import configure_libraries
+from melp_ray.utils.console import configure_libraries
 
 # output column -> (model method, input column[, keyword arguments of the method])
 DEFAULT_OUTPUTS: dict[str, tuple] = {

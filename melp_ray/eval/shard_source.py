@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold
 
 # The columns listed on the driver: everything but the signal.
@@ -90,10 +90,10 @@ def read_shard_records(batch: dict[str, np.ndarray], sample_rate: int, seconds: 
                        crop_seconds: float | None, shard_rate: int) -> dict[str, np.ndarray]:
     """Ray Data map_batches over (shard file, wanted ids) rows -> one row per wanted record:
     normalised signal, report and why a record was rejected (a rate the signal cannot be
-    brought to, a shorter record), as ``embeddings.load_batch`` gives for WFDB records."""
+    brought to, a shorter record), as ``records.load_batch`` gives for WFDB records."""
     from melp_ray.data.records import fit_signal, n_samples_for
     from melp_ray.data.shards import decode_ecg, read_shard_table
-    from melp_ray.eval.embeddings import normalised_or_rejected, zero_pad
+    from melp_ray.eval.records import normalised_or_rejected, zero_pad
 
     n = n_samples_for(sample_rate, seconds)
     keep = seconds if crop_seconds is None else crop_seconds

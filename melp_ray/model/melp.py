@@ -7,7 +7,7 @@
                                                    ├─ per-sentence mean ─ Linear ─ sentence_emb
                                                    └─ MultimodalDecoder (reads memory) ─ logits
 
-The three losses that use these outputs live in ``melp_ray.losses``.
+The three losses that use these outputs live in ``melp_ray.model.losses``.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from melp_ray import storage
-from melp_ray.plot import plot_runs
+from melp_ray.utils import storage
+from melp_ray.train.curves import plot_runs
 from melp_ray.sweeps.space import is_number
 from melp_ray.sweeps.validate import Sweep
 

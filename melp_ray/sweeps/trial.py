@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import PretrainConfig, load_config
 from melp_ray.sweeps.validate import Sweep, trial_overrides
 

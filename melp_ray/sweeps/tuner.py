@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import ConfigError
 from melp_ray.sweeps.summary import format_table, summarise
 from melp_ray.sweeps.trial import make_trainable
@@ -134,8 +134,8 @@ def run_sweep(sweep: Sweep, space_path: str = "", restore: bool = False,
     global _stop_after_trials
     from ray import tune
 
-    from melp_ray.ray_utils import quiet_data_progress_bars
-    from melp_ray.ray_utils import init_ray
+    from melp_ray.utils.ray_connect import quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray
 
     record_path = storage.join(sweep.dir, SWEEP_FILE)
     record = sweep_record(sweep, space_path)

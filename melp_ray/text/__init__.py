@@ -1,3 +1,3 @@
-"""The text side: offline text models (models), stage 1's WordPiece tokenizer (wordpiece), and
-the masked-language model that ``python -m melp_ray.pretrain_text`` trains: its config, corpus,
-MLM recipe and Hugging Face export."""
+"""The text side of the model library: reports -> token ids (report_ids), the offline text
+models and their pruned report vocabulary (models), and the zero-shot class prompts
+(prompts). Stage 1, which trains a text model of its own, is ``melp_ray.text_mlm``."""

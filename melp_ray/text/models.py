@@ -44,7 +44,7 @@ def report_corpus() -> list[str]:
     import pandas as pd
 
     from melp_ray.data.sources import bundled_root
-    from melp_ray.eval.prompts import PTBXL_SUBCLASS_GROUP_PROMPTS, PTBXL_SUPERCLASS_PROMPTS
+    from melp_ray.text.prompts import PTBXL_SUBCLASS_GROUP_PROMPTS, PTBXL_SUPERCLASS_PROMPTS
 
     root = Path(bundled_root())
     reports = pd.read_csv(root / "ptbxl_database.csv")["report"].dropna().astype(str)

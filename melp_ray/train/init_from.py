@@ -1,6 +1,6 @@
 """``train.init_from``: start a pretraining run from the weights of an earlier model.
 
-The source is anything ``melp_ray.checkpoint.load_model`` reads: a training checkpoint, a
+The source is anything ``melp_ray.hub.checkpoint.load_model`` reads: a training checkpoint, a
 run folder, an export folder, or a converted reference folder (``python -m
 melp_ray.convert``). Only the weights are taken: step, optimizer and LR schedule start
 fresh (a resume, by contrast, continues all of them; a run that has its own checkpoint
@@ -17,7 +17,7 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config_parsing import ConfigError
 from melp_ray.model.config import ModelConfig
 
@@ -42,10 +42,10 @@ def _local(path: str) -> str:
 def source_model_config(path: str) -> ModelConfig:
     """The ModelConfig of the weights at ``path``, read without loading the weights when
     the folder says it (an export's config.json, a checkpoint's melp_config.json)."""
-    from melp_ray import checkpoint
+    from melp_ray.hub import checkpoint
     from melp_ray.config import model_config_from_dict
 
-    from melp_ray.hf import MELPHFConfig, exported_model_config
+    from melp_ray.hub.hf import MELPHFConfig, exported_model_config
 
     path = _local(path)
     if not storage.is_uri(path) and checkpoint.is_exported_folder(path):
@@ -111,7 +111,7 @@ def check_init_from(path: str | None, run: ModelConfig) -> None:
 
 def load_initial_weights(model, path: str) -> None:
     """Copy the source's weights into ``model`` (strict: every key, every shape)."""
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     source = load_model(_local(path))
     model.load_state_dict(source.state_dict(), strict=True)

@@ -6,9 +6,9 @@ import time
 import warnings
 from typing import Any
 
-from melp_ray import storage
-from melp_ray.console import configure_libraries, ray_train_logging
-from melp_ray.plot import write_run_curves
+from melp_ray.utils import storage
+from melp_ray.utils.console import configure_libraries, ray_train_logging
+from melp_ray.train.curves import write_run_curves
 from melp_ray.train.metrics import log_wandb_summary, run_dir
 from melp_ray.train.session import run_locally, single_process_group
 
@@ -47,7 +47,7 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets=datasets,
-        # Each rank has its own deterministic dataset (see melp_ray.data.stream): nothing to
+        # Each rank has its own deterministic dataset (see melp_ray.data.rows): nothing to
         # split, and block order preserved so a resumed run sees the same batches.
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ExecutionOptions(preserve_order=True)),

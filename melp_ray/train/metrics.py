@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import to_dict
 
 

@@ -6,7 +6,7 @@ A recipe subclass says *what* to train (``build_model``, ``compute_losses``,
     recipe = MyRecipe(cfg); recipe.setup(); recipe.train(); recipe.cleanup()
 
 Determinism (exact resume): each rank reads its own fixed slice of the data in a fixed
-order (``melp_ray.data.stream``), every random draw of a micro-step is seeded from
+order (``melp_ray.data.rows``), every random draw of a micro-step is seeded from
 (seed, step, micro-step, rank), and a checkpoint records the data position
 (epoch, micro-batches consumed in it). Resuming replays nothing and skips exactly that.
 """
@@ -23,9 +23,9 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from melp_ray.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
+from melp_ray.hub.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
 from melp_ray.config import to_dict
-from melp_ray.distributed import mean_over_ranks
+from melp_ray.utils.distributed import mean_over_ranks
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
 from melp_ray.train.metrics import MetricsLogger, worker_print
 from melp_ray.train.prefetch import EpochPrefetcher

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from melp_ray.distributed import free_port, world
+from melp_ray.utils.distributed import free_port, world
 
 
 class RayTrainSession:

@@ -15,11 +15,13 @@ import wfdb
 from wfdb.io.convert.edf import wfdb_to_edf
 
 from melp_ray.data import manifest as M
-from melp_ray.data import records, shards
+from melp_ray.data import rejections, shards
 from melp_ray.data.records import RecordRef, load_signal
 from melp_ray.data.sources import detect_layout, split_for_subject
-from melp_ray.data.stream import StreamSpec, list_splits, minmax_normalise, read_wfdb_batch
-from melp_ray.prepare import PrepareSettings, prepare
+from melp_ray.data.records import minmax_normalise
+from melp_ray.data.rows import list_splits
+from melp_ray.train.stream import StreamSpec, read_wfdb_batch
+from melp_ray.data.prepare import PrepareSettings, prepare
 
 RATE, SECONDS = 100, 5.0
 PTBXL_NAMES = ["I", "II", "III", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5", "V6"]
@@ -125,7 +127,7 @@ def test_prepare_keeps_the_good_rows_and_names_every_rejection(manifest_root, tm
     n_rows = len(pd.read_csv(root / M.MANIFEST_CSV))
     assert manifest["input"] == n_rows == len(expected) + len(bad)
     assert manifest["kept"] == len(expected)
-    assert set(manifest["rejected"]) == set(records.MANIFEST_REJECTION_REASONS)
+    assert set(manifest["rejected"]) == set(rejections.MANIFEST_REJECTION_REASONS)
     assert manifest["input"] == manifest["kept"] + sum(map(len, manifest["rejected"].values()))
     named = {rid: reason for reason, ids in manifest["rejected"].items() for rid in ids}
     assert named == bad
@@ -172,8 +174,8 @@ def test_label_columns_and_format_errors(manifest_root, tmp_path):
 
 def test_evaluate_lists_the_label_columns_and_reads_the_records(manifest_root):
     from melp_ray.eval import datasets as D
-    from melp_ray.eval.embeddings import read_record
-    from melp_ray.eval.plan_checks import check_root
+    from melp_ray.eval.records import read_record
+    from melp_ray.eval_plan.plan_checks import check_root
 
     root, expected, bad = manifest_root
     assert check_root("manifest", str(root)) == str(root.resolve())
@@ -186,7 +188,7 @@ def test_evaluate_lists_the_label_columns_and_reads_the_records(manifest_root):
     for record_id in ("npy-lxs", "npy-sxl-5s", "h5-1"):
         signal = read_record("manifest", by_id[record_id].path, RATE, SECONDS)
         np.testing.assert_array_equal(signal, expected[record_id])
-    with pytest.raises(records.RecordRejected, match="missing_leads"):
+    with pytest.raises(rejections.RecordRejected, match="missing_leads"):
         read_record("manifest", by_id["x7"].path, RATE, SECONDS)
     with pytest.raises(D.EvalError, match="no column labels_rhythm"):
         D.list_records("manifest", str(root), "rhythm", RATE, None)

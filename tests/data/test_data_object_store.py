@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import DataConfig, check_data_root, data_has_labels
 from melp_ray.data import shards
 from melp_ray.data.sources import DataRootError, detect_layout, list_records
-from melp_ray.data.stream import StreamSpec, minmax_normalise, rank_datasets
+from melp_ray.data.records import minmax_normalise
+from melp_ray.train.stream import StreamSpec, rank_datasets
 from melp_ray.prepare import main
 
 BUCKET = "melp-test"

@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from melp_ray.data import records, shards
+from melp_ray.data import rejections, shards
 from mimic_fixture import BREAKAGES, break_record, write_mimic_fixture
 from melp_ray.data.records import RecordRef, load_signal
 from melp_ray.data.sources import split_for_subject
-from melp_ray.prepare import PrepareError, PrepareSettings, main, prepare
+from melp_ray.data.prepare import PrepareError, PrepareSettings, prepare
+from melp_ray.prepare import main
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -27,7 +28,7 @@ def _all_rows(out: Path) -> list[dict]:
 
 
 def _check_accounting(manifest: dict) -> None:
-    assert set(manifest["rejected"]) == set(records.REJECTION_REASONS)
+    assert set(manifest["rejected"]) == set(rejections.REJECTION_REASONS)
     assert manifest["input"] == manifest["kept"] + sum(len(ids) for ids in manifest["rejected"].values())
     assert manifest["kept"] == sum(shard["rows"] for shard in manifest["shards"])
 
@@ -103,7 +104,8 @@ def test_other_settings_in_the_same_folder_are_refused(ptbxl_prepared):
 
 
 def test_int16_shards_are_smaller_and_stream_like_float32(ptbxl_prepared, tmp_path):
-    from melp_ray.data.stream import StreamSpec, shards_dataset, shard_files
+    from melp_ray.data.rows import shard_files
+    from melp_ray.train.stream import StreamSpec, shards_dataset
 
     settings, manifest = ptbxl_prepared
     compact = prepare(replace(settings, out=str(tmp_path / "int16"), ecg_encoding="int16"))
@@ -143,7 +145,7 @@ def test_mimic_every_rejection_is_named(tmp_path, ray_local):
     manifest = prepare(settings)
     _check_accounting(manifest)
     assert manifest["input"] == len(BREAKAGES) + 4 and manifest["kept"] == 4
-    assert manifest["rejected"] == {reason: [broken[reason]] for reason in records.REJECTION_REASONS}
+    assert manifest["rejected"] == {reason: [broken[reason]] for reason in rejections.REJECTION_REASONS}
     rows = _all_rows(tmp_path / "out")
     assert sorted(row["record_id"] for row in rows) == sorted(str(s.study_id) for s in fixture.studies[-4:])
     for row in rows:
@@ -165,7 +167,7 @@ def test_mimic_split_keeps_subjects_together(tmp_path, ray_local):
 def _distinct_subjects_per_batch(out: Path, batch: int) -> float:
     """Mean distinct subjects per batch of rank 0 of 2, read as training reads the shards
     (its run of the rows, ``deal_rows`` with no epoch, in order, local shuffle off)."""
-    from melp_ray.data.stream import deal_rows, read_row_range, shard_files, shard_rows
+    from melp_ray.data.rows import deal_rows, read_row_range, shard_files, shard_rows
 
     slices = deal_rows(shard_rows(shard_files(str(out), "train")), 2, 0)
     subjects = [x for s in slices

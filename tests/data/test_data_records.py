@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import wfdb
 
-from melp_ray.data import records
+from melp_ray.data import rejections
 from melp_ray.data.leads import LEADS
 from mimic_fixture import write_wfdb
-from melp_ray.data.records import RecordRef, RecordRejected, check_report, load_signal
+from melp_ray.data.records import RecordRef, check_report, load_signal
+from melp_ray.data.rejections import RecordRejected
 
 PTBXL_RECORD = "records100/00000/00001_lr"
 
@@ -27,10 +28,10 @@ def test_check_report():
     for empty in ("", "   ", None, float("nan"), " . , . ", "-- ; --"):
         with pytest.raises(RecordRejected) as info:
             check_report(empty, 1)
-        assert info.value.reason == records.EMPTY_REPORT
+        assert info.value.reason == rejections.EMPTY_REPORT
     with pytest.raises(RecordRejected) as info:
         check_report("normal ecg.", 4)
-    assert info.value.reason == records.SHORT_REPORT
+    assert info.value.reason == rejections.SHORT_REPORT
     assert check_report("sinusrytm. Ök. qrs(t).", 3) == "sinusrytm. Ök. qrs(t)."  # any letters count
 
 
@@ -79,23 +80,23 @@ def test_one_flat_lead_is_kept_all_flat_is_rejected(tmp_path, bundled_ptbxl):
     loaded = load_signal(_write(tmp_path, signal, name="one_flat"), tmp_path, sample_rate=100, seconds=10)
     assert np.all(loaded[3] == 0.0)
     constant = np.full_like(signal, 0.25)        # constant but not zero is flat too
-    assert _reason(_write(tmp_path, constant, name="flat"), tmp_path, sample_rate=100) == records.FLAT_SIGNAL
+    assert _reason(_write(tmp_path, constant, name="flat"), tmp_path, sample_rate=100) == rejections.FLAT_SIGNAL
 
 
 def test_rejections_on_real_files(tmp_path, bundled_ptbxl):
     signal = _real_signal(bundled_ptbxl)
     with_nan = signal.copy()
     with_nan[10:20, 7] = np.nan
-    assert _reason(_write(tmp_path, with_nan, name="nan"), tmp_path) == records.NAN_OR_INF
-    assert _reason(_write(tmp_path, signal[:900], name="short"), tmp_path) == records.WRONG_LENGTH
+    assert _reason(_write(tmp_path, with_nan, name="nan"), tmp_path) == rejections.NAN_OR_INF
+    assert _reason(_write(tmp_path, signal[:900], name="short"), tmp_path) == rejections.WRONG_LENGTH
     duplicated = _write(tmp_path, signal, name="dup")
     header = tmp_path / "dup.hea"                # wrsamp refuses duplicates: rename V4 -> V2 by hand
     header.write_text(header.read_text().replace(" V4\n", " V2\n"))
-    assert _reason(duplicated, tmp_path) == records.MISSING_LEADS
+    assert _reason(duplicated, tmp_path) == rejections.MISSING_LEADS
     missing = RecordRef("nope", "s", "test", "does/not/exist", "x")
-    assert _reason(missing, tmp_path) == records.MISSING_FILE
+    assert _reason(missing, tmp_path) == rejections.MISSING_FILE
     (tmp_path / "garbage.hea").write_text("%% not a header\n12 x y z\n")
-    assert _reason(RecordRef("g", "s", "test", "garbage", "x"), tmp_path) == records.BAD_HEADER
+    assert _reason(RecordRef("g", "s", "test", "garbage", "x"), tmp_path) == rejections.BAD_HEADER
 
 
 def test_microvolt_units_are_converted(tmp_path, bundled_ptbxl):

@@ -9,7 +9,7 @@ import pytest
 from melp_ray.data.records import load_signal
 from melp_ray.data.shards import decode_ecg, decode_ecg_column, read_shard_table, shard_row, write_shard
 from melp_ray.data.sources import scan_records
-from melp_ray.data.stream import StreamSpec, decode_shard_batch, finish_batch
+from melp_ray.train.stream import StreamSpec, decode_shard_batch, finish_batch
 
 SPEC = StreamSpec(sample_rate=100, seconds=10.0, text_model="minilm", max_text_length=64)
 COLUMNS = ["ecg", "report", "labels_super", "strat_fold"]

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from melp_ray.data.shards import read_shard_table
-from melp_ray.data.stream import StreamSpec, minmax_normalise, rank_datasets, split_refs
-from melp_ray.prepare import PrepareSettings, prepare
+from melp_ray.data.records import minmax_normalise
+from melp_ray.data.rows import split_refs
+from melp_ray.train.stream import StreamSpec, rank_datasets
+from melp_ray.data.prepare import PrepareSettings, prepare
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 SPEC = StreamSpec(sample_rate=100, seconds=10, text_model="minilm", max_text_length=32)
@@ -73,7 +75,7 @@ def test_shards_with_another_rate_are_refused(ray_local, shards):
 def shard_ecg(root) -> dict[str, np.ndarray]:
     """{split: the model-ready ECGs of all its shard rows, in file order}."""
     from melp_ray.data.shards import decode_ecg, read_shard_table
-    from melp_ray.data.stream import shard_files
+    from melp_ray.data.rows import shard_files
 
     return {split: np.stack([minmax_normalise(decode_ecg(b)) for path in shard_files(str(root), split)
                              for b in read_shard_table(path, columns=["ecg"])["ecg"].to_pylist()])
@@ -147,7 +149,7 @@ def test_excluded_folds_never_reach_a_shard_stream(ray_local, shards):
     import pyarrow.parquet as pq
 
     from melp_ray.data.shards import decode_ecg
-    from melp_ray.data.stream import shard_files
+    from melp_ray.data.rows import shard_files
 
     table = pq.read_table(shard_files(str(shards), "train"), columns=["ecg", "strat_fold"])
     folds = np.asarray(table["strat_fold"])
@@ -168,7 +170,7 @@ def test_pretrain_datasets_hold_out_folds_and_say_how_many(ray_local, bundled_pt
 
     cfg = load_config(PretrainConfig, "tiny", ["data.exclude_folds=[6]"])
     info: dict = {}
-    with caplog.at_level("WARNING", logger="melp_ray.data.stream"):
+    with caplog.at_level("WARNING", logger="melp_ray.data.rows"):
         datasets = build_datasets(cfg, info)
     # Records rejected from the metadata (the sample has one: an empty report) are named
     # once, not once per split.
@@ -215,7 +217,7 @@ def test_materialized_datasets_give_the_same_shuffled_batches(ray_local, bundled
 
 
 def shard_listing(sizes: list[int], held_out: dict[int, set[int]] | None = None) -> list:
-    from melp_ray.data.stream import ShardRows
+    from melp_ray.data.rows import ShardRows
 
     held_out = held_out or {}
     return [ShardRows(f"train/part-{i:05d}.parquet", n,
@@ -232,7 +234,7 @@ def rows_read(slices, files) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("sizes, world", [([256], 2), ([256, 256, 100], 2), ([1], 2),
                                           ([7, 3, 9, 1, 12], 4), ([5, 5], 16)])
 def test_each_epoch_deals_every_record_to_exactly_one_rank(sizes, world):
-    from melp_ray.data.stream import deal_rows
+    from melp_ray.data.rows import deal_rows
 
     files = shard_listing(sizes, held_out={0: {0, 2}})    # held-out rows never dealt
     kept = [(f.path, r) for f in files for r in f.kept]
@@ -289,7 +291,8 @@ def test_shards_of_another_rate_are_resampled_another_duration_is_a_config_error
     from melp_ray.config import ConfigError, PretrainConfig, load_config
     from melp_ray.data.records import resample
     from melp_ray.data.shards import decode_ecg, read_shard_table
-    from melp_ray.data.stream import decode_shard_batch, shard_files
+    from melp_ray.data.rows import shard_files
+    from melp_ray.train.stream import decode_shard_batch
     from melp_ray.pretrain import check_shards_fit, stream_spec
 
     root = make_shards(tmp_path, [16], [1])                # 100 Hz x 10 s

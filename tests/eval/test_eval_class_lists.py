@@ -9,7 +9,7 @@ import pytest
 from melp_ray.data.physionet_labels import CPSC2018_CLASSES, CPSC2018_DESCRIPTIONS
 from melp_ray.data.ptbxl import SUPERCLASSES, class_names
 from melp_ray.eval.class_lists import ClassListError, match_ptbxl_names, read_class_names
-from melp_ray.eval.plan import EvalError, build_plan
+from melp_ray.eval_plan.plan import EvalError, build_plan
 
 # Our own small files in the reference's layout: task key -> list of class names.
 SUPER_REORDERED = ["HYP", "NORM", "MI", "CD", "STTC"]

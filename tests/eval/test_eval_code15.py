@@ -10,9 +10,9 @@ from code15_fixture import NAN_EXAM, PAD, ZERO_EXAM, write_code_test
 
 from melp_ray.data import code15
 from melp_ray.data.leads import LEADS
-from melp_ray.eval.embeddings import load_batch, read_record
-from melp_ray.eval.plan import EvalError, build_plan
-from melp_ray.eval.prompts import CODE15_PROMPTS
+from melp_ray.eval.records import load_batch, read_record
+from melp_ray.eval_plan.plan import EvalError, build_plan
+from melp_ray.text.prompts import CODE15_PROMPTS
 
 
 def _plan(plan_args, root, *options):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from melp_ray.data.physionet import load_physionet_signal
-from melp_ray.eval.embeddings import load_batch
-from melp_ray.eval.plan import EvalError, build_plan
+from melp_ray.eval.records import load_batch
+from melp_ray.eval_plan.plan import EvalError, build_plan
 
 
 def _batch(*paths) -> dict[str, np.ndarray]:

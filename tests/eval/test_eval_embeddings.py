@@ -7,7 +7,7 @@ from melp_ray.eval.embeddings import build_model
 
 
 def test_random_init_weights_are_untrained_and_seeded(tiny_checkpoint):
-    from melp_ray.checkpoint import load_model
+    from melp_ray.hub.checkpoint import load_model
 
     trained = load_model(tiny_checkpoint).state_dict()
     first = build_model(tiny_checkpoint, random_init=True, seed=0).state_dict()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from melp_ray.eval.embeddings import load_batch
+from melp_ray.eval.records import load_batch
 from melp_ray.eval.generation import generation_metrics
 from melp_ray.eval.inference import EmbeddingExtractor
-from melp_ray.eval.plan import EvalError, build_plan
+from melp_ray.eval_plan.plan import EvalError, build_plan
 
 
 def tiny_melp():
@@ -60,7 +60,7 @@ def _in_process_embed(plan, records, outputs):
 
 
 def test_run_generation_scores_every_test_report(plan_args, tmp_path):
-    from melp_ray.eval.modes import run_generation
+    from melp_ray.eval_plan.modes import run_generation
 
     args = plan_args("--mode", "generation", "--test-folds", "6", "--max-new-tokens", "4")
     plan = build_plan(args)

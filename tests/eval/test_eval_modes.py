@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from melp_ray.eval.modes import report_similarity
+from melp_ray.eval_plan.modes import report_similarity
 
 
 def test_identical_reports_give_exactly_tied_columns():

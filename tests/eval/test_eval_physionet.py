@@ -109,6 +109,48 @@ def test_microvolt_units_are_converted(tmp_path, shared_ptbxl):
     np.testing.assert_allclose(load_physionet_signal(tmp_path / "U1.hea")[0], physical, atol=1e-6)
 
 
+@pytest.mark.parametrize("gain, per_mv", [("1000/mV", 1.0), ("1(0)/uV", 1e-3),
+                                           ("500.0(3)/mV", 1.0)])
+def test_wfdb_read_equals_the_challenge_formula(tmp_path, shared_ptbxl, gain, per_mv):
+    """The reader is wfdb.rdrecord now; it returns bit for bit what the hand-written parser
+    it replaced returned (checked on every fixture record when replacing it): float32 of
+    (adc - baseline) / gain in mV, rows in canonical order, and the header's comments."""
+    adc, _, fs = _ptbxl_adc(shared_ptbxl, 3)
+    header = _write_challenge_record(tmp_path, "E1", adc, fs, ["#Age: 61", "#Dx: 426783006"],
+                                     gain=gain)
+    value, _, rest = gain.partition("/")
+    scale, _, baseline = value.rstrip(")").partition("(")
+    expected = (adc - float(baseline or 0)) / float(scale) * per_mv
+    signal, rate = load_physionet_signal(header)
+    np.testing.assert_array_equal(signal, expected.astype(np.float32))
+    assert rate == 100.0 and isinstance(rate, float)
+    parsed = read_physionet_header(header)
+    assert parsed.dx_codes == ("426783006",) and parsed.age == 61 and parsed.sex is None
+    assert [s.lead for s in parsed.signals] == FILE_LEADS and parsed.signal_file == "E1.mat"
+
+
+def test_missing_sample_code_reads_as_nan(tmp_path, shared_ptbxl):
+    """-32768 is WFDB's "no sample" in format 16: NaN, as for every other WFDB source (the
+    hand-written parser returned it as -32.8 mV)."""
+    adc, _, fs = _ptbxl_adc(shared_ptbxl, 3)
+    adc[1, 5] = -32768  # lead II
+    signal, _ = load_physionet_signal(_write_challenge_record(tmp_path, "N1", adc, fs, []))
+    assert np.isnan(signal[1, 5]) and np.isfinite(np.delete(signal.ravel(), 1 * 1000 + 5)).all()
+
+
+def test_mat_file_wfdb_cannot_read_as_16_plus_24_is_reported(tmp_path, shared_ptbxl):
+    """wfdb reads int16 samples after 24 bytes; a MAT v5 or a float 'val' would be garbage."""
+    adc, _, fs = _ptbxl_adc(shared_ptbxl, 3)
+    header = _write_challenge_record(tmp_path, "M1", adc, fs, [])
+    for matrix, fmt in ((adc, "5"), (adc.astype(np.float64), "4")):
+        scipy.io.savemat(tmp_path / "M1.mat", {"val": matrix}, format=fmt)
+        with pytest.raises(PhysioNetFormatError, match="MAT v4 file, as int16"):
+            load_physionet_signal(header)
+    scipy.io.savemat(tmp_path / "M1.mat", {"x": adc}, format="4")
+    with pytest.raises(PhysioNetFormatError, match=r"no 'val' matrix \(keys: \['x'\]\)"):
+        load_physionet_signal(header)
+
+
 @pytest.fixture
 def good_record(tmp_path, shared_ptbxl):
     adc, _, fs = _ptbxl_adc(shared_ptbxl, 2)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from melp_ray.eval.plan import EvalError, build_plan, physionet_fold
-from melp_ray.eval.plan_checks import parse_folds
-from melp_ray.eval.prompts import PTBXL_SUPERCLASS_PROMPTS
+from melp_ray.eval_plan.plan import EvalError, build_plan, physionet_fold
+from melp_ray.eval_plan.plan_checks import parse_folds
+from melp_ray.text.prompts import PTBXL_SUPERCLASS_PROMPTS
 from melp_ray.evaluate import make_parser
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from melp_ray.data.ptbxl import SUPERCLASSES
-from melp_ray.eval.plan import EvalError, build_plan
-from melp_ray.eval.prompts import (MissingPromptError, load_prompt_file, prompt_file_format,
+from melp_ray.eval_plan.plan import EvalError, build_plan
+from melp_ray.text.prompts import (MissingPromptError, load_prompt_file, prompt_file_format,
                                    resolve_prompts)
 from melp_ray.eval.zero_shot import prompt_embeddings
 

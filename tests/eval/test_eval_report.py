@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from melp_ray.eval.metrics import recall_at_k
-from melp_ray.eval.report import write_classification_report, write_retrieval_report
+from melp_ray.eval_plan.report import write_classification_report, write_retrieval_report
 from melp_ray.eval.zero_shot import evaluate_zero_shot
 
 

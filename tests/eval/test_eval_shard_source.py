@@ -12,7 +12,7 @@ import pytest
 from melp_ray.data import shards
 from melp_ray.data.records import RecordRef
 from melp_ray.eval import shard_source
-from melp_ray.eval.plan import EvalError, build_plan, physionet_fold
+from melp_ray.eval_plan.plan import EvalError, build_plan, physionet_fold
 from melp_ray.evaluate import make_parser
 
 
@@ -67,7 +67,7 @@ def test_one_shard_file_is_read_for_the_wanted_records_only(tmp_path):
     assert out["record_id"].tolist() == ["r0", "r2"]
     assert out["report"].tolist() == ["report 0", "report 2"]
     assert out["rejected"].tolist() == ["", ""]
-    from melp_ray.data.stream import minmax_normalise
+    from melp_ray.data.records import minmax_normalise
     np.testing.assert_array_equal(out["ecg"][1], minmax_normalise(signals[2]))
     # Asked for 20 s of 10 s records: rejected by name (wrong length), not dropped.
     longer = shard_source.read_shard_records(batch, sample_rate=100, seconds=20,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from melp_ray.data.ptbxl import read_database
-from melp_ray.eval.plan import EvalError, build_plan
+from melp_ray.eval_plan.plan import EvalError, build_plan
 from melp_ray.eval.splits import SplitFileError, read_split_csv
 
 PTBXL_META = ["ecg_id", "patient_id", "strat_fold", "filename_lr", "filename_hr", "super_class"]

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from melp_ray.data.physionet_labels import CPSC2018_CLASSES
-from melp_ray.eval.prompts import (PTBXL_SUPERCLASS_PROMPTS, MissingPromptError,
+from melp_ray.text.prompts import (PTBXL_SUPERCLASS_PROMPTS, MissingPromptError,
                                    cpsc2018_prompts, load_prompt_file,
                                    ptbxl_prompts, resolve_prompts)
 from melp_ray.eval.zero_shot import evaluate_zero_shot, prompt_embeddings, zero_shot_scores

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from melp_ray.distributed import free_port
+from melp_ray.utils.distributed import free_port
 
 WORLD = 2
 
@@ -27,7 +27,7 @@ def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from melp_ray.losses import rhythm_loss
+        from melp_ray.model.losses import rhythm_loss
 
         case = torch.load(case_path)
         local = slice(rank * case["ecg_in"].shape[0] // WORLD,

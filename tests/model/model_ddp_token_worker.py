@@ -14,14 +14,14 @@ import torch.multiprocessing as mp
 
 from model_ddp_rhythm_worker import WORLD
 
-from melp_ray.distributed import free_port
+from melp_ray.utils.distributed import free_port
 
 
 def run(rank: int, case_path: str, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from melp_ray.losses import token_loss
+        from melp_ray.model.losses import token_loss
 
         case = torch.load(case_path)
         half = case["logits"].shape[0] // WORLD

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from melp_ray.losses import compute_losses
+from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.model.text_tower import transformer_layers
 from model_fixture import random_batch

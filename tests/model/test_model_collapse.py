@@ -32,8 +32,8 @@ import torch
 
 from melp_ray.data.records import load_signal
 from melp_ray.data.sources import bundled_root, scan_records
-from melp_ray.data.stream import StreamSpec, finish_batch
-from melp_ray.losses import compute_losses
+from melp_ray.train.stream import StreamSpec, finish_batch
+from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.pretrain import mask_leads
 

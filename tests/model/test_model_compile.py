@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from melp_ray.losses import compute_losses
+from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.text import report_ids
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from melp_ray.losses import (MELPLoss, beat_loss, compute_losses, gather_with_grad,
+from melp_ray.model.losses import (MELPLoss, beat_loss, compute_losses, gather_with_grad,
                              rhythm_loss, token_loss)
 
 WORKER = Path(__file__).with_name("model_ddp_rhythm_worker.py")

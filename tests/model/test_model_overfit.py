@@ -10,7 +10,7 @@ import torch
 import wfdb
 
 from melp_ray.text import report_ids
-from melp_ray.losses import compute_losses
+from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 
 pytestmark = pytest.mark.slow   # real end-to-end runs: minutes (pytest -m 'not slow' skips)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from melp_ray.text import report_ids
-from melp_ray.losses import compute_losses
+from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, count_parameters, model_config_from_preset
 from melp_ray.model.ecg_encoder import ConvPositionalEmbedding, ECGEncoder
 from melp_ray.model.layers import MultiheadAttention

@@ -1,9 +1,9 @@
-"""Stage 1's masked-language modelling (melp_ray.text.mlm): BERT-style, seeded masking."""
+"""Stage 1's masked-language modelling (melp_ray.text_mlm.recipe): BERT-style, seeded masking."""
 from __future__ import annotations
 
 import torch
 
-from melp_ray.text.mlm import IGNORE, mask_tokens
+from melp_ray.text_mlm.recipe import IGNORE, mask_tokens
 
 
 def test_mlm_masking_is_bert_style_and_seeded():

@@ -1,4 +1,4 @@
-"""The stage-1 WordPiece tokenizer (melp_ray.text.wordpiece), trained on the bundled PTB-XL reports:
+"""The stage-1 WordPiece tokenizer (melp_ray.text_mlm.wordpiece), trained on the bundled PTB-XL reports:
 lossless round trips, German and Swedish letters kept, and what stage 2 needs from it.
 
 Real tokenizers and transformers; no mocks.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from melp_ray.data.sources import bundled_root, scan_records, split_for_subject
-from melp_ray.text.wordpiece import ALPHABET, SPECIAL_TOKENS, nfc, save_tokenizer, train_wordpiece, unk_rate, words
+from melp_ray.text_mlm.wordpiece import ALPHABET, SPECIAL_TOKENS, nfc, save_tokenizer, train_wordpiece, unk_rate, words
 
 
 def bundled_reports() -> dict[str, list[str]]:

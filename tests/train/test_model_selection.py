@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from melp_ray import storage
-from melp_ray.checkpoint import TRAINER_STATE, resolve_checkpoint
+from melp_ray.utils import storage
+from melp_ray.hub.checkpoint import TRAINER_STATE, resolve_checkpoint
 
 PEAK_STEP = 4
 

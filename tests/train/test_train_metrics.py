@@ -5,8 +5,7 @@ import json
 import struct
 
 import pytest
-from tensorboardX.proto.event_pb2 import Event
-from wandb.proto.wandb_internal_pb2 import Record
+from tracking_fixture import read_tensorboard_scalars, wandb_offline_runs
 
 from melp_ray.config import PretrainConfig, load_config
 from melp_ray.train.metrics import WANDB_ID_FILE, MetricsLogger, format_progress, log_wandb_summary
@@ -35,48 +34,6 @@ def test_other_ranks_log_nothing(tmp_path, capfd):
     MetricsLogger(cfg_for(tmp_path), rank=1).log(METRICS)
     assert not (tmp_path / "m" / "metrics.jsonl").exists()
     assert capfd.readouterr().out == ""
-
-
-def wandb_records(path) -> list[Record]:
-    """The records of an offline run's ``.wandb`` file: a 7-byte header (":W&B", version),
-    then LevelDB-log chunks (crc32 4, length 2, type 1: full/first/middle/last) in 32 KiB blocks."""
-    data, pos, pending, records = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:      # a block's tail too short for a chunk header: padding
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            records.append(Record.FromString(pending))
-            pending = b""
-    return records
-
-
-def item_value(item):
-    field = item.WhichOneof("value")
-    return json.loads(item.value_json) if field in (None, "value_json") else getattr(item, field)
-
-
-def wandb_offline_runs(folder) -> list[dict]:
-    """Per offline run (in the order written): its id, group, history rows and summary."""
-    runs = []
-    for run_folder in sorted(folder.glob("offline-run-*")):
-        out = {"history": [], "summary": {}}
-        for record in wandb_records(next(run_folder.glob("*.wandb"))):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                out.update(id=record.run.run_id, group=record.run.run_group)
-            elif kind == "history":
-                out["history"].append({"/".join(i.nested_key) or i.key: item_value(i)
-                                       for i in record.history.item})
-            elif kind == "summary":
-                out["summary"].update({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
-                                       for i in record.summary.update})
-        runs.append(out)
-    return runs
 
 
 def test_wandb_offline_run_logs_metrics_jsonl_then_resumes_with_the_summary(tmp_path, monkeypatch):
@@ -128,20 +85,6 @@ def test_object_storage_metrics_are_synced_at_close_and_resumed(tmp_path):
     again.log({**METRICS, "step": 10})
     again.close()
     assert [json.loads(line)["step"] for line in remote.read_text().splitlines()] == [5, 10]
-
-
-def read_tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of every event file in ``folder``: TFRecords (length, crc, Event proto, crc)."""
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
 
 
 @pytest.mark.parametrize("scheme", ["", "file://"])   # file://: written locally, copied beside the run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from melp_ray.config import DeepSpeedConfig, TrainConfig
-from melp_ray.losses import compute_losses
+from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op
 from melp_ray.train.recipe import param_groups

@@ -1,22 +1,16 @@
-"""Ray Data pipelines that feed training and evaluation workers.
+"""Ray Data pipelines that feed the training workers (and the benchmarks' ingest).
 
 Two sources, one output format (see docs/architecture.md, "Batches a training worker receives"):
 
 - prepared Parquet shards (``python -m melp_ray.prepare``): read -> decode -> normalise -> tokenise
 - a raw WFDB root (PTB-XL or MIMIC-IV-ECG layout): read with wfdb -> validate -> normalise -> tokenise
 
-Why one dataset per training rank instead of ``streaming_split``: Ray's streaming split hands
-blocks to whichever worker asks first, so which sample lands on which rank changes from run
-to run. Training must be exactly resumable and give the same global batch for any worker
-count, so each rank gets a fixed, deterministic slice: every ``world``-th record of a raw
-root (free: only metadata is sliced), or one contiguous run of the rows of prepared shards
-(``deal_rows``: row ranges of files, read by row group, so any number of shard files serves
-any number of ranks). Reports are tokenised here, on the data workers.
+One dataset per rank, each a fixed slice of the split (``melp_ray.data.rows`` says which
+rows, and why not ``streaming_split``). Reports are tokenised here, on the data workers.
 """
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Iterator, Sequence
@@ -24,11 +18,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
-from melp_ray.data.records import resample
+from melp_ray.data.records import minmax_normalise, minmax_normalise_, resample
+from melp_ray.data.rows import (RowSlice, deal_rows, drop_folds, list_splits, read_row_range, resolve_root,
+                                shard_rows, split_shard_files)
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,22 +50,6 @@ class StreamSpec:
 
 
 # ---------------------------------------------------------------- row transforms
-
-def minmax_normalise(ecg: np.ndarray) -> np.ndarray:
-    """Per-record min-max scaling to [0, 1] over all leads (the reference MELP scaling)."""
-    lo = ecg.min(axis=(-2, -1), keepdims=True)
-    hi = ecg.max(axis=(-2, -1), keepdims=True)
-    return ((ecg - lo) / np.maximum(hi - lo, 1e-6)).astype(np.float32)
-
-
-def minmax_normalise_(ecg: np.ndarray) -> np.ndarray:
-    """``minmax_normalise`` in place on a float32 array the caller owns: the same values
-    (the same float32 operations), without two fresh batch-sized arrays per batch."""
-    lo = ecg.min(axis=(-2, -1), keepdims=True)
-    hi = ecg.max(axis=(-2, -1), keepdims=True)
-    np.subtract(ecg, lo, out=ecg)
-    np.divide(ecg, np.maximum(hi - lo, 1e-6), out=ecg)
-    return ecg
 
 
 def superclass_multihot(labels: Sequence[Sequence[str]]) -> np.ndarray:
@@ -127,7 +106,8 @@ def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
 
 def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
     """Read each record with wfdb; rejected records are logged by name and left out."""
-    from melp_ray.data.records import RecordRef, RecordRejected, load_signal
+    from melp_ray.data.records import RecordRef, load_signal
+    from melp_ray.data.rejections import RecordRejected
 
     signals, reports, labels = [], [], []
     for row in _rows(batch):
@@ -220,12 +200,6 @@ def in_order(ds):
     return ds
 
 
-def resolve_root(root: str | None) -> str:
-    from melp_ray.data.sources import bundled_root
-
-    return str(bundled_root()) if root is None else str(root)
-
-
 def rank_datasets(root: str | None, split: str, world_size: int, spec: StreamSpec, *,
                   counts: dict[str, int] | None = None, **kwargs) -> list:
     """One dataset per rank for one ``split`` ("train" | "val"): see ``split_datasets``."""
@@ -280,82 +254,6 @@ def _shard_rank_datasets(root: str, split: str, world_size: int, spec: StreamSpe
             for r in range(world_size)]
 
 
-def split_shard_files(root: str, split: str, world_size: int, limit: int | None = None) -> list[str]:
-    """The shard files of a split that training reads (``limit``: one per worker, at most
-    as many as there are). Any number of files serves any number of workers (``deal_rows``)."""
-    files = shard_files(root, split)
-    if limit is not None:
-        files = files[: max(world_size, 1)]
-    return files
-
-
-@dataclass(frozen=True)
-class ShardRows:
-    """One shard file: its row count and the positions of the rows training keeps (all of
-    them unless folds are held out)."""
-
-    path: str
-    rows: int
-    kept: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class RowSlice:
-    """Rows [start, stop) of one shard file (held-out folds inside it are still dropped)."""
-
-    path: str
-    start: int
-    stop: int
-
-
-def shard_rows(files: Sequence[str], exclude_folds: Sequence[int] = ()) -> list[ShardRows]:
-    """The kept rows of each file: from the Parquet footers, or, with folds held out, from
-    the ``strat_fold`` column alone."""
-    from melp_ray.data.shards import read_shard_table
-
-    out = []
-    for path in files:
-        if exclude_folds:
-            folds = read_shard_table(path, columns=["strat_fold"])["strat_fold"].to_numpy()
-            kept = np.flatnonzero(~np.isin(folds, list(exclude_folds)))
-            out.append(ShardRows(path, len(folds), tuple(int(i) for i in kept)))
-        else:
-            n = parquet_rows(path)
-            out.append(ShardRows(path, n, tuple(range(n))))
-    return out
-
-
-def parquet_rows(path: str) -> int:
-    fs, fs_path = storage.filesystem_and_path(path)
-    with fs.open_input_file(fs_path) as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
-def deal_rows(files: Sequence[ShardRows], world_size: int, rank: int, epoch: int | None = None,
-              seed: int = 0) -> list[RowSlice]:
-    """The row slices ``rank`` reads: the kept rows of all files, end to end, cut into
-    ``world_size`` contiguous runs whose lengths differ by at most one; ``rank`` reads run
-    ``rank``. So every kept record is read exactly once per epoch whatever the numbers of
-    files and workers (fewer files than workers: a file is shared by several ranks).
-
-    With an ``epoch``, the files are first put in an order seeded by (seed, epoch): which
-    rank reads which records changes from epoch to epoch, and the same (seed, epoch) always
-    gives the same slices (exact resume).
-    """
-    order = list(files)
-    if epoch is not None:
-        random.Random(f"{seed}:{epoch}").shuffle(order)   # str seed: stable across processes
-    total = sum(len(f.kept) for f in order)
-    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
-    slices, offset = [], 0
-    for f in order:
-        a, b = max(lo - offset, 0), min(hi - offset, len(f.kept))
-        if a < b:   # kept rows a..b-1 of this file: raw rows kept[a] .. kept[b-1]
-            slices.append(RowSlice(f.path, f.kept[a], f.kept[b - 1] + 1))
-        offset += len(f.kept)
-    return slices
-
-
 def slices_dataset(slices: Sequence[RowSlice], spec: StreamSpec, exclude_folds: Sequence[int] = ()):
     """Row slices of shard files (local paths or URIs) -> model-ready rows, in slice order.
     A rank with no rows gets an empty dataset of the same pipeline."""
@@ -380,54 +278,3 @@ def read_slices(batch: dict[str, np.ndarray], spec: StreamSpec,
         table = read_row_range(str(path), int(start), int(stop), columns)
         for at in range(0, table.num_rows, 64):
             yield decode_shard_batch(table.slice(at, 64), spec, exclude_folds)
-
-
-def read_row_range(path: str, start: int, stop: int, columns: list[str]):
-    """Rows [start, stop) of one Parquet file, reading only the row groups that hold them."""
-    fs, fs_path = storage.filesystem_and_path(path)
-    with fs.open_input_file(fs_path) as f:
-        parquet = pq.ParquetFile(f)
-        groups, first, offset = [], None, 0
-        for i in range(parquet.num_row_groups):
-            n = parquet.metadata.row_group(i).num_rows
-            if offset < stop and offset + n > start:
-                groups.append(i)
-                first = offset if first is None else first
-            offset += n
-        table = parquet.read_row_groups(groups, columns=columns)
-    return table.slice(start - first, stop - start)
-
-
-def drop_folds(refs: Sequence[Any], exclude_folds: Sequence[int]) -> tuple[list, list]:
-    """(kept, held out): the RecordRefs outside / inside ``exclude_folds``."""
-    folds = set(exclude_folds)
-    kept = [r for r in refs if r.strat_fold not in folds]
-    held = [r for r in refs if r.strat_fold in folds]
-    return kept, held
-
-
-def list_splits(layout: str, root: str, val_fraction: float, seed: int, limit: int | None,
-                sample_rate: int = 500) -> dict[str, list]:
-    """{"train": [...], "val": [...]}: a raw root's records split by subject, listed once;
-    the records rejected from the metadata alone (they belong to no split) are logged by name."""
-    from melp_ray.data.sources import scan_records, split_for_subject
-
-    listing = scan_records(layout, root, limit=limit, sample_rate=sample_rate)
-    for record_id, why in listing.details.items():
-        logger.warning("rejected record %s: %s", record_id, why)
-    splits: dict[str, list] = {"train": [], "val": []}
-    for ref in listing.refs:
-        splits[split_for_subject(ref.subject_id, val_fraction, seed)].append(ref)
-    return splits
-
-
-def split_refs(layout: str, root: str, split: str, val_fraction: float, seed: int,
-               limit: int | None, sample_rate: int = 500) -> list:
-    """The records of one split (``list_splits``)."""
-    return list_splits(layout, root, val_fraction, seed, limit, sample_rate)[split]
-
-
-def shard_files(root: str, split: str) -> list[str]:
-    from melp_ray.data.shards import shard_paths
-
-    return sorted(shard_paths(root, split))

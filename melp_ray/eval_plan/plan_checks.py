@@ -1,4 +1,4 @@
-"""The command-line option checks behind ``build_plan`` (``melp_ray.eval.plan``).
+"""The command-line option checks behind ``build_plan`` (``melp_ray.eval_plan.plan``).
 
 Kept apart from the plan so that ``plan.py`` reads as what is evaluated (records, folds,
 classes, prompts) while this module holds the rules on the options themselves: which
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.eval.datasets import EvalError
 
 REPORT_MODES = ("retrieval", "generation")   # scored against the records' free-text reports

@@ -5,7 +5,7 @@ their labels (and reports), the class names and prompts, and the settings writte
 results.json. Everything that can be checked without Ray (paths, the checkpoint, folds,
 prompts, option combinations) is checked here and raises ``EvalError``, so a typo fails in
 a second, not after the cluster starts; the checks of the options themselves (which go
-together, bounds, --root, --out, lengths) live in ``melp_ray.eval.plan_checks``. No Ray, no
+together, bounds, --root, --out, lengths) live in ``melp_ray.eval_plan.plan_checks``. No Ray, no
 model weights.
 
 Splits: PTB-XL uses its ``strat_fold`` (default train 1-8, val 9, test 10); the other
@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from melp_ray.eval import datasets as D
 # Re-exported: callers import these from the plan.
-from melp_ray.eval.datasets import EvalError, EvalRecord, physionet_fold  # noqa: F401
-from melp_ray.eval.plan_checks import (REPORT_MODES, check_crop, check_disjoint, check_length,
+from melp_ray.eval.datasets import EvalError, EvalRecord, Plan, physionet_fold  # noqa: F401
+from melp_ray.eval.embeddings import checkpoint_info
+from melp_ray.eval_plan.plan_checks import (REPORT_MODES, check_crop, check_disjoint, check_length,
                                        check_option_combinations, check_root, fmt_folds,
                                        parse_folds)
 
@@ -37,49 +36,7 @@ PTBXL_TASKS = ("super", "sub", "form", "rhythm")
 DEFAULT_FOLDS = {"train": "1-8", "val": "9", "test": "10"}
 
 
-@dataclass
-class Plan:
-    """The checked, resolved form of the command line."""
-
-    mode: str
-    dataset: str
-    root: str
-    out: Path
-    checkpoint: str
-    checkpoint_kind: str               # "training checkpoint" | "exported folder"
-    sample_rate: int
-    seconds: float
-    task: str | None
-    class_names: list[str]
-    splits: dict[str, list[EvalRecord]]     # the splits the mode uses
-    folds: dict[str, list[int]]
-    excluded: dict[str, list[str]]          # reason -> record ids left out before loading
-    prompts: list[list[str]] | None = None
-    crop_seconds: float | None = None       # first S s of each record, zero-padded to seconds
-    shard_sample_rate: int | None = None    # --dataset shards: the rate the shards hold
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------- the plan
-
-def checkpoint_info(path: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(kind, model config dict, data config dict) of a training checkpoint or an export."""
-    from melp_ray import checkpoint as ckpt
-    from melp_ray import storage
-
-    local = path if storage.is_uri(path) else storage.normalise_storage_path(path)
-    if not storage.is_uri(path) and not os.path.exists(local):
-        raise EvalError(f"--checkpoint {path} does not exist")
-    if not storage.is_uri(path) and ckpt.is_exported_folder(local):
-        config = storage.read_json(storage.join(local, "config.json"))
-        data = {"sample_rate": config.get("sample_rate"), "seconds": config.get("seconds")}
-        return "exported folder", config.get("melp", {}), data
-    try:
-        config = ckpt.checkpoint_config(path)
-    except FileNotFoundError as err:
-        raise EvalError(f"--checkpoint: {err}, nor an exported folder (config.json with "
-                        "model_type melp_ray)") from None
-    return "training checkpoint", config["model"], config.get("data", {})
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -262,7 +219,7 @@ def _drop_unusable(records: list[EvalRecord], mode: str, excluded: dict[str, lis
 
 
 def _prompt_format(args) -> str:
-    from melp_ray.eval.prompts import prompt_file_format
+    from melp_ray.text.prompts import prompt_file_format
 
     try:
         return prompt_file_format(args.prompts, args.prompt_format)
@@ -275,7 +232,7 @@ def _resolve_prompts(dataset: str, root: str, classes: list[str], prompt_file: s
     """Prompts per class; a class named after one of ours (``aliases``: name -> our label
     name, from --class-names) gets our label's default prompt."""
     from melp_ray.data import physionet_labels
-    from melp_ray.eval import prompts as P
+    from melp_ray.text import prompts as P
 
     if dataset == "ptb-xl":
         defaults = P.ptbxl_descriptions(Path(root) / "scp_statements.csv")

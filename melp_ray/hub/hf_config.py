@@ -1,7 +1,7 @@
 """The Hugging Face configuration of an exported MELP (``config.json``).
 
 This module is also shipped, as it is, as ``configuration_melp_ray.py`` in every exported
-folder (``melp_ray.hub_code``): it may import only the standard library and transformers.
+folder (``melp_ray.hub.custom_code``): it may import only the standard library and transformers.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from melp_ray.distributed import sum_over_ranks
-from melp_ray.text.config import TextPretrainConfig, tokenizer_source
+from melp_ray.utils.distributed import sum_over_ranks
+from melp_ray.text_mlm.config import TextPretrainConfig, tokenizer_source
 from melp_ray.train.metrics import worker_print
 from melp_ray.train.recipe import DeepSpeedRecipe
 
@@ -85,7 +85,7 @@ class TextPretrainRecipe(DeepSpeedRecipe):
     """What stage 1 trains: a BERT-style masked language model on reports."""
 
     def setup(self) -> None:
-        from melp_ray.text.wordpiece import load_tokenizer_folder
+        from melp_ray.text_mlm.wordpiece import load_tokenizer_folder
 
         # Before super().setup(): build_model needs the vocabulary.
         self.tokenizer = load_tokenizer_folder(tokenizer_source(self.cfg))

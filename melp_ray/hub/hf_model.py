@@ -1,8 +1,8 @@
 """MELP as a Hugging Face ``PreTrainedModel``: load, embed, score zero-shot, generate.
 
 This module is also shipped in every exported folder, concatenated with the model modules
-into ``modeling_melp_ray.py`` (``melp_ray.hub_code``), so a folder loads with only torch and
-transformers installed. It may import melp_ray's model modules and ``melp_ray.hf_config``
+into ``modeling_melp_ray.py`` (``melp_ray.hub.custom_code``), so a folder loads with only torch and
+transformers installed. It may import melp_ray's model modules and ``melp_ray.hub.hf_config``
 by name (``from melp_ray.model.melp import MELP``), nothing else of melp_ray.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from melp_ray.hf_config import MELPHFConfig
+from melp_ray.hub.hf_config import MELPHFConfig
 from melp_ray.model.config import ModelConfig
 from melp_ray.model.melp import MELP
 
@@ -128,7 +128,7 @@ class MELPHFModel(PreTrainedModel):
 
         This copy (the one shipped in an exported folder) writes nothing: a model loaded with
         ``trust_remote_code`` is remote code to transformers, which copies its files itself.
-        melp_ray's subclass (``melp_ray.hf.MELPHFModel``) renders them from its modules.
+        melp_ray's subclass (``melp_ray.hub.hf.MELPHFModel``) renders them from its modules.
         """
         return None
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from melp_ray.eval.report import _jsonable
+from melp_ray.eval_plan.report import _jsonable
 
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"

@@ -10,16 +10,16 @@ import tempfile
 
 import torch
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import from_dict
-from melp_ray.text.config import TextPretrainConfig, tokenizer_source
-from melp_ray.text.mlm import build_mlm_model
+from melp_ray.text_mlm.config import TextPretrainConfig, tokenizer_source
+from melp_ray.text_mlm.recipe import build_mlm_model
 
 
 def export_hf_model(checkpoint: str, out: str) -> str:
     """Checkpoint (local folder or URI) -> Hugging Face folder: config, safetensors, tokenizer."""
-    from melp_ray.checkpoint import checkpoint_config, consolidated_state_dict
-    from melp_ray.text.wordpiece import load_tokenizer_folder
+    from melp_ray.hub.checkpoint import checkpoint_config, consolidated_state_dict
+    from melp_ray.text_mlm.wordpiece import load_tokenizer_folder
 
     cfg = from_dict(TextPretrainConfig, checkpoint_config(checkpoint))
     tokenizer = load_tokenizer_folder(tokenizer_source(cfg))

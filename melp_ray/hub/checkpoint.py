@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from melp_ray import storage
+from melp_ray.utils import storage
 
 CHECKPOINT_TAG = "deepspeed"          # the sub-folder DeepSpeed writes inside a checkpoint
 TRAINER_STATE = "trainer_state.json"
@@ -164,7 +164,7 @@ def load_model_from_checkpoint(path: str):
 
 def is_exported_folder(path: str) -> bool:
     """A folder written by ``python -m melp_ray.export`` (config.json with model_type melp_ray)."""
-    from melp_ray.hf_config import MODEL_TYPE
+    from melp_ray.hub.hf_config import MODEL_TYPE
 
     config = storage.join(path, "config.json")
     if not storage.exists(config):
@@ -179,7 +179,7 @@ def load_model(path: str):
     ``encode_ecg``, ``encode_reports`` and ``tokenizer``, on CPU, in eval mode.
     """
     if not storage.is_uri(path) and is_exported_folder(storage.normalise_storage_path(path)):
-        from melp_ray.hf import MELPHFModel
+        from melp_ray.hub.hf import MELPHFModel
 
         return MELPHFModel.from_pretrained(storage.normalise_storage_path(path)).melp.eval()
     return load_model_from_checkpoint(path)

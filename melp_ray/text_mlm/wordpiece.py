@@ -76,7 +76,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
 
 def save_tokenizer(tokenizer, path: str) -> str:
     """``save_pretrained`` into a local folder, or into a URI (written locally, then copied)."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
 
     if not storage.is_uri(path):
         tokenizer.save_pretrained(os.path.expanduser(path))
@@ -89,7 +89,7 @@ def save_tokenizer(tokenizer, path: str) -> str:
 
 def load_tokenizer_folder(path: str):
     """A tokenizer from a local folder, a URI folder (fetched to a temp dir), a hub name or "minilm"."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
     from melp_ray.text.report_ids import load_tokenizer
 
     if not storage.is_uri(path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from melp_ray import storage
+from melp_ray.utils import storage
 from melp_ray.config import (DataConfig, DeepSpeedConfig, RunConfig, TrainConfig, data_problems,
                              deepspeed_problems, raise_if, run_problems, train_problems)
 

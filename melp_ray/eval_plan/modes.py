@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from melp_ray.eval.embeddings import build_model, drop_rejected, embed_records
-from melp_ray.eval.plan import EvalRecord, Plan, build_plan
+from melp_ray.eval_plan.plan import EvalRecord, Plan, build_plan
 
 # (records, {column: (model method, input column)}) -> columns by record_id, with "rejected"
 Embed = Callable[[list[EvalRecord], dict[str, tuple[str, str]]], dict[str, np.ndarray]]
@@ -33,8 +33,8 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
     ``embed(records, outputs)`` supplies the embeddings (e.g. an ``EmbeddingTable`` computed
     once for several modes); by default each mode runs its own inference pass."""
     plan = build_plan(args)
-    from melp_ray.ray_utils import quiet_data_progress_bars
-    from melp_ray.ray_utils import init_ray
+    from melp_ray.utils.ray_connect import quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray
 
     init_ray(verbose=getattr(args, "verbose", False))
     quiet_data_progress_bars()
@@ -52,7 +52,7 @@ def evaluate(args: argparse.Namespace, embed: Embed | None = None) -> dict[str, 
 def output_folder(out: str):
     """The local folder the result files are written to: ``out`` itself, or for a URI
     (``s3://``, ``gs://``) a temporary folder copied there once every file is written."""
-    from melp_ray import storage
+    from melp_ray.utils import storage
 
     if not storage.is_uri(out):
         yield Path(out)
@@ -112,7 +112,7 @@ def run_linear(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[str
 
 def run_retrieval(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict[str, Any]:
     from melp_ray.eval.metrics import recall_at_k
-    from melp_ray.eval.report import write_retrieval_report
+    from melp_ray.eval_plan.report import write_retrieval_report
 
     outputs = {"ecg_emb": ("encode_ecg", "ecg"), "text_emb": ("encode_reports", "report")}
     data = embed(plan.splits["test"], outputs)
@@ -130,7 +130,7 @@ def run_generation(plan: Plan, model_fn, embed: Embed, args, accounting) -> dict
     """Greedy reports (``MELP.generate``, at most --max-new-tokens tokens) for the test
     records, scored against their reports; every pair goes to OUT/generations.jsonl."""
     from melp_ray.eval.generation import generation_metrics
-    from melp_ray.eval.report import write_generation_report
+    from melp_ray.eval_plan.report import write_generation_report
 
     outputs = {"generated": ("generate", "ecg", {"max_new_tokens": args.max_new_tokens})}
     data = embed(plan.splits["test"], outputs)
@@ -173,7 +173,7 @@ def _require_rows(data: dict[str, np.ndarray], split: str) -> None:
 
 
 def _write_classification(plan: Plan, result: dict, y, scores, accounting) -> dict[str, Any]:
-    from melp_ray.eval.report import write_classification_report
+    from melp_ray.eval_plan.report import write_classification_report
 
     name = f"{plan.dataset} {plan.task or ''} {plan.mode}".replace("  ", " ")
     write_classification_report(plan.out, name, result, y, scores, plan.class_names,
@@ -183,7 +183,7 @@ def _write_classification(plan: Plan, result: dict, y, scores, accounting) -> di
 
 def _finish(plan: Plan, extra: dict[str, Any], accounting: dict) -> dict[str, Any]:
     """Add record accounting (and ``extra``) to results.json and results.md."""
-    from melp_ray.eval.report import RESULTS_JSON, RESULTS_MD
+    from melp_ray.eval_plan.report import RESULTS_JSON, RESULTS_MD
 
     records = {"excluded_before_loading": plan.excluded}
     for split, acc in accounting.items():

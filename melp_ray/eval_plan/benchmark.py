@@ -1,16 +1,16 @@
 """A paper-style benchmark: every task of a suite, for the checkpoint and its random-init
 baseline, in one run.
 
-``plan_benchmark`` reads the suite (``melp_ray.eval.suite``) and builds the evaluate
+``plan_benchmark`` reads the suite (``melp_ray.eval_plan.suite``) and builds the evaluate
 ``Plan`` of every (dataset, task, mode) without Ray, so any bad option fails before the
 cluster starts; a dataset whose root does not exist is skipped with its reason.
 ``run_benchmark`` then, per dataset and model (pretrained, random init), computes the
 embeddings of every record any task of that dataset uses in ONE inference pass
 (``EmbeddingTable``: zero-shot embeddings and probe features together) and scores every
 task, fraction and seed from it in parallel Ray tasks (``run_zeroshot`` / ``run_linear``
-of ``melp_ray.eval.modes``; each run's results.json, results.md, roc.png and scores.npz
+of ``melp_ray.eval_plan.modes``; each run's results.json, results.md, roc.png and scores.npz
 come back to the driver, which writes them under OUT/runs/).
-The tables are written by ``melp_ray.eval.bench_report``.
+The tables are written by ``melp_ray.eval_plan.bench_report``.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melp_ray.eval.plan import EvalError, Plan, build_plan, checkpoint_info
-from melp_ray.eval.suite import DatasetSpec, Suite, load_suite
+from melp_ray.eval_plan.plan import EvalError, Plan, build_plan, checkpoint_info
+from melp_ray.eval_plan.suite import DatasetSpec, Suite, load_suite
 
 MODELS = ("pretrained", "random_init")
 OUTPUTS = {"zeroshot": {"ecg_emb": ("encode_ecg", "ecg")},
@@ -92,7 +92,7 @@ def _evaluate_args(checkpoint: str, suite: Suite, spec: DatasetSpec, task: str |
                    mode: str, out: Path) -> argparse.Namespace:
     """The evaluate command line this (dataset, task, mode) would have, parsed by its parser
     so the options mean exactly what they mean there."""
-    from melp_ray.evaluate import make_parser
+    from melp_ray.eval_plan.options import make_parser
 
     argv = ["--checkpoint", checkpoint, "--dataset", spec.name, "--root", spec.root,
             "--mode", mode, "--out", str(out), "--bootstrap", str(suite.bootstrap),
@@ -138,7 +138,7 @@ def _score(run: Run, data: dict, model_fn, bootstrap: int) -> dict[str, Any]:
     import tempfile
 
     from melp_ray.eval.embeddings import EmbeddingTable, inference_passes
-    from melp_ray.eval.modes import run_linear, run_zeroshot
+    from melp_ray.eval_plan.modes import run_linear, run_zeroshot
 
     before = inference_passes()
     args = argparse.Namespace(bootstrap=bootstrap, seed=run.seed, fraction=run.fraction)
@@ -159,9 +159,9 @@ def run_benchmark(bench: BenchmarkPlan, actors: int | None = None,
     """Embed once per dataset and model, score every job in parallel, write the tables."""
     import ray
 
-    from melp_ray.eval import bench_report
+    from melp_ray.eval_plan import bench_report
     from melp_ray.eval.embeddings import EmbeddingTable, build_model, inference_passes
-    from melp_ray.ray_utils import init_ray, quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import init_ray, quiet_data_progress_bars
 
     init_ray(verbose=verbose)
     quiet_data_progress_bars()

@@ -2,7 +2,7 @@
 
 Each works unchanged in a single process (no process group: rank 0 of a world of 1).
 The differentiable all-gather of the contrastive loss lives beside that loss, in
-``melp_ray/losses.py``.
+``melp_ray/model/losses.py``.
 """
 from __future__ import annotations
 

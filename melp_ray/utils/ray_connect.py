@@ -15,7 +15,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from melp_ray.console import configure_libraries
+from melp_ray.utils.console import configure_libraries
 
 CONNECT_TIMEOUT_ENV = "MELP_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
@@ -146,7 +146,7 @@ def init_ray(address: str | None = None, verbose: bool = False, **init_kwargs: A
       instance. (Unlike Ray's ``address="auto"``, a lone ``gcs_server`` process that no
       ``ray start`` recorded, e.g. another program's private instance, is not attached to.)
     ``init_kwargs`` go to the local ``ray.init`` (e.g. ``num_cpus=2``). ``verbose``: the
-    libraries' own console output (``melp_ray.console``). Returns the ``ray`` module.
+    libraries' own console output (``melp_ray.utils.console``). Returns the ``ray`` module.
     """
     import ray
 

@@ -1,13 +1,13 @@
 """MELP as a Hugging Face model: an exported folder loads with ``AutoModel.from_pretrained``.
 
-Anywhere, with only torch + transformers (the folder carries its code, ``melp_ray.hub_code``)::
+Anywhere, with only torch + transformers (the folder carries its code, ``melp_ray.hub.custom_code``)::
 
     from transformers import AutoModel
     model = AutoModel.from_pretrained("exported/", trust_remote_code=True)   # MELPHFModel
     ecg_emb = model.encode_ecg(signals)                      # (B, 12, T) preprocessed -> (B, D)
     txt_emb = model.encode_text(["sinus rhythm. normal ecg."])
 
-With melp_ray installed, ``import melp_ray.hf`` registers model_type "melp_ray" with the Auto
+With melp_ray installed, ``import melp_ray.hub.hf`` registers model_type "melp_ray" with the Auto
 classes, so the same call works without ``trust_remote_code`` and uses melp_ray's classes.
 
 A saved folder (``MELPHFModel.save_pretrained``: the one writer, used by ``melp_ray.export``,
@@ -30,9 +30,9 @@ import os
 
 from transformers import AutoConfig, AutoModel
 
-from melp_ray import hf_model, hub_code
-from melp_ray.hf_config import MODEL_TYPE, MELPHFConfig
-from melp_ray.hf_model import runtime_model_config
+from melp_ray.hub import custom_code, hf_model
+from melp_ray.hub.hf_config import MODEL_TYPE, MELPHFConfig
+from melp_ray.hub.hf_model import runtime_model_config
 
 __all__ = ["MODEL_TYPE", "MELPHFConfig", "MELPHFModel", "runtime_model_config",
            "exported_model_config", "register"]
@@ -46,7 +46,7 @@ class MELPHFModel(hf_model.MELPHFModel):
     """
 
     def write_custom_code(self, out: str | os.PathLike) -> dict[str, str]:
-        return hub_code.write_code(out)
+        return custom_code.write_code(out)
 
 
 def exported_model_config(folder: str, config: MELPHFConfig | None = None):

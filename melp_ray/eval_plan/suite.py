@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from melp_ray.eval.plan import DATASETS, PTBXL_TASKS, EvalError
+from melp_ray.eval_plan.plan import DATASETS, PTBXL_TASKS, EvalError
 
 SUITE_MODES = ("zeroshot", "linear")
 TOP_KEYS = {"bootstrap", "batch_size", "fractions", "seeds", "modes", "random_init_seed",

@@ -1,6 +1,6 @@
 """Reading the official MELP weights (GitHub HKU-MedAI/MELP): reference-named fp32 tensors.
 
-Kept apart from ``melp_ray.reference_weights``, which maps these names and shapes onto our
+Kept apart from ``melp_ray.hub.reference_weights``, which maps these names and shapes onto our
 ``MELP``, so that the file formats, the safe loading and the key prefixes sit in one place.
 Two published forms are read:
 

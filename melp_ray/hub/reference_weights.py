@@ -1,7 +1,7 @@
 """The official MELP weights (GitHub HKU-MedAI/MELP) mapped onto our ``MELP``, tensor by tensor.
 
 The weights are read, from a Lightning checkpoint (``lightning``: the full model) or the
-``MELP_Encoder`` folder (``encoder``: the ECG side), by ``melp_ray.reference_files`` into
+``MELP_Encoder`` folder (``encoder``: the ECG side), by ``melp_ray.hub.reference_files`` into
 reference-named fp32 tensors; this module maps those names and shapes onto ours. The
 mapping is strict: every reference tensor is either mapped or on an explicit list of parts
 MELP's forward never uses (the wav2vec2 quantizer and pretraining heads, ECG-FM's own
@@ -36,7 +36,7 @@ import torch
 
 from melp_ray.data.leads import LEADS, lead_indices
 from melp_ray.model.config import PRESETS, ModelConfig, model_config_from_preset
-from melp_ray.reference_files import (ANCHOR, BACKBONE, TEXT_EMBEDDINGS, ConversionError,
+from melp_ray.hub.reference_files import (ANCHOR, BACKBONE, TEXT_EMBEDDINGS, ConversionError,
                                       ReferenceWeights)
 
 # MIMIC-IV-ECG's lead order, which the reference trains on (aVF before aVL).

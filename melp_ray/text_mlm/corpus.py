@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from melp_ray import storage
-from melp_ray.text.config import TextPretrainConfig
-from melp_ray.text.wordpiece import nfc
+from melp_ray.utils import storage
+from melp_ray.text_mlm.config import TextPretrainConfig
+from melp_ray.text_mlm.wordpiece import nfc
 
 TOKENIZER_FOLDER = "tokenizer"       # <storage>/<name>/tokenizer (scratch runs)
 
@@ -27,7 +27,7 @@ def corpus(cfg: TextPretrainConfig) -> dict[str, list[str]]:
     on one side. Order is fixed: the per-rank streams built from it are deterministic.
     """
     from melp_ray.data.sources import detect_layout, split_for_subject
-    from melp_ray.data.stream import list_splits, resolve_root, shard_files
+    from melp_ray.data.rows import list_splits, resolve_root, shard_files
 
     d, seed = cfg.data, cfg.train.seed
     texts: dict[str, list[str]] = {"train": [], "val": []}
@@ -58,7 +58,7 @@ def prepare_tokenizer(cfg: TextPretrainConfig) -> TextPretrainConfig:
     It is saved under the run folder; a re-run (resume) finds it there and reuses it, so a
     resumed run keeps its vocabulary. Returns the config with ``text.tokenizer`` set.
     """
-    from melp_ray.text.wordpiece import save_tokenizer, train_wordpiece, unk_rate
+    from melp_ray.text_mlm.wordpiece import save_tokenizer, train_wordpiece, unk_rate
     from melp_ray.train.metrics import run_dir
 
     if cfg.text.init != "scratch" or cfg.text.tokenizer is not None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from melp_ray.distributed import sum_over_ranks, world
+from melp_ray.utils.distributed import sum_over_ranks, world
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
