@@ -51,7 +51,7 @@ def one_batch(cfg, device) -> dict:
     from melp_ray.data.ptbxl import read_database
     from melp_ray.data.sources import bundled_root
     from melp_ray.train.stream import finish_batch
-    from melp_ray.pretrain import stream_spec
+    from melp_ray.train.stream import stream_spec
 
     spec = stream_spec(cfg)
     reports = [r for r in read_database(bundled_root())["report"] if str(r).strip()]
@@ -64,7 +64,7 @@ def one_batch(cfg, device) -> dict:
 
 def build_recipe(cfg, device):
     """A PretrainRecipe with its engine and loss built as in a Ray Train worker (no Ray)."""
-    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.pretraining.recipe import PretrainRecipe
 
     recipe = PretrainRecipe(cfg)
     recipe.rank, recipe.world, recipe.device = 0, 1, device

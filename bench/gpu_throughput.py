@@ -36,7 +36,7 @@ def peak_key(device_name: str) -> str:
 def run_stage(stage: int, shards_root: str, storage: str, *, smoke: bool, steps: int,
               batch: int, cpus_per_worker: float, use_gpu: bool,
               text_folder: str | None = None) -> dict:
-    from melp_ray import pretrain
+    from melp_ray.pretraining import run as pretrain
     from melp_ray.config import PretrainConfig, load_config
 
     config = "tiny" if smoke else "paper"

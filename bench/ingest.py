@@ -107,7 +107,7 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
 
     from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
-    from melp_ray.pretrain import augment
+    from melp_ray.train.augment import augment
     from melp_ray.train.recipe import param_groups
 
     threads = torch.get_num_threads()
@@ -142,7 +142,7 @@ def pretrain_input_wait(shards_root: str, storage: str, steps: int, smoke: bool)
     128 rows: 16 steps an epoch), so its log windows cross epoch boundaries, where each
     rank's Ray Data pipeline starts again. ``--smoke`` checks the code path: one worker in
     this process (``pretrain.run(in_process=True)``), not Ray Train's start-up."""
-    from melp_ray import pretrain
+    from melp_ray.pretraining import run as pretrain
     from melp_ray.config import PretrainConfig, load_config
 
     log_every = 2 if smoke else 5

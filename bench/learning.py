@@ -65,11 +65,11 @@ def phase(seconds: dict[str, float], name: str):
 
 
 def pretrain(config: str, overrides: list[str], in_process: bool = False) -> dict:
-    from melp_ray import pretrain as P
     from melp_ray.config import PretrainConfig, load_config
+    from melp_ray.pretraining.run import run
 
     cfg = load_config(PretrainConfig, config, overrides)
-    summary = P.run(cfg, in_process=in_process)
+    summary = run(cfg, in_process=in_process)
     windows = C.run_windows(summary)
     keep = ("step", "loss/rhythm", "loss/token", "loss/beat", "loss/total", "samples_per_s",
             "input_wait_frac", "val/loss_rhythm", "val/recall_at_10", "val/zeroshot_auroc",

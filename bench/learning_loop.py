@@ -118,7 +118,7 @@ def train_and_score(cfg, args, data, folds, probe_folds, holdout) -> tuple[list[
 
     from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP
-    from melp_ray.pretrain import augment
+    from melp_ray.train.augment import augment
 
     t = cfg.train
     torch.manual_seed(t.seed)

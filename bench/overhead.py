@@ -34,7 +34,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
 
     from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
-    from melp_ray.pretrain import augment
+    from melp_ray.train.augment import augment
     from melp_ray.train.recipe import lr_schedule, param_groups
 
     threads = torch.get_num_threads()
@@ -106,7 +106,7 @@ def start_engine(cfg, model, opt, sched):
 
 
 def ours(cfg, in_process: bool = False) -> dict:
-    from melp_ray import pretrain
+    from melp_ray.pretraining import run as pretrain
 
     summary = pretrain.run(cfg, in_process=in_process)
     windows = C.run_windows(summary)

@@ -37,7 +37,7 @@ HF_FOLDER = "hf_text_model"          # <storage>/<name>/hf_text_model
 def run(cfg: TextPretrainConfig, out: str | None = None, callbacks: list | None = None,
         in_process: bool = False) -> dict[str, Any]:
     """Train (or resume), export the final checkpoint as a HF folder; returns the summary.
-    ``in_process``: as in ``melp_ray.pretrain.run`` (one worker, in this process)."""
+    ``in_process``: as in ``melp_ray.pretraining.run.run`` (one worker, in this process)."""
     from melp_ray.utils.ray_connect import init_ray, quiet_data_progress_bars
     from melp_ray.text_mlm.wordpiece import load_tokenizer_folder
     from melp_ray.train.launcher import fit_and_summarise, fit_in_process

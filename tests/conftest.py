@@ -178,7 +178,7 @@ def _live_weights_recipe():
     gathered from the DeepSpeed engine on every rank, not read from the checkpoint files,
     so weights rebuilt from a checkpoint can be checked against an independent source."""
     from melp_ray.utils import storage
-    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.pretraining.recipe import PretrainRecipe
 
     class LiveWeightsRecipe(PretrainRecipe):
         def finish(self):
@@ -211,7 +211,7 @@ def tiny_runs(ray_local, tiny_cfg, tmp_path_factory) -> dict:
     Each value is ``(summary, live_weights)``; ``"bucket"`` is the URI's local folder."""
     from safetensors.torch import load_file
     from melp_ray.utils import storage
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
 
     bucket = tmp_path_factory.mktemp("bucket")
     out = {"bucket": bucket}
@@ -234,7 +234,7 @@ def tiny_checkpoint(ray_local, tmp_path_factory) -> str:
     """A real 30-step tiny pretraining checkpoint (96 bundled records, one worker), shared by
     tests/test_evaluate.py and the evaluation library tests in tests/eval/."""
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
 
     tmp = tmp_path_factory.mktemp("eval_run")
     summary = run(load_config(PretrainConfig, "tiny", [

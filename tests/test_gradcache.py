@@ -21,11 +21,13 @@ import numpy as np
 from melp_ray.config import ConfigError, PretrainConfig, load_config
 from melp_ray.data.ptbxl import read_database
 from melp_ray.data.sources import bundled_root
-from melp_ray.data.stream import finish_batch
-from melp_ray.distributed import free_port
-from melp_ray.losses import compute_losses, rhythm_loss
+from melp_ray.train.stream import finish_batch
+from melp_ray.utils.distributed import free_port
+from melp_ray.model.losses import compute_losses, rhythm_loss
 from melp_ray.model import MELP
-from melp_ray.pretrain import PretrainRecipe, batch_banner, contrastive_summary, stream_spec
+from melp_ray.pretraining.recipe import PretrainRecipe
+from melp_ray.pretraining.run import batch_banner, contrastive_summary
+from melp_ray.train.stream import stream_spec
 from melp_ray.train.session import single_process_group
 
 GLOBAL = 32

@@ -65,7 +65,7 @@ def test_text_stage_refuses_init_from():
 def _initial_weights_recipe():
     """PretrainRecipe that writes the weights the engine holds before its first step."""
     from melp_ray.utils import storage
-    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.pretraining.recipe import PretrainRecipe
 
     class InitialWeightsRecipe(PretrainRecipe):
         def setup(self):
@@ -90,7 +90,7 @@ def test_run_starts_from_the_export_weights_with_a_fresh_step(ray_local, tiny_cf
 
     from melp_ray.hub.checkpoint import load_model
     from melp_ray.model import MELP
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
 
     cfg = tiny_cfg(tmp_path, "init-from", "train.max_steps=2", "train.val_every=2",
                    "train.checkpoint_every=2", "train.num_workers=1",

@@ -37,7 +37,7 @@ def consolidated(checkpoint: str) -> dict[str, torch.Tensor]:
 
 
 def run(cfg: PretrainConfig, **kwargs) -> dict:
-    from melp_ray.pretrain import run as pretrain_run
+    from melp_ray.pretraining.run import run as pretrain_run
 
     return pretrain_run(cfg, **kwargs)
 
@@ -202,7 +202,7 @@ def test_resume_is_exact_when_each_epoch_deals_the_shards_anew(ray_local, tiny_c
 def _records_seen_recipe():
     """PretrainRecipe that appends, per rank, the epoch and the fingerprints of the records of
     every training micro-batch it consumes to ``seen_rank<r>.jsonl`` in the run folder."""
-    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.pretraining.recipe import PretrainRecipe
     from melp_ray.train.metrics import run_dir
 
     class RecordsSeen(PretrainRecipe):
@@ -289,7 +289,7 @@ def _pause_after_first_checkpoint_recipe():
     """PretrainRecipe that, on its first attempt only, waits after the step-3 checkpoint
     (until the test kills a worker, at most 5 minutes): the crash then always lands between
     the checkpoint and the end of the run, however fast or slow the machine is."""
-    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.pretraining.recipe import PretrainRecipe
 
     class PauseAfterFirstCheckpoint(PretrainRecipe):
         def setup(self):

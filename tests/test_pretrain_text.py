@@ -69,7 +69,7 @@ def test_exported_folder_loads_with_auto_classes(scratch_run):
 def test_stage_two_uses_the_exported_folder(scratch_run, ray_local, tmp_path):
     from melp_ray.model.config import model_config_from_preset
     from melp_ray.model.text_tower import TextTower
-    from melp_ray.pretrain import run as pretrain_run
+    from melp_ray.pretraining.run import run as pretrain_run
     from transformers import AutoModel
 
     folder = scratch_run["hf_text_model"]

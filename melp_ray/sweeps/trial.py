@@ -1,6 +1,6 @@
 """The trial side: what one Tune trial runs (a whole pretraining run) and how it reports to Tune.
 
-Every trial is a full distributed pretraining run (``melp_ray.pretrain.run``: a TorchTrainer
+Every trial is a full distributed pretraining run (``melp_ray.pretraining.run.run``: a TorchTrainer
 with DeepSpeed workers) launched from a Tune function trainable, the Train V2 pattern.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_trial(config: dict[str, Any], *, base_args: list[str], metric: str, runs
     """One Tune trial: a whole pretraining run with this trial's values as overrides."""
     from ray import tune
 
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
     from melp_ray.train.metrics import run_dir
 
     trial_id = tune.get_context().get_trial_id()

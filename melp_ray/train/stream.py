@@ -19,6 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from melp_ray.config import PretrainConfig
+from melp_ray.data.shards import load_manifest
+from melp_ray.data.sources import detect_layout
 from melp_ray.utils import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.data.records import minmax_normalise, minmax_normalise_, resample
@@ -278,3 +281,20 @@ def read_slices(batch: dict[str, np.ndarray], spec: StreamSpec,
         table = read_row_range(str(path), int(start), int(stop), columns)
         for at in range(0, table.num_rows, 64):
             yield decode_shard_batch(table.slice(at, 64), spec, exclude_folds)
+
+
+def stream_spec(cfg: PretrainConfig) -> StreamSpec:
+    """What the data pipelines must produce for this model (from shards of another rate:
+    resampled on reading)."""
+    return StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
+                      text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length,
+                      shard_rate=shard_rate(cfg.data))
+
+
+def shard_rate(data_cfg) -> int | None:
+    """The rate prepared shards are stored at (their manifest), None for a raw root."""
+    root = resolve_root(data_cfg.root)
+    if data_cfg.dataset not in ("auto", "shards") or detect_layout(root) != "shards":
+        return None
+    rate = load_manifest(root).get("sample_rate")
+    return None if rate is None else int(rate)

@@ -199,7 +199,7 @@ def test_pretrain_streams_a_manifest_root(ray_local, bundled_ptbxl, tiny_cfg, tm
     leads) and a CSV of their reports train a few steps straight from the files (Ray Data
     reads them; the one worker runs in this process)."""
     from melp_ray.data.sources import list_records
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
 
     root = tmp_path / "own"
     (root / "ecg").mkdir(parents=True)

@@ -183,7 +183,7 @@ def test_files_under_a_uri_are_listed_and_read_as_uris(tmp_path):
 
 def test_pretrain_reads_the_bucket_and_checkpoints_into_it(prepared, s3_endpoint, tiny_cfg, empty_cwd):
     """2 steps of the tiny model, 2 workers: data.root and run.storage_path both in the bucket."""
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
 
     uri, _, _ = prepared
     runs = s3_uri(s3_endpoint, "runs")

@@ -166,7 +166,7 @@ def test_pretrain_datasets_hold_out_folds_and_say_how_many(ray_local, bundled_pt
                                                            caplog):
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.data.sources import list_records, scan_records
-    from melp_ray.pretrain import build_datasets
+    from melp_ray.pretraining.run import build_datasets
 
     cfg = load_config(PretrainConfig, "tiny", ["data.exclude_folds=[6]"])
     info: dict = {}
@@ -191,7 +191,7 @@ def test_materialized_datasets_give_the_same_shuffled_batches(ray_local, bundled
     """``data.materialize`` runs the pipeline once up front; epochs must see exactly the rows,
     in exactly the seeded shuffle order, that the streaming pipeline gives (exact resume)."""
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.pretrain import build_datasets
+    from melp_ray.pretraining.run import build_datasets
     from ray.data.dataset import MaterializedDataset
 
     def epoch(ds, seed):
@@ -258,7 +258,7 @@ def test_too_few_train_records_for_the_workers_is_a_config_error(make_shards, tm
     """Fewer train records than workers x micro-batch: exit 2 with a clear message from the
     manifest, before Ray is even imported; one record more per worker is fine."""
     from melp_ray.config import ConfigError, PretrainConfig, load_config
-    from melp_ray.pretrain import check_shards_fit
+    from melp_ray.pretraining.run import check_shards_fit
 
     root = make_shards(tmp_path, [6], [1])
     ok = load_config(PretrainConfig, "tiny", [f"data.root={root}", "train.global_batch_size=6"])
@@ -293,7 +293,8 @@ def test_shards_of_another_rate_are_resampled_another_duration_is_a_config_error
     from melp_ray.data.shards import decode_ecg, read_shard_table
     from melp_ray.data.rows import shard_files
     from melp_ray.train.stream import decode_shard_batch
-    from melp_ray.pretrain import check_shards_fit, stream_spec
+    from melp_ray.pretraining.run import check_shards_fit
+    from melp_ray.train.stream import stream_spec
 
     root = make_shards(tmp_path, [16], [1])                # 100 Hz x 10 s
     cfg = load_config(PretrainConfig, "tiny", [f"data.root={root}", "data.sample_rate=50"])

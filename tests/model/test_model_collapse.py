@@ -35,7 +35,7 @@ from melp_ray.data.sources import bundled_root, scan_records
 from melp_ray.train.stream import StreamSpec, finish_batch
 from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
-from melp_ray.pretrain import mask_leads
+from melp_ray.train.augment import mask_leads
 
 pytestmark = pytest.mark.slow   # real end-to-end runs: minutes (pytest -m 'not slow' skips)
 

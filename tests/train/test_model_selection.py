@@ -14,7 +14,7 @@ PEAK_STEP = 4
 def _peaking_recipe():
     """PretrainRecipe whose validation also reports ``peak``, highest at PEAK_STEP: a metric
     whose best step is known in advance (the real validation metrics still run beside it)."""
-    from melp_ray.pretrain import PretrainRecipe
+    from melp_ray.pretraining.recipe import PretrainRecipe
 
     class PeakingRecipe(PretrainRecipe):
         def validate(self):
@@ -25,7 +25,7 @@ def _peaking_recipe():
 
 def test_best_checkpoint_is_kept_named_and_resolved_and_patience_stops_the_run(ray_local, tiny_cfg,
                                                                                 tmp_path, make_shards):
-    from melp_ray.pretrain import run
+    from melp_ray.pretraining.run import run
 
     root = make_shards(tmp_path / "shards", train=[80], val=[16])   # 1 shard each, 2 workers
 

@@ -1,10 +1,10 @@
-"""Training-time augmentation (``melp_ray.pretrain.augment``): lead masking and time shift."""
+"""Training-time augmentation (``melp_ray.train.augment``): lead masking and time shift."""
 from __future__ import annotations
 
 import torch
 
 from melp_ray.config import DataConfig
-from melp_ray.pretrain import augment, shift_in_time
+from melp_ray.train.augment import augment, shift_in_time
 
 
 def batch(b: int = 6, leads: int = 12, length: int = 100) -> torch.Tensor:
