@@ -4,9 +4,8 @@
     python bench/learning.py train.max_steps=200    # key=value overrides of the pretrain config
     python bench/learning.py --smoke                # tiny config, bundled sample, 4 steps (CI)
 
-``--smoke`` checks the code path, not Ray's start-up: its one training worker and the
-evaluation model run in this process (``pretrain.run(in_process=True)``, ``--actors 0``);
-Ray Train and the actor pool have tests of their own.
+``--smoke`` runs its one training worker and the evaluation model in this process
+(``in_process=True``, ``--actors 0``); Ray Train and the actor pool have tests of their own.
 
 1. pretrain: a real ``melp_ray.pretrain`` run (Ray Train + DeepSpeed) with the config
    ``--config`` on ``--root``, with ``data.exclude_folds=[HOLDOUT]``: no record of the
@@ -20,9 +19,8 @@ Ray Train and the actor pool have tests of their own.
    - ECG -> report retrieval recall@1/5/10, with chance k/N;
    - collapse detector: mean pairwise cosine of the L2-normalised rhythm embeddings of
      different records of HOLDOUT, pretrained and random init.
-   Every record any of them needs is embedded once per model (one Ray Data inference pass
-   for the checkpoint, one for the random init: ``EmbeddingTable``) and the modes score
-   from those tables, exactly as they score their own passes.
+   Every record any of them needs is embedded once per model (``EmbeddingTable``: one Ray
+   Data inference pass each for the checkpoint and the random init).
 
 Targets: probe AUROC >= random init + 0.05, zero-shot AUROC >= 0.65, ECG->report
 recall@10 >= 3x chance, mean pairwise ECG cosine <= 0.5. In --smoke they are reported, not
