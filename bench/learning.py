@@ -47,15 +47,13 @@ TARGETS = {"probe_gain_over_random": 0.05, "zeroshot_auroc": 0.65,
 KS = (1, 5, 10)
 # The benchmark owns these pretrain keys (the data it learns from, where the run lives).
 OWNED_KEYS = ("data.root", "data.exclude_folds", "run.storage_path", "run.name")
-SMOKE_OVERRIDES = ["train.num_workers=1", "train.max_steps=4", "train.log_every=2",
-                   "train.val_every=0",
+SMOKE_OVERRIDES = ["train.num_workers=1", "train.max_steps=4", "train.log_every=2", "train.val_every=0",
                    "train.checkpoint_every=4", "train.val_batches=1", "train.warmup_steps=1"]
 
 
 @contextlib.contextmanager
 def phase(seconds: dict[str, float], name: str):
-    """Time one phase of the run into ``seconds[name]`` (wall clock)."""
-    C.log(f"{name} ...")
+    C.log(f"{name} ...")    # its wall time goes into seconds[name]
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
