@@ -10,6 +10,7 @@ design (its negatives are the micro-batch's), so it differs between the splits.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ from melp_ray.pretraining.recipe import PretrainRecipe
 from melp_ray.pretraining.run import batch_banner, contrastive_summary
 from melp_ray.train.stream import stream_spec
 from melp_ray.train.session import single_process_group
+
+REPO = Path(__file__).resolve().parents[1]
 
 GLOBAL = 32
 SEEDS = [101, 102, 103, 104]        # one per micro-batch of the step (dropout draws)
@@ -127,9 +130,12 @@ def assert_same_step(a: dict, b: dict) -> None:
     torch.testing.assert_close(a["update"], b["update"], rtol=1e-4, atol=2e-6)
 
 
-def test_cached_step_equals_one_big_batch_step(tmp_path, batch):
+def test_cached_step_equals_one_big_batch_step(tmp_path, batch, monkeypatch):
     """(2 workers x 16, accum 1) == (2 x 4, accum 4) == (1 x 8, accum 4), the split steps
     under ZeRO 1 and 2."""
+    # The spawned ranks unpickle ``two_worker_runs`` as tests.test_gradcache (pytest's
+    # importlib mode) with this process's sys.path: the repository root must be on it.
+    monkeypatch.syspath_prepend(str(REPO))
     mp.spawn(two_worker_runs, args=(free_port(), str(tmp_path), batch), nprocs=2, join=True)
     single_process_group()
     alone = {zero: one_step(1, 8, zero, batch) for zero in (1, 2)}
