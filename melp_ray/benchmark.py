@@ -18,8 +18,8 @@ from pathlib import Path
 
 from melp_ray.eval.datasets import EvalError
 from melp_ray.eval_plan.plan_checks import check_at_least, check_output_folder
-from melp_ray.eval_plan.tracking import (add_tracking_arguments, benchmark_scalars, benchmark_table,
-                                        log_results)
+from melp_ray.eval_plan.options import add_runtime_arguments
+from melp_ray.eval_plan.tracking import benchmark_scalars, benchmark_table, log_results
 
 DEFAULT_SUITE = Path(__file__).resolve().parent / "configs" / "benchmark" / "ptbxl.yaml"
 
@@ -35,12 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="suite YAML (default: the PTB-XL suite on the bundled sample, "
                         "melp_ray/configs/benchmark/ptbxl.yaml)")
     p.add_argument("--out", required=True, help="local output folder (created)")
-    p.add_argument("--actors", type=int,
-                   help="inference actors (default: one per GPU, or 1 without GPUs); 0: "
-                        "the model runs in this process (small sets, debugging)")
-    p.add_argument("--verbose", action="store_true",
-                   help="let Ray, DeepSpeed and transformers print at their default levels")
-    add_tracking_arguments(p)
+    add_runtime_arguments(p)
     return p
 
 

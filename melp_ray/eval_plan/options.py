@@ -95,10 +95,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the reference's split CSVs DIR/<task>_{train,val,test}.csv (task: "
                         "ptbxl_super_class, ..., icbeb, chapman): records, labels and classes "
                         "come from them instead of folds")
+    add_runtime_arguments(p)
+    return p
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model runs, how much the libraries print, and experiment tracking: the same
+    for ``evaluate`` and ``benchmark``."""
     p.add_argument("--actors", type=int,
                    help="inference actors (default: one per GPU, or 1 without GPUs); 0: "
                         "the model runs in this process (small sets, debugging)")
     p.add_argument("--verbose", action="store_true",
                    help="let Ray, DeepSpeed and transformers print at their default levels")
     add_tracking_arguments(p)
-    return p
