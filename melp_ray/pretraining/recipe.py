@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from melp_ray.model.losses import gather_no_grad
+from melp_ray.model.losses import (cached_rhythm_loss, gather_no_grad, rhythm_surrogate,
+                                   token_count_per_rank)
 from melp_ray.train.augment import augment, pad_rows
-from melp_ray.train.recipe import DeepSpeedRecipe
+from melp_ray.train.recipe import DeepSpeedRecipe, seeded_draws
 from melp_ray.train.stream import stream_spec
 from melp_ray.utils.distributed import gather_rows, sum_over_ranks
 
@@ -94,8 +95,7 @@ class PretrainRecipe(DeepSpeedRecipe):
     def seeded_forward(self, batch: dict, seed: int) -> dict:
         """The forward of ``micro_step``, with the same draws (augmentation and dropout)
         every time it is called with the same seed."""
-        torch.manual_seed(seed)
-        ecg = augment(batch["ecg"], self.cfg.data, torch.Generator().manual_seed(seed))
+        ecg = augment(batch["ecg"], self.cfg.data, seeded_draws(seed))
         return self.forward(batch, ecg)
 
     def cached_step(self, group: list[tuple[dict, int]]) -> list[dict[str, float]]:
@@ -114,8 +114,6 @@ class PretrainRecipe(DeepSpeedRecipe):
         one-big-batch gradient. The token loss is divided by the step's token count, the beat
         loss (local to a micro-batch) averaged over micro-batches as without caching.
         """
-        from melp_ray.model.losses import cached_rhythm_loss, rhythm_surrogate, token_count_per_rank
-
         w, k, b = self.cfg.loss, len(group), self.cfg.train.micro_batch_size
         self.engine.train()
         with torch.no_grad():   # keep only what the loss needs (not e.g. the token logits)

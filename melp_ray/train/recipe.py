@@ -219,9 +219,7 @@ class DeepSpeedRecipe:
 
     def micro_step(self, batch: dict[str, torch.Tensor], seed: int | None = None
                    ) -> dict[str, float]:
-        seed = self.micro_seed() if seed is None else seed
-        torch.manual_seed(seed)            # dropout etc.: same draws after a resume
-        generator = torch.Generator().manual_seed(seed)
+        generator = seeded_draws(self.micro_seed() if seed is None else seed)
         self.engine.train()
         losses = self.compute_losses(batch, generator)
         self.engine.backward(losses["total"])
@@ -391,3 +389,10 @@ def lr_schedule(optimizer, train):
 
     return get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, max(train.max_steps, 1))
 
+
+def seeded_draws(seed: int) -> torch.Generator:
+    """Seed a micro-batch's random draws: torch's global generator (dropout etc.) and the
+    returned one (augmentation). The same seed gives the same draws (after a resume, or in
+    gradient caching's second forward)."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
