@@ -21,10 +21,12 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from dataclasses import dataclass, field
 from typing import NamedTuple
 from collections.abc import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 # Re-exported: the data layer, the model and the tests resolve text model names here.
 from melp_ray.text.models import resolve_text_model_path
@@ -87,14 +89,23 @@ def sentence_numbers(tokens: Sequence[int], period: int) -> list[int]:
 
 def encode_reports(tokenizer, reports: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
     """Tokenise reports into fixed-length int64 arrays: input_ids, attention_mask, sentence_ids."""
-    if max_length < 4:
-        raise ValueError("max_length must leave room for [BOS], one token, [SEP] and [CLS]")
+    check_max_length(max_length)
     ids = special_ids(tokenizer)
     if ids.bos is None:
         raise ValueError("the tokenizer has no [BOS] token: load it with load_report_tokenizer")
-    period = tokenizer.convert_tokens_to_ids(".")
     body = tokenizer(list(reports), add_special_tokens=False, truncation=True,
                      max_length=max_length - 3)["input_ids"]
+    return lay_out(body, ids, tokenizer.convert_tokens_to_ids("."), max_length)
+
+
+def check_max_length(max_length: int) -> None:
+    if max_length < 4:
+        raise ValueError("max_length must leave room for [BOS], one token, [SEP] and [CLS]")
+
+
+def lay_out(body: Sequence[Sequence[int]], ids: SpecialIds, period: int,
+            max_length: int) -> dict[str, np.ndarray]:
+    """Each report's token ids (at most ``max_length - 3``) in the row layout above."""
     n = len(body)
     input_ids = np.full((n, max_length), ids.pad, dtype=np.int64)
     attention_mask = np.zeros((n, max_length), dtype=np.int64)
@@ -106,3 +117,39 @@ def encode_reports(tokenizer, reports: Sequence[str], max_length: int) -> dict[s
         attention_mask[row, : len(text)] = 1
         sentence_ids[row, 1: len(tokens) + 1] = sentence_numbers(tokens, period)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "sentence_ids": sentence_ids}
+
+
+@dataclass(frozen=True)
+class ReportEncoder:
+    """``encode_reports`` for Ray Data workers: the same arrays, from the fast tokenizer's own
+    ``tokenizers`` backend (its JSON, with [BOS] added), so that a data worker imports neither
+    transformers nor torch (~4 CPU-s for every worker process a pipeline starts).
+    Built on the driver (``report_encoder``); it pickles as plain data."""
+
+    backend_json: str = field(repr=False)
+    ids: SpecialIds
+    period: int
+    max_length: int
+
+    def __call__(self, reports: Sequence[str]) -> dict[str, np.ndarray]:
+        backend = _truncating_backend(self.backend_json, self.max_length - 3)
+        body = [e.ids for e in backend.encode_batch(list(reports), add_special_tokens=False)]
+        return lay_out(body, self.ids, self.period, self.max_length)
+
+
+@functools.lru_cache(maxsize=8)
+def report_encoder(name_or_path: str, max_length: int) -> ReportEncoder:
+    """The ``ReportEncoder`` of ``load_report_tokenizer(name_or_path)``."""
+    check_max_length(max_length)
+    tokenizer = load_report_tokenizer(name_or_path)
+    return ReportEncoder(tokenizer.backend_tokenizer.to_str(), special_ids(tokenizer),
+                         tokenizer.convert_tokens_to_ids("."), max_length)
+
+
+@functools.lru_cache(maxsize=8)
+def _truncating_backend(backend_json: str, max_tokens: int) -> Tokenizer:
+    """Once per worker process: what ``tokenizer(..., truncation=True, max_length=...)`` sets."""
+    backend = Tokenizer.from_str(backend_json)
+    backend.enable_truncation(max_tokens)
+    backend.no_padding()
+    return backend

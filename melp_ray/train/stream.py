@@ -11,7 +11,7 @@ rows, and why not ``streaming_split``). Reports are tokenised here, on the data 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Iterator, Sequence
 
@@ -27,7 +27,7 @@ from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.data.records import minmax_normalise, minmax_normalise_, resample
 from melp_ray.data.rows import (RowSlice, deal_rows, drop_folds, list_splits, read_row_range, resolve_root,
                                 shard_rows, split_shard_files)
-from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
+from melp_ray.text.report_ids import ReportEncoder, report_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ class StreamSpec:
     # Prepared shards stored at another rate (same duration): resampled to ``sample_rate``
     # as they are read, so shards of any ``prepare --sample-rate`` serve any config.
     shard_rate: int | None = None
+    # Built here, on the driver, and shipped with the spec: the data workers tokenise with
+    # it and so never import transformers or torch.
+    encode_reports: ReportEncoder = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "encode_reports", report_encoder(self.text_model, self.max_text_length))
 
     @property
     def n_samples(self) -> int:
@@ -70,9 +76,7 @@ def finish_batch(ecg: np.ndarray, reports: Sequence[str], labels_super, spec: St
 
 
 def _finish(normalised: np.ndarray, reports: Sequence[str], labels_super, spec: StreamSpec) -> dict:
-    tokenizer = load_report_tokenizer(spec.text_model)
-    batch = {"ecg": normalised,
-             **encode_reports(tokenizer, [str(r) for r in reports], spec.max_text_length)}
+    batch = {"ecg": normalised, **spec.encode_reports([str(r) for r in reports])}
     if spec.with_labels:
         batch["labels_super"] = superclass_multihot(labels_super)
     return batch

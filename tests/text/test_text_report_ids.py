@@ -1,10 +1,16 @@
 """The reference MELP token layout: [BOS] report [SEP] [PAD]... [CLS], and the sentence ids."""
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 from melp_ray.text.report_ids import (encode_reports, load_report_tokenizer, load_tokenizer,
-                                   sentence_numbers, special_ids)
+                                      report_encoder, sentence_numbers, special_ids)
+from melp_ray.train.stream import StreamSpec
 
 
 def test_bos_is_added_once_as_the_next_id():
@@ -46,3 +52,40 @@ def test_sentence_ids_periods_belong_to_their_sentence_and_trailing_text_counts(
     first = len(tok("sinus rhythm.", add_special_tokens=False)["input_ids"])
     assert np.count_nonzero(sid == 0) == first                   # "sinus rhythm" and its '.'
     assert np.count_nonzero(sid == 1) == n_tokens - first
+
+
+def ptbxl_reports() -> list[str]:
+    from melp_ray.data.ptbxl import read_database
+    from melp_ray.data.sources import bundled_root
+
+    return read_database(bundled_root())["report"].astype(str).tolist()
+
+
+@pytest.mark.parametrize("text_model, max_length", [("minilm", 16), ("minilm", 64),
+                                                     ("minilm-reports", 32)])
+def test_report_encoder_gives_exactly_the_hugging_face_arrays(text_model, max_length):
+    """The data workers' encoder (the `tokenizers` backend, no transformers) against
+    ``encode_reports`` with the Hugging Face tokenizer: every bundled PTB-XL report (German
+    and English, umlauts, long ones cut at ``max_length``) and the edge cases."""
+    reports = ptbxl_reports() + ["", "   ", ".", "word " * 200, "Sinus­rhythmus, ÄÖÜ ß é. ST↑"]
+    expected = encode_reports(load_report_tokenizer(text_model), reports, max_length)
+    got = report_encoder(text_model, max_length)(reports)
+    assert len(reports) > 200 and (expected["attention_mask"].sum(1) == max_length).any()
+    for key in ("input_ids", "attention_mask", "sentence_ids"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_a_data_worker_batch_imports_neither_torch_nor_transformers(bundled_ptbxl):
+    """What a Ray Data worker does with a training batch (``finish_batch`` with the driver's
+    pickled ``StreamSpec``), in a fresh process: it must not import torch or transformers,
+    which cost every worker process ~4 CPU-s before it tokenises its first report."""
+    spec = StreamSpec(sample_rate=100, seconds=10, text_model="minilm", max_text_length=32)
+    code = ("import pickle, sys; import numpy as np; from melp_ray.train.stream import finish_batch\n"
+            "spec = pickle.load(sys.stdin.buffer)\n"
+            "out = finish_batch(np.ones((2, 12, 1000), np.float32), ['sinus rhythm.', ''], [['NORM'], []], spec)\n"
+            "assert out['input_ids'].shape == (2, 32), out['input_ids'].shape\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stdout.decode().strip() == "[]"
