@@ -136,28 +136,25 @@ def test_zero2_trains_checkpoints_and_summarises(zero2_run):
     assert on_disk["samples_per_s"] > 0
 
 
-def test_zero1_trains_and_checkpoints(ray_local, tiny_cfg, tmp_path):
-    cfg = tiny_cfg(tmp_path, "zero1", "deepspeed.zero_stage=1", "train.num_workers=1")
-    assert_trained(run_in_process(cfg), 1, world_size=1)
-
-
 def test_zero3_trains_and_checkpoints_to_uri_storage(tiny_runs):
     assert_trained(tiny_runs["zero3"][0], 3)     # run.storage_path=file://... (conftest)
 
 
 # ---------------------------------------------------------------- resume and faults
 
-def test_resume_is_exact(ray_local, tiny_cfg, tmp_path):
-    """Stopped at step 3 and resumed to 6 == the uninterrupted 6-step run (one worker, in
-    process; across Ray Train restarts and two workers: ``test_killed_worker_...``).
+def test_zero1_trains_and_resumes_exactly(ray_local, tiny_cfg, tmp_path):
+    """ZeRO-1 trains and checkpoints; stopped at step 3 and resumed to 6 == the uninterrupted
+    6-step run (one worker, in process; ZeRO-2 across Ray Train restarts and two workers:
+    ``test_killed_worker_...``).
 
     With gradient accumulation (2 micro-batches of 4 a step) and its default cached rhythm
     loss over the whole batch of 8 (#35). The interrupted run reads materialized datasets
     (``data.materialize``), the reference streams: caching the pipeline must change nothing
     either.
     """
-    one = ("train.num_workers=1", "train.micro_batch_size=4")
+    one = ("train.num_workers=1", "train.micro_batch_size=4", "deepspeed.zero_stage=1")
     reference = run_in_process(tiny_cfg(tmp_path, "reference", *one))
+    assert_trained(reference, 1, world_size=1)
     cached = (*one, "data.materialize=true")
     first = run_in_process(tiny_cfg(tmp_path, "resumed", *cached, "train.stop_at_step=3"))
     assert first["steps"] == 3
