@@ -221,32 +221,65 @@ def fingerprints(ecg) -> list[str]:
 
 def dealt_fingerprints(root: Path, world: int, rank: int, epoch: int, seed: int) -> list[str]:
     """What ``deal_rows`` gives ``rank`` in ``epoch``, read from the shard files here."""
-    from melp_ray.data.shards import decode_ecg
-    from melp_ray.data.records import minmax_normalise
     from melp_ray.data.rows import deal_rows, read_row_range, shard_files, shard_rows
 
     slices = deal_rows(shard_rows(shard_files(str(root), "train")), world, rank, epoch, seed)
     return [d for s in slices
-            for d in fingerprints(minmax_normalise(np.stack([decode_ecg(b) for b in read_row_range(
-                s.path, s.start, s.stop, ["ecg"])["ecg"].to_pylist()])))]
+            for d in fingerprints(normalised_ecg(read_row_range(s.path, s.start, s.stop, ["ecg"])))]
 
 
-def test_three_shards_two_workers_read_every_record_once_per_epoch_and_validate_one_record(
-        ray_local, tiny_cfg, tmp_path, make_shards):
-    """3 train shard files of uneven sizes for 2 Ray Train workers: each epoch every record is
-    trained on exactly once, each rank reading the rows ``deal_rows`` gives it; a validation
-    split of 1 record (one rank has no row) still validates, over that one pair."""
-    root = make_shards(tmp_path / "shards", train=[10, 6, 8], val=[1])
-    cfg = tiny_cfg(tmp_path, "dealt-2", f"data.root={root}", "data.limit=null",
-                   "train.max_steps=6", "train.val_every=3", "train.checkpoint_every=6")
-    summary = run(cfg, recipe_cls=_records_seen_recipe())
-    assert summary["steps"] == 6 and summary["world_size"] == 2
-    # 24 records, 12 a worker, 3 micro-batches of 4 a worker: steps 1-3 epoch 0, 4-6 epoch 1.
+def normalised_ecg(rows) -> np.ndarray:
+    """The model-ready signals of shard rows (a table with an ``ecg`` column)."""
+    from melp_ray.data.records import minmax_normalise
+    from melp_ray.data.shards import decode_ecg
+
+    return minmax_normalise(np.stack([decode_ecg(b) for b in rows["ecg"].to_pylist()]))
+
+
+# Nothing random in a step: no lead masking, no shuffle, no dropout (text tower: see below).
+NO_RANDOMNESS = ["data.lead_mask_prob=0", "data.shuffle_buffer=0", "model.dropout=0.0",
+                 "model.dropout_input=0.0", "model.attention_dropout=0.0"]
+
+
+def deterministic_cfg(tiny_cfg, storage_path, name: str, *overrides: str) -> PretrainConfig:
+    cfg = tiny_cfg(storage_path, name, *NO_RANDOMNESS, *overrides)
+    cfg.model.text_overrides.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def uneven_shards_run(ray_local, tiny_cfg, tmp_path_factory, make_shards) -> tuple[Path, PretrainConfig, dict]:
+    """One real 2-worker Ray Train run on 3 train shard files of uneven sizes and a
+    validation split of 1 record, nothing random in it, recording what each rank trained on
+    (``seen_rank<r>.jsonl``): the dealing, validation and worker-count tests below share it."""
+    tmp = tmp_path_factory.mktemp("uneven")
+    root = make_shards(tmp / "shards", train=[10, 6, 8], val=[1])
+    cfg = deterministic_cfg(tiny_cfg, tmp, "dealt-2", f"data.root={root}", "data.limit=null",
+                            "train.max_steps=6", "train.val_every=3", "train.checkpoint_every=6",
+                            "train.log_every=1")
+    return root, cfg, run(cfg, recipe_cls=_records_seen_recipe())
+
+
+def seen_by_rank_and_epoch(summary: dict) -> dict[tuple[int, int], list[list[str]]]:
+    """(rank, epoch) -> the fingerprints of each micro-batch that rank trained on, in order."""
     seen = {(rank, epoch): [] for rank in (0, 1) for epoch in (0, 1)}
     for rank in (0, 1):
         for line in (local(summary["run_dir"]) / f"seen_rank{rank}.jsonl").read_text().splitlines():
             record = json.loads(line)
-            seen[rank, record["epoch"]] += record["ecg"]
+            seen[rank, record["epoch"]].append(record["ecg"])
+    return seen
+
+
+def test_three_shards_two_workers_read_every_record_once_per_epoch_and_validate_one_record(
+        uneven_shards_run):
+    """3 train shard files of uneven sizes for 2 Ray Train workers: each epoch every record is
+    trained on exactly once, each rank reading the rows ``deal_rows`` gives it; a validation
+    split of 1 record (one rank has no row) still validates, over that one pair."""
+    root, cfg, summary = uneven_shards_run
+    assert summary["steps"] == 6 and summary["world_size"] == 2
+    # 24 records, 12 a worker, 3 micro-batches of 4 a worker: steps 1-3 epoch 0, 4-6 epoch 1.
+    seen = {key: [d for batch in batches for d in batch]
+            for key, batches in seen_by_rank_and_epoch(summary).items()}
     everything = sorted(dealt_fingerprints(root, 1, 0, None, 0))
     assert len(set(everything)) == 24
     for epoch in (0, 1):
@@ -258,6 +291,64 @@ def test_three_shards_two_workers_read_every_record_once_per_epoch_and_validate_
     val = summary["validation"]
     assert val["recall_at_1_chance"] == 1.0 and val["recall_at_1"] == 1.0   # the one pair
     assert summary["data"]["train_records"] == 24 and summary["data"]["val_records"] == 1
+
+
+def first_rows_dealt(root: Path, world: int, rank: int, seed: int, n: int):
+    """The first ``n`` rows (every column) that ``deal_rows`` gives ``rank`` in epoch 0."""
+    import pyarrow as pa
+
+    from melp_ray.data.rows import deal_rows, read_row_range, shard_files, shard_rows
+
+    tables = []
+    for s in deal_rows(shard_rows(shard_files(str(root), "train")), world, rank, 0, seed):
+        take = min(n - sum(t.num_rows for t in tables), s.stop - s.start)
+        tables.append(read_row_range(s.path, s.start, s.start + take, None))
+        if sum(t.num_rows for t in tables) == n:
+            return pa.concat_tables(tables)
+    raise AssertionError(f"rank {rank} was dealt fewer than {n} rows")
+
+
+def write_one_shard_root(rows, like: Path, out: Path) -> Path:
+    """A shards folder holding ``rows`` as its one train shard and ``like``'s validation."""
+    import shutil
+
+    from melp_ray.data import shards
+
+    shards.write_shard(rows.to_pylist(), out / shards.shard_relpath("train", 0))
+    manifest = json.loads((like / shards.MANIFEST_NAME).read_text())
+    val = [s for s in manifest["shards"] if s["split"] == "val"]
+    for shard in val:
+        (out / shard["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(like / shard["path"], out / shard["path"])
+    manifest["shards"] = [{"path": shards.shard_relpath("train", 0), "split": "train",
+                           "rows": rows.num_rows}, *val]
+    manifest["splits"]["train"] = {"records": rows.num_rows, "shards": 1}
+    (out / shards.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+def test_same_global_batch_same_first_loss_with_1_and_2_workers(uneven_shards_run, tiny_cfg,
+                                                               tmp_path):
+    """The global (gathered) contrastive loss and the captioning loss do not depend on how
+    the global batch is split over workers (the beat loss is per worker by design): the
+    first step of the 2-worker run against one worker, in this process, on exactly the 8
+    records the two ranks trained on in that step."""
+    import pyarrow as pa
+
+    root, cfg, summary = uneven_shards_run
+    per_rank = [first_rows_dealt(root, 2, rank, cfg.train.seed, 4) for rank in (0, 1)]
+    step_one = [seen_by_rank_and_epoch(summary)[rank, 0][0] for rank in (0, 1)]
+    for rows, seen in zip(per_rank, step_one):       # these are the rows of that first step
+        assert fingerprints(normalised_ecg(rows)) == seen
+    one_shard = write_one_shard_root(pa.concat_tables(per_rank), root, tmp_path / "step1")
+    single = run_in_process(deterministic_cfg(
+        tiny_cfg, tmp_path, "w1", f"data.root={one_shard}", "data.limit=null",
+        "train.num_workers=1", "train.max_steps=1", "train.log_every=1", "train.val_every=0",
+        "train.checkpoint_every=1"))
+    first_single, first_pair = metrics_of(single)[0], metrics_of(summary)[0]
+    assert first_single["step"] == first_pair["step"] == 1
+    for key in ("loss/rhythm", "loss/token"):
+        assert first_single[key] == pytest.approx(first_pair[key], rel=1e-4), key
 
 
 def train_worker_processes():
@@ -322,25 +413,6 @@ def test_killed_worker_is_survived_and_the_run_ends_exactly_as_uninterrupted(
     import psutil
 
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == "zombie"
-
-
-# ---------------------------------------------------------------- worker-count invariance
-
-def test_same_global_batch_same_first_loss_with_1_and_2_workers(ray_local, tiny_cfg, tmp_path):
-    """The global (gathered) contrastive loss and the captioning loss do not depend on how
-    the global batch is split over workers. (The beat loss is per worker by design.)"""
-    no_randomness = ["data.lead_mask_prob=0", "data.shuffle_buffer=0", "model.dropout=0.0",
-                     "model.dropout_input=0.0", "model.attention_dropout=0.0",
-                     "train.max_steps=1", "train.log_every=1", "train.val_every=0",
-                     "train.checkpoint_every=1"]
-    results = {}
-    for workers in (1, 2):
-        cfg = tiny_cfg(tmp_path, f"w{workers}", f"train.num_workers={workers}", *no_randomness)
-        cfg.model.text_overrides.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        # One worker in this process, two on Ray Train.
-        results[workers] = metrics_of(run(cfg, in_process=workers == 1))[0]
-    for key in ("loss/rhythm", "loss/token"):
-        assert results[1][key] == pytest.approx(results[2][key], rel=1e-4), key
 
 
 # ---------------------------------------------------------------- ray job submit
