@@ -13,8 +13,8 @@ one thread each (a Ray Train worker runs with OMP_NUM_THREADS=1):
 Target: ours / bare >= 0.95 (ratio of throughputs).
 
 ``--smoke`` checks the code path, not Ray's start-up: "ours" trains its one worker in this
-process (``pretrain.run(in_process=True)``); Ray Train's own path has its smoke in
-``gpu_suite.py --smoke``.
+process (``pretrain.run(in_process=True)``); Ray Train's own path has its end-to-end tests
+in ``tests/test_pretrain.py``.
 """
 from __future__ import annotations
 

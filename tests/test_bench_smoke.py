@@ -182,7 +182,8 @@ def test_gpu_suite_smoke_runs_the_step_and_the_ray_path(tmp_path, session_ray_ad
     - bench/gpu_step.py: the recipe's own step on a DeepSpeed engine without Ray, ZeRO 1-3,
       with the paper's optimizer settings (every parameter decayed, warm restarts): the
       combination that once failed at the first step (an empty parameter group);
-    - bench/gpu_throughput.py: the real Ray Data -> Ray Train -> DeepSpeed run."""
+    - bench/gpu_throughput.py: prepare on Ray, then the pretraining run (its one worker in
+      the benchmark's process: Ray Train's own path has the pretraining tests)."""
     data = smoke("gpu_suite", tmp_path, ray_address=session_ray_address)
     step, ray_path = data["step"], data["throughput"]
     assert step["status"] == ray_path["status"] == "ok", (step, ray_path)
