@@ -226,6 +226,16 @@ def start_private_ray(num_cpus: int, **kwargs) -> None:
                    log_to_driver=False, **kwargs)
 
 
+def smoke_data_limit() -> None:
+    """``--smoke``: this driver's Ray Data runs one task at a time. Its tasks run on worker
+    processes of its own (one set per driver), each of which imports torch, transformers and
+    melp_ray first (~6 CPU-s); a smoke's few records need no second one."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    options.resource_limits = options.resource_limits.copy(cpu=1)
+
+
 def ray_cpus() -> int:
     """CPUs of the Ray instance this benchmark runs on (a cluster's: all its nodes')."""
     import ray

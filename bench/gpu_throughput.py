@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     shards_root = str(Path(tmp.name) / "shards")
     C.log(f"starting Ray ({num_cpus} CPUs{', 1 GPU' if use_gpu else ''}); preparing {root} at {rate} Hz")
     ray = C.start_ray(num_cpus, **({"num_gpus": 1} if use_gpu else {}))
+    if smoke:
+        C.smoke_data_limit()
     prepare(PrepareSettings(dataset="ptb-xl", root=root, out=shards_root, sample_rate=rate,
                             seconds=10.0, shard_size=8 if smoke else 64, limit=48 if smoke else None))
     device = torch.cuda.get_device_name(0) if use_gpu else "cpu (smoke)"

@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     C.log(f"starting Ray ({args.num_cpus} CPUs); data root {root}")
     ray = C.start_ray(args.num_cpus)
     cpus = C.ray_cpus()   # --num-cpus, or the cluster's at $RAY_ADDRESS
+    if smoke:
+        C.smoke_data_limit()
     C.log("preparing shards")
     tmp = tempfile.TemporaryDirectory(prefix="melp-bench-ingest-")
     shards_root = str(Path(tmp.name) / "shards")

@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     root = C.data_root_100hz(smoke)
     C.log(f"starting Ray ({args.num_cpus} CPUs), preparing shards from {root}")
     ray = C.start_ray(args.num_cpus)
+    if smoke:
+        C.smoke_data_limit()
     prepare(PrepareSettings(dataset="ptb-xl", root=root, out=shards_root, sample_rate=cfg.data.sample_rate,
                             seconds=cfg.data.seconds, shard_size=8 if smoke else 128,
                             limit=48 if smoke else 600))

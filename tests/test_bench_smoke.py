@@ -82,9 +82,10 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
         note = f"\n[test] no exit {total:g} s after start: stack requested, killed\n"
     finally:
         # What it left in its process group (a stuck loader worker holding our pipes, ...)
-        # gets a few seconds to finish writing, then goes.
+        # gets a few seconds in all to finish writing, then goes.
+        deadline = time.monotonic() + 5
         for reader in readers:
-            reader.join(timeout=5)
+            reader.join(timeout=max(deadline - time.monotonic(), 0))
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
