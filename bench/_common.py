@@ -1,4 +1,5 @@
-"""Shared plumbing of the benchmarks: arguments, machine facts, a private Ray, tables, JSON."""
+"""Shared plumbing of the benchmarks: arguments, machine facts, Ray (a private instance, or
+the cluster at ``$RAY_ADDRESS``), tables, JSON."""
 from __future__ import annotations
 
 import argparse
@@ -147,7 +148,8 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"), help="where to write the JSON")
     p.add_argument("--smoke", action="store_true", help="a few seconds' run that checks the code path (CI)")
-    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private local Ray instance")
+    p.add_argument("--num-cpus", type=int, default=2,
+                   help="CPUs of the private local Ray instance (not with $RAY_ADDRESS: the cluster's)")
     return p
 
 
@@ -161,12 +163,56 @@ def data_root_100hz(smoke: bool) -> str:
 
 
 
-def start_ray(num_cpus: int, **kwargs):
-    """A private local Ray instance: never attach to a cluster someone else started."""
+def start_ray(num_cpus: int, private: bool = False, **kwargs):
+    """The Ray instance a benchmark runs on.
+
+    ``$RAY_ADDRESS`` set (a cluster's address, e.g. ``10.0.0.5:6379``; not "local"): attach to
+    that cluster, as any Ray script does, so a benchmark measures the cluster it is run on;
+    ``num_cpus`` and ``kwargs`` are then the cluster's own (logged) and an address that does
+    not answer is an error (exit 2), never a fallback. Otherwise a private local instance with
+    ``num_cpus`` CPUs: never a cluster that ``ray start`` left on the machine. ``private``: a
+    private instance whatever ``$RAY_ADDRESS`` says, for a benchmark whose measure is the
+    instance itself (its CPU count, its start-up).
+    """
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and address != "local" and not private:
+        attach_ray(address)
+    else:
+        start_private_ray(num_cpus, **kwargs)
+    from ray.data import DataContext
+
+    import logging
+
+    for noisy in ("ray.data", "ray.train", "ray.tune"):   # keep the tables readable
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def attach_ray(address: str) -> None:
+    """Connect to the cluster at ``address`` (probed first: no minutes of Ray's retries).
+    Its processes keep the environment they were started with, and they import this
+    benchmark's modules from the driver's ``sys.path``, which Ray hands to its workers."""
+    import ray
+
+    from melp_ray.utils.ray_connect import RayAddressError, probe
+
+    problem = probe(address)
+    if problem:
+        print(f"error: cannot reach the Ray cluster at {address} (from RAY_ADDRESS): {problem}",
+              file=sys.stderr, flush=True)
+        raise RayAddressError(problem)
+    ray.init(address=address, configure_logging=False, log_to_driver=False)
+    log(f"attached to the Ray cluster at {address} (RAY_ADDRESS): "
+        f"{ray.cluster_resources().get('CPU', 0):g} CPUs; --num-cpus does not apply")
+
+
+def start_private_ray(num_cpus: int, **kwargs) -> None:
     # Ray starts its worker processes at nice 15. On a busy machine that alone makes them
     # several times slower than a plain process at nice 0 (measured: 4x in overhead.py),
     # so every Ray-vs-plain comparison would measure the scheduler. Same priority for all.
@@ -178,15 +224,23 @@ def start_ray(num_cpus: int, **kwargs):
     # fixed 30 s for the raylet runs out on a loaded machine (ray_utils.init_local_ray).
     init_local_ray(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
                    log_to_driver=False, **kwargs)
+
+
+def smoke_data_limit() -> None:
+    """``--smoke``: this driver's Ray Data runs one task at a time. Its tasks run on worker
+    processes of its own (one set per driver), each of which imports torch, transformers and
+    melp_ray first (~6 CPU-s); a smoke's few records need no second one."""
     from ray.data import DataContext
 
-    import logging
+    options = DataContext.get_current().execution_options
+    options.resource_limits = options.resource_limits.copy(cpu=1)
 
-    for noisy in ("ray.data", "ray.train", "ray.tune"):   # keep the tables readable
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    DataContext.get_current().enable_progress_bars = False
-    return ray
+def ray_cpus() -> int:
+    """CPUs of the Ray instance this benchmark runs on (a cluster's: all its nodes')."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 0))
 
 
 def run_windows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -216,6 +270,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_avg_start": load_average(),
         "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "0 (set by start_ray)"),
+        "ray_address": os.environ.get("RAY_ADDRESS") or None,   # None: a private instance
     }
     for module in ("torch", "ray", "deepspeed"):
         try:

@@ -8,8 +8,8 @@ Measured, side by side in one run (the machine is shared, so ratios are what cou
   Parquet shards made by ``melp_ray.prepare`` and straight from WFDB files;
 - reference: rows/s of the reference MELP data path, a torch ``DataLoader`` whose Dataset
   reads each record with ``wfdb.rdsamp`` and min-max normalises it, with as many loader
-  workers as the Ray instance has CPUs (it does not tokenise; ours does, so this is
-  conservative for us); its workers are spawned (never forked from this Ray-running
+  workers as the Ray instance has CPUs (``--smoke``: one); it does not tokenise (ours
+  does, so this is conservative for us); its workers are spawned (never forked from this Ray-running
   process) once and kept across passes;
 - consumption: rows/s of all training workers of the default run together (the tiny
   model's forward + backward + AdamW step at the same micro-batch, 1 thread per worker
@@ -197,6 +197,9 @@ def main(argv=None) -> int:
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
     C.log(f"starting Ray ({args.num_cpus} CPUs); data root {root}")
     ray = C.start_ray(args.num_cpus)
+    cpus = C.ray_cpus()   # --num-cpus, or the cluster's at $RAY_ADDRESS
+    if smoke:
+        C.smoke_data_limit()
     C.log("preparing shards")
     tmp = tempfile.TemporaryDirectory(prefix="melp-bench-ingest-")
     shards_root = str(Path(tmp.name) / "shards")
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
                       cfg.data.sample_rate)
 
     C.log("measuring ingest: shards, WFDB, reference")
-    reference = reference_loader(refs, root, batch, args.num_cpus)
+    # --smoke: one loader worker checks the spawned path (each costs ~4 CPU-s of imports).
+    reference = reference_loader(refs, root, batch, 1 if smoke else cpus)
     paths = {"shards": lambda: ray_rate(shards_dataset(files, spec), batch),
              "wfdb": lambda: ray_rate(wfdb_dataset(refs, root, spec), batch),
              "reference": lambda: timed_pass(iter(reference))}
@@ -249,7 +253,7 @@ def main(argv=None) -> int:
     }
     result = {
         "machine": info, "data_root": root, "records_train": len(refs), "shard_files": len(files),
-        "micro_batch": batch, "sample_rate": cfg.data.sample_rate, "ray_cpus": args.num_cpus,
+        "micro_batch": batch, "sample_rate": cfg.data.sample_rate, "ray_cpus": cpus,
         "torch_threads_consumer": 1, "rows_per_s": rate, "streaming_rows_per_s": streaming,
         "first_batch_s": first_batch, "passes": runs, "cold_passes": cold,
         "consumption": consume, "pretrain": wait, "ratios": ratios,

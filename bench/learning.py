@@ -305,6 +305,8 @@ def main(argv=None) -> int:
     C.log(f"starting Ray ({args.num_cpus} CPUs); config {args.config}, root {root}, "
           f"fold {holdout} held out")
     ray = C.start_ray(args.num_cpus)
+    if smoke:
+        C.smoke_data_limit()
     try:
         if args.checkpoint:
             pre = given_checkpoint(args.checkpoint)

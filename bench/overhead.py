@@ -13,8 +13,8 @@ one thread each (a Ray Train worker runs with OMP_NUM_THREADS=1):
 Target: ours / bare >= 0.95 (ratio of throughputs).
 
 ``--smoke`` checks the code path, not Ray's start-up: "ours" trains its one worker in this
-process (``pretrain.run(in_process=True)``); Ray Train's own path has its smoke in
-``gpu_suite.py --smoke``.
+process (``pretrain.run(in_process=True)``); Ray Train's own path has its end-to-end tests
+in ``tests/test_pretrain.py``.
 """
 from __future__ import annotations
 
@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     root = C.data_root_100hz(smoke)
     C.log(f"starting Ray ({args.num_cpus} CPUs), preparing shards from {root}")
     ray = C.start_ray(args.num_cpus)
+    if smoke:
+        C.smoke_data_limit()
     prepare(PrepareSettings(dataset="ptb-xl", root=root, out=shards_root, sample_rate=cfg.data.sample_rate,
                             seconds=cfg.data.seconds, shard_size=8 if smoke else 128,
                             limit=48 if smoke else 600))

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             for n in cpus:
                 C.log(f"repeat {rep + 1}: Ray with {n} CPU(s)")
                 with C.Timer() as t:
-                    ray = C.start_ray(n)
+                    ray = C.start_ray(n, private=True)   # its measure: n CPUs
                 ray_start[n].append(t.seconds)
                 # Untimed: a fresh Ray spawns its worker processes (and they import wfdb,
                 # scipy, pyarrow) on first use; a long prepare pays that once.

@@ -6,11 +6,12 @@
 
 Measured:
 - prepare, per N: ``prepare()`` end to end (listing, planning, Ray Data chunk tasks,
-  manifest) of an N-record MIMIC-IV-ECG-layout root at 500 Hz, in a **fresh process per
-  N** (so one size's peak cannot hide another's): records/s, and the driver's peak RSS
-  (``ru_maxrss`` of that process alone; Ray's workers are other processes) before and after
-  the timed prepare. Ray start-up and a small untimed prepare (worker pool warm-up) come
-  first and are not timed. The roots are real WFDB records, written by
+  manifest) of an N-record MIMIC-IV-ECG-layout root at 500 Hz, in a **fresh driver process
+  per N** (so one size's peak cannot hide another's) attached to the benchmark's one private
+  Ray instance (``--num-cpus``; each driver gets its own Ray workers): records/s, and the
+  driver's peak RSS (``ru_maxrss`` of that process alone; Ray's workers are other
+  processes) before and after the timed prepare. Connecting and a small untimed prepare
+  (worker pool warm-up) come first and are not timed. The roots are real WFDB records, written by
   ``tests/fixtures/mimic_fixture.write_scaled_mimic_root`` from PTB-XL's own 500 Hz
   waveforms (../shared, else the bundled sample resampled), distinct ids, subjects and
   reports; their ``.dat`` files are hard links to one copy of each source signal, so the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -68,7 +70,8 @@ def source_root() -> str | None:
 # ---------------------------------------------------------------- prepare, one N per process
 
 def prepare_one(root: str, out: str, num_cpus: int, shard_size: int, warm_up: bool) -> dict:
-    """In a fresh process: time ``prepare`` of ``root``; sample this driver's RSS meanwhile."""
+    """In a fresh process: time ``prepare`` of ``root``; sample this driver's RSS meanwhile.
+    On the parent's Ray instance (``$RAY_ADDRESS``, set by ``prepare_in_subprocess``)."""
     from melp_ray.data.prepare import PrepareSettings, prepare
 
     C.start_ray(num_cpus)
@@ -117,12 +120,15 @@ class RssSampler:
         self.peak_mib = max(self.peak_mib, self._sample())
 
 
-def prepare_in_subprocess(root: Path, out: Path, args) -> dict:
+def prepare_in_subprocess(root: Path, out: Path, args, ray_address: str) -> dict:
+    """``prepare_one`` in a new driver process on this benchmark's Ray instance: one
+    instance's start-up (~10 CPU-s) instead of one per N."""
     result = out.parent / f"{out.name}.json"
     cmd = [sys.executable, __file__, "--prepare-one", str(root), str(out), str(result),
            "--num-cpus", str(args.num_cpus), "--shard-size", str(args.shard_size),
            *(["--smoke"] if args.smoke else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": ray_address})
     if proc.returncode != 0:
         raise RuntimeError(f"prepare of {root} failed:\n{proc.stderr[-4000:]}")
     return json.loads(result.read_text())
@@ -145,7 +151,6 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
         batch = 8   # a few batches out of the quick root
     spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
-    ray = C.start_ray(num_cpus)
     files = shard_files(str(shards), "train")
     # prepare's defaults (val_fraction 0.1, seed 0): the very records in the train shards
     refs = split_refs("mimic-iv-ecg", str(root), "train", 0.1, 0, None, cfg.data.sample_rate)
@@ -159,7 +164,6 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
             C.log(f"ingest round {i + 1}/{rounds}: {name}")
             runs[name].append(run())
     I.close_loader(reference)
-    ray.shutdown()
     rate = {k: sum(r["rows"] for r in v) / sum(r["seconds"] for r in v) for k, v in runs.items()}
     return {"micro_batch": batch, "sample_rate": cfg.data.sample_rate, "cpus": num_cpus,
             "train_records": len(refs), "shard_files": len(files), "passes": runs,
@@ -272,19 +276,25 @@ def main(argv=None) -> int:
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
 
+    # One private instance of --num-cpus CPUs (rates per CPU: never a cluster's), that every
+    # part runs on: the per-N prepare processes attach to it.
+    ray = C.start_ray(args.num_cpus, private=True)
+    address = ray.get_runtime_context().gcs_address
     roots, prepares = {}, []
     for n in sizes:
         C.log(f"writing a {n}-record MIMIC-layout root")
         roots[n] = write_root(work / f"root-{n}", n, work / "templates",
                               QUICK_SOURCES if args.smoke else None)
         C.log(f"prepare of {n} records (fresh process)")
-        prepares.append(prepare_in_subprocess(work / f"root-{n}", work / f"shards-{n}", args))
+        prepares.append(prepare_in_subprocess(work / f"root-{n}", work / f"shards-{n}", args,
+                                              address))
         C.log(f"  {prepares[-1]['records_per_s']:.0f} records/s, "
               f"driver peak {prepares[-1]['driver_peak_rss_mib']:.0f} MiB")
     ingest_n = args.ingest_size or (5000 if 5000 in sizes else sizes[0])
     C.log(f"ingest at 500 Hz over the {ingest_n}-record shards vs the reference DataLoader")
     ingest = ingest_per_cpu(work / f"root-{ingest_n}", work / f"shards-{ingest_n}",
                             args.num_cpus, 1 if args.smoke else args.rounds, args.smoke)
+    ray.shutdown()
     gpu = gpu_samples_per_s()
     ratios, verdict = verdicts(prepares, ingest)
     slope = memory_slope(prepares)

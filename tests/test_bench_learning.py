@@ -1,7 +1,7 @@
 """bench/learning.py runs end to end in --smoke mode and writes the JSON it promises.
 
-Same conventions as tests/test_bench_smoke.py (whose runner this reuses): its own process
-and private Ray instance, RAY_ADDRESS="" and the benchmark's watchdog armed; the JSON must
+Same conventions as tests/test_bench_smoke.py (whose runner this reuses): its own process,
+on the test session's Ray instance (RAY_ADDRESS), the benchmark's watchdog armed; the JSON must
 hold every metric as a finite number and a PASS/MISS verdict per target. Smoke numbers (a
 few pretraining steps on the bundled sample) mean nothing, so no verdict is required.
 """
@@ -20,18 +20,22 @@ _spec = importlib.util.spec_from_file_location(
 _helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_helpers)
 
+session_ray_address = _helpers.session_ray_address   # the fixture, for this module too
+
 # A pretraining run plus five evaluation passes: longer than the other smoke runs.
 TIMEOUT_S = max(_helpers.SMOKE_TIMEOUT_S, 600)
 
 
-def test_learning_smoke(tmp_path):
-    proc, out = _helpers.run_bench("learning", tmp_path, "--smoke", timeout=TIMEOUT_S)
+def test_learning_smoke(tmp_path, session_ray_address):
+    proc, out = _helpers.run_bench("learning", tmp_path, "--smoke", timeout=TIMEOUT_S,
+                                   ray_address=session_ray_address)
     assert proc.returncode == 0, _helpers.failure("learning", proc)
     assert "| " in proc.stdout
     data = json.loads(out.read_text())
     assert data["benchmark"] == "learning" and data["smoke"] is True
     for key in ("date", "torch", "ray", "deepspeed", "load_avg_start", "load_avg_end"):
         assert key in data["machine"]
+    assert data["machine"]["ray_address"] == session_ray_address
     _helpers.assert_finite(
         data, "linear_probe.pretrained.macro_auroc", "linear_probe.random_init.macro_auroc",
         "linear_probe.gain_over_random", "linear_probe.gain_paired_bootstrap.gain",

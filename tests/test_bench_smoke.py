@@ -1,8 +1,11 @@
 """Every benchmark script runs end to end in --smoke mode and writes the JSON it promises.
 
-Behaviour, not speed: each script runs as its own process (its own private local Ray
-instance, never the test session's), and its JSON must hold the expected keys with
-finite numbers.
+Behaviour, not speed: each script runs as its own process, and its JSON must hold the
+expected keys with finite numbers. A benchmark that only needs some Ray instance runs on the
+test session's (``RAY_ADDRESS`` = its address, as a user runs one on a cluster): a new
+instance costs ~10 CPU-s of start-up. Those whose measure is their own instance (a CPU
+count, start-up, a hang that must take its Ray with it) start a private one
+(``RAY_ADDRESS=""``).
 
 Never hang: each benchmark runs with ``MELP_BENCH_TIMEOUT_S`` (``bench/_common.watchdog``),
 so one that makes no progress (no ``[bench ...]`` line) for that long prints the Python
@@ -36,13 +39,28 @@ SMOKE_TIMEOUT_S = float(os.environ.get("MELP_BENCH_SMOKE_TIMEOUT_S", 300))   # o
 SMOKE_TOTAL_S = float(os.environ.get("MELP_BENCH_SMOKE_TOTAL_S", 840))       # the whole run
 
 
+@pytest.fixture(scope="session")
+def session_ray_address(ray_local) -> str:
+    """The GCS address of this pytest process's Ray instance (conftest's ``ray_local``).
+    Its workers keep the environment this process had when it started (conftest's
+    settings); they import the benchmark's modules from its driver's ``sys.path``."""
+    return ray_local.get_runtime_context().gcs_address
+
+
 def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
-               total: float = SMOKE_TOTAL_S) -> tuple[subprocess.CompletedProcess, float]:
+               total: float = SMOKE_TOTAL_S, ray_address: str = ""
+               ) -> tuple[subprocess.CompletedProcess, float]:
     """Run a benchmark script with its watchdog armed (``timeout`` s without progress); kill
-    it after ``total`` s. Returns the process and its seconds."""
-    env = {**os.environ,
-           "RAY_ADDRESS": "",   # never attach to a cluster from the environment
-           "MELP_BENCH_TIMEOUT_S": f"{timeout:g}"}
+    it after ``total`` s. ``ray_address``: the Ray instance it runs on (``RAY_ADDRESS``;
+    "": a private one, never a cluster from the environment). Returns the process and its
+    seconds."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "MELP_BENCH_TIMEOUT_S": f"{timeout:g}"}
+    if ray_address:
+        # A local instance that ray.init() starts uses token authentication (the token in
+        # ~/.ray/auth_token) unless RAY_AUTH_MODE says otherwise, and a driver given an
+        # explicit address uses it only when told so. ray.init() sets the variable in its
+        # own process, but conftest's patch.dict around it put the environment back.
+        env.setdefault("RAY_AUTH_MODE", "token")
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -64,9 +82,10 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
         note = f"\n[test] no exit {total:g} s after start: stack requested, killed\n"
     finally:
         # What it left in its process group (a stuck loader worker holding our pipes, ...)
-        # gets a few seconds to finish writing, then goes.
+        # gets a few seconds in all to finish writing, then goes.
+        deadline = time.monotonic() + 5
         for reader in readers:
-            reader.join(timeout=5)
+            reader.join(timeout=max(deadline - time.monotonic(), 0))
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -79,10 +98,11 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
 
 
 def run_bench(name: str, tmp_path: Path, *extra: str, timeout: float = SMOKE_TIMEOUT_S,
-              total: float = SMOKE_TOTAL_S) -> tuple[subprocess.CompletedProcess, Path]:
+              total: float = SMOKE_TOTAL_S, ray_address: str = ""
+              ) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / f"{name}.json"
     proc, _ = run_script(BENCH / f"{name}.py", "--out", str(out), *extra, timeout=timeout,
-                         total=total)
+                         total=total, ray_address=ray_address)
     return proc, out
 
 
@@ -99,14 +119,15 @@ def failure(name: str, proc: subprocess.CompletedProcess) -> str:
             f"was:\n{progress}\n{err[dump:][:20000]}")
 
 
-def smoke(name: str, tmp_path: Path, *extra: str) -> dict:
-    proc, out = run_bench(name, tmp_path, "--smoke", *extra)
+def smoke(name: str, tmp_path: Path, *extra: str, ray_address: str = "") -> dict:
+    proc, out = run_bench(name, tmp_path, "--smoke", *extra, ray_address=ray_address)
     assert proc.returncode == 0, failure(name, proc)
     assert "| " in proc.stdout          # printed its table
     data = json.loads(out.read_text())
     assert data["benchmark"] == name and data["smoke"] is True
     for key in ("date", "torch", "ray", "deepspeed", "load_avg_start", "load_avg_end"):
         assert key in data["machine"]
+    assert data["machine"]["ray_address"] == (ray_address or None)
     return data
 
 
@@ -122,8 +143,8 @@ def assert_finite(data: dict, *keys: str) -> None:
         assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
 
 
-def test_ingest_smoke(tmp_path):
-    data = smoke("ingest", tmp_path)
+def test_ingest_smoke(tmp_path, session_ray_address):
+    data = smoke("ingest", tmp_path, ray_address=session_ray_address)
     assert_finite(data, "rows_per_s.shards", "rows_per_s.wfdb", "rows_per_s.reference",
                   "consumption.rows_per_s_all_workers", "pretrain.steady_input_wait_frac",
                   "ratios.ingest_over_consumption", "ratios.shards_over_reference")
@@ -132,8 +153,8 @@ def test_ingest_smoke(tmp_path):
     assert set(data["verdicts"].values()) <= {"PASS", "MISS"}
 
 
-def test_overhead_smoke(tmp_path):
-    data = smoke("overhead", tmp_path)
+def test_overhead_smoke(tmp_path, session_ray_address):
+    data = smoke("overhead", tmp_path, ray_address=session_ray_address)
     assert_finite(data, "bare_samples_per_s", "ours_samples_per_s", "ratio")
     assert len(data["bare"]) == 2 and data["ratio"] > 0
     assert data["verdict"] in {"PASS", "MISS"}
@@ -155,15 +176,16 @@ def test_zero_memory_smoke(tmp_path):
     assert fp32["stages"]["3"]["model_states"] < fp32["stages"]["0"]["model_states"]
 
 
-def test_gpu_suite_smoke_runs_the_step_and_the_ray_path(tmp_path):
+def test_gpu_suite_smoke_runs_the_step_and_the_ray_path(tmp_path, session_ray_address):
     """bench/gpu_suite.py --smoke: the one GPU script of #29 on CPU. Its parts are the two
     GPU benchmarks, each checked here as its own smoke was:
 
     - bench/gpu_step.py: the recipe's own step on a DeepSpeed engine without Ray, ZeRO 1-3,
       with the paper's optimizer settings (every parameter decayed, warm restarts): the
       combination that once failed at the first step (an empty parameter group);
-    - bench/gpu_throughput.py: the real Ray Data -> Ray Train -> DeepSpeed run."""
-    data = smoke("gpu_suite", tmp_path)
+    - bench/gpu_throughput.py: prepare on Ray, then the pretraining run (its one worker in
+      the benchmark's process: Ray Train's own path has the pretraining tests)."""
+    data = smoke("gpu_suite", tmp_path, ray_address=session_ray_address)
     step, ray_path = data["step"], data["throughput"]
     assert step["status"] == ray_path["status"] == "ok", (step, ray_path)
     step = step["result"]
@@ -338,7 +360,8 @@ sys.path.insert(0, {bench!r})
 import _common as C
 
 
-def child_stuck_here():
+def child_stuck_here(ready):
+    ready.set()           # it has imported this module: its SIGUSR1 handler is registered
     time.sleep(3600)
 
 
@@ -347,10 +370,11 @@ def parent_waits(process):
 
 
 if __name__ == "__main__":
-    child = C.MP_CONTEXT.Process(target=child_stuck_here)
+    ready = C.MP_CONTEXT.Event()
+    child = C.MP_CONTEXT.Process(target=child_stuck_here, args=(ready,))
     child.start()
     C.log("child started")
-    time.sleep(5)         # the child has imported this module and registered its handler
+    ready.wait(60)
     C.watchdog(3)
     parent_waits(child)
 """
