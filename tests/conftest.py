@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 from unittest import mock
 
@@ -48,6 +49,15 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # ("Timed out waiting for file ...dashboard_agent_listen_port"): seen for the `ray start
 # --head` of the job-submission test with the suite's two processes busy. Wait up to 2 min.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+
+# Ray's local instances use token authentication, with a token that the first `ray.init` of
+# a machine writes to ~/.ray/auth_token when there is none. On a fresh machine (CI) both
+# pytest-xdist processes start their instance at the same moment: each may write its own
+# token, and a process started later (a CLI or benchmark run attaching to that instance)
+# reads the other one. One token per pytest process, in the environment that its Ray
+# instances and subprocesses inherit, leaves nothing to race on.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex)
 
 # Dummy credentials for the local S3 server of tests/data/test_data_object_store.py. Ray
 # workers keep the environment of the moment Ray started, so the session's workers get them
