@@ -1,7 +1,6 @@
 """Our typed config -> a DeepSpeed config dict."""
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from melp_ray.config import DeepSpeedConfig, TrainConfig
@@ -23,20 +22,6 @@ def skip_cpu_shared_memory_op() -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-
-
-# The module DeepSpeed's ZeRO optimizer check imports only to list Muon as supported.
-DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-def skip_muon_probe() -> None:
-    """Keep DeepSpeed's ZeRO optimizer check (``is_zero_supported_optimizer``, at every
-    ``deepspeed.initialize``) from importing its Muon optimizer: that module's
-    ``torch.compile`` decorators cost ~1.5 CPU-s in each fresh worker (building an engine:
-    4.7 -> 3.2 CPU-s), and our optimizer is AdamW. ``None`` in ``sys.modules`` makes the import raise
-    ImportError, which DeepSpeed catches as "Muon not installed". An already imported
-    module is left as it is."""
-    sys.modules.setdefault(DEEPSPEED_MUON, None)
 
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:

@@ -26,8 +26,7 @@ import torch.distributed as dist
 from melp_ray.hub.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
 from melp_ray.config import to_dict
 from melp_ray.utils.distributed import mean_over_ranks
-from melp_ray.train.deepspeed_config import (deepspeed_config, skip_cpu_shared_memory_op,
-                                             skip_muon_probe, use_bf16)
+from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
 from melp_ray.train.metrics import MetricsLogger, worker_print
 from melp_ray.train.prefetch import EpochPrefetcher
 from melp_ray.train.session import RayTrainSession
@@ -93,7 +92,6 @@ class DeepSpeedRecipe:
 
         if not self.cfg.train.use_gpu:
             skip_cpu_shared_memory_op()
-        skip_muon_probe()
         self.bf16 = use_bf16(self.cfg.train)
         torch.manual_seed(self.cfg.train.seed)    # identical initial weights on every rank
         model = self.build_model()
