@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "fixtures" / "multinode_script.py"
 TIMEOUT_S = 600
+STEPS = 6                       # the run's train.max_steps (multinode_script.STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_training_workers_run_on_distinct_nodes_into_shared_storage(scenario):
         assert {r["node_id"] for r in start} <= set(result["worker_nodes"])
     # One checkpoint, written by both nodes: DeepSpeed's per-rank ZeRO files sit side by side.
     checkpoint = Path(summary["last_checkpoint"].removeprefix("file://"))
-    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 8
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == STEPS
     ranks = {re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)
              for p in checkpoint.rglob("*zero_pp_rank_*optim_states.pt")}
     assert ranks == {"0", "1"}, sorted(p.name for p in checkpoint.rglob("*"))
@@ -85,7 +86,7 @@ def test_run_survives_losing_a_whole_node(scenario):
     removed, summary = result["removed"], result["summary"]
     assert "error" not in removed and "done" in removed, removed
     assert removed["node_id"] not in result["cluster_nodes"]   # gone from the cluster
-    assert summary["steps"] == 8
+    assert summary["steps"] == STEPS
 
     run_dir = work / "bucket" / "failover"
     records = worker_records(run_dir)
@@ -95,7 +96,7 @@ def test_run_survives_losing_a_whole_node(scenario):
     restored = {r["resumed_from_step"] for r in second}
     assert len(restored) == 1 and {r["resumed_from_step"] for r in first} == {None}
     restored_step = restored.pop()
-    assert restored_step is not None and 2 <= restored_step < 8
+    assert restored_step is not None and 2 <= restored_step < STEPS
     assert removed["node_id"] not in {r["node_id"] for r in second}
 
     # Logged every step: after the restore point every step appears exactly once, and the
@@ -105,5 +106,5 @@ def test_run_survives_losing_a_whole_node(scenario):
     assert logged[cut]["resumed_from_step"] == restored_step
     before, after = logged[:cut], logged[cut:]
     assert [m["step"] for m in before][:restored_step] == list(range(1, restored_step + 1))
-    assert [m["step"] for m in after] == list(range(restored_step + 1, 9))
-    assert [m["samples_seen"] for m in after] == [8 * s for s in range(restored_step + 1, 9)]
+    assert [m["step"] for m in after] == list(range(restored_step + 1, STEPS + 1))
+    assert [m["samples_seen"] for m in after] == [8 * s for s in range(restored_step + 1, STEPS + 1)]

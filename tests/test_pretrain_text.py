@@ -1,6 +1,6 @@
 """Stage 1 (cardiology text model) end to end: a real 2-worker Ray Train + DeepSpeed MLM run,
-the exported Hugging Face folder, and stage 2 using that folder. The tokenizer and the
-masking have their own tests (tests/text/).
+the exported Hugging Face folder, a ZeRO-3 run that continues from it (in this process), and
+stage 2 using that folder. The tokenizer and the masking have their own tests (tests/text/).
 
 Real Ray, real DeepSpeed (ZeRO-2 and ZeRO-3), real tokenizers and transformers; no mocks.
 """
@@ -92,22 +92,27 @@ def test_stage_two_uses_the_exported_folder(scratch_run, ray_local, tmp_path):
 
 
 def test_pretrained_init_continues_from_a_folder_under_zero3(scratch_run, ray_local, tmp_path):
-    """text.init=pretrained from the stage-1 folder (weights and MLM head), ZeRO-3 export."""
+    """text.init=pretrained from the stage-1 folder (weights and MLM head), ZeRO-3 export.
+    One worker in this process (``in_process``): the scratch run above is the Ray Train one."""
     from transformers import AutoModelForMaskedLM
 
     folder = scratch_run["hf_text_model"]
     cfg = text_config(tmp_path, "continued", "text.init=pretrained", f"text.model={folder}",
                       "deepspeed.zero_stage=3", "train.max_steps=2", "train.checkpoint_every=2",
-                      "train.warmup_steps=1")
-    s = run(cfg, out=str(tmp_path / "hf_continued"))
+                      "train.warmup_steps=1", "train.num_workers=1")
+    s = run(cfg, out=str(tmp_path / "hf_continued"), in_process=True)
     assert s["steps"] == 2 and s["zero_stage"] == 3 and s["text_init"] == "pretrained"
-    # The same model on the same held-out masks: it starts where the first run ended.
-    assert s["validation"]["initial_mlm_loss"] == pytest.approx(
-        scratch_run["validation"]["mlm_loss"], abs=1e-4)
-    # The ZeRO-3 checkpoint was consolidated into whole tensors and moved by two steps.
+    # It starts where the first run ended: on held-out masks of its own (one worker deals
+    # and masks them unlike two), the trained level, not the untrained one (~ln(vocab)).
+    val, scratch_val = s["validation"], scratch_run["validation"]
+    assert val["initial_mlm_loss"] < scratch_val["initial_mlm_loss"] - 0.3
+    assert val["initial_masked_accuracy"] > scratch_val["initial_masked_accuracy"]
+    # The ZeRO-3 checkpoint was consolidated into whole tensors and moved by two steps of
+    # about lr each: nowhere near as far as a fresh init would be from the trained weights.
     before = AutoModelForMaskedLM.from_pretrained(folder)
     after = AutoModelForMaskedLM.from_pretrained(s["hf_text_model"])
     for name, p in after.named_parameters():
         assert p.shape == dict(before.named_parameters())[name].shape, name
-    assert not torch.equal(after.bert.embeddings.word_embeddings.weight,
-                           before.bert.embeddings.word_embeddings.weight)
+    moved = (after.bert.embeddings.word_embeddings.weight
+             - before.bert.embeddings.word_embeddings.weight).abs().max().item()
+    assert 0 < moved < 5 * 2 * cfg.train.lr, moved

@@ -182,13 +182,15 @@ def test_files_under_a_uri_are_listed_and_read_as_uris(tmp_path):
 
 
 def test_pretrain_reads_the_bucket_and_checkpoints_into_it(prepared, s3_endpoint, tiny_cfg, empty_cwd):
-    """2 steps of the tiny model, 2 workers: data.root and run.storage_path both in the bucket."""
+    """2 steps of the tiny model on Ray Train: data.root and run.storage_path both in the
+    bucket. One worker: the bucket is read and written the same way by each of several."""
     from melp_ray.pretraining.run import run
 
     uri, _, _ = prepared
     runs = s3_uri(s3_endpoint, "runs")
     cfg = tiny_cfg(runs, "from-s3", f"data.root={uri}", "data.limit=null", "train.max_steps=2",
-                   "train.log_every=1", "train.val_every=2", "train.checkpoint_every=2")
+                   "train.log_every=1", "train.val_every=2", "train.checkpoint_every=2",
+                   "train.num_workers=1")
     summary = run(cfg)
     assert summary["steps"] == 2 and np.isfinite(summary["losses"]["total"])
     checkpoint = summary["last_checkpoint"]
