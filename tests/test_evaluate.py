@@ -161,10 +161,28 @@ def test_zeroshot_on_prepared_shards_equals_the_wfdb_records(tiny_checkpoint, bu
 
 # ---------------------------------------------------------------- linear probe
 
-def test_linear_probe_beats_chance(tiny_checkpoint, bundled_ptbxl, tmp_path):
-    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "linear",
-                        "--task", "super", *LINEAR_FOLDS)
-    _assert_classification_files(tmp_path, results)
+LINEAR = ("--mode", "linear", "--task", "super", *LINEAR_FOLDS)
+RETRIEVAL = ("--mode", "retrieval", "--test-folds", str(TEST_FOLD))
+
+
+@pytest.fixture(scope="module")
+def linear_run(tiny_checkpoint, bundled_ptbxl, tmp_path_factory) -> tuple[Path, dict]:
+    """One real --mode linear run, checked here and as the own-pass side of the shared
+    embedding table test below."""
+    out = tmp_path_factory.mktemp("linear")
+    return out, _evaluate(tiny_checkpoint, bundled_ptbxl, out, *LINEAR)
+
+
+@pytest.fixture(scope="module")
+def retrieval_run(tiny_checkpoint, bundled_ptbxl, tmp_path_factory) -> tuple[Path, dict]:
+    """One real --mode retrieval run, shared like ``linear_run``."""
+    out = tmp_path_factory.mktemp("retrieval")
+    return out, _evaluate(tiny_checkpoint, bundled_ptbxl, out, *RETRIEVAL)
+
+
+def test_linear_probe_beats_chance(linear_run):
+    out, results = linear_run
+    _assert_classification_files(out, results)
     assert results["macro_auroc"] > 0.5
     assert results["settings"]["folds"] == {"train": [1, 2, 3, 4], "val": [5], "test": [6]}
     assert results["n_train"] == results["records"]["train"]["used"]  # fraction 1.0
@@ -202,11 +220,9 @@ def _brute_force_recall(ecg_emb, text_emb, reports, k: int) -> float:
     return float(np.mean(hits))
 
 
-def test_retrieval_recall_matches_brute_force_reference(tiny_checkpoint, bundled_ptbxl,
-                                                        direct_test_embeddings, tmp_path):
-    results = _evaluate(tiny_checkpoint, bundled_ptbxl, tmp_path, "--mode", "retrieval",
-                        "--test-folds", str(TEST_FOLD))
-    assert (tmp_path / "results.md").is_file()
+def test_retrieval_recall_matches_brute_force_reference(retrieval_run, direct_test_embeddings):
+    out, results = retrieval_run
+    assert (out / "results.md").is_file()
     refs = [r for r in direct_test_embeddings["refs"] if r.report.strip()]
     assert results["n_pairs"] == len(refs)
     keep = [i for i, r in enumerate(direct_test_embeddings["refs"]) if r.report.strip()]
@@ -362,9 +378,11 @@ def test_bad_option_combinations_fail_before_any_work(bundled_ptbxl, tmp_path, c
 # ---------------------------------------------------------------- one inference pass, many modes
 
 def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, bundled_ptbxl,
+                                                              linear_run, retrieval_run,
                                                               tmp_path):
     """An EmbeddingTable computed once (what bench/learning.py does for probe, zero-shot and
-    retrieval) gives every mode the results of its own inference pass."""
+    retrieval) gives every mode the results of its own inference pass (the module's real
+    linear and retrieval runs)."""
     import functools
 
     from melp_ray.eval.embeddings import EmbeddingTable, build_model
@@ -376,9 +394,7 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
             "--checkpoint", str(tiny_checkpoint), "--root", str(bundled_ptbxl), "--dataset",
             "ptb-xl", "--out", str(out), "--bootstrap", "50", "--actors", "0", *options])
 
-    linear = ("--mode", "linear", "--task", "super", *LINEAR_FOLDS)
-    retrieval = ("--mode", "retrieval", "--test-folds", str(TEST_FOLD))
-    plans = [build_plan(args_for(tmp_path / "plan" / m[1], *m)) for m in (linear, retrieval)]
+    plans = [build_plan(args_for(tmp_path / "plan" / m[1], *m)) for m in (LINEAR, RETRIEVAL)]
     records = [r for plan in plans for split in plan.splits.values() for r in split]
     outputs = {"ecg_feat": ("ecg_features", "ecg"), "ecg_emb": ("encode_ecg", "ecg"),
                "text_emb": ("encode_reports", "report")}
@@ -386,10 +402,12 @@ def test_modes_score_the_same_from_one_shared_embedding_table(tiny_checkpoint, b
     table = EmbeddingTable.compute(plans[0], records, outputs, model_fn, 64, 0)
     assert len(table.data["record_id"]) == len({r.record_id for r in records})
 
-    for options in (linear, retrieval):
-        own = run_mode(args_for(tmp_path / "own" / options[1], *options))
-        shared = run_mode(args_for(tmp_path / "shared" / options[1], *options), embed=table)
-        keys = ("macro_auroc", "per_class") if options is linear else \
+    # The point estimates and record counts do not depend on --bootstrap (200 in the runs).
+    for options, (_, own) in ((LINEAR, linear_run), (RETRIEVAL, retrieval_run)):
+        out = tmp_path / "shared" / options[1]
+        run_mode(args_for(out, *options), embed=table)
+        shared = json.loads((out / "results.json").read_text())   # as the runs' own file
+        keys = ("macro_auroc", "per_class") if options is LINEAR else \
             ("recall@1", "recall@5", "recall@10", "n_pairs")
         for key in keys:
             assert shared[key] == pytest.approx(own[key], abs=1e-6), (options[1], key)

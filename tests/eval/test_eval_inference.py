@@ -55,20 +55,21 @@ def test_extractor_rejects_missing_methods_and_binary_columns():
 
 
 def test_actor_pool_extracts_every_row_aligned_by_id(ray_local):
+    """One actor pool (each start costs seconds): every row back, aligned by id, with the
+    seeded model's output for its own input; --actors 0 gives the same rows and values."""
     import ray.data
 
     x = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
     ds = ray.data.from_items([{"record_id": f"{i:03d}", "x": x[i]} for i in range(40)])
-    out = extract_embeddings(ds, torch.nn.Identity, outputs={"emb": ("forward", "x")},
-                             batch_size=16, concurrency=1)
-    data = collect_columns(out, ["emb"], sort_by="record_id")
-    assert list(data["record_id"]) == [f"{i:03d}" for i in range(40)]
-    np.testing.assert_array_equal(data["emb"], x)
-    # --actors 0: the same rows and values with the model in this process.
-    here = embed_in_this_process(ds, seeded_linear, {"emb": ("forward", "x")}, ["emb"],
-                                 batch_size=16, sort_by="record_id")
     pool = collect_columns(extract_embeddings(ds, seeded_linear, outputs={"emb": ("forward", "x")},
                                               batch_size=16, concurrency=1),
                            ["emb"], sort_by="record_id")
-    assert list(here["record_id"]) == list(pool["record_id"]) == list(data["record_id"])
+    assert list(pool["record_id"]) == [f"{i:03d}" for i in range(40)]
+    with torch.inference_mode():
+        expected = seeded_linear()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(pool["emb"], expected, rtol=1e-5, atol=1e-6)
+    # --actors 0: the same rows and values with the model in this process.
+    here = embed_in_this_process(ds, seeded_linear, {"emb": ("forward", "x")}, ["emb"],
+                                 batch_size=16, sort_by="record_id")
+    assert list(here["record_id"]) == list(pool["record_id"])
     np.testing.assert_allclose(here["emb"], pool["emb"], rtol=1e-6)
