@@ -46,13 +46,13 @@ class MELP(nn.Module):
         # Shape [1], not a scalar: DeepSpeed cannot start with a 0-dim parameter.
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.logit_scale_init))
 
-    def compile_parts(self) -> None:
+    def compile_parts(self, **options) -> None:
         """``torch.compile`` the ECG encoder, both poolers and the multimodal decoder in place
-        (``train.compile``). Not the text tower's Hugging Face model, and not ``forward``
-        itself, whose sentence count is data-dependent. Numerics: eager's to float rounding
-        (tests/model/test_model_compile.py)."""
+        (``train.compile``; ``options`` go to ``nn.Module.compile``, e.g. ``backend``). Not the
+        text tower's Hugging Face model, and not ``forward`` itself, whose sentence count is
+        data-dependent. Numerics: eager's to float rounding (tests/model/test_model_compile.py)."""
         for part in (self.ecg_encoder, self.beat_pooler, self.caption_pooler, self.decoder):
-            part.compile()
+            part.compile(**options)
 
     @property
     def tokenizer(self):
