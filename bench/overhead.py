@@ -95,10 +95,11 @@ def start_engine(cfg, model, opt, sched):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    from melp_ray.train.deepspeed_config import deepspeed_config
+    from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op
     from melp_ray.train.session import single_process_group
 
     single_process_group()   # a no-op after an in-process "ours" (--smoke) made one
+    skip_cpu_shared_memory_op()   # as the recipe does on CPU: no op build, same engine
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                       config=deepspeed_config(cfg.train, cfg.deepspeed),
                                       dist_init_required=False)

@@ -166,7 +166,7 @@ def rank_main(rank: int, world: int, port: int, stage: str, precision: str, smok
     from melp_ray.config import TrainConfig
     from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP, count_parameters
-    from melp_ray.train.deepspeed_config import deepspeed_config
+    from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op
     from melp_ray.train.recipe import param_groups
 
     rss_before_model = rss_bytes()
@@ -178,6 +178,8 @@ def rank_main(rank: int, world: int, port: int, stage: str, precision: str, smok
     train = TrainConfig(num_workers=world, global_batch_size=BATCH * world, micro_batch_size=BATCH,
                         precision=precision, max_steps=10)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
+    if not torch.cuda.is_available():
+        skip_cpu_shared_memory_op()   # as training does on CPU: no op built or loaded
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(train, ds_config(stage)),
                                       dist_init_required=False)
