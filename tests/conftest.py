@@ -2,11 +2,8 @@
 real tiny pretraining runs and checkpoints that several test files use."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import sys
 import uuid
 from pathlib import Path
 from unittest import mock
@@ -21,17 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-# DeepSpeed JIT-compiles its CPU shared-memory op (deepspeed_shm_comm) into torch's extension
-# cache, by default one folder per user that every checkout and venv of the machine shares.
-# Its build file names the venv's paths, and a build left by /usr/bin's ninja 1.11 was redone by
-# the venv's ninja 1.13 (on PATH when the venv is activated), so a run from another venv, or
-# with the other ninja, made the next session here compile it again: about a minute inside
-# the session's first training run. One cache folder per Python environment and ninja keeps
-# each one's build.
-_EXTENSIONS_KEY = f"{sys.prefix}\n{shutil.which('ninja')}".encode()
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
-    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
-    / f"melp_ray-{hashlib.sha1(_EXTENSIONS_KEY).hexdigest()[:12]}"))
 # Ray Train's controller polls its workers every 2 s (Ray's default), so it noticed the end of
 # each of the session's tiny runs up to 2 s late. A poll that gets no answer in time is
 # waited on in the next one (a worker only counts as hung after 10 minutes), so polling every
