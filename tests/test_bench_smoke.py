@@ -54,13 +54,9 @@ def run_script(script: Path, *args: str, timeout: float = SMOKE_TIMEOUT_S,
     it after ``total`` s. ``ray_address``: the Ray instance it runs on (``RAY_ADDRESS``;
     "": a private one, never a cluster from the environment). Returns the process and its
     seconds."""
+    # The session instance's token: conftest puts RAY_AUTH_MODE and RAY_AUTH_TOKEN in the
+    # environment this inherits.
     env = {**os.environ, "RAY_ADDRESS": ray_address, "MELP_BENCH_TIMEOUT_S": f"{timeout:g}"}
-    if ray_address:
-        # A local instance that ray.init() starts uses token authentication (the token in
-        # ~/.ray/auth_token) unless RAY_AUTH_MODE says otherwise, and a driver given an
-        # explicit address uses it only when told so. ray.init() sets the variable in its
-        # own process, but conftest's patch.dict around it put the environment back.
-        env.setdefault("RAY_AUTH_MODE", "token")
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
