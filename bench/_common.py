@@ -200,13 +200,11 @@ def attach_ray(address: str) -> None:
     benchmark's modules from the driver's ``sys.path``, which Ray hands to its workers."""
     import ray
 
-    from melp_ray.utils.ray_connect import RayAddressError, probe
+    from melp_ray.utils.ray_connect import fail, probe
 
     problem = probe(address)
     if problem:
-        print(f"error: cannot reach the Ray cluster at {address} (from RAY_ADDRESS): {problem}",
-              file=sys.stderr, flush=True)
-        raise RayAddressError(problem)
+        fail(f"error: cannot reach the Ray cluster at {address} (from RAY_ADDRESS): {problem}")
     ray.init(address=address, configure_logging=False, log_to_driver=False)
     log(f"attached to the Ray cluster at {address} (RAY_ADDRESS): "
         f"{ray.cluster_resources().get('CPU', 0):g} CPUs; --num-cpus does not apply")
