@@ -6,9 +6,10 @@ import json
 import os
 import uuid
 from pathlib import Path
-from unittest import mock
 
 import pytest
+
+import ray_head   # tests/fixtures (pyproject's pythonpath)
 
 # Set before ray/deepspeed are imported anywhere in the test session.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -106,21 +107,29 @@ def group_tests_that_share_costly_fixtures(items) -> None:
             item.add_marker(pytest.mark.xdist_group(root(keys[0])))
 
 
+def pytest_configure(config):
+    # The first pytest process of a run (pytest-xdist's controller, or pytest with -n 0)
+    # owns the run's shared Ray head (tests/fixtures/ray_head.py); its workers inherit that.
+    config.owns_ray_head = ray_head.claim_run_dir()
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "owns_ray_head", False):
+        ray_head.stop_head()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance with 2 CPUs, shared by every test of the session."""
+    """The test run's one real Ray instance (4 CPUs: each of the two pytest-xdist processes
+    sizes its work for 2), shared by every test of every process that needs one. Its
+    processes keep the environment of the moment it started (the settings above, and the
+    S3 credentials only for them): no runtime_env, which costs each worker start ~1 s."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": a private instance, never a cluster some other process started.
-        # Its processes inherit the environment of this moment (the settings above, and the
-        # S3 credentials only for them): no runtime_env, which costs each worker start ~1 s.
-        from melp_ray.utils.ray_connect import init_local_ray
-
-        with mock.patch.dict(os.environ, S3_TEST_CREDENTIALS):
-            init_local_ray(num_cpus=2, include_dashboard=False, configure_logging=False)
+        ray.init(address=ray_head.head_address(S3_TEST_CREDENTIALS), configure_logging=False)
     yield ray
-    # Left running for the rest of the session; pytest exit tears it down.
+    # Attached, not owned: the run's owner stops the head at the end (pytest_unconfigure).
 
 
 @pytest.fixture(scope="session")

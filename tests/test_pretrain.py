@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from console_noise import assert_console_is_quiet   # tests/fixtures
 from melp_ray.config import PretrainConfig
 from melp_ray.utils.distributed import free_port
 
@@ -351,26 +352,17 @@ def test_same_global_batch_same_first_loss_with_1_and_2_workers(uneven_shards_ru
         assert first_single[key] == pytest.approx(first_pair[key], rel=1e-4), key
 
 
-def train_worker_processes():
-    """The Ray Train worker processes of *this* test session's Ray node (children of its raylet)."""
-    import psutil
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    return [p for p in psutil.Process(raylet).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
-
-
 def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
     # Wait until Ray has *registered* a checkpoint (a folder on disk may not be committed yet).
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    pid_file = run_dir / "worker_pids" / "rank1"     # written by the paused recipe
     deadline = time.time() + 600
-    while time.time() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
+    while time.time() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()
+                                          and pid_file.is_file()):
         time.sleep(0.2)
-    for worker in train_worker_processes():
-        worker.send_signal(signal.SIGKILL)
-        killed.append(worker.pid)
-        return
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
 
 
 def _pause_after_first_checkpoint_recipe():
@@ -378,11 +370,16 @@ def _pause_after_first_checkpoint_recipe():
     (until the test kills a worker, at most 5 minutes): the crash then always lands between
     the checkpoint and the end of the run, however fast or slow the machine is."""
     from melp_ray.pretraining.recipe import PretrainRecipe
+    from melp_ray.train.metrics import run_dir
 
     class PauseAfterFirstCheckpoint(PretrainRecipe):
         def setup(self):
             super().setup()
             self.first_attempt = getattr(self, "resumed_from_step", None) is None
+            if self.first_attempt:   # which process the test kills (the test run's Ray is shared)
+                pids = Path(run_dir(self.cfg)) / "worker_pids"
+                pids.mkdir(parents=True, exist_ok=True)
+                (pids / f"rank{self.rank}").write_text(str(os.getpid()))
 
         def after_optimizer_step(self, window, stop_at):
             super().after_optimizer_step(window, stop_at)
@@ -419,7 +416,8 @@ def test_killed_worker_is_survived_and_the_run_ends_exactly_as_uninterrupted(
 
 @pytest.mark.slow
 def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
-    """`ray start --head` + `ray job submit -- python -m melp_ray.pretrain` writes summary.json."""
+    """`ray start --head` + `ray job submit -- python -m melp_ray.pretrain` writes summary.json,
+    and the console it streams says only what matters (``console_noise``)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     bin_dir = Path(sys.executable).parent
@@ -439,7 +437,7 @@ def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
         storage = tmp_path / "runs"
         submit = [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir",
                   ".", "--", "python", "-m", "melp_ray.pretrain", *fast_overrides, "train.max_steps=2",
-                  "train.checkpoint_every=2", "train.val_every=2", "train.num_workers=1",
+                  "train.checkpoint_every=2", "train.val_every=2", "train.log_every=1", "train.num_workers=1",
                   f"run.storage_path={storage}", "run.name=job"]
         for _ in range(30):   # the head's job agent can come up a little after its dashboard
             job = subprocess.run(submit, env=env, cwd=REPO, capture_output=True, text=True,
@@ -451,6 +449,11 @@ def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
         summary = json.loads((storage / "job" / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["world_size"] == 1   # one worker: the submission is under test
         assert "succeeded" in job.stdout.lower()
+        # The job's console (the driver's and its workers' lines, as `ray job submit` streams
+        # them): progress once per step, the end table, none of the libraries' chatter.
+        lines = job.stdout.splitlines()
+        assert sum("[melp_ray] step 1 " in line for line in lines) == 1, job.stdout[-6000:]
+        assert_console_is_quiet(lines)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)

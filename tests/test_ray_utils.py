@@ -247,22 +247,36 @@ def pretrain_env(ray_tmpdir: Path, **extra: str) -> dict:
     return env
 
 
-def run_timed(cmd: list[str], env: dict, timeout: float) -> tuple[int, list[tuple[float, str]]]:
+def run_timed(cmd: list[str], env: dict, timeout: float, until: str | None = None
+              ) -> tuple[int | None, list[tuple[float, str]]]:
     """Run ``cmd``; return its exit code and its output lines (stdout and stderr merged), each
-    with the seconds since start at which it appeared."""
+    with the seconds since start at which it appeared. With ``until``: stopped (its whole
+    process group, exit code None) once a line holds that text."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[tuple[float, str]] = []
-    reader = threading.Thread(target=lambda: lines.extend(
-        (time.monotonic() - start, line.rstrip("\n")) for line in proc.stdout), daemon=True)
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+            if until is not None and until in line:
+                seen.set()
+        seen.set()   # end of output
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    seen.wait(timeout=timeout)
+    code = None
+    if until is None or not first(lines, until):
+        try:
+            code = proc.wait(timeout=max(timeout - (time.monotonic() - start), 1))
+        except subprocess.TimeoutExpired:
+            pass
+    if code is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        code = None
     reader.join(timeout=10)
     return code, lines
 
@@ -271,50 +285,28 @@ def first(lines: list[tuple[float, str]], text: str) -> tuple[float, str] | None
     return next(((t, line) for t, line in lines if text in line), None)
 
 
-# What a run used to print besides its own lines (issue: "a console that says only what
-# matters"): Ray Train's per-report and worker-group lines, Ray Data's per-dataset lines and
-# progress-bar notice, the false "no available CPUs" warning, the PreemptionWatcher error,
-# transformers' bars and resize notice, DeepSpeed's op-build prints, the JSON summary dump.
-LIBRARY_NOISE = ("Reporting training result", "execution finished in", "Starting execution of Dataset",
-                 "Execution plan of Dataset", "does not have any available CPUs",
-                 "Progress bars disabled", "Loading weights", "multivariate normal distribution",
-                 "built successfully", "PreemptionWatcher", "Checkpoint successfully created",
-                 "Setting up process group", "[melp_ray] summary:")
-
-
-def assert_console_is_quiet(lines: list[str]) -> None:
-    noisy = [line for line in lines if any(noise in line for noise in LIBRARY_NOISE)]
-    assert not noisy, "\n".join(noisy[:20])
-    table = lines[lines.index(next(x for x in lines if x.startswith("[melp_ray] finished:"))):]
-    assert any(x.strip().startswith("final loss") for x in table)
-    assert any("R@10" in x and "chance" in x for x in table)
-    assert any(x.strip().startswith("checkpoint") for x in table)
-
-
 @pytest.mark.slow
 def test_pretrain_trains_locally_past_a_stale_address_file(tmp_path, ray_tmpdir):
-    """The head named in Ray's address file is gone: a warning within seconds, then a normal
-    run on a private local instance (before this fix: 7+ minutes of GCS retries), whose
-    console holds the banner, progress, validation and the end table, with none of the
-    libraries' chatter (``LIBRARY_NOISE``)."""
+    """The head named in Ray's address file is gone: a warning within seconds, then the run
+    goes on on a private local instance (before this fix: 7+ minutes of GCS retries) and
+    builds its datasets there; stopped at that point, as the rest is any run's (the console
+    of a whole CLI run: ``test_ray_job_submit_against_a_running_head``)."""
     address = f"127.0.0.1:{dead_port()}"
     stale = ray_tmpdir / "ray" / "ray_current_cluster"
     stale.parent.mkdir(parents=True)
     stale.write_text(address)
     code, lines = run_timed(
         [sys.executable, "-m", "melp_ray.pretrain", *PRETRAIN, f"run.storage_path={tmp_path}",
-         "run.name=stale", "train.num_workers=1"], pretrain_env(ray_tmpdir), timeout=600)
+         "run.name=stale", "train.num_workers=1"], pretrain_env(ray_tmpdir), timeout=600,
+        until="[melp_ray] data:")
     output = "\n".join(f"{t:6.1f} {line}" for t, line in lines)
-    assert code == 0, output[-6000:]
+    assert code is None, output[-6000:]          # still running, stopped by the test
     warned = first(lines, "[melp_ray] warning")
     assert warned and address in warned[1] and str(stale) in warned[1] and "local" in warned[1]
-    stepped = first(lines, "[melp_ray] step 1 ")
-    assert stepped and first(lines, "[melp_ray] finished: 2 steps"), output[-6000:]
-    assert_console_is_quiet([line for _, line in lines])
-    # Each progress line reaches the console once (Ray Train's print patch used to double it).
-    assert sum("[melp_ray] step 1 " in line for _, line in lines) == 1, output[-6000:]
-    print(f"stale address file: warned after {warned[0]:.1f} s, first step after "
-          f"{stepped[0]:.1f} s, done after {lines[-1][0]:.1f} s")
+    counted = first(lines, "[melp_ray] data:")
+    assert counted and "train" in counted[1] and "val" in counted[1], output[-6000:]
+    assert counted[0] > warned[0]
+    print(f"stale address file: warned after {warned[0]:.1f} s, datasets after {counted[0]:.1f} s")
     # Imports, the probe and the warning: seconds (a dead head used to cost 7+ minutes of
     # GCS retries). How long the run itself takes is for the benchmarks, not this test.
     assert warned[0] < 60, output[-6000:]
