@@ -1,34 +1,15 @@
 """Driver side: turn a recipe + datasets into a Ray Train run, then write summary.json."""
 from __future__ import annotations
 
-import os
 import time
-import warnings
 from typing import Any
 
 from melp_ray.utils import storage
-from melp_ray.utils.console import configure_libraries, ray_train_logging
+from melp_ray.utils.console import ray_train_logging
 from melp_ray.train.curves import write_run_curves
 from melp_ray.train.metrics import log_wandb_summary, run_dir
-from melp_ray.train.session import run_locally, single_process_group
-
-
-def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
-    """What every Ray Train worker runs."""
-    cfg = config["cfg"]
-    # DeepSpeed 0.19's ZeRO all-gathers call this torch API, deprecated in torch 2.13: a
-    # warning on every step that no user of ours can act on.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
-                            category=FutureWarning)
-    if not cfg.train.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
-    configure_libraries(cfg.run.verbose)
-    recipe = config["recipe_cls"](cfg)
-    recipe.setup()
-    try:
-        return recipe.train()
-    finally:
-        recipe.cleanup()
+# worker_entry lives with the sessions: what a worker unpickles imports no plotting library.
+from melp_ray.train.session import run_locally, single_process_group, worker_entry
 
 
 def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | None = None):

@@ -15,13 +15,34 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from melp_ray.utils.console import configure_libraries
 from melp_ray.utils.distributed import free_port, world
+
+
+def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
+    """What every Ray Train worker runs."""
+    cfg = config["cfg"]
+    # DeepSpeed 0.19's ZeRO all-gathers call this torch API, deprecated in torch 2.13: a
+    # warning on every step that no user of ours can act on.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # before deepspeed is imported
+    configure_libraries(cfg.run.verbose)
+    recipe = config["recipe_cls"](cfg)
+    recipe.setup()
+    try:
+        return recipe.train()
+    finally:
+        recipe.cleanup()
+
 
 
 class RayTrainSession:
