@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from weights_fixture import assert_same_weights   # tests/fixtures
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "fixtures" / "multinode_script.py"
 TIMEOUT_S = 600
@@ -25,13 +27,15 @@ STEPS = 6                       # the run's train.max_steps (multinode_script.ST
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory) -> tuple[dict, Path]:
-    """The scenario, run once: (result.json, the work folder)."""
+def scenario(tmp_path_factory, fast_overrides) -> tuple[dict, Path]:
+    """The scenario, run once: (result.json, the work folder). Its run is the tiny config
+    with the overrides of conftest's uninterrupted ZeRO-2 reference (``tiny_runs``)."""
     work = tmp_path_factory.mktemp("multinode")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(work)], cwd=REPO, env=env,
+    run = [*fast_overrides, "deepspeed.zero_stage=2"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(work), *run], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return json.loads((work / "result.json").read_text()), work
@@ -78,10 +82,11 @@ def test_training_workers_run_on_distinct_nodes_into_shared_storage(scenario):
 
 
 @pytest.mark.slow
-def test_run_survives_losing_a_whole_node(scenario):
+def test_run_survives_losing_a_whole_node(scenario, tiny_runs):
     """A worker node is killed (raylet, object store, the training worker on it) once the
     first checkpoint is registered; with a spare node and ``run.max_failures=1`` the run
-    restarts from its last checkpoint on the surviving nodes and finishes, losing nothing."""
+    restarts from its last checkpoint on the surviving nodes and finishes, losing nothing:
+    its weights are those of the same run never interrupted (conftest's ``tiny_runs``)."""
     result, work = scenario
     removed, summary = result["removed"], result["summary"]
     assert "error" not in removed and "done" in removed, removed
@@ -108,3 +113,4 @@ def test_run_survives_losing_a_whole_node(scenario):
     assert [m["step"] for m in before][:restored_step] == list(range(1, restored_step + 1))
     assert [m["step"] for m in after] == list(range(restored_step + 1, STEPS + 1))
     assert [m["samples_seen"] for m in after] == [8 * s for s in range(restored_step + 1, STEPS + 1)]
+    assert_same_weights(summary["last_checkpoint"], tiny_runs["zero2"][0]["last_checkpoint"])

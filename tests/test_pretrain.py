@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import pytest
 import torch
 
 from console_noise import assert_console_is_quiet   # tests/fixtures
+from weights_fixture import assert_same_weights
 from melp_ray.config import PretrainConfig
+from melp_ray.hub.checkpoint import consolidated_state_dict
 from melp_ray.utils.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +32,6 @@ def metrics_of(summary: dict) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def consolidated(checkpoint: str) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="deepspeed")
-
-
 def run(cfg: PretrainConfig, **kwargs) -> dict:
     from melp_ray.pretraining.run import run as pretrain_run
 
@@ -47,13 +42,6 @@ def run_in_process(cfg: PretrainConfig, **kwargs) -> dict:
     """The recipe with one worker in this process (``fit_in_process``): same data pipeline,
     DeepSpeed engine and checkpoints as a Ray Train worker, without starting one."""
     return run(cfg, in_process=True, **kwargs)
-
-
-def assert_same_weights(checkpoint: str, reference: str) -> None:
-    got, expected = consolidated(checkpoint), consolidated(reference)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +112,7 @@ def assert_trained(summary: dict, stage: int, world_size: int = 2) -> None:
     checkpoint = local(summary["last_checkpoint"])
     assert (checkpoint / "trainer_state.json").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 6
-    state = consolidated(str(checkpoint))   # fp32 weights from any stage
+    state = consolidated_state_dict(str(checkpoint))   # fp32 weights from any stage
     assert "logit_scale" in state and all(torch.isfinite(v).all() for v in state.values())
 
 
@@ -146,7 +134,7 @@ def test_zero3_trains_and_checkpoints_to_uri_storage(tiny_runs):
 def test_zero1_trains_and_resumes_exactly(ray_local, tiny_cfg, tmp_path):
     """ZeRO-1 trains and checkpoints; stopped at step 3 and resumed to 6 == the uninterrupted
     6-step run (one worker, in process; ZeRO-2 across Ray Train restarts and two workers:
-    ``test_killed_worker_...``).
+    ``tests/test_multinode.py``, a whole node lost mid-run).
 
     With gradient accumulation (2 micro-batches of 4 a step) and its default cached rhythm
     loss over the whole batch of 8 (#35). The interrupted run reads materialized datasets
@@ -350,66 +338,6 @@ def test_same_global_batch_same_first_loss_with_1_and_2_workers(uneven_shards_ru
     assert first_single["step"] == first_pair["step"] == 1
     for key in ("loss/rhythm", "loss/token"):
         assert first_single[key] == pytest.approx(first_pair[key], rel=1e-4), key
-
-
-def kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list) -> None:
-    # Wait until Ray has *registered* a checkpoint (a folder on disk may not be committed yet).
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    pid_file = run_dir / "worker_pids" / "rank1"     # written by the paused recipe
-    deadline = time.time() + 600
-    while time.time() < deadline and not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()
-                                          and pid_file.is_file()):
-        time.sleep(0.2)
-    pid = int(pid_file.read_text())
-    os.kill(pid, signal.SIGKILL)
-    killed.append(pid)
-
-
-def _pause_after_first_checkpoint_recipe():
-    """PretrainRecipe that, on its first attempt only, waits after the step-3 checkpoint
-    (until the test kills a worker, at most 5 minutes): the crash then always lands between
-    the checkpoint and the end of the run, however fast or slow the machine is."""
-    from melp_ray.pretraining.recipe import PretrainRecipe
-    from melp_ray.train.metrics import run_dir
-
-    class PauseAfterFirstCheckpoint(PretrainRecipe):
-        def setup(self):
-            super().setup()
-            self.first_attempt = getattr(self, "resumed_from_step", None) is None
-            if self.first_attempt:   # which process the test kills (the test run's Ray is shared)
-                pids = Path(run_dir(self.cfg)) / "worker_pids"
-                pids.mkdir(parents=True, exist_ok=True)
-                (pids / f"rank{self.rank}").write_text(str(os.getpid()))
-
-        def after_optimizer_step(self, window, stop_at):
-            super().after_optimizer_step(window, stop_at)
-            if self.first_attempt and self.state.step == self.cfg.train.checkpoint_every:
-                time.sleep(300)
-
-    return PauseAfterFirstCheckpoint
-
-
-def test_killed_worker_is_survived_and_the_run_ends_exactly_as_uninterrupted(
-        ray_local, tiny_cfg, tmp_path, zero2_run):
-    """A worker killed after the step-3 checkpoint: Ray Train restarts the group from that
-    checkpoint (``run.max_failures``), the run ends at step 6 with exactly the weights of the
-    uninterrupted two-worker run, and steps 4-6 were trained once."""
-    cfg = tiny_cfg(tmp_path, "faulty", "run.max_failures=1", "deepspeed.zero_stage=2")
-    killed: list[int] = []
-    killer = threading.Thread(target=kill_one_worker_after_first_checkpoint,
-                              args=(tmp_path / "faulty", killed), daemon=True)
-    killer.start()
-    summary = run(cfg, recipe_cls=_pause_after_first_checkpoint_recipe())
-    killer.join(timeout=5)
-    assert killed, "no worker was killed"
-    assert summary["steps"] == 6
-    logged = metrics_of(summary)
-    assert [m["step"] for m in logged] == [2, 3, 4, 6]
-    assert [m.get("resumed_from_step") for m in logged] == [None, None, 3, None]
-    assert_same_weights(summary["last_checkpoint"], zero2_run["last_checkpoint"])
-    import psutil
-
-    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == "zombie"
 
 
 # ---------------------------------------------------------------- ray job submit
