@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from melp_ray.model.losses import (MELPLoss, beat_loss, compute_losses, gather_with_grad,
                              rhythm_loss, token_loss)
 
-WORKER = Path(__file__).with_name("model_ddp_rhythm_worker.py")
-TOKEN_WORKER = Path(__file__).with_name("model_ddp_token_worker.py")
+WORKER = Path(__file__).with_name("model_ddp_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -60,9 +59,9 @@ def test_same_report_positives_match_soft_target_formula():
                                rhythm_loss(ecg, text, scale, keys))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("repeats", [False, True], ids=["plain", "same_report_positives"])
-def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
+def rhythm_case(repeats: bool) -> tuple[dict, dict]:
+    """A tiny two-tower batch of 8 for the 2-rank run, and its one-process reference: the
+    full-batch loss and gradients (parameters and inputs)."""
     torch.manual_seed(0)
     batch, d_in, d_emb = 8, 5, 6
     # float64: the all-reduce sums in another order than the single process does; in float32
@@ -71,7 +70,7 @@ def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
     ecg_proj = torch.nn.Linear(d_in, d_emb, dtype=dtype)
     text_proj = torch.nn.Linear(d_in, d_emb, dtype=dtype)
     logit_scale = torch.nn.Parameter(torch.full((1,), math.log(1 / 0.07), dtype=dtype))
-    case = {"ecg_in": torch.randn(batch, d_in, dtype=dtype),
+    case = {"kind": "rhythm", "ecg_in": torch.randn(batch, d_in, dtype=dtype),
             "text_in": torch.randn(batch, d_in, dtype=dtype),
             "ecg_weight": ecg_proj.weight.detach().clone(), "ecg_bias": ecg_proj.bias.detach().clone(),
             "text_weight": text_proj.weight.detach().clone(),
@@ -81,61 +80,78 @@ def test_rhythm_loss_two_gloo_processes_equal_full_batch(tmp_path, repeats):
     keys = torch.tensor([[1], [2], [3], [3], [4], [1], [1], [5]]) if repeats else None
     if repeats:
         case["report_keys"] = keys
-    torch.save(case, tmp_path / "case.pt")
 
-    # Reference: one process, the whole batch.
     ecg_in = case["ecg_in"].clone().requires_grad_(True)
     text_in = case["text_in"].clone().requires_grad_(True)
     full_loss = rhythm_loss(F.normalize(ecg_proj(ecg_in), dim=-1),
                             F.normalize(text_proj(text_in), dim=-1), logit_scale.exp(), keys)
     full_loss.backward()
-    full_grads = {"ecg_weight": ecg_proj.weight.grad, "ecg_bias": ecg_proj.bias.grad,
-                  "text_weight": text_proj.weight.grad, "text_bias": text_proj.bias.grad,
-                  "logit_scale": logit_scale.grad}
+    full = {"loss": full_loss.detach(), "ecg_in_grad": ecg_in.grad, "text_in_grad": text_in.grad,
+            "grads": {"ecg_weight": ecg_proj.weight.grad, "ecg_bias": ecg_proj.bias.grad,
+                      "text_weight": text_proj.weight.grad, "text_bias": text_proj.bias.grad,
+                      "logit_scale": logit_scale.grad}}
+    return case, full
 
-    done = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "case.pt"), str(tmp_path)],
+
+def token_case() -> tuple[dict, dict]:
+    """Unequal padding per rank (rank 0 holds 2 + 7 real tokens, rank 1 holds 4 + 6), and
+    the one-process reference: the per-token mean of the whole batch and its gradient."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 7, 11)
+    labels = torch.randint(0, 11, (4, 7))
+    labels[0, 2:] = -100
+    labels[2, 4:] = -100
+    labels[3, 6:] = -100
+    full = logits.clone().requires_grad_(True)
+    full_loss = token_loss(full, labels)
+    full_loss.backward()
+    return {"kind": "token", "logits": logits, "labels": labels}, {"loss": full_loss.detach(),
+                                                                     "grad": full.grad}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, tuple[dict, list[dict]]]:
+    """Every case through one spawn of 2 gloo ranks: {case: (reference, [rank 0, rank 1])}."""
+    folder = tmp_path_factory.mktemp("ddp")
+    cases = {"plain": rhythm_case(False), "same_report_positives": rhythm_case(True),
+             "token": token_case()}
+    for name, (case, _) in cases.items():
+        torch.save(case, folder / f"{name}.pt")
+    done = subprocess.run([sys.executable, str(WORKER), *(str(folder / f"{n}.pt") for n in cases)],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return {name: (full, [torch.load(folder / f"{name}.rank{r}.pt") for r in range(2)])
+            for name, (_, full) in cases.items()}
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["plain", "same_report_positives"])
+def test_rhythm_loss_two_gloo_processes_equal_full_batch(two_ranks, case):
+    full, ranks = two_ranks[case]
     # Loss: the mean of the per-rank losses is the full-batch loss.
     mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
-    torch.testing.assert_close(mean_loss, full_loss.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mean_loss, full["loss"], rtol=1e-10, atol=1e-10)
     # The two halves really differ (each rank scores different rows).
     assert abs(ranks[0]["loss"].item() - ranks[1]["loss"].item()) > 1e-4
     # Parameter gradients after DDP averaging equal the full-batch gradients, on every rank.
     for rank in ranks:
-        for name, grad in full_grads.items():
+        for name, grad in full["grads"].items():
             torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-10, atol=1e-12)
     # Input gradients: each rank holds world_size x d(full loss)/d(its rows); the
     # 1/world_size of the parameter averaging is what turns them into the full gradient.
     for rank in ranks:
         rows = slice(*rank["rows"])
-        torch.testing.assert_close(rank["ecg_in_grad"] / 2, ecg_in.grad[rows], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(rank["text_in_grad"] / 2, text_in.grad[rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["ecg_in_grad"] / 2, full["ecg_in_grad"][rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["text_in_grad"] / 2, full["text_in_grad"][rows], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.slow
-def test_token_loss_two_gloo_processes_equal_full_batch(tmp_path):
+def test_token_loss_two_gloo_processes_equal_full_batch(two_ranks):
     """Unequal padding per rank: the loss is still the per-token mean of the whole batch."""
-    torch.manual_seed(0)
-    logits = torch.randn(4, 7, 11)
-    labels = torch.randint(0, 11, (4, 7))
-    labels[0, 2:] = -100        # rank 0 holds 2 + 7 real tokens, rank 1 holds 4 + 6
-    labels[2, 4:] = -100
-    labels[3, 6:] = -100
-    torch.save({"logits": logits, "labels": labels}, tmp_path / "case.pt")
-    full = logits.clone().requires_grad_(True)
-    full_loss = token_loss(full, labels)
-    full_loss.backward()
-
-    done = subprocess.run([sys.executable, str(TOKEN_WORKER), str(tmp_path / "case.pt"),
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"token_rank{r}.pt") for r in range(2)]
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, full_loss.detach())
+    full, ranks = two_ranks["token"]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, full["loss"])
     for rank in ranks:   # after the 1/W gradient averaging: the full-batch gradient
-        torch.testing.assert_close(rank["grad"] / 2, full.grad[slice(*rank["rows"])])
+        torch.testing.assert_close(rank["grad"] / 2, full["grad"][slice(*rank["rows"])])
 
 
 # ---------------------------------------------------------------- beat (local) loss
