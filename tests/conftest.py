@@ -120,8 +120,8 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """The test run's one real Ray instance (4 CPUs: each of the two pytest-xdist processes
-    sizes its work for 2), shared by every test of every process that needs one. Its
+    """The test run's one real Ray instance (2 CPUs per pytest-xdist process: what each
+    sizes its work for), shared by every test of every process that needs one. Its
     processes keep the environment of the moment it started (the settings above, and the
     S3 credentials only for them): no runtime_env, which costs each worker start ~1 s."""
     import ray
