@@ -201,7 +201,8 @@ def test_pretrain_reads_the_bucket_and_checkpoints_into_it(prepared, s3_endpoint
     assert checkpoint.endswith("&scheme=http")
     fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
     folders = sorted(info.base_name for info in fs.get_file_info(
-        pafs.FileSelector(f"{BUCKET}/runs/from-s3")) if info.base_name.startswith("checkpoint_"))
+        pafs.FileSelector(f"{BUCKET}/runs/from-s3")) if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("checkpoint_"))
     assert folders == ["checkpoint_step_000001", "checkpoint_step_000002"]
     for step, name in enumerate(folders, start=1):
         folder = s3_uri(s3_endpoint, f"runs/from-s3/{name}")
