@@ -12,8 +12,8 @@ Train (the ``tiny`` config on the bundled PTB-XL records, ``train.log_every=1``)
 every ``--every`` steps. A recipe subclass times, on each rank's training thread, every
 ``save_checkpoint`` call, split into DeepSpeed's write of the local folder and the report to
 Ray Train (sync: the upload to the bucket and the hand-over; async: the hand-over only), the
-metrics-only reports of the other steps, and the preemption-notice query asked every step
-(``train.checkpoint_on_preemption``), and writes them beside the run. The moto server runs in
+metrics-only reports of the other steps, and the preemption-notice query asked at every log
+step (``train.checkpoint_on_preemption``), and writes them beside the run. The moto server runs in
 this process and shares the machine's CPUs with the workers, as a remote S3 would not.
 """
 from __future__ import annotations
@@ -102,12 +102,12 @@ def checkpoint_mib(endpoint: str, run_key: str) -> float:
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http")
-    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{run_key}", recursive=True))
+    prefix = f"{BUCKET}/{run_key}/"
     by_folder: dict[str, int] = {}
-    for info in infos:
-        parts = info.path.split("/")
-        if info.type == pafs.FileType.File and parts[2].startswith("checkpoint_step_"):
-            by_folder[parts[2]] = by_folder.get(parts[2], 0) + info.size
+    for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True)):
+        folder = info.path.removeprefix(prefix).split("/")[0]
+        if info.type == pafs.FileType.File and folder.startswith("checkpoint_step_"):
+            by_folder[folder] = by_folder.get(folder, 0) + info.size
     return by_folder[max(by_folder)] / 2**20 if by_folder else float("nan")
 
 

@@ -94,8 +94,8 @@ class TrainConfig:
     # for the copy. A restart resumes from the newest checkpoint whose copy has completed.
     checkpoint_upload: str = "async"
     # On Ray Train's notice that a node of the run is about to be reclaimed (a spot instance;
-    # ray.train.get_preemption_info, asked every step), checkpoint at once, then keep training
-    # until Ray restarts the run from that checkpoint.
+    # ray.train.get_preemption_info, asked every log_every steps), checkpoint at once, then
+    # keep training until Ray restarts the run from that checkpoint.
     checkpoint_on_preemption: bool = True
     # Model selection, as the reference does it: rank checkpoints by a validation metric
     # (every checkpoint is then validated), e.g. val/zeroshot_auroc. None: keep the newest.

@@ -242,7 +242,10 @@ class DeepSpeedRecipe:
         t = self.cfg.train
         step = self.state.step
         last = step >= stop_at
-        want_ckpt = step % t.checkpoint_every == 0 or last or self.preemption_checkpoint_due()
+        # Ray is asked for a preemption notice at log steps only: a round trip to its
+        # synchronization actor (bench/checkpoint_upload.py), like the report made there.
+        preempted = step % t.log_every == 0 and self.preemption_checkpoint_due()
+        want_ckpt = step % t.checkpoint_every == 0 or last or preempted
         want_val = ((t.val_every and step % t.val_every == 0) or step == t.max_steps
                     or (want_ckpt and t.checkpoint_metric is not None))  # each checkpoint is scored
         want_log = step % t.log_every == 0 or want_ckpt or want_val
@@ -271,9 +274,10 @@ class DeepSpeedRecipe:
         window.reset()
 
     def preemption_checkpoint_due(self) -> bool:
-        """``train.checkpoint_on_preemption``: True at the first step after Ray Train's notice
-        that a node of this run is being reclaimed (the checkpoint then leaves before the node
-        does; Ray restarts the run from it). Asked every step on every rank (a collective)."""
+        """``train.checkpoint_on_preemption``: True at the first log step after Ray Train's
+        notice that a node of this run is being reclaimed (the checkpoint then leaves before
+        the node does; Ray restarts the run from it). A collective: every rank asks at the
+        same steps."""
         if not self.cfg.train.checkpoint_on_preemption or self.preemption_checkpointed:
             return False
         notice = self.preemption_notice()
