@@ -111,11 +111,11 @@ def checkpoint_mib(endpoint: str, run_key: str) -> float:
     return by_folder[max(by_folder)] / 2**20 if by_folder else float("nan")
 
 
-def run_mode(mode: str, args, endpoint: str, tmp: Path) -> dict:
+def run_mode(mode: str, index: int, args, endpoint: str, tmp: Path) -> dict:
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.pretraining.run import run
 
-    name = f"upload-{mode}"
+    name = f"upload-{index}-{mode}"      # a run of its own (the same name would resume)
     storage_path = f"s3://{BUCKET}/runs?endpoint_override={endpoint}&scheme=http"
     cfg = load_config(PretrainConfig, "tiny", [
         "data.limit=96", "data.val_fraction=0.2", "train.global_batch_size=8",
@@ -123,7 +123,7 @@ def run_mode(mode: str, args, endpoint: str, tmp: Path) -> dict:
         "train.val_batches=1", f"train.checkpoint_every={args.every}", "train.keep_checkpoints=2",
         f"train.checkpoint_upload={mode}", "run.max_failures=0",
         f"run.storage_path={storage_path}", f"run.name={name}"])
-    out = tmp / mode
+    out = tmp / name
     out.mkdir()
     start = time.perf_counter()
     summary = run(cfg, recipe_cls=timed_recipe(str(out)))
@@ -163,20 +163,20 @@ def main(argv=None) -> int:
     ray = C.start_ray(args.num_cpus)
     if args.smoke:
         C.smoke_data_limit()
-    modes = {}
+    runs = []
     with tempfile.TemporaryDirectory(prefix="melp-bench-upload-") as tmp:
-        for mode in args.modes.split(","):
+        for index, mode in enumerate(args.modes.split(",")):   # e.g. sync,async,sync,async
             C.log(f"train.checkpoint_upload={mode}: {args.steps} steps, a checkpoint every {args.every}")
-            modes[mode] = run_mode(mode, args, endpoint, Path(tmp))
+            runs.append(run_mode(mode, index, args, endpoint, Path(tmp)))
     ray.shutdown()
     server.stop()
     ms = 1000
     rows = [[m["mode"], m["checkpoints"], m["checkpoint_mib"], m["mean_write_s"] * ms,
              m["mean_report_s"] * ms, m["mean_stall_s"] * ms,
              (m["mean_metric_report_s"] or 0) * ms, (m["mean_preemption_query_s"] or 0) * ms,
-             m["train_wall_s"]] for m in modes.values()]
+             m["train_wall_s"]] for m in runs]
     result = {"machine": info, "model": "tiny", "workers": 2, "zero_stage": 2,
-              "steps": args.steps, "checkpoint_every": args.every, "modes": modes}
+              "steps": args.steps, "checkpoint_every": args.every, "runs": runs}
     text = C.table(["checkpoint_upload", "checkpoints", "MiB each", "write ms", "report ms",
                     "step stall ms", "metrics report ms", "preemption query ms", "run wall s"], rows)
     C.finish("checkpoint_upload", args, result, text + "\n")
