@@ -89,6 +89,14 @@ class TrainConfig:
     val_batches: int = 8             # per worker
     checkpoint_every: int = 20
     keep_checkpoints: int = 2        # with checkpoint_metric: the best N, plus the newest
+    # async: Ray Train copies each checkpoint to run.storage_path in a background thread while
+    # training goes on (ray.train.report(checkpoint_upload_mode=ASYNC)); sync: the step waits
+    # for the copy. A restart resumes from the newest checkpoint whose copy has completed.
+    checkpoint_upload: str = "async"
+    # On Ray Train's notice that a node of the run is about to be reclaimed (a spot instance;
+    # ray.train.get_preemption_info, asked every log_every steps), checkpoint at once, then
+    # keep training until Ray restarts the run from that checkpoint.
+    checkpoint_on_preemption: bool = True
     # Model selection, as the reference does it: rank checkpoints by a validation metric
     # (every checkpoint is then validated), e.g. val/zeroshot_auroc. None: keep the newest.
     checkpoint_metric: str | None = None
@@ -315,6 +323,8 @@ def train_problems(t: TrainConfig) -> list[str]:
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, name) < 1:
             problems.append(f"train.{name} must be >= 1")
+    if t.checkpoint_upload not in ("async", "sync"):
+        problems.append(f"train.checkpoint_upload must be async or sync, got {t.checkpoint_upload!r}")
     return problems + model_selection_problems(t)
 
 

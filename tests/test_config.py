@@ -36,6 +36,8 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ("train.precision=bf16", "needs train.use_gpu=true"),
     ("train.checkpoint_metric=zeroshot_auroc", "must name a validation metric"),
     ("train.checkpoint_mode=best", "checkpoint_mode must be max or min"),
+    ("train.checkpoint_upload=later", "checkpoint_upload must be async or sync"),
+    ("train.checkpoint_on_preemption=maybe", "expected bool"),
     ("train.early_stop_patience=3", "needs train.checkpoint_metric"),
     ("train.early_stop_patience=-1", "early_stop_patience must be >= 0"),
     ("deepspeed.offload_param=true", "offload_param needs deepspeed.zero_stage=3"),

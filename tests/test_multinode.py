@@ -114,3 +114,7 @@ def test_run_survives_losing_a_whole_node(scenario, tiny_runs):
     assert [m["step"] for m in after] == list(range(restored_step + 1, STEPS + 1))
     assert [m["samples_seen"] for m in after] == [8 * s for s in range(restored_step + 1, STEPS + 1)]
     assert_same_weights(summary["last_checkpoint"], tiny_runs["zero2"][0]["last_checkpoint"])
+    # Resumed from a checkpoint uploaded in the background (train.checkpoint_upload=async, the
+    # default): complete once Ray had registered it. Folders are named by step.
+    assert Path(summary["last_checkpoint"].removeprefix("file://")).name == f"checkpoint_step_{STEPS:06d}"
+    assert (run_dir / f"checkpoint_step_{restored_step:06d}").is_dir()

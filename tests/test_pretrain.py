@@ -110,6 +110,7 @@ def assert_trained(summary: dict, stage: int, world_size: int = 2) -> None:
     n_pairs = round(1 / val["recall_at_1_chance"])
     assert n_pairs >= 2 and val["recall_at_10_chance"] == min(10, n_pairs) / n_pairs
     checkpoint = local(summary["last_checkpoint"])
+    assert checkpoint.name == "checkpoint_step_000006"     # named by step (Ray's: a timestamp)
     assert (checkpoint / "trainer_state.json").is_file()
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 6
     state = consolidated_state_dict(str(checkpoint))   # fp32 weights from any stage
@@ -131,6 +132,24 @@ def test_zero3_trains_and_checkpoints_to_uri_storage(tiny_runs):
 
 # ---------------------------------------------------------------- resume and faults
 
+def _preemption_notice_recipe():
+    """PretrainRecipe told from step 2 on, at every step of every attempt, that its node is
+    being reclaimed: what ``ray.train.get_preemption_info`` returns once Ray Train's watcher
+    sees the node drain (a spot reclaim), which no process on this machine can be given."""
+    from ray.train import PreemptionInfo
+
+    from melp_ray.pretraining.recipe import PretrainRecipe
+
+    class PreemptionNotice(PretrainRecipe):
+        def preemption_notice(self):
+            if self.state.step < 2:
+                return None
+            return PreemptionInfo(deadline_ms=int(time.time() * 1000) + 30_000,
+                                  preempted_node_to_ranks={"node-a": [0]})
+
+    return PreemptionNotice
+
+
 def test_zero1_trains_and_resumes_exactly(ray_local, tiny_cfg, tmp_path):
     """ZeRO-1 trains and checkpoints; stopped at step 3 and resumed to 6 == the uninterrupted
     6-step run (one worker, in process; ZeRO-2 across Ray Train restarts and two workers:
@@ -139,16 +158,26 @@ def test_zero1_trains_and_resumes_exactly(ray_local, tiny_cfg, tmp_path):
     With gradient accumulation (2 micro-batches of 4 a step) and its default cached rhythm
     loss over the whole batch of 8 (#35). The interrupted run reads materialized datasets
     (``data.materialize``), the reference streams: caching the pipeline must change nothing
-    either.
+    either. And it is told of a preemption from step 2 on (``train.checkpoint_on_preemption``):
+    each attempt checkpoints once at the first notice, changing nothing else.
     """
     one = ("train.num_workers=1", "train.micro_batch_size=4", "deepspeed.zero_stage=1")
     reference = run_in_process(tiny_cfg(tmp_path, "reference", *one))
     assert_trained(reference, 1, world_size=1)
     cached = (*one, "data.materialize=true")
-    first = run_in_process(tiny_cfg(tmp_path, "resumed", *cached, "train.stop_at_step=3"))
+    preempted = _preemption_notice_recipe()
+    first = run_in_process(tiny_cfg(tmp_path, "resumed", *cached, "train.stop_at_step=3"),
+                           recipe_cls=preempted)
     assert first["steps"] == 3
-    second = run_in_process(tiny_cfg(tmp_path, "resumed", *cached))
+    second = run_in_process(tiny_cfg(tmp_path, "resumed", *cached), recipe_cls=preempted)
     assert second["steps"] == 6
+    # Checkpoints every 3 steps, plus one at the first notice of each attempt (2 and 4); the
+    # folders are named by step, so they sort in training order.
+    folders = sorted(p.name for p in local(second["run_dir"]).glob("checkpoint_*") if p.is_dir())
+    assert folders == [f"checkpoint_step_{s:06d}" for s in (2, 3, 4, 6)]
+    for name in folders:
+        state = json.loads((local(second["run_dir"]) / name / "trainer_state.json").read_text())
+        assert state["step"] == int(name.rsplit("_", 1)[1])
     assert_same_weights(second["last_checkpoint"], reference["last_checkpoint"])
     # And the run did not start over: step 4 onwards was trained once, after the resume.
     steps = [m["step"] for m in metrics_of(second)]

@@ -34,7 +34,7 @@ from melp_ray.utils import storage
 CHECKPOINT_TAG = "deepspeed"          # the sub-folder DeepSpeed writes inside a checkpoint
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "melp_config.json"
-CHECKPOINT_PREFIX = "checkpoint_"     # Ray Train's checkpoint folder names
+CHECKPOINT_PREFIX = "checkpoint_"     # checkpoint folder names (melp_ray.train.session.checkpoint_name)
 
 
 # ---------------------------------------------------------------- locating checkpoints
@@ -54,8 +54,9 @@ def resolve_checkpoint(path: str) -> str:
     the best one by ``train.checkpoint_metric`` when the run ranked them (the latest
     checkpoint's trainer state names the best step), else the latest.
 
-    "Latest" = highest trainer step, ties broken by the (timestamped) folder name, so a
-    resumed run that re-reported an older step cannot shadow a newer one.
+    "Latest" = highest trainer step read from each folder's trainer state, not the folder
+    name: training names them ``checkpoint_step_NNNNNN`` (one folder a step), runs of
+    earlier versions by Ray's timestamp (ties then go to the later name).
     """
     path = path.rstrip("/") if storage.is_uri(path) else storage.normalise_storage_path(path)
     if storage.is_file(path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -56,6 +57,9 @@ class DeepSpeedRecipe:
         self.pending: list[tuple[dict[str, torch.Tensor], int]] = []  # read, not yet trained
         # Ray Train's worker (the default, created in setup) or a LocalSession (this process).
         self.session = session
+        # train.checkpoint_on_preemption: this attempt has checkpointed on a preemption notice
+        # (not part of the saved state: a restarted run may be told of a later preemption).
+        self.preemption_checkpointed = False
 
     # ---------------------------------------------------------------- hooks
     def build_model(self) -> torch.nn.Module:
@@ -75,7 +79,7 @@ class DeepSpeedRecipe:
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         if self.session is None:
-            self.session = RayTrainSession()
+            self.session = RayTrainSession(self.cfg.train.checkpoint_upload)
         self.rank, self.world, self.device = self.session.rank, self.session.world, self.session.device
         self.build_engine()
         self.train_data = self.session.dataset(f"{self.dataset_prefix}_r{self.rank}")
@@ -238,7 +242,10 @@ class DeepSpeedRecipe:
         t = self.cfg.train
         step = self.state.step
         last = step >= stop_at
-        want_ckpt = step % t.checkpoint_every == 0 or last
+        # Ray is asked for a preemption notice at log steps only: a round trip to its
+        # synchronization actor (bench/checkpoint_upload.py), like the report made there.
+        preempted = step % t.log_every == 0 and self.preemption_checkpoint_due()
+        want_ckpt = step % t.checkpoint_every == 0 or last or preempted
         want_val = ((t.val_every and step % t.val_every == 0) or step == t.max_steps
                     or (want_ckpt and t.checkpoint_metric is not None))  # each checkpoint is scored
         want_log = step % t.log_every == 0 or want_ckpt or want_val
@@ -266,6 +273,26 @@ class DeepSpeedRecipe:
             self.session.report(metrics)
         window.reset()
 
+    def preemption_checkpoint_due(self) -> bool:
+        """``train.checkpoint_on_preemption``: True at the first log step after Ray Train's
+        notice that a node of this run is being reclaimed (the checkpoint then leaves before
+        the node does; Ray restarts the run from it). A collective: every rank asks at the
+        same steps."""
+        if not self.cfg.train.checkpoint_on_preemption or self.preemption_checkpointed:
+            return False
+        notice = self.preemption_notice()
+        if notice is None:
+            return False
+        self.preemption_checkpointed = True
+        if self.rank == 0:
+            worker_print(f"[melp_ray] preemption notice at step {self.state.step} (ranks "
+                         f"{notice.preempted_ranks}, deadline_ms {notice.deadline_ms}): "
+                         f"checkpointing now")
+        return True
+
+    def preemption_notice(self):
+        return self.session.preemption_notice()
+
     def track_best(self, metrics: dict[str, Any]) -> None:
         """Update the best score (all ranks see the same mean) and the early-stopping count."""
         t = self.cfg.train
@@ -289,9 +316,11 @@ class DeepSpeedRecipe:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        """Every rank writes its DeepSpeed shard; Ray (or the LocalSession) merges them into
-        one checkpoint folder."""
-        with tempfile.TemporaryDirectory() as tmp:
+        """Every rank writes its DeepSpeed shard into a local folder of its own; Ray (or the
+        LocalSession) merges them into one checkpoint folder and then deletes the local one
+        (with ``train.checkpoint_upload=async`` after the step has moved on)."""
+        tmp = tempfile.mkdtemp(prefix="melp_ckpt_")
+        try:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
             if self.rank == 0:
                 with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
@@ -299,7 +328,10 @@ class DeepSpeedRecipe:
                                "zero_stage": self.cfg.deepspeed.zero_stage}, f, indent=2)
                 with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                     json.dump(to_dict(self.cfg), f, indent=2)
-            self.session.report(metrics, checkpoint_folder=tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.session.report(metrics, checkpoint_folder=tmp)
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from the checkpoint folder ``path``: weights, optimizer, schedule, state."""

@@ -9,6 +9,11 @@ be run and checked without starting a Ray Train controller and worker actors eac
 what ``bench/gpu_step.py`` and most of the test suite need. It keeps every checkpoint it is
 given, newest last; choosing which to keep is Ray Train's job (``CheckpointConfig``) and is
 only ever tested through Ray Train.
+
+A reported checkpoint folder belongs to the session from then on: it deletes the folder once
+it has been persisted (Ray Train: after its upload, which ``train.checkpoint_upload=async``
+runs in the background while training goes on). Both name the persisted folders
+``checkpoint_step_NNNNNN`` (``checkpoint_name``), so they sort by training step.
 """
 from __future__ import annotations
 
@@ -44,17 +49,32 @@ def worker_entry(config: dict[str, Any]) -> dict[str, Any]:
         recipe.cleanup()
 
 
+def checkpoint_name(step: int) -> str:
+    """The persisted folder of the checkpoint at ``step``: names sort in step order (Ray
+    Train's own default is a timestamp). A run resumed from an older checkpoint that reaches
+    ``step`` again writes the same folder anew."""
+    return f"checkpoint_step_{step:06d}"
+
 
 class RayTrainSession:
-    """The recipe's view of the Ray Train worker it runs in."""
+    """The recipe's view of the Ray Train worker it runs in.
 
-    def __init__(self):
+    ``upload``: ``train.checkpoint_upload``. ``async`` hands every report to Ray Train's
+    upload thread: the checkpoint's copy to storage and the hand-over to the Train controller
+    (which takes one report per worker each poll, ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s)
+    happen while training goes on, in report order. Metrics-only reports go the same way: a
+    synchronous one would wait for the upload before it (Ray keeps reports in order).
+    """
+
+    def __init__(self, upload: str = "async"):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.upload_mode = (ray.train.CheckpointUploadMode.ASYNC if upload == "async"
+                            else ray.train.CheckpointUploadMode.SYNC)
 
     def dataset(self, name: str):
         import ray.train
@@ -79,12 +99,24 @@ class RayTrainSession:
         return ray.train.get_checkpoint() is not None
 
     def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
-        """Every rank calls this the same number of times (Ray Train waits for all ranks)."""
+        """Every rank calls this the same number of times (Ray Train waits for all ranks).
+        Ray deletes ``checkpoint_folder`` once it is uploaded."""
         import ray.train
 
-        checkpoint = (ray.train.Checkpoint.from_directory(checkpoint_folder)
-                      if checkpoint_folder is not None else None)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_folder is None:
+            ray.train.report(metrics, checkpoint_upload_mode=self.upload_mode)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_folder),
+                         checkpoint_dir_name=checkpoint_name(int(metrics["step"])),
+                         checkpoint_upload_mode=self.upload_mode,
+                         delete_local_checkpoint_after_upload=True)
+
+    def preemption_notice(self):
+        """Ray Train's ``PreemptionInfo`` once a node of this run is being reclaimed, else
+        None. A collective: every rank calls it the same number of times."""
+        import ray.train
+
+        return ray.train.get_preemption_info()
 
 
 class LocalSession:
@@ -92,9 +124,10 @@ class LocalSession:
 
     ``datasets``: name -> Ray Dataset (what ``TorchTrainer(datasets=...)`` would be given;
     the recipe iterates them here instead of through a Ray Train shard).
-    ``checkpoints``: the folder that receives ``checkpoint_NNNNNN`` copies of every reported
-    checkpoint, as Ray Train's run folder does; a session created over a folder that already
-    holds some resumes from the newest, as a re-run Ray Train job does.
+    ``checkpoints``: the folder that receives ``checkpoint_step_NNNNNN`` copies of every
+    reported checkpoint, as Ray Train's run folder does; a session created over a folder that
+    already holds some resumes from the newest, as a re-run Ray Train job does. Nothing
+    preempts a process on this machine: ``preemption_notice`` is always None.
     """
 
     def __init__(self, datasets: dict[str, Any], checkpoints: str | os.PathLike,
@@ -123,14 +156,17 @@ class LocalSession:
     def has_checkpoint(self) -> bool:
         return bool(self.checkpoint_folders())
 
+    def preemption_notice(self) -> None:
+        return None
+
     def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_folder is None:
             return
         # Every rank adds its own files (DeepSpeed names them per rank), as Ray merges them.
-        # Named by step, so the names sort in training order (a resume rewrites its step).
-        target = os.path.join(self.checkpoints, f"checkpoint_{int(metrics['step']):06d}")
+        target = os.path.join(self.checkpoints, checkpoint_name(int(metrics["step"])))
         shutil.copytree(checkpoint_folder, target, dirs_exist_ok=True)
+        shutil.rmtree(checkpoint_folder)
         self.checkpointed.append((target, dict(metrics)))
         if self.world > 1:
             dist.barrier()        # the checkpoint exists whole before anyone resumes from it

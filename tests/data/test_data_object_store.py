@@ -183,19 +183,32 @@ def test_files_under_a_uri_are_listed_and_read_as_uris(tmp_path):
 
 def test_pretrain_reads_the_bucket_and_checkpoints_into_it(prepared, s3_endpoint, tiny_cfg, empty_cwd):
     """2 steps of the tiny model on Ray Train: data.root and run.storage_path both in the
-    bucket. One worker: the bucket is read and written the same way by each of several."""
+    bucket. One worker: the bucket is read and written the same way by each of several.
+    A checkpoint each step, uploaded while training goes on (``train.checkpoint_upload=async``,
+    the default): both are whole in the bucket when the run returns, named by step."""
+    from melp_ray.hub.checkpoint import consolidated_state_dict, resolve_checkpoint
     from melp_ray.pretraining.run import run
 
     uri, _, _ = prepared
     runs = s3_uri(s3_endpoint, "runs")
     cfg = tiny_cfg(runs, "from-s3", f"data.root={uri}", "data.limit=null", "train.max_steps=2",
-                   "train.log_every=1", "train.val_every=2", "train.checkpoint_every=2",
+                   "train.log_every=1", "train.val_every=2", "train.checkpoint_every=1",
                    "train.num_workers=1")
     summary = run(cfg)
     assert summary["steps"] == 2 and np.isfinite(summary["losses"]["total"])
     checkpoint = summary["last_checkpoint"]
-    assert checkpoint.startswith(f"s3://{BUCKET}/runs/from-s3/checkpoint_") and checkpoint.endswith("&scheme=http")
-    assert storage.list_files(checkpoint)
+    assert checkpoint.startswith(f"s3://{BUCKET}/runs/from-s3/checkpoint_step_000002?")
+    assert checkpoint.endswith("&scheme=http")
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http")
+    folders = sorted(info.base_name for info in fs.get_file_info(
+        pafs.FileSelector(f"{BUCKET}/runs/from-s3")) if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("checkpoint_"))
+    assert folders == ["checkpoint_step_000001", "checkpoint_step_000002"]
+    for step, name in enumerate(folders, start=1):
+        folder = s3_uri(s3_endpoint, f"runs/from-s3/{name}")
+        assert storage.read_json(storage.join(folder, "trainer_state.json"))["step"] == step
+    assert resolve_checkpoint(summary["run_dir"]) == checkpoint
+    assert all(np.isfinite(v.numpy()).all() for v in consolidated_state_dict(checkpoint).values())
     assert storage.read_json(storage.join(summary["run_dir"], "summary.json"))["steps"] == 2
     assert os.listdir(empty_cwd) == []
 
