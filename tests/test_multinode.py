@@ -117,4 +117,6 @@ def test_run_survives_losing_a_whole_node(scenario, tiny_runs):
     # Resumed from a checkpoint uploaded in the background (train.checkpoint_upload=async, the
     # default): complete once Ray had registered it. Folders are named by step.
     assert Path(summary["last_checkpoint"].removeprefix("file://")).name == f"checkpoint_step_{STEPS:06d}"
-    assert (run_dir / f"checkpoint_step_{restored_step:06d}").is_dir()
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept and kept[-1] == f"checkpoint_step_{STEPS:06d}"
+    assert all(re.fullmatch(r"checkpoint_step_\d{6}", name) for name in kept), kept
