@@ -58,7 +58,9 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
+    # A count, or [min, max]: an elastic run (Ray Train's ScalingConfig(num_workers=(min, max)))
+    # that starts with as many workers as fit and resizes from its last checkpoint.
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5     # < 1 leaves CPUs for Ray Data on small machines
     global_batch_size: int = 16      # = micro_batch_size x grad_accum x num_workers
@@ -107,7 +109,30 @@ class TrainConfig:
     init_from: str | None = None
 
     @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a range [min, max] (Ray Train elastic scaling)."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; (n, n) for a fixed count."""
+        return self.num_workers if self.elastic else (self.num_workers, self.num_workers)
+
+    def at_world(self, world: int) -> TrainConfig:
+        """This config for a run of ``world`` workers: the count fixed, the micro-batch
+        (when left out: global / world) and so grad_accum derived for it. An elastic run's
+        workers call it at each (re)start with the world size Ray Train gave them."""
+        lo, hi = self.worker_range
+        if not lo <= world <= hi:
+            raise ValueError(f"{world} workers is outside train.num_workers={list(self.worker_range)}")
+        micro = self.micro_batch_size if self.micro_batch_size is not None \
+            else self.global_batch_size // world
+        return dataclasses.replace(self, num_workers=world, micro_batch_size=micro)
+
+    @property
     def grad_accum(self) -> int:
+        if self.elastic:
+            raise ValueError("an elastic config has no single grad_accum: use at_world(world)")
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
     @property
@@ -116,6 +141,8 @@ class TrainConfig:
         others): the global batch when cached, else one micro-batch of every worker."""
         if self.contrastive_accumulation == "cached":
             return self.global_batch_size
+        if self.elastic:
+            raise ValueError("an elastic config: contrastive_negatives depends on the world size")
         return self.micro_batch_size * self.num_workers
 
 
@@ -272,7 +299,29 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
                 + data_problems(cfg.data) + run_problems(cfg.run) + loss_problems(cfg.loss))
     if cfg.train.compile and cfg.deepspeed.zero_stage == 3:   # ZeRO-3's gather hooks vs dynamo
         problems.append("train.compile needs deepspeed.zero_stage 0, 1 or 2")
+    if cfg.train.elastic:
+        problems += elastic_problems(cfg)
     raise_if(problems)
+
+
+def elastic_problems(cfg: PretrainConfig) -> list[str]:
+    """What an elastic run (a train.num_workers range) cannot resize, said before Ray starts."""
+    where = f"train.num_workers={list(cfg.train.worker_range)} (an elastic run)"
+    problems = []
+    if cfg.deepspeed.zero_stage == 3:
+        # DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load gives every optimizer param
+        # group the hyperparameters of the first: our no-decay group (biases, norms) would
+        # be decayed after a resize (measured: docs/cluster.md, "elastic runs").
+        problems.append(f"{where} resizes ZeRO stages 0, 1 and 2; deepspeed.zero_stage=3 "
+                        f"cannot resize (its optimizer state does not load exactly on another "
+                        f"world size): use deepspeed.zero_stage=2 or a fixed train.num_workers")
+    if cfg.deepspeed.offload_optimizer:
+        problems.append(f"{where}: deepspeed.offload_optimizer is not supported (a resize of "
+                        f"offloaded optimizer state is untested)")
+    if cfg.data.materialize:
+        problems.append(f"{where}: data.materialize=true keeps one fixed slice per worker; "
+                        f"add data.materialize=false (each epoch's records are dealt per world size)")
+    return problems
 
 
 def raise_if(problems: list[str]) -> None:
@@ -281,22 +330,17 @@ def raise_if(problems: list[str]) -> None:
 
 
 def train_problems(t: TrainConfig) -> list[str]:
-    """Checks shared by every recipe; also fills micro_batch_size when it was left out."""
-    problems = []
-    if t.num_workers < 1:
-        problems.append("train.num_workers must be >= 1")
-    if t.micro_batch_size is None and t.num_workers >= 1:
-        if t.global_batch_size % t.num_workers:
-            problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                            f"train.num_workers={t.num_workers}")
-        else:
+    """Checks shared by every recipe; also fills micro_batch_size when it was left out
+    (a fixed worker count only: an elastic run derives it at each (re)start)."""
+    problems = worker_range_problems(t)
+    if not problems:
+        lo, hi = t.worker_range
+        if lo == hi:
+            t.num_workers = lo        # [n, n] is the fixed count n
+        for world in range(lo, hi + 1):
+            problems += batch_split_problems(t, world)
+        if not t.elastic and t.micro_batch_size is None and not problems:
             t.micro_batch_size = t.global_batch_size // t.num_workers
-    if t.micro_batch_size is not None and t.num_workers >= 1:
-        per_step = t.micro_batch_size * t.num_workers
-        if t.micro_batch_size < 1 or t.global_batch_size % per_step:
-            problems.append(
-                f"train.global_batch_size={t.global_batch_size} must equal micro_batch_size x "
-                f"grad_accum x num_workers; {t.micro_batch_size} x {t.num_workers} does not divide it")
     if t.global_batch_size < 2:
         problems.append("train.global_batch_size must be >= 2 (contrastive loss needs negatives)")
     if t.max_steps < 1:
@@ -326,6 +370,33 @@ def train_problems(t: TrainConfig) -> list[str]:
     if t.checkpoint_upload not in ("async", "sync"):
         problems.append(f"train.checkpoint_upload must be async or sync, got {t.checkpoint_upload!r}")
     return problems + model_selection_problems(t)
+
+
+def worker_range_problems(t: TrainConfig) -> list[str]:
+    """``train.num_workers``: a count >= 1, or [min, max] with 1 <= min <= max."""
+    lo, hi = t.worker_range
+    if t.elastic and not 1 <= lo <= hi:
+        return [f"train.num_workers=[{lo}, {hi}]: an elastic range needs 1 <= min <= max"]
+    if not t.elastic and lo < 1:
+        return ["train.num_workers must be >= 1"]
+    return []
+
+
+def batch_split_problems(t: TrainConfig, world: int) -> list[str]:
+    """Whether ``world`` workers can make the global batch: micro-batch x grad_accum x world
+    = global_batch_size (micro-batch left out: global / world, no accumulation)."""
+    where = (f"{world} workers (within train.num_workers={list(t.worker_range)})" if t.elastic
+             else f"train.num_workers={world}")
+    if t.micro_batch_size is None:
+        if t.global_batch_size % world:
+            return [f"train.global_batch_size={t.global_batch_size} is not divisible by {where}"]
+        return []
+    per_step = t.micro_batch_size * world
+    if t.micro_batch_size < 1 or t.global_batch_size % per_step:
+        return [f"train.global_batch_size={t.global_batch_size} must equal micro_batch_size x "
+                f"grad_accum x num_workers; micro-batch {t.micro_batch_size} x {where} does "
+                f"not divide it"]
+    return []
 
 
 def model_selection_problems(t: TrainConfig) -> list[str]:

@@ -139,13 +139,15 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             try:
                 return coerce(arg, value, key)
             except ConfigError as e:
-                errors.append(str(e))
+                # A list given: the list-typed member's complaint says what is wrong with it.
+                listy = typing.get_origin(arg) in (list, tuple)
+                errors.insert(0 if listy == isinstance(value, (list, tuple)) else len(errors), str(e))
         raise ConfigError(errors[0])
     if tp is Any:
         return plain(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {plain(value)!r}")
         return tuple(coerce(a, v, key) for a, v in zip(args, value))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):

@@ -122,3 +122,55 @@ def test_string_keys_keep_the_text_as_typed(tmp_path, typed):
     cfg = load_config(PretrainConfig, path)
     assert cfg.run.name == typed
     assert cfg.run.wandb is True                    # bool keys still read YAML 1.1 booleans
+
+
+# ---------------------------------------------------------------- elastic runs (#34)
+
+def test_num_workers_range_is_elastic_and_derives_the_split_per_world():
+    cfg = load_config(PretrainConfig, "tiny", ["train.num_workers=[1,4]", "train.global_batch_size=24",
+                                               "train.micro_batch_size=2"])
+    t = cfg.train
+    assert t.elastic and t.worker_range == (1, 4)
+    # micro-batch x grad_accum x workers is the global batch at every count of the range
+    assert [(w, t.at_world(w).grad_accum) for w in (1, 2, 3, 4)] == [(1, 12), (2, 6), (3, 4), (4, 3)]
+    auto = load_config(PretrainConfig, "tiny", ["train.num_workers=[2,4]", "train.global_batch_size=24"])
+    assert auto.train.micro_batch_size is None        # global / world at each (re)start
+    assert [auto.train.at_world(w).micro_batch_size for w in (2, 3, 4)] == [12, 8, 6]
+    with pytest.raises(ValueError, match="outside"):
+        auto.train.at_world(5)
+    fixed = load_config(PretrainConfig, "tiny", ["train.num_workers=[3,3]", "train.global_batch_size=24"])
+    assert fixed.train.num_workers == 3 and not fixed.train.elastic and fixed.train.grad_accum == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # 3 workers cannot make 16: every count of the range is checked
+    (["train.num_workers=[2,4]", "train.global_batch_size=16"],
+     r"global_batch_size=16 is not divisible by 3 workers \(within train.num_workers=\[2, 4\]\)"),
+    (["train.num_workers=[1,3]", "train.global_batch_size=12", "train.micro_batch_size=4"],
+     r"micro-batch 4 x 2 workers \(within train.num_workers=\[1, 3\]\) does not divide it"),
+    (["train.num_workers=[4,2]"], r"needs 1 <= min <= max"),
+    (["train.num_workers=[0,2]"], r"needs 1 <= min <= max"),
+    (["train.num_workers=[1,2,3]"], "expected a list of 2 values"),
+    (["train.num_workers=0"], "num_workers must be >= 1"),
+])
+def test_impossible_worker_ranges_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "tiny", overrides)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["deepspeed.zero_stage=3"], "deepspeed.zero_stage=3 cannot resize"),
+    (["deepspeed.offload_optimizer=true"], "offload_optimizer is not supported"),
+    (["data.materialize=true"], "add data.materialize=false"),
+])
+def test_what_cannot_resize_is_a_config_error_with_a_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "tiny", ["train.num_workers=[1,2]", *overrides])
+    load_config(PretrainConfig, "tiny", ["train.num_workers=2", *overrides])   # fixed: fine
+
+
+def test_elastic_ranges_are_for_pretraining_runs_only():
+    from melp_ray.text_mlm.config import TextPretrainConfig
+
+    with pytest.raises(ConfigError, match="pretraining only"):
+        load_config(TextPretrainConfig, "text_tiny", ["train.num_workers=[1,2]"])

@@ -61,6 +61,9 @@ BAD_CONFIGS = {
     "data root of unknown layout": (["data.root=docs"], "is not a known layout"),  # a real folder
     "bad type": (["train.max_steps=many"], "expected int"),
     "no prefetch": (["data.prefetch_batches=0"], "prefetch_batches >= 1"),
+    # an elastic range: every world size in it must make the global batch (3 cannot make 32)
+    "elastic range with an impossible split": (["train.num_workers=[2,4]"],
+                                               "not divisible by 3 workers"),
 }
 
 

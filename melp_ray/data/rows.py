@@ -107,6 +107,49 @@ def deal_rows(files: Sequence[ShardRows], world_size: int, rank: int, epoch: int
     return slices
 
 
+def epoch_order(files: Sequence[ShardRows], epoch: int, seed: int) -> list[tuple[str, int]]:
+    """An elastic run's epoch: every kept row as (file, row), files in the order seeded by
+    (seed, epoch) as ``deal_rows`` puts them; the same for any number of workers."""
+    order = list(files)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [(f.path, row) for f in order for row in f.kept]
+
+
+def elastic_positions(total: int, global_batch: int, world: int, rank: int,
+                      start_step: int = 0) -> list[range]:
+    """Which positions of an epoch of ``total`` records ``rank`` of ``world`` reads in an
+    elastic run, from step ``start_step`` of the epoch on: step s trains on positions
+    [s x global_batch, (s + 1) x global_batch), the same records whatever the world size,
+    of which each rank reads one contiguous run of global_batch / world. So the data
+    position is one number, the epoch's steps done, and a run resized between two steps
+    reads every remaining record of the epoch once. The last total mod global_batch
+    records of an epoch (less than a step) are not trained on, at any world size."""
+    if global_batch % world:
+        raise ValueError(f"a global batch of {global_batch} cannot be split over {world} workers")
+    per_rank = global_batch // world
+    return [range(s * global_batch + rank * per_rank, s * global_batch + (rank + 1) * per_rank)
+            for s in range(start_step, total // global_batch)]
+
+
+def elastic_slices(order: Sequence[tuple[str, int]], positions: Sequence[range]) -> list[RowSlice]:
+    """The row slices holding ``positions`` of an ``epoch_order``, in order: runs of
+    consecutive rows of one file become one slice (rows of held-out folds between them
+    are dropped on reading, as in ``deal_rows``)."""
+    slices: list[RowSlice] = []
+    for span in positions:
+        run_start = None
+        for i in span:
+            path, row = order[i]
+            if run_start is not None and path == order[i - 1][0]:
+                continue
+            if run_start is not None:
+                slices.append(RowSlice(order[run_start][0], order[run_start][1], order[i - 1][1] + 1))
+            run_start = i
+        if run_start is not None:
+            slices.append(RowSlice(order[run_start][0], order[run_start][1], order[span[-1]][1] + 1))
+    return slices
+
+
 def read_row_range(path: str, start: int, stop: int, columns: list[str]):
     """Rows [start, stop) of one Parquet file, reading only the row groups that hold them."""
     fs, fs_path = storage.filesystem_and_path(path)

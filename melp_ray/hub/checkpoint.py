@@ -186,6 +186,37 @@ def load_model(path: str):
     return load_model_from_checkpoint(path)
 
 
+# ---------------------------------------------------------------- resizing (elastic runs)
+
+UNIVERSAL_TAG = CHECKPOINT_TAG + "_universal"
+
+
+def has_partitioned_optimizer(ckpt: str) -> bool:
+    """Whether a local checkpoint's optimizer state is split per rank (ZeRO 1-3, or bf16 at
+    stage 0): what cannot be loaded as it is by another number of ranks."""
+    return bool(glob.glob(os.path.join(ckpt, CHECKPOINT_TAG, "*optim_states.pt")))
+
+
+def universal_checkpoint(ckpt: str, out: str) -> str:
+    """DeepSpeed's universal checkpoint of the local checkpoint ``ckpt``, written to
+    ``out/UNIVERSAL_TAG`` (returns ``out``): every parameter's fp32 weights and optimizer
+    moments whole, one file each, which any number of ranks loads with
+    ``"checkpoint": {"load_universal": true}`` (each rank slicing out its partition)."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(input_folder=os.path.join(ckpt, CHECKPOINT_TAG),
+                              output_folder=os.path.join(out, UNIVERSAL_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)
+    quiet = io.StringIO()       # it prints every parameter it merges, and progress bars
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        ds_to_universal(args)
+    return out
+
+
 # ---------------------------------------------------------------- live engines
 
 def gathered_state_dict(module) -> dict[str, Any]:

@@ -35,7 +35,8 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     def setup(self) -> None:
         super().setup()
-        self.epoch_rows = self.reassignable_shard_rows()
+        self.elastic_records = None          # an elastic run's train split, read on first use
+        self.epoch_rows = None if self.launch_cfg.train.elastic else self.reassignable_shard_rows()
         self.spec = stream_spec(self.cfg)     # reads the manifest once, not every epoch
         self.loss_fn = self.build_loss()
 
@@ -58,8 +59,51 @@ class PretrainRecipe(DeepSpeedRecipe):
             return None
         return shard_rows(split_shard_files(root, "train", self.world, d.limit), d.exclude_folds)
 
+    def elastic_source(self):
+        """An elastic run's train split, world-size free: the shard files with their kept
+        rows, or a raw root's records (``train_dataset`` deals them out per epoch)."""
+        from melp_ray.data.rows import drop_folds, list_splits, resolve_root, shard_rows, split_shard_files
+        from melp_ray.data.sources import detect_layout
+
+        d = self.cfg.data
+        root = resolve_root(d.root)
+        layout = detect_layout(root) if d.dataset == "auto" else d.dataset
+        if layout == "shards":
+            return shard_rows(split_shard_files(root, "train", self.world, d.limit), d.exclude_folds)
+        refs = list_splits(layout, root, d.val_fraction, self.cfg.train.seed, d.limit,
+                           d.sample_rate)["train"]
+        return drop_folds(refs, d.exclude_folds)[0]
+
+    def elastic_dataset(self, epoch: int):
+        """This rank's records of ``epoch`` in an elastic run: each step's global batch is
+        the same run of records of the epoch's seeded order at any world size
+        (``rows.elastic_positions``), so a resize between steps neither repeats nor skips
+        a record of the epoch."""
+        import random
+
+        from melp_ray.data.rows import ShardRows, elastic_positions, elastic_slices, epoch_order
+        from melp_ray.data.rows import resolve_root
+        from melp_ray.train.stream import slices_dataset, wfdb_dataset
+
+        if self.elastic_records is None:
+            self.elastic_records = self.elastic_source()
+        t, source = self.cfg.train, self.elastic_records
+        if source and isinstance(source[0], ShardRows):
+            order = epoch_order(source, epoch, t.seed)
+            positions = elastic_positions(len(order), t.global_batch_size, self.world, self.rank)
+            return slices_dataset(elastic_slices(order, positions), self.spec,
+                                  self.cfg.data.exclude_folds)
+        refs = list(source)
+        random.Random(f"{t.seed}:{epoch}").shuffle(refs)   # str seed: stable across processes
+        positions = elastic_positions(len(refs), t.global_batch_size, self.world, self.rank)
+        return wfdb_dataset([refs[i] for span in positions for i in span],
+                            resolve_root(self.cfg.data.root), self.spec)
+
     def train_dataset(self, epoch: int):
-        """Streamed shards: this epoch's rows for this rank (``deal_rows``)."""
+        """Elastic runs: ``elastic_dataset``; streamed shards: this epoch's rows for this
+        rank (``deal_rows``)."""
+        if self.launch_cfg.train.elastic:
+            return self.elastic_dataset(epoch)
         if self.epoch_rows is None:
             return self.train_data
         from melp_ray.data.rows import deal_rows

@@ -8,6 +8,7 @@ from typing import Any
 from melp_ray.config import ConfigError, PretrainConfig, check_data_root
 from melp_ray.pretraining.recipe import PretrainRecipe
 from melp_ray.train.init_from import check_init_from
+from melp_ray.train.recipe import dataset_name
 from melp_ray.train.stream import stream_spec
 
 
@@ -19,12 +20,16 @@ def build_datasets(cfg: PretrainConfig, data_info: dict[str, Any] | None = None
     spec = stream_spec(cfg)
     kw = dict(dataset=cfg.data.dataset, val_fraction=cfg.data.val_fraction,
               seed=cfg.train.seed, limit=cfg.data.limit, exclude_folds=cfg.data.exclude_folds)
-    world = cfg.train.num_workers
     counts: dict[str, dict[str, int]] = {}
     datasets = {}
-    for split, per_rank in split_datasets(cfg.data.root, world, spec, **kw, counts=counts).items():
-        for rank, ds in enumerate(per_rank):
-            datasets[f"{split}_r{rank}"] = ds.materialize() if cfg.data.materialize else ds
+    lo, hi = cfg.train.worker_range
+    # An elastic run gets every world size's slices (lazy datasets: Ray Train opens only
+    # those its workers ask for); each (re)start reads the ones of its world size.
+    for world in range(lo, hi + 1):
+        for split, per_rank in split_datasets(cfg.data.root, world, spec, **kw, counts=counts).items():
+            for rank, ds in enumerate(per_rank):
+                name = dataset_name(split, rank, world if cfg.train.elastic else None)
+                datasets[name] = ds.materialize() if cfg.data.materialize else ds
     info = data_summary(cfg, counts)
     print(f"[melp_ray] data: {info['train_records']} train / {info['val_records']} val records"
           + (f"; {info['held_out']['records']} records of folds {info['held_out']['folds']} "
@@ -38,6 +43,13 @@ def batch_banner(cfg: PretrainConfig) -> str:
     """The start line that says how the global batch is split and how many ECG-report pairs
     one rhythm (contrastive) loss scores at once: its negatives are the other pairs."""
     t = cfg.train
+    if t.elastic:
+        lo, hi = t.worker_range
+        splits = "; ".join(f"{w} x {t.at_world(w).micro_batch_size} x {t.at_world(w).grad_accum}"
+                           for w in range(lo, hi + 1))
+        return (f"[melp_ray] batch: {t.global_batch_size} a step at any world size, elastic "
+                f"{lo}-{hi} workers (workers x micro-batch x accumulation: {splits}); "
+                f"train.contrastive_accumulation={t.contrastive_accumulation}")
     split = f"{t.num_workers} worker{'s' * (t.num_workers > 1)} x micro-batch {t.micro_batch_size}"
     if t.grad_accum > 1:
         split += f" x {t.grad_accum} accumulation steps"
@@ -69,13 +81,22 @@ def check_shards_fit(cfg: PretrainConfig) -> None:
     column per file), as the workers will count them."""
     from melp_ray.data.shards import load_manifest
     from melp_ray.data.sources import detect_layout
-    from melp_ray.data.rows import resolve_root, shard_rows, split_shard_files
 
-    d, t = cfg.data, cfg.train
+    d = cfg.data
     if d.root is None or (d.dataset if d.dataset != "auto" else detect_layout(d.root)) != "shards":
         return
     manifest = load_manifest(d.root)
     check_shard_signal(manifest, d)
+    lo, hi = cfg.train.worker_range
+    for world in range(lo, hi + 1):     # an elastic run: every world size it may run at
+        check_records_per_worker(cfg, manifest, cfg.train.at_world(world))
+
+
+def check_records_per_worker(cfg: PretrainConfig, manifest: dict, t) -> None:
+    """Each of ``t.num_workers`` workers gets at least one training micro-batch per epoch."""
+    from melp_ray.data.rows import resolve_root, shard_rows, split_shard_files
+
+    d = cfg.data
     if d.exclude_folds:
         files = split_shard_files(resolve_root(d.root), "train", t.num_workers, d.limit)
         records = sum(len(f.kept) for f in shard_rows(files, d.exclude_folds))

@@ -105,6 +105,8 @@ def validate_sweep(space: SweepSpace, config: str | os.PathLike = DEFAULT_CONFIG
                 load_config(PretrainConfig, None, base_args + trial_overrides(trial))
             except ConfigError as err:
                 raise ConfigError(f"space {space.name!r}, param {p.key} = {value!r}: {err}") from None
+    if base_cfg.train.elastic:   # a trial's CPU/GPU reservation is fixed when it is scheduled
+        raise ConfigError("train.num_workers: a sweep's trials need a fixed worker count, not a range")
     metric = resolve_metric(space.metric, base_cfg)
     check_schedule(space, base_cfg)
     storage_root = storage.normalise_storage_path(base_cfg.run.storage_path)

@@ -55,6 +55,9 @@ class TextPretrainConfig:
         init_from = (["train.init_from is for ECG-language pretraining (python -m "
                       "melp_ray.pretrain); stage 1 starts from text.model"]
                      if self.train.init_from is not None else [])
+        if self.train.elastic:
+            init_from.append("train.num_workers: a range (an elastic run) is for ECG-language "
+                             "pretraining only; stage 1 takes a fixed worker count")
         raise_if(train_problems(self.train) + deepspeed_problems(self.deepspeed)
                  + run_problems(self.run) + text_data_problems(self.data)
                  + text_model_problems(self.text) + init_from)

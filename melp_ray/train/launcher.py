@@ -24,6 +24,9 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
     return TorchTrainer(
         train_loop_per_worker=worker_entry,
         train_loop_config={"cfg": cfg, "recipe_cls": recipe_cls},
+        # A range is Ray Train V2's elastic scaling: it starts as many workers as fit (at
+        # least min), and restarts the group from the last checkpoint when it can grow or
+        # has lost a worker; the recipe re-derives its batch split at each (re)start.
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
@@ -69,7 +72,7 @@ def fit_in_process(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=None
     without a Train controller and worker actors. For debugging and for tests of the
     recipe's logic; model selection keeps every checkpoint (Ray's ``CheckpointConfig`` is
     what prunes them)."""
-    if cfg.train.num_workers != 1:
+    if cfg.train.elastic or cfg.train.num_workers != 1:
         raise ValueError(f"an in-process run has one worker, not train.num_workers="
                          f"{cfg.train.num_workers}")
     if storage.is_uri(cfg.run.storage_path):

@@ -12,19 +12,21 @@ order (``melp_ray.data.rows``), every random draw of a micro-step is seeded from
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from melp_ray.hub.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE
+from melp_ray.hub.checkpoint import (CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE, UNIVERSAL_TAG,
+                                     has_partitioned_optimizer, universal_checkpoint)
 from melp_ray.config import to_dict
 from melp_ray.utils.distributed import mean_over_ranks
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
@@ -53,6 +55,7 @@ class DeepSpeedRecipe:
 
     def __init__(self, cfg, session=None):
         self.cfg = cfg
+        self.launch_cfg = cfg     # setup() re-derives cfg.train for an elastic run's world size
         self.state = TrainState()
         self.pending: list[tuple[dict[str, torch.Tensor], int]] = []  # read, not yet trained
         # Ray Train's worker (the default, created in setup) or a LocalSession (this process).
@@ -81,17 +84,24 @@ class DeepSpeedRecipe:
         if self.session is None:
             self.session = RayTrainSession(self.cfg.train.checkpoint_upload)
         self.rank, self.world, self.device = self.session.rank, self.session.world, self.session.device
-        self.build_engine()
-        self.train_data = self.session.dataset(f"{self.dataset_prefix}_r{self.rank}")
-        self.val_data = self.session.dataset(f"val_r{self.rank}")
+        self.launch_cfg = self.cfg        # as given: an elastic run's range, saved in checkpoints
+        if self.cfg.train.elastic:        # this (re)start's split of the global batch
+            self.cfg = replace(self.cfg, train=self.cfg.train.at_world(self.world))
+        world = self.world if self.launch_cfg.train.elastic else None
+        self.train_data = self.session.dataset(dataset_name(self.dataset_prefix, self.rank, world))
+        self.val_data = self.session.dataset(dataset_name("val", self.rank, world))
         self.logger = MetricsLogger(self.cfg, self.rank)
         with self.session.resume_folder() as folder:
-            if folder is not None:
-                self.load_checkpoint(folder)
+            saved_world = saved_world_size(folder) if folder is not None else None
+            with resized_checkpoint(folder, saved_world, self.world) as (load_dir, tag):
+                self.build_engine(universal=tag == UNIVERSAL_TAG)
+                if folder is not None:
+                    self.load_checkpoint(folder, load_dir, tag)
 
-    def build_engine(self) -> None:
+    def build_engine(self, universal: bool = False) -> None:
         """The model, AdamW, the LR schedule and the DeepSpeed engine around them (the
-        process group must exist: Ray Train's, or bench/gpu_step.py's own)."""
+        process group must exist: Ray Train's, or bench/gpu_step.py's own). ``universal``:
+        the engine will load a universal checkpoint (a resume on another world size)."""
         import deepspeed
 
         if not self.cfg.train.use_gpu:
@@ -104,9 +114,11 @@ class DeepSpeedRecipe:
             self.compile_model(model)
         optimizer = self.build_optimizer(model)
         scheduler = lr_schedule(optimizer, t)
+        config = deepspeed_config(self.cfg.train, self.cfg.deepspeed)
+        if universal:
+            config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.cfg.train, self.cfg.deepspeed),
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
             dist_init_required=False)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -131,7 +143,9 @@ class DeepSpeedRecipe:
 
     def epoch_batches(self, epoch: int) -> Iterable[dict[str, torch.Tensor]]:
         t = self.cfg.train
-        shuffle = self.cfg.data.shuffle_buffer or None
+        # An elastic run's order is its seeded epoch order: a rank's local shuffle would
+        # make what it consumed depend on the world size.
+        shuffle = None if self.launch_cfg.train.elastic else (self.cfg.data.shuffle_buffer or None)
         return self.train_dataset(epoch).iter_torch_batches(
             batch_size=t.micro_batch_size, drop_last=True, device=self.device,
             local_shuffle_buffer_size=shuffle,
@@ -325,17 +339,21 @@ class DeepSpeedRecipe:
             if self.rank == 0:
                 with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                     json.dump({**asdict(self.state), "world_size": self.world,
+                               "micro_batch_size": self.cfg.train.micro_batch_size,
                                "zero_stage": self.cfg.deepspeed.zero_stage}, f, indent=2)
                 with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
-                    json.dump(to_dict(self.cfg), f, indent=2)
+                    json.dump(to_dict(self.launch_cfg), f, indent=2)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.session.report(metrics, checkpoint_folder=tmp)
 
-    def load_checkpoint(self, path: str) -> None:
-        """Resume from the checkpoint folder ``path``: weights, optimizer, schedule, state."""
-        load_path, _ = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG,
+    def load_checkpoint(self, path: str, load_dir: str | None = None,
+                        tag: str = CHECKPOINT_TAG) -> None:
+        """Resume from the checkpoint folder ``path``: weights, optimizer, schedule, state.
+        ``load_dir``/``tag``: where DeepSpeed reads the engine state instead (the universal
+        conversion of ``path`` when the world size changed)."""
+        load_path, _ = self.engine.load_checkpoint(load_dir or path, tag=tag,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
@@ -344,10 +362,33 @@ class DeepSpeedRecipe:
             saved = json.load(f)
         defaults = asdict(TrainState())
         self.state = TrainState(**{k: saved.get(k, v) for k, v in defaults.items()})
+        saved_world = saved.get("world_size", self.world)
+        if saved_world != self.world:
+            self.state.micro_in_epoch = self.resized_position(saved)
         self.resumed_from_step = self.state.step   # logged once, so restarts show in metrics
         if self.rank == 0:
+            resized = f", resized from {saved_world} to {self.world} workers" \
+                if saved_world != self.world else ""
             worker_print(f"[melp_ray] resumed from step {self.state.step} (epoch "
-                         f"{self.state.epoch}, {self.state.micro_in_epoch} micro-batches into it)")
+                         f"{self.state.epoch}, {self.state.micro_in_epoch} micro-batches into it"
+                         f"{resized})")
+
+    def resized_position(self, saved: dict[str, Any]) -> int:
+        """After a resume on another number of workers: the micro-batches of the current
+        epoch already consumed, counted in this world size's micro-batches. A checkpoint
+        falls between optimizer steps, so that is the epoch's steps done x this world's
+        accumulation steps (an elastic run deals each step's records the same way at any
+        world size: ``rows.elastic_positions``)."""
+        if not self.launch_cfg.train.elastic:
+            raise RuntimeError(f"a checkpoint of {saved['world_size']} workers cannot resume a "
+                               f"run of a fixed {self.world}: give train.num_workers a range")
+        old = saved.get("micro_batch_size")
+        samples = self.state.micro_in_epoch * old * saved["world_size"]
+        steps_in_epoch, rest = divmod(samples, self.cfg.train.global_batch_size)
+        if old is None or rest:
+            raise RuntimeError(f"checkpoint at step {self.state.step} is not between two optimizer "
+                               f"steps of this run's global batch: cannot resize it")
+        return steps_in_epoch * self.cfg.train.grad_accum
 
     def finish(self) -> dict[str, Any]:
         metrics = getattr(self, "last_metrics", {})
@@ -361,6 +402,35 @@ class DeepSpeedRecipe:
 
 
 # ---------------------------------------------------------------- helpers
+
+def dataset_name(split: str, rank: int, world: int | None = None) -> str:
+    """The Ray Train dataset a rank reads: ``train_r0``; an elastic run has every world
+    size's slices, ``train_w3_r0``."""
+    return f"{split}_r{rank}" if world is None else f"{split}_w{world}_r{rank}"
+
+
+def saved_world_size(folder: str) -> int | None:
+    """The number of workers that wrote a checkpoint (its trainer_state.json)."""
+    path = os.path.join(folder, TRAINER_STATE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("world_size")
+
+
+@contextlib.contextmanager
+def resized_checkpoint(folder: str | None, saved_world: int | None, world: int
+                       ) -> Iterator[tuple[str | None, str]]:
+    """(DeepSpeed load folder, tag) for resuming from ``folder`` on ``world`` ranks: the
+    folder itself, or, when another number of ranks wrote its partitioned optimizer state,
+    its universal conversion in a temporary folder (each rank converts its own copy: ranks
+    need not share a file system)."""
+    if folder is None or saved_world in (None, world) or not has_partitioned_optimizer(folder):
+        yield folder, CHECKPOINT_TAG
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield universal_checkpoint(folder, tmp), UNIVERSAL_TAG
+
 
 class Window:
     """Running means of the losses, throughput and input wait since the last report."""
