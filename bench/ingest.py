@@ -108,7 +108,7 @@ def consumption_rate(cfg, batches, warmup: int, steps: int) -> dict:
     from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.train.augment import augment
-    from melp_ray.train.recipe import param_groups
+    from melp_ray.train.optim import param_groups
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # Ray Train workers run with OMP_NUM_THREADS=1

@@ -4,8 +4,7 @@
     python bench/learning.py train.max_steps=200    # key=value overrides of the pretrain config
     python bench/learning.py --smoke                # tiny config, bundled sample, 4 steps (CI)
 
-``--smoke`` runs its one training worker and the evaluation model in this process
-(``in_process=True``, ``--actors 0``); Ray Train and the actor pool have tests of their own.
+``--smoke``: its training worker and evaluation model run in this process (tested apart).
 
 1. pretrain: a real ``melp_ray.pretrain`` run (Ray Train + DeepSpeed) with the config
    ``--config`` on ``--root``, with ``data.exclude_folds=[HOLDOUT]``: no record of the
@@ -19,8 +18,7 @@
    - ECG -> report retrieval recall@1/5/10, with chance k/N;
    - collapse detector: mean pairwise cosine of the L2-normalised rhythm embeddings of
      different records of HOLDOUT, pretrained and random init.
-   Every record any of them needs is embedded once per model (``EmbeddingTable``: one Ray
-   Data inference pass each for the checkpoint and the random init).
+   Each record is embedded once per model (``EmbeddingTable``: one Ray Data pass each).
 
 Targets: probe AUROC >= random init + 0.05, zero-shot AUROC >= 0.65, ECG->report
 recall@10 >= 3x chance, mean pairwise ECG cosine <= 0.5. In --smoke they are reported, not

@@ -65,7 +65,7 @@ def optimizer_for(model, train, text_lr_scale: float):
     and the rest so the text tower can run at ``text_lr_scale`` x the learning rate."""
     import torch
 
-    from melp_ray.train.recipe import lr_schedule, param_groups
+    from melp_ray.train.optim import lr_schedule, param_groups
 
     text = {id(p) for p in model.text.parameters()}
     groups = []

@@ -35,7 +35,7 @@ def bare_loop(cfg, batches, warmup: int, steps: int, deepspeed: bool = False) ->
     from melp_ray.model.losses import MELPLoss
     from melp_ray.model import MELP
     from melp_ray.train.augment import augment
-    from melp_ray.train.recipe import lr_schedule, param_groups
+    from melp_ray.train.optim import lr_schedule, param_groups
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -167,7 +167,7 @@ def rank_main(rank: int, world: int, port: int, stage: str, precision: str, smok
     from melp_ray.model.losses import compute_losses
     from melp_ray.model import MELP, count_parameters
     from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op
-    from melp_ray.train.recipe import param_groups
+    from melp_ray.train.optim import param_groups
 
     rss_before_model = rss_bytes()
     cfg = model_config(smoke)

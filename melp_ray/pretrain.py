@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from melp_ray.config import (ConfigError, PretrainConfig, check_checkpoint_metric, check_data_root,
-                             config_keys, load_config)
+from melp_ray.config import ConfigError, PretrainConfig, check_checkpoint_metric, config_keys, load_config
+from melp_ray.config_sections import check_data_root
 from melp_ray.pretraining.run import check_shards_fit, run
 from melp_ray.train.init_from import check_init_from
 from melp_ray.utils.console import summary_table

@@ -23,7 +23,8 @@ import sys
 from typing import Any
 
 from melp_ray.utils import storage
-from melp_ray.config import ConfigError, check_data_root, config_keys, load_config
+from melp_ray.config import ConfigError, config_keys, load_config
+from melp_ray.config_sections import check_data_root
 from melp_ray.text_mlm.config import TextPretrainConfig, tokenizer_source
 from melp_ray.text_mlm.corpus import build_datasets, prepare_tokenizer
 from melp_ray.utils.console import summary_table

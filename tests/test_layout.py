@@ -20,7 +20,8 @@ LAYERS = [
     ["text"],                       # report token ids, offline text models, prompts
     ["model"],                      # the MELP model and its losses (no Ray)
     ["config_parsing"],
-    ["config"],                     # the pretraining config sections
+    ["config_sections"],            # the config sections (data, loss, train, ...) and their checks
+    ["config"],                     # the whole pretraining config, loaded and checked
     ["hub"],                        # checkpoints, Hugging Face export, the official weights
     ["train"],                      # the Ray Train + DeepSpeed machinery, data streams, curves
     ["eval"],                       # what evaluates: embeddings, zero-shot, probe, metrics
@@ -146,7 +147,7 @@ def test_the_checker_sees_a_circle_and_an_upward_import():
 def test_top_level_holds_entry_points_config_and_the_face():
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     entry_points = set(LAYERS[-1])
-    assert set(top) == entry_points | {"config", "config_parsing", FACE}
+    assert set(top) == entry_points | {"config", "config_sections", "config_parsing", FACE}
 
 
 def test_readme_table_names_every_part_and_only_paths_that_exist():

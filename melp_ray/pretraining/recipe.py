@@ -9,7 +9,8 @@ import torch.distributed as dist
 from melp_ray.model.losses import (cached_rhythm_loss, gather_no_grad, rhythm_surrogate,
                                    token_count_per_rank)
 from melp_ray.train.augment import augment, pad_rows
-from melp_ray.train.recipe import DeepSpeedRecipe, seeded_draws
+from melp_ray.train.augment import seeded_draws
+from melp_ray.train.recipe import DeepSpeedRecipe
 from melp_ray.train.stream import stream_spec
 from melp_ray.utils.distributed import gather_rows, sum_over_ranks
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from melp_ray.config import ConfigError, PretrainConfig, check_data_root
+from melp_ray.config import ConfigError, PretrainConfig
+from melp_ray.config_sections import check_data_root
 from melp_ray.pretraining.recipe import PretrainRecipe
 from melp_ray.train.init_from import check_init_from
-from melp_ray.train.recipe import dataset_name
+from melp_ray.train.elastic import dataset_name
 from melp_ray.train.stream import stream_spec
 
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import yaml
 
 from melp_ray.utils import storage
-from melp_ray.config import ConfigError, PretrainConfig, data_has_labels, load_config, resolve_config_path
+from melp_ray.config import ConfigError, PretrainConfig, load_config, resolve_config_path
+from melp_ray.config_sections import data_has_labels
 from melp_ray.sweeps.space import SweepSpace
 
 DEFAULT_CONFIG = "tiny"

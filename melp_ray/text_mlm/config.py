@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 
 from melp_ray.utils import storage
-from melp_ray.config import (DataConfig, DeepSpeedConfig, RunConfig, TrainConfig, data_problems,
-                             deepspeed_problems, raise_if, run_problems, train_problems)
+from melp_ray.config_sections import (DataConfig, DeepSpeedConfig, RunConfig, TrainConfig, data_problems,
+                                      deepspeed_problems, raise_if, run_problems, train_problems)
 
 
 @dataclass

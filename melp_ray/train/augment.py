@@ -1,6 +1,6 @@
 """Training-time augmentation of ECG batches (MELP's lead masking, an optional time shift),
 drawn from a seeded generator on the training worker so that a resumed run repeats it, and
-the padding of a short batch."""
+the padding of a short batch; and the seeding of a micro-batch's draws."""
 from __future__ import annotations
 
 import torch
@@ -36,3 +36,11 @@ def mask_leads(ecg: torch.Tensor, prob: float, generator: torch.Generator) -> to
         return ecg
     keep = torch.rand(ecg.shape[0], ecg.shape[1], 1, generator=generator) >= prob
     return ecg * keep.to(device=ecg.device, dtype=ecg.dtype)
+
+
+def seeded_draws(seed: int) -> torch.Generator:
+    """Seed a micro-batch's random draws: torch's global generator (dropout etc.) and the
+    returned one (augmentation). The same seed gives the same draws (after a resume, or in
+    gradient caching's second forward)."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

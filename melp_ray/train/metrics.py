@@ -165,4 +165,28 @@ def format_progress(m: dict[str, Any]) -> str:
     return "[melp_ray] " + " | ".join(parts)
 
 
+class Window:
+    """Running means of the losses, throughput and input wait since the last report."""
 
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.samples = 0
+        self.input_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, float], samples: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.samples += samples
+
+    def summary(self, step: int, lr: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {f"loss/{k}": v / max(self.count, 1) for k, v in self.sums.items()}
+        out.update(step=step, lr=lr, samples_per_s=self.samples / elapsed,
+                   input_wait_frac=self.input_wait / elapsed)
+        return out

@@ -1,7 +1,6 @@
 """One training worker: DeepSpeed engine, deterministic data, logging, checkpoints, resume.
 
-A recipe subclass says *what* to train (``build_model``, ``compute_losses``,
-``validate``); this class says *how*, the same way for every stage:
+A subclass says *what* to train (``build_model``, ``compute_losses``, ``validate``); this says *how*:
 
     recipe = MyRecipe(cfg); recipe.setup(); recipe.train(); recipe.cleanup()
 
@@ -12,7 +11,6 @@ order (``melp_ray.data.rows``), every random draw of a micro-step is seeded from
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,15 +23,16 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from melp_ray.hub.checkpoint import (CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE, UNIVERSAL_TAG,
-                                     has_partitioned_optimizer, universal_checkpoint)
+from melp_ray.hub.checkpoint import CHECKPOINT_TAG, RUN_CONFIG, TRAINER_STATE, UNIVERSAL_TAG
 from melp_ray.config import to_dict
 from melp_ray.utils.distributed import mean_over_ranks
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op, use_bf16
-from melp_ray.train.metrics import MetricsLogger, worker_print
+from melp_ray.train.augment import seeded_draws
+from melp_ray.train.elastic import dataset_name, resized_checkpoint, saved_world_size
+from melp_ray.train.metrics import MetricsLogger, Window, worker_print
+from melp_ray.train.optim import lr_schedule, param_groups
 from melp_ray.train.prefetch import EpochPrefetcher
 from melp_ray.train.session import RayTrainSession
-
 
 
 @dataclass
@@ -399,102 +398,3 @@ class DeepSpeedRecipe:
 
     def cleanup(self) -> None:
         self.logger.close()
-
-
-# ---------------------------------------------------------------- helpers
-
-def dataset_name(split: str, rank: int, world: int | None = None) -> str:
-    """The Ray Train dataset a rank reads: ``train_r0``; an elastic run has every world
-    size's slices, ``train_w3_r0``."""
-    return f"{split}_r{rank}" if world is None else f"{split}_w{world}_r{rank}"
-
-
-def saved_world_size(folder: str) -> int | None:
-    """The number of workers that wrote a checkpoint (its trainer_state.json)."""
-    path = os.path.join(folder, TRAINER_STATE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("world_size")
-
-
-@contextlib.contextmanager
-def resized_checkpoint(folder: str | None, saved_world: int | None, world: int
-                       ) -> Iterator[tuple[str | None, str]]:
-    """(DeepSpeed load folder, tag) for resuming from ``folder`` on ``world`` ranks: the
-    folder itself, or, when another number of ranks wrote its partitioned optimizer state,
-    its universal conversion in a temporary folder (each rank converts its own copy: ranks
-    need not share a file system)."""
-    if folder is None or saved_world in (None, world) or not has_partitioned_optimizer(folder):
-        yield folder, CHECKPOINT_TAG
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        yield universal_checkpoint(folder, tmp), UNIVERSAL_TAG
-
-
-class Window:
-    """Running means of the losses, throughput and input wait since the last report."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.samples = 0
-        self.input_wait = 0.0
-        self.start = time.perf_counter()
-
-    def add(self, losses: dict[str, float], samples: int) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        self.samples += samples
-
-    def summary(self, step: int, lr: float) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {f"loss/{k}": v / max(self.count, 1) for k, v in self.sums.items()}
-        out.update(step=step, lr=lr, samples_per_s=self.samples / elapsed,
-                   input_wait_frac=self.input_wait / elapsed)
-        return out
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float,
-                 decay_all: bool = False) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on biases, norms and the logit scale (CLIP practice).
-
-    ``decay_all``: decay every trainable parameter, as the reference does.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = p.ndim < 2 or "logit_scale" in name
-        (no_decay if exempt and not decay_all else decay).append(p)
-    # No empty group: ZeRO drops empty groups from the optimizer it wraps, and a scheduler
-    # built on the client optimizer then has one learning rate too many (it fails at step 1).
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def lr_schedule(optimizer, train):
-    """``warmup_cosine``: linear warm-up, then one cosine decay to 0 over ``max_steps``.
-
-    ``cosine_restarts`` (the reference): cosine annealing with warm restarts every
-    ``restart_steps`` steps (the reference uses half the run), no warm-up, floor 1e-8.
-    """
-    if train.schedule == "cosine_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=train.restart_steps or max(train.max_steps // 2, 1), eta_min=1e-8)
-    from transformers import get_cosine_schedule_with_warmup
-
-    return get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, max(train.max_steps, 1))
-
-
-def seeded_draws(seed: int) -> torch.Generator:
-    """Seed a micro-batch's random draws: torch's global generator (dropout etc.) and the
-    returned one (augmentation). The same seed gives the same draws (after a resume, or in
-    gradient caching's second forward)."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)

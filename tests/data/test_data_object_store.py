@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from melp_ray.utils import storage
-from melp_ray.config import DataConfig, check_data_root, data_has_labels
+from melp_ray.config_sections import DataConfig, check_data_root, data_has_labels
 from melp_ray.data import shards
 from melp_ray.data.sources import DataRootError, detect_layout, list_records
 from melp_ray.data.records import minmax_normalise

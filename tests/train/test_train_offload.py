@@ -9,7 +9,7 @@ from melp_ray.config import DeepSpeedConfig, TrainConfig
 from melp_ray.model.losses import compute_losses
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.train.deepspeed_config import deepspeed_config, skip_cpu_shared_memory_op
-from melp_ray.train.recipe import param_groups
+from melp_ray.train.optim import param_groups
 from melp_ray.train.session import single_process_group
 from model_fixture import random_batch
 

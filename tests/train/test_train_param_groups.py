@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from melp_ray.train.recipe import param_groups
+from melp_ray.train.optim import param_groups
 
 
 def _model() -> nn.Module:
