@@ -188,6 +188,12 @@ def test_zero1_trains_and_resumes_exactly(ray_local, tiny_cfg, tmp_path):
     assert metrics_of(second)[2]["resumed_from_step"] == 3
     written = json.loads((local(second["run_dir"]) / "summary.json").read_text())
     assert (written["contrastive_accumulation"], written["contrastive_negatives"]) == ("cached", 8)
+    # Started again once finished (a Tune trial restored after its end): nothing is trained,
+    # and the summary still holds the final checkpoint's losses and validation.
+    again = run_in_process(tiny_cfg(tmp_path, "resumed", *cached))
+    assert again["steps"] == 6 and len(metrics_of(again)) == 4
+    assert again["validation"] == second["validation"] and "recall_at_10" in again["validation"]
+    assert again["losses"] == second["losses"]
 
 
 @pytest.fixture(scope="module")

@@ -339,7 +339,7 @@ class DeepSpeedRecipe:
                 with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                     json.dump({**asdict(self.state), "world_size": self.world,
                                "micro_batch_size": self.cfg.train.micro_batch_size,
-                               "zero_stage": self.cfg.deepspeed.zero_stage}, f, indent=2)
+                               "zero_stage": self.cfg.deepspeed.zero_stage, "metrics": metrics}, f, indent=2)
                 with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
                     json.dump(to_dict(self.launch_cfg), f, indent=2)
         except BaseException:
@@ -349,9 +349,8 @@ class DeepSpeedRecipe:
 
     def load_checkpoint(self, path: str, load_dir: str | None = None,
                         tag: str = CHECKPOINT_TAG) -> None:
-        """Resume from the checkpoint folder ``path``: weights, optimizer, schedule, state.
-        ``load_dir``/``tag``: where DeepSpeed reads the engine state instead (the universal
-        conversion of ``path`` when the world size changed)."""
+        """Resume from the checkpoint folder ``path``: weights, optimizer, schedule, state. ``load_dir``/
+        ``tag``: where DeepSpeed reads the engine state instead (``path`` converted to universal)."""
         load_path, _ = self.engine.load_checkpoint(load_dir or path, tag=tag,
                                                    load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
@@ -361,6 +360,7 @@ class DeepSpeedRecipe:
             saved = json.load(f)
         defaults = asdict(TrainState())
         self.state = TrainState(**{k: saved.get(k, v) for k, v in defaults.items()})
+        self.last_metrics = saved.get("metrics", {})   # what finish() reports if no step is left
         saved_world = saved.get("world_size", self.world)
         if saved_world != self.world:
             self.state.micro_in_epoch = self.resized_position(saved)

@@ -181,7 +181,7 @@ def test_resume_on_1_and_3_ranks_equals_a_run_that_never_resized(tmp_path, rows,
     mp.spawn(two_ranks_checkpoint_and_go_on, args=(free_port(), root, rows), nprocs=2, join=True)
     for zero in STAGES:     # the checkpoint of step 2 only: the resumes start from it
         folder = f"{root}/z{zero}/checkpoints"
-        assert sorted(os.listdir(folder)) == ["checkpoint_000002"]
+        assert sorted(os.listdir(folder)) == ["checkpoint_step_000002"]
     mp.spawn(three_ranks_resume, args=(free_port(), root, rows), nprocs=3, join=True)
     single_process_group()
     for zero in STAGES:
