@@ -16,6 +16,7 @@ import yaml
 from melp_ray.config import ConfigError
 from melp_ray.sweeps.space import load_space
 from melp_ray.sweeps.summary import CURVES_FILE, PLOT_FILE, SUMMARY_FILE
+from melp_ray.sweeps.trial import final_result
 from melp_ray.sweeps.tuner import run_sweep
 from melp_ray.sweeps.validate import validate_sweep
 from melp_ray.tune import main
@@ -121,6 +122,13 @@ def test_sweep_summary_ranks_by_weight_free_metric(sweep_runs):
         assert run_summary["validation"]["zeroshot_auroc"] == pytest.approx(t["metric"])
         assert t["checkpoint_path"] and Path(t["checkpoint_path"]).is_dir()
         assert 0.0 <= t["metric"] <= 1.0 and t["metric_step"] == MAX_STEPS
+        # What a trial restored after its last checkpoint reports instead (it resumes with no
+        # step left, so no worker reports): the same result Tune took from the live run.
+        fallback = final_result(run_summary)
+        assert fallback["val/zeroshot_auroc"] == pytest.approx(t["metric"])
+        assert fallback["step"] == t["step"] and fallback["val_step"] == t["metric_step"]
+        assert fallback["checkpoint_path"] == t["checkpoint_path"]
+        assert {k for k in fallback if k.startswith("loss/")} == set(t["losses"])
     # The best trial is the argmax of the metric, never of a loss.
     best = max(trials, key=lambda t: t["metric"])
     assert [t["trial_id"] for t in trials if t["best"]] == [best["trial_id"]]

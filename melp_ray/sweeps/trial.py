@@ -29,6 +29,7 @@ def trial_report_callback(metric: str):
         def __init__(self):
             super().__init__()
             self.carried: dict[str, Any] = {}
+            self.forwarded = False   # has any result reached Tune
 
         def after_report(self, run_context, metrics, checkpoint):
             latest = dict(metrics[0])
@@ -40,8 +41,17 @@ def trial_report_callback(metric: str):
             if metric not in self.carried:
                 return
             super().after_report(run_context, [{**latest, **self.carried}], checkpoint)
+            self.forwarded = True
 
     return ValidationReportCallback()
+
+
+def final_result(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's last losses and validation as one Tune result, keyed as the workers report them."""
+    return {**{f"loss/{k}": v for k, v in summary["losses"].items()},
+            **{f"val/{k}": v for k, v in summary["validation"].items()},
+            "step": summary["steps"], "val_step": summary["steps"],
+            "checkpoint_path": summary["last_checkpoint"]}
 
 
 def run_trial(config: dict[str, Any], *, base_args: list[str], metric: str, runs_dir: str,
@@ -57,7 +67,12 @@ def run_trial(config: dict[str, Any], *, base_args: list[str], metric: str, runs
     cfg = load_config(PretrainConfig, None, base_args + trial_overrides(config) + [
         f"run.name={sweep_name}_{trial_id}", f"run.storage_path={runs_dir}",
         f"run.wandb_group={sweep_name}"])   # with run.wandb=true: one W&B group a sweep
-    run(cfg, callbacks=[trial_report_callback(metric)])
+    callback = trial_report_callback(metric)
+    summary = run(cfg, callbacks=[callback])
+    if not callback.forwarded and metric in final_result(summary):
+        # Restored after its last checkpoint, before Tune saw that step's result: the run
+        # resumed with no step left and reported nothing; its checkpoint's metrics are the result.
+        tune.report(final_result(summary))
     # A trial that never reported the metric would leave Tune with a result that lacks it
     # (which stops the whole sweep); fail just this trial, with the reason.
     history = storage.join(run_dir(cfg), "metrics.jsonl")
