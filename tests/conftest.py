@@ -18,6 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Three pytest processes and their Ray workers share CI's 2 cores: a second intra-op thread
+# only spins waiting for a core (tests/model + gradcache: 171 -> 132 CPU-s at -n 3). Ray's
+# workers, the benchmarks' subprocesses and torch in this process inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Ray Train's controller polls its workers every 2 s (Ray's default), so it noticed the end of
 # each of the session's tiny runs up to 2 s late. A poll that gets no answer in time is
@@ -34,7 +38,7 @@ os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # A raylet waits a fixed time for its dashboard agent's port file and aborts after that
 # ("Timed out waiting for file ...dashboard_agent_listen_port"): seen for the `ray start
-# --head` of the job-submission test with the suite's two processes busy. Wait up to 2 min.
+# --head` of the job-submission test with the suite's processes busy. Wait up to 2 min.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
 # Ray's local instances use token authentication, with a token that the first `ray.init` of
@@ -78,7 +82,7 @@ def pytest_collection_modifyitems(items):
 
 
 def group_tests_that_share_costly_fixtures(items) -> None:
-    """``pytest -n 2`` (pyproject's addopts) runs tests on two worker processes
+    """``pytest -n 3`` (pyproject's addopts) runs tests on three worker processes
     (``--dist loadgroup``): tests that share a module- or session-scoped fixture that trains
     or prepares something go to the same worker (one ``xdist_group``), so each such fixture
     is still built once per run. Connected through any shared fixture (union-find)."""

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -399,7 +400,7 @@ def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dashboard}"
-        wait_for_dashboard(address, env, bin_dir)
+        wait_for_dashboard(address)
         storage = tmp_path / "runs"
         submit = [str(bin_dir / "ray"), "job", "submit", f"--address={address}", "--working-dir",
                   ".", "--", "python", "-m", "melp_ray.pretrain", *fast_overrides, "train.max_steps=2",
@@ -432,12 +433,16 @@ def test_ray_job_submit_against_a_running_head(tmp_path, fast_overrides):
 TRANSIENT_SUBMIT_ERRORS = ("No available agent", "Connection aborted", "Connection refused")
 
 
-def wait_for_dashboard(address: str, env: dict, bin_dir: Path) -> None:
+def wait_for_dashboard(address: str) -> None:
+    """Until the head's job API answers (what `ray job list` asks, without a new Python
+    process with Ray's imports every poll)."""
     deadline = time.time() + 120
     while time.time() < deadline:
-        probe = subprocess.run([str(bin_dir / "ray"), "job", "list", f"--address={address}"],
-                               env=env, capture_output=True, text=True)
-        if probe.returncode == 0:
-            return
-        time.sleep(2)
+        try:
+            with urllib.request.urlopen(f"{address}/api/jobs/", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:   # not listening yet, or reset while it starts
+            pass
+        time.sleep(1)
     raise TimeoutError(f"Ray head at {address} did not come up")
