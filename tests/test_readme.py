@@ -19,7 +19,9 @@ def test_readme_has_exactly_two_setup_commands():
     assert install_and_run.endswith("python -m melp_ray.pretrain")
     assert install_and_test.endswith("pytest")
     for cmd in commands:   # torch first, then everything else constrained to it
-        assert cmd.index("pip install torch==2.13.0") < cmd.index("pip install -c constraints.txt")
+        assert cmd.index("pip install torch==2.13.0") < cmd.index("-c constraints.txt")
+        # With PYTHONDONTWRITEBYTECODE set nothing else writes .pyc files (README "Set up").
+        assert "uv pip install --compile-bytecode" in cmd
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
