@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from console_noise import assert_console_is_quiet   # tests/fixtures
+from ray_head import stop_group
 from weights_fixture import assert_same_weights
 from melp_ray.config import PretrainConfig
 from melp_ray.hub.checkpoint import consolidated_state_dict
@@ -467,11 +467,8 @@ def head_diagnosis(head: subprocess.Popen, log: Path) -> str:
 
 
 def stop_head(head: subprocess.Popen) -> None:
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    head.wait(timeout=60)
+    stop_group(head.pid)   # its own session: the group id is its pid
+    head.wait()
 
 
 TRANSIENT_SUBMIT_ERRORS = ("No available agent", "Connection aborted", "Connection refused")

@@ -68,11 +68,11 @@ def run_trial(config: dict[str, Any], *, base_args: list[str], metric: str, runs
         f"run.name={sweep_name}_{trial_id}", f"run.storage_path={runs_dir}",
         f"run.wandb_group={sweep_name}"])   # with run.wandb=true: one W&B group a sweep
     callback = trial_report_callback(metric)
-    summary = run(cfg, callbacks=[callback])
-    if not callback.forwarded and metric in final_result(summary):
+    result = final_result(run(cfg, callbacks=[callback]))
+    if not callback.forwarded and metric in result:
         # Restored after its last checkpoint, before Tune saw that step's result: the run
         # resumed with no step left and reported nothing; its checkpoint's metrics are the result.
-        tune.report(final_result(summary))
+        tune.report(result)
     # A trial that never reported the metric would leave Tune with a result that lacks it
     # (which stops the whole sweep); fail just this trial, with the reason.
     history = storage.join(run_dir(cfg), "metrics.jsonl")
