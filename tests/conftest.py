@@ -40,6 +40,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # ("Timed out waiting for file ...dashboard_agent_listen_port"): seen for the `ray start
 # --head` of the job-submission test with the suite's processes busy. Wait up to 2 min.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+# Ray starts its worker processes at nice 15. Here they share 2 cores with the other pytest
+# processes (nice 0, training in-process), which then take ~96 % of a contended core: a
+# multi-node run's workers got 4 % of a core each and did not finish in 10 minutes (CI; the
+# same with two busy loops beside it here). At nice 0 every test's work gets a fair share.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 # Ray's local instances use token authentication, with a token that the first `ray.init` of
 # a machine writes to ~/.ray/auth_token when there is none. On a fresh machine (CI) both

@@ -35,10 +35,23 @@ def scenario(tmp_path_factory, fast_overrides) -> tuple[dict, Path]:
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("RAY_ADDRESS", None)
     run = [*fast_overrides, "deepspeed.zero_stage=2"]
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(work), *run], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(work), *run], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as stuck:
+        pytest.fail(f"the scenario did not end in {TIMEOUT_S} s; what it printed:\n"
+                    + tail(stuck.stdout, 4000) + tail(stuck.stderr, 8000))
+    assert proc.returncode == 0, tail(proc.stdout, 4000) + tail(proc.stderr, 8000)
     return json.loads((work / "result.json").read_text()), work
+
+
+def tail(output: str | bytes | None, chars: int) -> str:
+    """The last ``chars`` of a process's output, a line repeated back to back kept once
+    (a stuck run's Ray helpers print the same warning every few seconds)."""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+    lines = text.splitlines()
+    kept = [line for i, line in enumerate(lines) if i == 0 or line != lines[i - 1]]
+    return "\n".join(kept)[-chars:] + "\n"
 
 
 def worker_records(run_dir: Path) -> list[dict]:
