@@ -54,6 +54,12 @@ class TrainConfig:
     num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5     # < 1 leaves CPUs for Ray Data on small machines
+    # More Ray resources each worker asks for, beside CPU (and GPU with use_gpu), e.g.
+    # {"accelerator_type:A100": 0.001}: the workers go only to nodes that have them.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    # An elastic run: how often Ray Train checks whether more workers fit, and then restarts
+    # the group larger from the last checkpoint (ScalingConfig.elastic_resize_monitor_interval_s).
+    elastic_resize_interval_s: float = 60.0
     global_batch_size: int = 16      # = micro_batch_size x grad_accum x num_workers
     micro_batch_size: int | None = None  # None: global_batch_size / num_workers
     # With grad_accum > 1, how the rhythm (contrastive) loss sees the batch. cached: one loss
@@ -233,6 +239,12 @@ def train_problems(t: TrainConfig) -> list[str]:
         problems.append("train.precision=bf16 needs train.use_gpu=true (CPU runs are fp32)")
     if t.cpus_per_worker <= 0:
         problems.append("train.cpus_per_worker must be > 0")
+    for name, amount in t.worker_resources.items():
+        if name in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount <= 0:
+            problems.append(f"train.worker_resources: {name}={amount!r}: a custom resource "
+                            f"with an amount > 0 (CPU and GPU: train.cpus_per_worker, train.use_gpu)")
+    if t.elastic_resize_interval_s < 0:
+        problems.append("train.elastic_resize_interval_s must be >= 0")
     if t.lr <= 0:
         problems.append("train.lr must be > 0")
     if t.schedule not in ("warmup_cosine", "cosine_restarts"):

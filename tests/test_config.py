@@ -41,6 +41,9 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ("train.early_stop_patience=3", "needs train.checkpoint_metric"),
     ("train.early_stop_patience=-1", "early_stop_patience must be >= 0"),
     ("deepspeed.offload_param=true", "offload_param needs deepspeed.zero_stage=3"),
+    ('train.worker_resources={"GPU":1}', "GPU=1: a custom resource"),
+    ('train.worker_resources={"gpu_stand_in":0}', "gpu_stand_in=0: a custom resource with an amount > 0"),
+    ("train.elastic_resize_interval_s=-1", "elastic_resize_interval_s must be >= 0"),
     ("deepspeed.offload_optimizer=true deepspeed.zero_stage=0", "needs deepspeed.zero_stage >= 1"),
 ])
 def test_bad_values_are_named(override, message):

@@ -134,7 +134,7 @@ def run_sweep(sweep: Sweep, space_path: str = "", restore: bool = False,
     global _stop_after_trials
     from ray import tune
 
-    from melp_ray.utils.ray_connect import quiet_data_progress_bars
+    from melp_ray.utils.ray_connect import pin_data_stats_here, quiet_data_progress_bars
     from melp_ray.utils.ray_connect import init_ray
 
     record_path = storage.join(sweep.dir, SWEEP_FILE)
@@ -155,6 +155,7 @@ def run_sweep(sweep: Sweep, space_path: str = "", restore: bool = False,
 
     init_ray()
     quiet_data_progress_bars()
+    pin_data_stats_here()       # before any trial's workers run a dataset
     _stop_after_trials = stop_after_trials
     try:
         if restore:

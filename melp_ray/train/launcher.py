@@ -6,6 +6,7 @@ from typing import Any
 
 from melp_ray.utils import storage
 from melp_ray.utils.console import ray_train_logging
+from melp_ray.utils.ray_connect import pin_data_stats_here
 from melp_ray.train.curves import write_run_curves
 from melp_ray.train.metrics import log_wandb_summary, run_dir
 # worker_entry lives with the sessions: what a worker unpickles imports no plotting library.
@@ -18,7 +19,7 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.train
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if t.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
@@ -28,7 +29,8 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
         # least min), and restarts the group from the last checkpoint when it can grow or
         # has lost a worker; the recipe re-derives its batch split at each (re)start.
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.elastic_resize_interval_s),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         datasets=datasets,
         # Each rank has its own deterministic dataset (see melp_ray.data.rows): nothing to
@@ -53,6 +55,7 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
 def fit_and_summarise(cfg, recipe_cls, datasets: dict[str, Any], extra_summary=None,
                       callbacks: list | None = None) -> dict[str, Any]:
     """Run the recipe on Ray Train workers; write and return summary.json."""
+    pin_data_stats_here()
     trainer = build_trainer(cfg, recipe_cls, datasets, callbacks)
     start = time.perf_counter()
     result = trainer.fit()

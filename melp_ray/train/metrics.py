@@ -28,8 +28,9 @@ SYNC_SECONDS = 60.0
 
 class MetricsLogger:
     """metrics.jsonl is appended one line per ``log``. Object stores cannot append: there the
-    lines are appended to a local file, uploaded whole at most every ``SYNC_SECONDS`` and at
-    ``close`` (so the upload cost no longer grows with every log line)."""
+    lines are appended to a local file, uploaded whole at most every ``SYNC_SECONDS``, at
+    every checkpoint (``sync``: a restart resumes from one, so no row before it is lost) and
+    at ``close`` (so the upload cost no longer grows with every log line)."""
 
     def __init__(self, cfg, rank: int):
         self.active = rank == 0   # only the world rank 0 logs (W&B would start a run per rank)

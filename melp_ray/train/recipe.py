@@ -274,7 +274,11 @@ class DeepSpeedRecipe:
             if t.checkpoint_metric is not None:
                 self.track_best(metrics)
                 want_ckpt = want_ckpt or self.state.stopped_early   # the run ends here
-        metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen)
+        metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen,
+                       world_size=self.world)
+        nodes = self.session.cluster_nodes() if self.rank == 0 else None   # only rank 0 logs
+        if nodes is not None:
+            metrics["cluster_nodes"] = nodes
         if getattr(self, "resumed_from_step", None) is not None:
             metrics["resumed_from_step"] = self.resumed_from_step
             self.resumed_from_step = None
@@ -282,6 +286,9 @@ class DeepSpeedRecipe:
         self.last_metrics = metrics
         if want_ckpt:
             self.save_checkpoint(metrics)
+            # A restart resumes from a checkpoint: the history up to it must be in storage
+            # (on object storage the file is otherwise uploaded only every minute).
+            self.logger.sync()
         else:
             self.session.report(metrics)
         window.reset()

@@ -118,6 +118,12 @@ class RayTrainSession:
 
         return ray.train.get_preemption_info()
 
+    def cluster_nodes(self) -> int:
+        """Live Ray nodes of the cluster now (an autoscaler adds and removes them)."""
+        import ray
+
+        return sum(node["Alive"] for node in ray.nodes())
+
 
 class LocalSession:
     """A recipe run in this process (and, with a process group, in its peers).
@@ -158,6 +164,9 @@ class LocalSession:
 
     def preemption_notice(self) -> None:
         return None
+
+    def cluster_nodes(self) -> None:
+        return None            # this process is the run: no cluster of its own
 
     def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
         self.reports.append(dict(metrics))

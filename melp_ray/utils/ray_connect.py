@@ -291,6 +291,17 @@ def fail(message: str):
     raise RayAddressError(message)
 
 
+def pin_data_stats_here() -> None:
+    """Create Ray Data's stats actor (one per cluster, detached, 0 CPUs) now, on this
+    process's node. Ray pins it to the node of whatever process first runs a dataset: with
+    per-rank datasets that is a training worker, i.e. a GPU node, which the actor then keeps
+    from ever going idle, so an autoscaler could not release that node after the run
+    (``bench/autoscaling.py``). Called by the driver (under ``ray job submit``: on the head)."""
+    from ray.data._internal.stats import get_or_create_stats_actor   # no public way to place it
+
+    get_or_create_stats_actor()
+
+
 def quiet_data_progress_bars() -> None:
     """Our recipes print their own progress lines; Ray Data's per-dataset bars would drown them."""
     from ray.data import DataContext
