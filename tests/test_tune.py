@@ -20,6 +20,7 @@ from melp_ray.sweeps.trial import final_result
 from melp_ray.sweeps.tuner import run_sweep
 from melp_ray.sweeps.validate import validate_sweep
 from melp_ray.tune import main
+from tracking_fixture import wandb_offline_runs   # tests/fixtures
 
 MAX_STEPS = 2
 NUM_TRIALS = 2                       # one finishes before the interruption, one after it
@@ -61,7 +62,8 @@ def sweep_runs(ray_local, tmp_path_factory):
     """Run the sweep until 1 trial finished (interrupt), snapshot, then restore to the end."""
     tmp = tmp_path_factory.mktemp("tune")
     space_file = write_space(tmp / "space.yaml")
-    overrides = [f"run.storage_path={tmp / 'sweeps'}"]
+    # run.wandb: every trial logs an offline W&B run (WANDB_MODE=offline, conftest).
+    overrides = [f"run.storage_path={tmp / 'sweeps'}", "run.wandb=true"]
     sweep = validate_sweep(load_space(space_file), "tiny", overrides)
 
     first = run_sweep(sweep, str(space_file), stop_after_trials=1)
@@ -104,6 +106,20 @@ def test_restored_sweep_completes_and_keeps_finished_trials(sweep_runs):
         path = os.path.join(sweep_runs["sweep"].runs_dir, f"weights_{old['trial_id']}",
                             "metrics.jsonl")
         assert read_lines(path) == sweep_runs["metrics_lines"][old["trial_id"]]
+
+
+def test_every_trial_is_a_wandb_run_of_the_sweeps_group(sweep_runs):
+    """One W&B group a sweep, one run a trial (resumed under its id when its trial is
+    restored), holding the trial's metrics.jsonl rows."""
+    sweep = sweep_runs["sweep"]
+    for trial in sweep_runs["second"]["trials"]:
+        folder = Path(sweep.runs_dir, f"{sweep.space.name}_{trial['trial_id']}")
+        runs = wandb_offline_runs(folder / "wandb")
+        assert runs and {r["group"] for r in runs} == {sweep.space.name}, runs
+        assert len({r["id"] for r in runs}) == 1                  # one W&B run per trial
+        logged = {h["_step"] for r in runs for h in r["history"]}
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert logged == {row["step"] for row in rows} and MAX_STEPS in logged
 
 
 def test_sweep_summary_ranks_by_weight_free_metric(sweep_runs):
