@@ -192,7 +192,8 @@ class PretrainRecipe(DeepSpeedRecipe):
 
     def extra_metrics(self) -> dict[str, float]:
         scale = self.model.logit_scale.detach().float()   # 1 element: never partitioned by ZeRO-3
-        return {"logit_scale": float(scale.clamp(max=self.cfg.model.logit_scale_max).exp())}
+        return {**super().extra_metrics(),
+                "logit_scale": float(scale.clamp(max=self.cfg.model.logit_scale_max).exp())}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -76,7 +76,8 @@ class DeepSpeedRecipe:
         return {}
 
     def extra_metrics(self) -> dict[str, float]:
-        return {}
+        nodes = self.session.cluster_nodes() if self.rank == 0 else None   # only rank 0 logs
+        return {} if nodes is None else {"cluster_nodes": nodes}
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -274,11 +275,7 @@ class DeepSpeedRecipe:
             if t.checkpoint_metric is not None:
                 self.track_best(metrics)
                 want_ckpt = want_ckpt or self.state.stopped_early   # the run ends here
-        metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen,
-                       world_size=self.world)
-        nodes = self.session.cluster_nodes() if self.rank == 0 else None   # only rank 0 logs
-        if nodes is not None:
-            metrics["cluster_nodes"] = nodes
+        metrics.update(epoch=self.state.epoch, samples_seen=self.state.samples_seen, world_size=self.world)
         if getattr(self, "resumed_from_step", None) is not None:
             metrics["resumed_from_step"] = self.resumed_from_step
             self.resumed_from_step = None
@@ -286,9 +283,7 @@ class DeepSpeedRecipe:
         self.last_metrics = metrics
         if want_ckpt:
             self.save_checkpoint(metrics)
-            # A restart resumes from a checkpoint: the history up to it must be in storage
-            # (on object storage the file is otherwise uploaded only every minute).
-            self.logger.sync()
+            self.logger.sync()    # a restart resumes from a checkpoint: its history is stored
         else:
             self.session.report(metrics)
         window.reset()
@@ -300,8 +295,7 @@ class DeepSpeedRecipe:
         same steps."""
         if not self.cfg.train.checkpoint_on_preemption or self.preemption_checkpointed:
             return False
-        notice = self.preemption_notice()
-        if notice is None:
+        if (notice := self.preemption_notice()) is None:
             return False
         self.preemption_checkpointed = True
         if self.rank == 0:
@@ -397,10 +391,9 @@ class DeepSpeedRecipe:
         return steps_in_epoch * self.cfg.train.grad_accum
 
     def finish(self) -> dict[str, Any]:
-        metrics = getattr(self, "last_metrics", {})
         s = self.state
         return {"step": s.step, "world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage,
-                "metrics": metrics, "stopped_early": s.stopped_early,
+                "metrics": getattr(self, "last_metrics", {}), "stopped_early": s.stopped_early,
                 "best_step": s.best_step, "best_score": s.best_score}
 
     def cleanup(self) -> None:
