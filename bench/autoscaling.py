@@ -291,10 +291,10 @@ class Scenario:
             time.sleep(POLL_S)
 
     def event(self, name: str, message: str, **facts) -> None:
-        self.events[name] = {"t": self.now(), "after_step": self.logged_step(), **facts}
+        self.events[name] = {"t": self.now(), "after_step": self.newest_checkpoint_step(), **facts}
         C.log(f"{message} (after step {self.events[name]['after_step']})")
 
-    def logged_step(self) -> int:
+    def newest_checkpoint_step(self) -> int:
         """The newest step Ray has a checkpoint of."""
         return max(registered_steps(self.run_dir), default=0)
 
