@@ -5,7 +5,8 @@
 
 Measured, side by side in one run (the machine is shared, so ratios are what count):
 - ingest: rows/s one consumer receives from ``iter_torch_batches`` of our pipelines, from
-  Parquet shards made by ``melp_ray.prepare`` and straight from WFDB files;
+  Parquet shards made by ``melp_ray.prepare`` (the training path: one rank's row slices,
+  ``rank_datasets``) and straight from WFDB files;
 - reference: rows/s of the reference MELP data path, a torch ``DataLoader`` whose Dataset
   reads each record with ``wfdb.rdsamp`` and min-max normalises it, with as many loader
   workers as the Ray instance has CPUs (``--smoke``: one); it does not tokenise (ours
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
 
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.data.rows import shard_files, split_refs
-    from melp_ray.train.stream import StreamSpec, shards_dataset, wfdb_dataset
+    from melp_ray.train.stream import StreamSpec, rank_datasets, wfdb_dataset
     from melp_ray.data.prepare import PrepareSettings, prepare
 
     cfg = load_config(PretrainConfig, "tiny", [])   # the default run: its batch, model, rate
@@ -207,13 +208,17 @@ def main(argv=None) -> int:
                             sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                             shard_size=4 if smoke else 128, limit=limit))
     files = shard_files(shards_root, "train")
+
+    def shard_rank():   # the training path: one rank's row slices of the shard files
+        return rank_datasets(shards_root, "train", 1, spec)[0]
+
     refs = split_refs("ptb-xl", root, "train", cfg.data.val_fraction, cfg.train.seed, limit,
                       cfg.data.sample_rate)
 
     C.log("measuring ingest: shards, WFDB, reference")
     # --smoke: one loader worker checks the spawned path (each costs ~4 CPU-s of imports).
     reference = reference_loader(refs, root, batch, 1 if smoke else cpus)
-    paths = {"shards": lambda: ray_rate(shards_dataset(files, spec), batch),
+    paths = {"shards": lambda: ray_rate(shard_rank(), batch),   # the training path, one rank
              "wfdb": lambda: ray_rate(wfdb_dataset(refs, root, spec), batch),
              "reference": lambda: timed_pass(iter(reference))}
     # One untimed pass each first: Ray's first use spawns and imports its worker processes,
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
     close_loader(reference)
 
     C.log("measuring consumption")
-    sample = list(shards_dataset(files, spec).iter_torch_batches(batch_size=batch, drop_last=True))[:4]
+    sample = list(shard_rank().iter_torch_batches(batch_size=batch, drop_last=True))[:4]
     consume = consumption_rate(cfg, sample, warmup=1 if smoke else 3, steps=2 if smoke else 10)
     consume["workers"] = cfg.train.num_workers
     consume["rows_per_s_all_workers"] = consume["rows_per_s_per_worker"] * cfg.train.num_workers

@@ -129,8 +129,7 @@ def main(argv=None) -> int:
     info = C.machine()
 
     from melp_ray.config import PretrainConfig, load_config
-    from melp_ray.data.rows import shard_files
-    from melp_ray.train.stream import StreamSpec, shards_dataset
+    from melp_ray.train.stream import StreamSpec, rank_datasets
     from melp_ray.data.prepare import PrepareSettings, prepare
 
     tmp = tempfile.TemporaryDirectory(prefix="melp-bench-overhead-")
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
     spec = StreamSpec(sample_rate=cfg.data.sample_rate, seconds=cfg.data.seconds,
                       text_model=cfg.model.text_model, max_text_length=cfg.model.max_text_length)
     batch = cfg.train.micro_batch_size
-    batches = list(shards_dataset(shard_files(shards_root, "train"), spec)
+    batches = list(rank_datasets(shards_root, "train", 1, spec)[0]
                    .iter_torch_batches(batch_size=batch, drop_last=True))[:16]
     warmup = 1 if smoke else 5
     C.log("bare loop (before)")

@@ -17,7 +17,8 @@ Measured:
   reports; their ``.dat`` files are hard links to one copy of each source signal, so the
   page cache holds every signal (a cold object store or disk is slower; not measured).
 - ingest, per CPU at 500 Hz: rows/s one consumer receives from ``iter_torch_batches`` over
-  the Parquet shards that prepare wrote (decode + tokenise, the paper config's micro-batch)
+  the Parquet shards that prepare wrote, through the training path (one rank's row slices,
+  ``rank_datasets``: read + decode + tokenise, the paper config's micro-batch)
   vs the reference MELP path, a torch ``DataLoader`` reading the same records' WFDB files
   (``bench/ingest.py``'s, as many workers as Ray has CPUs), each divided by those CPUs.
 - CPUs per GPU = the paper model's samples/s on one GPU / shards rows/s per CPU. The
@@ -143,7 +144,7 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
 
     from melp_ray.config import PretrainConfig, load_config
     from melp_ray.data.rows import shard_files, split_refs
-    from melp_ray.train.stream import StreamSpec, shards_dataset
+    from melp_ray.train.stream import StreamSpec, rank_datasets
 
     cfg = load_config(PretrainConfig, "paper", [])
     batch = cfg.train.micro_batch_size
@@ -155,7 +156,8 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
     # prepare's defaults (val_fraction 0.1, seed 0): the very records in the train shards
     refs = split_refs("mimic-iv-ecg", str(root), "train", 0.1, 0, None, cfg.data.sample_rate)
     reference = I.reference_loader(refs, str(root), batch, num_cpus)
-    paths = {"shards": lambda: I.ray_rate(shards_dataset(files, spec), batch),
+    # The training path: one rank's pipeline (row slices of the files, read by Ray Data tasks).
+    paths = {"shards": lambda: I.ray_rate(rank_datasets(str(shards), "train", 1, spec)[0], batch),
              "reference": lambda: I.timed_pass(iter(reference))}
     cold = {} if quick else {name: run() for name, run in paths.items()}
     runs: dict[str, list] = {name: [] for name in paths}

@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 from melp_ray.config import PretrainConfig
 from melp_ray.data.shards import load_manifest
 from melp_ray.data.sources import detect_layout
-from melp_ray.utils import storage
 from melp_ray.data.ptbxl import SUPERCLASSES
 from melp_ray.data.records import minmax_normalise, minmax_normalise_, resample
 from melp_ray.data.rows import (RowSlice, deal_rows, drop_folds, list_splits, read_row_range, resolve_root,
@@ -149,46 +148,6 @@ def _plain(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- dataset builders
-
-def shards_dataset(files: Sequence[str], spec: StreamSpec, filesystem=None,
-                   exclude_folds: Sequence[int] = ()):
-    """Parquet shard files (local paths or URIs) -> model-ready rows (rows of ``exclude_folds`` left out)."""
-    columns = ["ecg", "report"] + (["labels_super"] if spec.with_labels else [])
-    if exclude_folds:
-        columns.append("strat_fold")
-    if filesystem is None:   # shards behind a URI: one pyarrow filesystem, paths on it
-        filesystem, files = storage.filesystem_and_paths(list(files))
-    # One block per file: left to itself Ray Data splits each read into ~200 blocks of a
-    # few rows (its default parallelism), and the per-block cost then dominated 500 Hz
-    # ingest (2.7x fewer rows/s measured, bench/README.md "ingest at 500 Hz").
-    ds = read_parquet_v1(list(files), columns=columns, filesystem=filesystem, shuffle=None,
-                         override_num_blocks=len(files))
-    kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
-    # batch_size=None: the transform takes each read block whole, so Ray Data fuses it
-    # into the read task (no object-store round trip of the undecoded block); rows are
-    # transformed one by one, so the grouping does not change a value.
-    return in_order(ds.map_batches(decode_shard_batch, fn_kwargs=kwargs,
-                                   batch_format="pyarrow", batch_size=None))
-
-
-def read_parquet_v1(files: list[str], **kwargs):
-    """``ray.data.read_parquet`` through Ray Data's V1 Parquet datasource.
-
-    Why not the default V2 one (Ray 2.60): it lists files by starting a pool of
-    ``FooterReader`` actors, i.e. new worker processes, on *every* execution of the
-    dataset, so every epoch of every rank paid 2-3.6 s before its first batch (measured on
-    the 1.3k-row PTB-XL shards; 0.3 s with V1, see bench/README.md "ingest"). Our shards
-    are a known, explicit file list, so there is nothing for footer-based listing to find.
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    previous, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(files, **kwargs)
-    finally:
-        context.use_datasource_v2 = previous
-
 
 def wfdb_dataset(refs: Sequence[Any], root: str, spec: StreamSpec):
     """Raw WFDB records (``RecordRef``s) -> model-ready rows, reading on Ray Data workers."""

@@ -104,8 +104,7 @@ def test_other_settings_in_the_same_folder_are_refused(ptbxl_prepared):
 
 
 def test_int16_shards_are_smaller_and_stream_like_float32(ptbxl_prepared, tmp_path):
-    from melp_ray.data.rows import shard_files
-    from melp_ray.train.stream import StreamSpec, shards_dataset
+    from melp_ray.train.stream import StreamSpec, rank_datasets
 
     settings, manifest = ptbxl_prepared
     compact = prepare(replace(settings, out=str(tmp_path / "int16"), ecg_encoding="int16"))
@@ -125,7 +124,7 @@ def test_int16_shards_are_smaller_and_stream_like_float32(ptbxl_prepared, tmp_pa
         assert np.abs(row["ecg"] - exact[row["record_id"]]).max() < 2e-4   # mV
     # The training stream decodes them: same batches as float32 shards, to the same bound.
     spec = StreamSpec(sample_rate=100, seconds=10.0, max_text_length=32, text_model="minilm")
-    batches = [next(iter(shards_dataset(shard_files(str(out), "train")[:1], spec)
+    batches = [next(iter(rank_datasets(str(out), "train", 1, spec)[0]
                          .iter_batches(batch_size=16, batch_format="numpy")))
                for out in (settings.out, tmp_path / "int16")]
     assert batches[0]["ecg"].shape == batches[1]["ecg"].shape == (16, 12, 1000)
