@@ -36,6 +36,7 @@ from gpu_step import build_recipe, one_batch
 # key -> (before, after). The "after" values are the defaults where the choice is not real.
 OPTIMISATIONS: dict[str, tuple[str, str]] = {
     "deepspeed.check_grad_overflow": ("true", "false"),
+    "deepspeed.contiguous_gradients": ("true", "false"),
     "train.compile": ("false", "true"),
 }
 
