@@ -78,7 +78,7 @@ class TrainConfig:
     restart_steps: int | None = None  # cosine_restarts period; None: half of max_steps
     grad_clip: float = 1.0           # 0: no clipping (the reference clips nothing)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    # torch.compile the model's own parts (MELP: ECG encoder, poolers, multimodal decoder):
+    # torch.compile the model's parts (MELP: ECG encoder, poolers, text tower, decoder):
     # fused kernels, far fewer launches a step (bench/step_ops.py); costs compile time at the
     # first step (and at the first validation). ZeRO 0-2 only.
     compile: bool = False
