@@ -78,7 +78,7 @@ class TrainConfig:
     restart_steps: int | None = None  # cosine_restarts period; None: half of max_steps
     grad_clip: float = 1.0           # 0: no clipping (the reference clips nothing)
     precision: str = "auto"          # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    # torch.compile the model's own parts (MELP: ECG encoder, poolers, multimodal decoder):
+    # torch.compile the model's parts (MELP: ECG encoder, poolers, text tower, decoder):
     # fused kernels, far fewer launches a step (bench/step_ops.py); costs compile time at the
     # first step (and at the first validation). ZeRO 0-2 only.
     compile: bool = False
@@ -160,6 +160,12 @@ class DeepSpeedConfig:
     # tensor (~2,700 kernel launches a step for the paper model, bench/step_ops.py); fp32
     # runs never check, nor does the reference's bf16 training.
     check_grad_overflow: bool = False
+    # ZeRO 1-2: DeepSpeed copies each gradient into the reduction bucket and out again (two
+    # operators per parameter tensor a step). false: each bucket is flattened once and the
+    # gradients are re-pointed at the reduced bucket (melp_ray/train/zero_grads.py), no
+    # operator per tensor; with ZeRO-2 on several GPUs the buckets then stay whole until the
+    # step (the full gradient, not this rank's partition). Not with offload_optimizer.
+    contiguous_gradients: bool = True
 
 
 @dataclass
@@ -314,6 +320,9 @@ def deepspeed_problems(ds: DeepSpeedConfig) -> list[str]:
     if ds.offload_param and ds.zero_stage != 3:
         problems.append("deepspeed.offload_param needs deepspeed.zero_stage=3 "
                         "(only ZeRO-3 partitions parameters)")
+    if not ds.contiguous_gradients and (ds.zero_stage not in (1, 2) or ds.offload_optimizer):
+        problems.append("deepspeed.contiguous_gradients=false needs deepspeed.zero_stage 1 or 2 "
+                        "without offload_optimizer (DeepSpeed's offload copies regardless)")
     return problems
 
 

@@ -45,6 +45,9 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ('train.worker_resources={"gpu_stand_in":0}', "gpu_stand_in=0: a custom resource with an amount > 0"),
     ("train.elastic_resize_interval_s=-1", "elastic_resize_interval_s must be >= 0"),
     ("deepspeed.offload_optimizer=true deepspeed.zero_stage=0", "needs deepspeed.zero_stage >= 1"),
+    ("deepspeed.contiguous_gradients=maybe", "expected bool"),
+    ("deepspeed.contiguous_gradients=false deepspeed.zero_stage=3", "contiguous_gradients=false needs"),
+    ("deepspeed.contiguous_gradients=false deepspeed.offload_optimizer=true", "without offload_optimizer"),
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,6 +62,10 @@ def test_deepspeed_config_carries_our_settings():
     ds = deepspeed_config(cfg.train, cfg.deepspeed)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    assert "contiguous_gradients" not in ds["zero_optimization"]   # ZeRO-3: DeepSpeed's own
+    paper = load_config(PretrainConfig, "paper", [])      # paper.yaml: no copy per gradient
+    assert deepspeed_config(paper.train, paper.deepspeed)["zero_optimization"][
+        "contiguous_gradients"] is False
     assert ds["bf16"]["enabled"] is True            # precision "auto" on GPUs
     cpu = load_config(PretrainConfig, "tiny", [])
     assert deepspeed_config(cpu.train, cpu.deepspeed)["bf16"]["enabled"] is False

@@ -47,11 +47,16 @@ class MELP(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.logit_scale_init))
 
     def compile_parts(self, **options) -> None:
-        """``torch.compile`` the ECG encoder, both poolers and the multimodal decoder in place
-        (``train.compile``; ``options`` go to ``nn.Module.compile``, e.g. ``backend``). Not the
-        text tower's Hugging Face model, and not ``forward`` itself, whose sentence count is
-        data-dependent. Numerics: eager's to float rounding (tests/model/test_model_compile.py)."""
-        for part in (self.ecg_encoder, self.beat_pooler, self.caption_pooler, self.decoder):
+        """``torch.compile`` the ECG encoder, both poolers, the text tower's Hugging Face model
+        and the multimodal decoder in place (``train.compile``; ``options`` go to
+        ``nn.Module.compile``, e.g. ``backend``). Not ``forward`` itself, whose sentence count
+        is data-dependent. The text model compiles to one graph (causal + padding mask
+        included, frozen layers without gradients); training rows are padded to
+        ``max_text_length``, so text lengths cause no recompiles (``generate``'s growing prefix
+        would: dynamo then makes the length dynamic). Numerics: eager's to float rounding
+        (tests/model/test_model_compile.py)."""
+        for part in (self.ecg_encoder, self.beat_pooler, self.caption_pooler, self.text.backbone,
+                     self.decoder):
             part.compile(**options)
 
     @property

@@ -26,6 +26,8 @@ def skip_cpu_shared_memory_op() -> None:
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size}
+    if ds.zero_stage in (1, 2):   # false: zero_grads.initialize_engine rebinds, not copies
+        zero["contiguous_gradients"] = ds.contiguous_gradients
     if ds.offload_optimizer and ds.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if ds.offload_param and ds.zero_stage == 3:

@@ -32,6 +32,7 @@ from melp_ray.train.elastic import dataset_name, resized_checkpoint, saved_world
 from melp_ray.train.metrics import MetricsLogger, Window, worker_print
 from melp_ray.train.optim import lr_schedule, param_groups
 from melp_ray.train.prefetch import EpochPrefetcher
+from melp_ray.train.zero_grads import initialize_engine
 from melp_ray.train.session import RayTrainSession
 
 
@@ -102,8 +103,6 @@ class DeepSpeedRecipe:
         """The model, AdamW, the LR schedule and the DeepSpeed engine around them (the
         process group must exist: Ray Train's, or bench/gpu_step.py's own). ``universal``:
         the engine will load a universal checkpoint (a resume on another world size)."""
-        import deepspeed
-
         if not self.cfg.train.use_gpu:
             skip_cpu_shared_memory_op()
         self.bf16 = use_bf16(self.cfg.train)
@@ -117,9 +116,8 @@ class DeepSpeedRecipe:
         config = deepspeed_config(self.cfg.train, self.cfg.deepspeed)
         if universal:
             config["checkpoint"] = {"load_universal": True}
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-            dist_init_required=False)
+        self.engine, self.optimizer, _, self.scheduler = initialize_engine(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train

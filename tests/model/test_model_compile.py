@@ -37,6 +37,9 @@ def test_compiled_parts_match_eager_and_keep_parameter_names():
     # MELP's code (graph breaks, parameter names, shapes, gradients). Inductor's C++ code
     # generation is PyTorch's own and costs ~100 CPU-s here on a cold cache (a fresh CI
     # machine; 20 s warm): the default backend runs in bench/step_ops.py.
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     compiled.compile_parts(backend="aot_eager")
     assert list(compiled.state_dict()) == list(eager.state_dict())   # checkpoints unchanged
     arrays = report_ids.encode_reports(eager.tokenizer, REPORTS, cfg.max_text_length)
@@ -51,5 +54,14 @@ def test_compiled_parts_match_eager_and_keep_parameter_names():
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()) + 1e-7,
                                    msg=lambda m, n=name: f"{n}: {m}")
-    # ... and it was compiled: the encoder runs through dynamo's wrapper
+    # ... and it was compiled: the encoder and the text model run through dynamo's wrapper
     assert compiled.ecg_encoder._compiled_call_impl is not None
+    assert compiled.text.backbone._compiled_call_impl is not None
+    # The text model (causal + padding mask, cfg.text_frozen_layers frozen) is one graph, and
+    # other reports (padded to max_text_length like every training row) compile nothing new.
+    assert cfg.text_frozen_layers >= 1 and int(batch["attention_mask"].sum(1).min()) < cfg.max_text_length
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    other = report_ids.encode_reports(eager.tokenizer, REPORTS[::-1], cfg.max_text_length)
+    losses_and_grads(compiled, {**batch, **{k: torch.from_numpy(v) for k, v in other.items()}})
+    assert counters["stats"]["unique_graphs"] == graphs >= 5, graphs
