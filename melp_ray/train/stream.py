@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from melp_ray.config import PretrainConfig
+from melp_ray.data.leads import LEADS
 from melp_ray.data.shards import load_manifest
 from melp_ray.data.sources import detect_layout
 from melp_ray.data.ptbxl import SUPERCLASSES
@@ -31,6 +32,11 @@ from melp_ray.text.report_ids import ReportEncoder, report_encoder
 logger = logging.getLogger(__name__)
 
 MODEL_COLUMNS = ("ecg", "input_ids", "attention_mask", "sentence_ids")
+# Decoded ECG bytes one Ray Data read task produces (a few shard files at 500 Hz). Ray Data
+# notices a finished task only in its next scheduling round, which waits up to 0.1 s for the
+# other running tasks, so tasks of one 256-row file (~150 ms) left a CPU idle much of the
+# time: bench/README.md, "ingest at 500 Hz".
+READ_TASK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -228,10 +234,19 @@ def slices_dataset(slices: Sequence[RowSlice], spec: StreamSpec, exclude_folds: 
     items = [{"path": s.path, "start": s.start, "stop": s.stop} for s in slices]
     if not items:   # an empty slice: the same pipeline, no rows
         items = [{"path": "", "start": 0, "stop": 0}]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))   # a read task per slice
+    # One read task per run of consecutive slices holding ~READ_TASK_BYTES of signal.
+    ds = ray.data.from_items(items, override_num_blocks=read_tasks(slices, spec))
     kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
     return in_order(ds.map_batches(read_slices, fn_kwargs=kwargs, batch_format="numpy",
                                    batch_size=1))
+
+
+def read_tasks(slices: Sequence[RowSlice], spec: StreamSpec) -> int:
+    """How many Ray Data tasks read ``slices``: one per ~READ_TASK_BYTES of decoded rows,
+    at least one, at most one per slice."""
+    rows = sum(s.stop - s.start for s in slices)
+    rows_per_task = max(1, READ_TASK_BYTES // (len(LEADS) * spec.n_samples * 4))
+    return max(1, min(len(slices), -(-rows // rows_per_task)))
 
 
 def read_slices(batch: dict[str, np.ndarray], spec: StreamSpec,

@@ -65,6 +65,36 @@ def test_shard_stream_gives_each_rank_fixed_rows_in_a_fixed_order(ray_local, sha
     assert sum(len(r["ecg"]) for r in a) == manifest["splits"]["train"]["records"]
 
 
+def test_read_tasks_hold_a_few_files_of_signal_each():
+    from melp_ray.data.rows import RowSlice
+    from melp_ray.train.stream import READ_TASK_BYTES, read_tasks
+
+    files = [RowSlice(f"f{i}", 0, 256) for i in range(18)]   # 18 full 256-row shards
+    at_500 = StreamSpec(sample_rate=500, seconds=10, text_model="minilm", max_text_length=32)
+    rows_per_task = READ_TASK_BYTES // (12 * 5000 * 4)
+    assert read_tasks(files, at_500) == -(-18 * 256 // rows_per_task) < 18
+    assert read_tasks(files, SPEC) < read_tasks(files, at_500)       # 100 Hz rows are smaller
+    assert read_tasks(files[:1], at_500) == 1
+    one_row_each = [RowSlice("f", i, i + 1) for i in range(5)]
+    assert read_tasks(one_row_each, at_500) == 1
+    assert read_tasks([], at_500) == 1                               # the empty pipeline
+
+
+def test_many_read_tasks_give_the_rows_of_one_in_the_same_order(ray_local, shards, monkeypatch):
+    """Slices grouped into several Ray Data tasks stream the very rows, in the very order,
+    that one task reading all of them gives (exact resume depends on the order)."""
+    from melp_ray.data.rows import deal_rows, shard_files, shard_rows
+    from melp_ray.train import stream
+
+    one = collect(rank_datasets(str(shards), "train", 1, SPEC)[0])
+    monkeypatch.setattr(stream, "READ_TASK_BYTES", 12 * 1000 * 4 * 7)   # 7 rows a task
+    slices = deal_rows(shard_rows(shard_files(str(shards), "train")), 1, 0)
+    assert 1 < stream.read_tasks(slices, SPEC) == len(slices)   # several tasks, not one
+    many = collect(rank_datasets(str(shards), "train", 1, SPEC)[0])
+    for key in ("ecg", "input_ids", "sentence_ids"):
+        np.testing.assert_array_equal(one[key], many[key])
+
+
 def test_shards_with_another_rate_are_refused(ray_local, shards):
     """A spec that does not know the shards' rate (``shard_rate``) cannot resample them."""
     spec = StreamSpec(sample_rate=500, seconds=10, text_model="minilm", max_text_length=32)
