@@ -40,9 +40,11 @@ import time
 from pathlib import Path
 
 import _common as C
+from melp_ray.data.shards import ECG_ENCODINGS
 
 TARGETS = {"prepare_rate_min_over_max": 0.8, "driver_peak_rss_max_over_min": 1.2,
-           "ingest_per_cpu_over_reference": 2.0}
+           "ingest_per_cpu_over_reference": 2.0, "ingest_rows_per_s_per_cpu": 1000.0,
+           "ingest_over_bare_read_decode": 0.5}
 FULL_SIZES = (1000, 5000, 20000)
 QUICK_SIZES = (40, 120)
 QUICK_SOURCES = 8   # distinct waveforms written in --quick (all of them otherwise)
@@ -70,7 +72,8 @@ def source_root() -> str | None:
 
 # ---------------------------------------------------------------- prepare, one N per process
 
-def prepare_one(root: str, out: str, num_cpus: int, shard_size: int, warm_up: bool) -> dict:
+def prepare_one(root: str, out: str, num_cpus: int, shard_size: int, warm_up: bool,
+                encoding: str = "float32") -> dict:
     """In a fresh process: time ``prepare`` of ``root``; sample this driver's RSS meanwhile.
     On the parent's Ray instance (``$RAY_ADDRESS``, set by ``prepare_in_subprocess``)."""
     from melp_ray.data.prepare import PrepareSettings, prepare
@@ -80,7 +83,7 @@ def prepare_one(root: str, out: str, num_cpus: int, shard_size: int, warm_up: bo
         prepare(PrepareSettings(dataset="mimic-iv-ecg", root=root, out=out + "-warmup",
                                 sample_rate=500, shard_size=8, limit=2 * 8 * num_cpus))
     settings = PrepareSettings(dataset="mimic-iv-ecg", root=root, out=out, sample_rate=500,
-                               shard_size=shard_size)
+                               shard_size=shard_size, ecg_encoding=encoding)
     with RssSampler() as rss:
         start = time.perf_counter()
         manifest = prepare(settings)
@@ -121,13 +124,19 @@ class RssSampler:
         self.peak_mib = max(self.peak_mib, self._sample())
 
 
+def shards_dir(work: Path, n: int, args) -> Path:
+    """Where the N-record shards go: ``shards-N`` (float32), ``shards-N-int16``, ..."""
+    suffix = "" if args.ecg_encoding == "float32" else f"-{args.ecg_encoding}"
+    return work / f"shards-{n}{suffix}"
+
+
 def prepare_in_subprocess(root: Path, out: Path, args, ray_address: str) -> dict:
     """``prepare_one`` in a new driver process on this benchmark's Ray instance: one
     instance's start-up (~10 CPU-s) instead of one per N."""
     result = out.parent / f"{out.name}.json"
     cmd = [sys.executable, __file__, "--prepare-one", str(root), str(out), str(result),
            "--num-cpus", str(args.num_cpus), "--shard-size", str(args.shard_size),
-           *(["--smoke"] if args.smoke else [])]
+           "--ecg-encoding", args.ecg_encoding, *(["--smoke"] if args.smoke else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "RAY_ADDRESS": ray_address})
     if proc.returncode != 0:
@@ -167,11 +176,33 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
             runs[name].append(run())
     I.close_loader(reference)
     rate = {k: sum(r["rows"] for r in v) / sum(r["seconds"] for r in v) for k, v in runs.items()}
+    bare = bare_read_decode(files, spec)
     return {"micro_batch": batch, "sample_rate": cfg.data.sample_rate, "cpus": num_cpus,
+            "bare_read_decode_rows_per_cpu_s": bare,
             "train_records": len(refs), "shard_files": len(files), "passes": runs,
             "cold_passes": cold, "rows_per_s": rate,
             "rows_per_s_per_cpu": {k: v / num_cpus for k, v in rate.items()},
-            "shards_over_reference": rate["shards"] / rate["reference"]}
+            "shards_over_reference": rate["shards"] / rate["reference"],
+            "shards_over_bare": rate["shards"] / num_cpus / bare}
+
+
+def bare_read_decode(files: list[str], spec, passes: int = 2) -> float:
+    """Rows per CPU-second of reading and decoding the same shards in this one process,
+    without Ray: pyarrow reads each file, ``decode_shard_batch`` makes the same 64-row
+    batches the stream makes (decode, normalise, tokenise). The best of ``passes``."""
+    from melp_ray.data.rows import read_row_range
+    from melp_ray.train.stream import decode_shard_batch
+
+    columns = ["ecg", "report", "strat_fold", "labels_super"]
+    best = 0.0
+    for _ in range(passes):
+        rows, start = 0, time.process_time()
+        for path in files:
+            table = read_row_range(path, 0, 1 << 62, columns)
+            for at in range(0, table.num_rows, 64):
+                rows += len(decode_shard_batch(table.slice(at, 64), spec)["ecg"])
+        best = max(best, rows / (time.process_time() - start))
+    return best
 
 
 # ---------------------------------------------------------------- GPU side
@@ -209,12 +240,16 @@ def verdicts(prepares: list[dict], ingest: dict) -> tuple[dict, dict]:
     peaks = [p["driver_peak_rss_mib"] for p in prepares]
     ratios = {"prepare_rate_min_over_max": min(rates) / max(rates),
               "driver_peak_rss_max_over_min": max(peaks) / min(peaks),
-              "ingest_per_cpu_over_reference": ingest["shards_over_reference"]}
+              "ingest_per_cpu_over_reference": ingest["shards_over_reference"],
+              "ingest_rows_per_s_per_cpu": ingest["rows_per_s_per_cpu"]["shards"],
+              "ingest_over_bare_read_decode": ingest["shards_over_bare"]}
     return ratios, {
         "prepare_rate_min_over_max": C.check(ratios["prepare_rate_min_over_max"], 0.8),
         "driver_peak_rss_max_over_min": C.check(ratios["driver_peak_rss_max_over_min"], 1.2,
                                                 higher_is_better=False),
-        "ingest_per_cpu_over_reference": C.check(ratios["ingest_per_cpu_over_reference"], 2.0)}
+        "ingest_per_cpu_over_reference": C.check(ratios["ingest_per_cpu_over_reference"], 2.0),
+        "ingest_rows_per_s_per_cpu": C.check(ratios["ingest_rows_per_s_per_cpu"], 1000.0),
+        "ingest_over_bare_read_decode": C.check(ratios["ingest_over_bare_read_decode"], 0.5)}
 
 
 def memory_slope(prepares: list[dict]) -> float:
@@ -237,7 +272,12 @@ def report(result: dict) -> str:
          v["driver_peak_rss_max_over_min"]],
         ["  growth per record (bytes) / at 800k records (MiB)",
          f"{result['memory_bytes_per_record']:.0f} / {result['memory_at_800k_mib']:.0f}", "", ""],
-        [f"ingest 500 Hz, shards, per CPU (batch {ing['micro_batch']}, rows/s)", per_cpu["shards"], "", ""],
+        [f"ingest 500 Hz, shards ({result['ecg_encoding']}), per CPU (batch {ing['micro_batch']}, rows/s)",
+         per_cpu["shards"], ">= 1000", v["ingest_rows_per_s_per_cpu"]],
+        ["bare read + decode of the same shards, one process (rows per CPU-s)",
+         ing["bare_read_decode_rows_per_cpu_s"], "", ""],
+        ["shards ingest / bare read + decode", r["ingest_over_bare_read_decode"], ">= 0.5",
+         v["ingest_over_bare_read_decode"]],
         ["ingest 500 Hz, reference DataLoader, per CPU (rows/s)", per_cpu["reference"], "", ""],
         ["shards / reference", r["ingest_per_cpu_over_reference"], ">= 2",
          v["ingest_per_cpu_over_reference"]],
@@ -256,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test (same as --smoke)")
     p.add_argument("--shard-size", type=int, default=256, help="prepare --shard-size")
     p.add_argument("--rounds", type=int, default=2, help="timed ingest passes of each path")
+    p.add_argument("--ecg-encoding", default="float32", choices=ECG_ENCODINGS,
+                   help="prepare --ecg-encoding of the shards (their folders are named after it)")
     p.add_argument("--ingest-size", type=int, default=None,
                    help="N whose root and shards the ingest comparison reads "
                         "(default: 5000 if measured, else the smallest N)")
@@ -266,7 +308,7 @@ def main(argv=None) -> int:
     if args.prepare_one:
         root, out, result = args.prepare_one
         Path(result).write_text(json.dumps(prepare_one(root, out, args.num_cpus, args.shard_size,
-                                                       warm_up=not args.smoke)))
+                                                       not args.smoke, args.ecg_encoding)))
         return 0
     args.smoke = args.smoke or args.quick
     if args.smoke and args.shard_size == 256:
@@ -288,13 +330,13 @@ def main(argv=None) -> int:
         roots[n] = write_root(work / f"root-{n}", n, work / "templates",
                               QUICK_SOURCES if args.smoke else None)
         C.log(f"prepare of {n} records (fresh process)")
-        prepares.append(prepare_in_subprocess(work / f"root-{n}", work / f"shards-{n}", args,
-                                              address))
+        prepares.append(prepare_in_subprocess(work / f"root-{n}", shards_dir(work, n, args),
+                                              args, address))
         C.log(f"  {prepares[-1]['records_per_s']:.0f} records/s, "
               f"driver peak {prepares[-1]['driver_peak_rss_mib']:.0f} MiB")
     ingest_n = args.ingest_size or (5000 if 5000 in sizes else sizes[0])
     C.log(f"ingest at 500 Hz over the {ingest_n}-record shards vs the reference DataLoader")
-    ingest = ingest_per_cpu(work / f"root-{ingest_n}", work / f"shards-{ingest_n}",
+    ingest = ingest_per_cpu(work / f"root-{ingest_n}", shards_dir(work, ingest_n, args),
                             args.num_cpus, 1 if args.smoke else args.rounds, args.smoke)
     ray.shutdown()
     gpu = gpu_samples_per_s()
@@ -302,6 +344,7 @@ def main(argv=None) -> int:
     slope = memory_slope(prepares)
     result = {
         "machine": info, "sizes": sizes, "ray_cpus": args.num_cpus, "shard_size": args.shard_size,
+        "ecg_encoding": args.ecg_encoding,
         "source_root": source_root() or "bundled (100 Hz resampled to 500 Hz)",
         "roots": roots, "prepare": prepares, "ingest": ingest, "ingest_records": ingest_n,
         "gpu": gpu, "memory_bytes_per_record": slope, "memory_at_800k_mib": slope * 800_000 / 2**20,
