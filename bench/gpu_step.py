@@ -43,8 +43,9 @@ def paper_config(stage: int, batch: int, text_folder: str | None, smoke: bool):
                                                   "train.use_gpu=true", "train.precision=bf16"])
 
 
-def one_batch(cfg, device) -> dict:
-    """A worker-side batch of global_batch_size rows (real reports, random ECGs), on device."""
+def one_batch(cfg, device, reports: list[str] | None = None) -> dict:
+    """A worker-side batch of global_batch_size rows (real reports, random ECGs), on device.
+    ``reports``: the report strings (default: the bundled PTB-XL reports, cycled)."""
     import numpy as np
     import torch
 
@@ -54,9 +55,10 @@ def one_batch(cfg, device) -> dict:
     from melp_ray.train.stream import stream_spec
 
     spec = stream_spec(cfg)
-    reports = [r for r in read_database(bundled_root())["report"] if str(r).strip()]
     n = cfg.train.global_batch_size
-    reports = [reports[i % len(reports)] for i in range(n)]
+    if reports is None:
+        reports = [r for r in read_database(bundled_root())["report"] if str(r).strip()]
+        reports = [reports[i % len(reports)] for i in range(n)]
     ecg = np.random.default_rng(0).normal(size=(n, 12, spec.n_samples)).astype(np.float32)
     batch = finish_batch(ecg, reports, [[] for _ in reports], spec)   # labels: unused here
     return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
