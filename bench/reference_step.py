@@ -333,6 +333,50 @@ def phase_split(args, recipe, batch, model, optimizer, scheduler, ref_batch, aut
     return {"ours": ours, "reference": {"forward_losses_s": f, "backward_s": b, "optimizer_s": s}}
 
 
+def profile_steps(recipe, batch, model, optimizer, scheduler, ref_batch, autocast, top: int) -> dict:
+    """One more step of each under ``torch.profiler`` (CPU): the operators with the most
+    self time, and each phase's share (the ``record_function`` ranges)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from melp_ray.train.augment import seeded_draws
+
+    def ours():
+        recipe.engine.train()
+        with record_function("phase: forward + losses"):
+            losses = recipe.compute_losses(batch, seeded_draws(recipe.micro_seed()))
+        with record_function("phase: backward"):
+            recipe.engine.backward(losses["total"])
+        with record_function("phase: optimizer"):
+            recipe.engine.step()
+        recipe.state.micro_in_epoch += 1
+
+    def reference():
+        model.train()
+        with record_function("phase: forward + losses"), autocast():
+            loss = model.training_step(ref_batch, 1)
+        optimizer.zero_grad()
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: optimizer"):
+            optimizer.step()
+            scheduler.step()
+            model.on_train_batch_end(None, ref_batch, 1)
+
+    out = {}
+    for name, fn in (("ours", ours), ("reference", reference)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        averages = prof.key_averages()
+        phases = {e.key.removeprefix("phase: "): e.cpu_time_total / 1e6
+                  for e in averages if e.key.startswith("phase: ")}
+        ops = sorted((e for e in averages if not e.key.startswith("phase: ")),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        out[name] = {"phases_s": phases, "events": sum(e.count for e in averages),
+                     "top_self_cpu": [{"op": e.key, "calls": e.count,
+                                       "self_s": e.self_cpu_time_total / 1e6} for e in ops]}
+    return out
+
+
 def main(argv=None) -> int:
     p = C.parser("reference_step", __doc__.splitlines()[0])
     p.add_argument("--reference-repo", help="folder with checkouts MELP/ (HKU-MedAI/MELP) and "
@@ -348,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=int, default=10, help="ECG length (the paper's: 10 s at 500 Hz)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     p.add_argument("--steps", type=int, default=5, help="timed steps of each, interleaved")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="one more step of each under torch.profiler: its N top operators by self CPU time")
     p.add_argument("--no-split", action="store_true",
                    help="skip the extra step of each timed by phase (forward / backward / optimizer)")
     args = p.parse_args(argv)
@@ -426,6 +472,11 @@ def main(argv=None) -> int:
     unused = sum(p.numel() for p in model.parameters() if p.requires_grad and p.grad is None)
     split = None if args.no_split else phase_split(args, recipe, batch, model, optimizer, scheduler,
                                                    ref_batch, autocast, sync)
+    profiled = None
+    if args.profile:
+        C.log("profiling one more step of each")
+        profiled = profile_steps(recipe, batch, model, optimizer, scheduler, ref_batch, autocast,
+                                 args.profile)
     rows = {}
     for which in ("ours", "reference"):
         t = times[which][args.warmup:]
@@ -452,7 +503,7 @@ def main(argv=None) -> int:
         "params": {"ours": ours_params, "reference": ref_params,
                    "reference_trainable_without_gradient": unused},
         "losses_last": {"ours": ours_losses, "reference": losses["reference"][-1]},
-        "losses_finite": finite, "phase_split": split,
+        "losses_finite": finite, "phase_split": split, "profile": profiled,
     }
     table_rows = [[w, r["samples_per_s"], r["step_seconds"], result["params"][w]["total"],
                    result["params"][w]["trainable"]] for w, r in rows.items()]
@@ -467,6 +518,13 @@ def main(argv=None) -> int:
     if split:
         text += "\n" + C.table(["phase (one extra step, s)", "ours", "reference"], [
             [k.removesuffix("_s"), split["ours"][k], split["reference"][k]] for k in split["ours"]])
+    if profiled:
+        for which, prof in profiled.items():
+            text += (f"\n{which}: top operators by self CPU time, one profiled step "
+                     f"({prof['events']} operator calls; phases: "
+                     + ", ".join(f"{k} {v:.2f} s" for k, v in prof["phases_s"].items()) + ")\n")
+            text += C.table(["operator", "calls", "self s"],
+                            [[o["op"], o["calls"], o["self_s"]] for o in prof["top_self_cpu"]])
     C.finish("reference_step", args, result, text)
     return 0 if finite else 1
 
