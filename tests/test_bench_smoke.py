@@ -220,6 +220,66 @@ def test_gpu_throughput_refuses_without_gpu(tmp_path):
     assert not out.exists()
 
 
+def test_reference_step_refuses_without_a_reference_checkout(tmp_path):
+    """bench/reference_step.py needs checkouts of the reference (MELP, fairseq-signals),
+    which CI does not have: without --reference-repo, or with a folder that holds no such
+    checkouts, it exits 2 with one line and writes nothing."""
+    for extra in ((), ("--reference-repo", str(tmp_path))):
+        proc, out = run_bench("reference_step", tmp_path, "--smoke", *extra, timeout=120, total=180)
+        assert proc.returncode == 2, failure("reference_step", proc)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("reference_step: --reference-repo") and "MELP/" in last, proc.stderr
+        assert not out.exists()
+
+
+REFERENCE_HELPERS = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import reference_step as R
+from gpu_suite import Budget, run_part
+
+tmp = Path(sys.argv[2])
+# A folder is a reference checkout when both repositories' sources are where they belong.
+assert R.checkouts(str(tmp)) is None
+(tmp / "MELP/src/melp/models").mkdir(parents=True)
+(tmp / "MELP/src/melp/models/melp_model.py").write_text("")
+assert R.checkouts(str(tmp)) is None
+(tmp / "fairseq-signals/src/fairseq_signals_backbone/models").mkdir(parents=True)
+assert R.checkouts(str(tmp)) == (tmp / "MELP/src", tmp / "fairseq-signals/src")
+
+# The shared text folder: MiniLM at the reference's width 768, '.' at the reference's id 18.
+folder = R.text_folder(tmp / "text", None, None)
+config = json.loads((folder / "config.json").read_text())
+assert {k: config[k] for k in R.WIDTH_768} == R.WIDTH_768 and config["num_hidden_layers"] == 6
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(folder)
+assert tok.convert_tokens_to_ids(".") == R.REFERENCE_PERIOD_ID
+assert len(tok) == config["vocab_size"]
+# Our tokenisation of the bench's reports finds their sentences at that id.
+from melp_ray.text.report_ids import encode_reports
+from melp_ray.text.report_ids import load_report_tokenizer
+reports = R.batch_reports(5)
+assert all(r.endswith(".") for r in reports) and len(reports) == 5
+ids = encode_reports(load_report_tokenizer(str(folder)), reports, 128)["input_ids"]
+assert ids.shape == (5, 128) and all((row == R.REFERENCE_PERIOD_ID).sum() >= 1 for row in ids)
+
+# gpu_suite's calling convention reaches the script (its arguments and --out are taken).
+part = run_part("reference_step.py", ["--smoke", "--reference-repo", str(tmp / "none")],
+                tmp / "reference.json", Budget(120))
+assert part["status"] == "exit 2" and "reference_step: --reference-repo" in part["tail"], part
+print("ok")
+"""
+
+
+def test_reference_step_helpers_without_the_reference(tmp_path):
+    """What bench/reference_step.py does that needs no reference checkout: recognising one,
+    the text folder both models are built from, the report strings, and gpu_suite's call."""
+    proc = subprocess.run([sys.executable, "-c", REFERENCE_HELPERS, str(BENCH), str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_prepare_speed_smoke(tmp_path):
     data = smoke("prepare_speed", tmp_path)
     (workload,) = data["workloads"].values()
