@@ -190,11 +190,22 @@ def text_folder(out: Path, source: str | None, layers: int | None) -> Path:
 
 
 def our_config(args, folder: Path, device):
+    import yaml
+
+    from melp_ray.config import validate_pretrain_config
+
     cfg = paper_config(args.stage, args.batch, str(folder), args.smoke)
     if not args.smoke:
         cfg.data.seconds = args.seconds
     cfg.train.use_gpu = device.type == "cuda"
     cfg.train.precision = args.precision
+    for item in args.ours_set:   # e.g. train.compile=true: a variant of ours, same reference
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not hasattr(getattr(cfg, section, None), name):
+            raise SystemExit(f"reference_step: --ours-set {item}: no such config key")
+        setattr(getattr(cfg, section), name, yaml.safe_load(value))
+    validate_pretrain_config(cfg)
     return cfg
 
 
@@ -393,6 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=int, default=10, help="ECG length (the paper's: 10 s at 500 Hz)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     p.add_argument("--steps", type=int, default=5, help="timed steps of each, interleaved")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key of ours on top of the paper preset (e.g. train.compile=true)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="one more step of each under torch.profiler: its N top operators by self CPU time")
     p.add_argument("--no-split", action="store_true",
@@ -420,7 +433,12 @@ def main(argv=None) -> int:
     info = C.machine()
     deps = deps_folder(args)
     C.log(f"importing the reference from {args.reference_repo} (deps: {deps or 'none'})")
-    reference = import_reference(*sources, deps)
+    try:
+        reference = import_reference(*sources, deps)
+    except ImportError as err:
+        p.exit(2, f"reference_step: the reference's imports need a package missing here ({err}): "
+                  "install them with pip --target DEPS (see this script's docstring) and pass "
+                  "--reference-deps DEPS\n")
     warnings.filterwarnings("ignore", message=".*self.log.*")   # no Trainer: its logging is a no-op
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with tempfile.TemporaryDirectory(prefix="melp-refstep-") as tmp:
@@ -500,6 +518,7 @@ def main(argv=None) -> int:
         "machine": info, "device": str(device), "precision": args.precision, "batch": args.batch,
         "seconds": cfg.data.seconds, "sample_rate": cfg.data.sample_rate, "stage": args.stage,
         "warmup": args.warmup, "steps": args.steps, "config": cfg.model.preset,
+        "ours_set": args.ours_set,
         "reference_repo": args.reference_repo, "reference_deps": deps,
         "text": {"source": args.text_folder or "minilm", **WIDTH_768,
                  "layers": 1 if args.smoke else None, "pretrained": False,
