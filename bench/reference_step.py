@@ -21,11 +21,14 @@ not installed: ``DIR/fairseq-signals/src`` goes on ``sys.path``. Not installable
 imported but never called by the reference's training step: ``ipdb`` (called only when the
 loss is NaN) and ``cosine_annealing_warmup`` (its scheduler is commented out in
 ``configure_optimizers``): the script registers an empty stand-in module for each and logs
-it. Three import-time shims, also logged, none on the timed path: PyPI's torchvision is a
-CUDA build whose C extension does not load with a CPU torch, and it then registers fake
-kernels for two of its operators unconditionally, so their schemas are declared first;
+it. Two import-time shims, also logged, off the timed path: PyPI's torchvision is a CUDA
+build whose C extension does not load with a CPU torch, and it then registers fake kernels
+for two of its operators unconditionally, so their schemas are declared first;
 fairseq-signals was written for Python 3.10, whose dataclasses allowed a dataclass instance
-as a field default (3.11 refuses), so that rule is applied while it is imported.
+as a field default (3.11 refuses), so that rule is applied while it is imported. One
+version alias on the timed path, logged: the reference tokenises with
+``tokenizer.batch_encode_plus``, which transformers 5 dropped; its tokenizer gets that name
+for its own ``__call__`` (the same batch encoding, no work left out).
 
 What is timed, interleaved (ours, reference, ours, reference, ...) after ``--warmup`` steps
 of each, so that load from elsewhere hits both alike:
