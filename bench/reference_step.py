@@ -307,12 +307,10 @@ def same_tokens(model, reports: list[str], batch: dict) -> dict:
             "shape": list(ids.shape)}
 
 
-def phase_split(args, recipe, batch, model, optimizer, scheduler, ref_batch, autocast, sync) -> dict:
+def phase_split(recipe, batch, model, optimizer, scheduler, ref_batch, autocast, sync) -> dict:
     """One more step of each, forward+losses / backward / optimizer timed apart (untimed in
     the samples/s): where each step spends its time."""
-    import torch
-
-    from melp_ray.train.recipe import seeded_draws
+    from melp_ray.train.augment import seeded_draws
 
     def clock(fn):
         sync()
@@ -344,8 +342,6 @@ def phase_split(args, recipe, batch, model, optimizer, scheduler, ref_batch, aut
         model.on_train_batch_end(None, ref_batch, 1)
 
     s, _ = clock(step)
-    del loss
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"ours": ours, "reference": {"forward_losses_s": f, "backward_s": b, "optimizer_s": s}}
 
 
@@ -498,7 +494,7 @@ def main(argv=None) -> int:
             key = ".".join(name.split(".")[:3])
             unused_by_module[key] = unused_by_module.get(key, 0) + param.numel()
     unused = sum(unused_by_module.values())
-    split = None if args.no_split else phase_split(args, recipe, batch, model, optimizer, scheduler,
+    split = None if args.no_split else phase_split(recipe, batch, model, optimizer, scheduler,
                                                    ref_batch, autocast, sync)
     profiled = None
     if args.profile:
