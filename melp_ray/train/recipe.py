@@ -121,10 +121,8 @@ class DeepSpeedRecipe:
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
-        # fused: one kernel over each of ZeRO's flat fp32 partitions, no temporaries the size
-        # of the model (CPU: 0.14 vs 0.82 s a paper-model step, bench/README.md "reference_step").
         return torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
-                                 lr=t.lr, betas=tuple(t.betas), fused=True)
+                                 lr=t.lr, betas=tuple(t.betas))
 
     def compile_model(self, model: torch.nn.Module) -> None:
         """``train.compile``: compile in place (``nn.Module.compile``: parameter names, hence
