@@ -14,7 +14,11 @@ itself only enables the current thread's). After the run, the run's output and e
 file of its session are scanned for fatal signals ("Fatal Python error", Ray's
 "*** SIGSEGV received" / "SIGABRT" handler lines) and the stack dumps go into the JSON.
 While the run trains, one RayTrainWorker is inspected once: its thread count and names and
-which allocators / OpenMP / BLAS runtimes it has mapped (``/proc/PID/maps``).
+which allocators / OpenMP / BLAS runtimes it has mapped (``/proc/PID/maps``); and every few
+seconds each worker's thread ids and names are noted, so that the thread a crash report names
+(Ray's handler prints ``E PID TID``) can be named. Core dumps are on for the run's processes
+(``RLIMIT_CORE``): a crashed worker's core gets a native backtrace of the crashing thread and of
+all threads (``gdb -batch``), kept in the JSON; the core itself is then deleted.
 
 With ``--lock FILE`` (default the machine's heavy-job lock) each run takes that lock for
 itself, so other jobs of the shared machine can go between runs: do not also run this
@@ -24,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -43,6 +49,9 @@ FATAL_MARKERS = ("Fatal Python error", "*** SIGSEGV", "*** SIGABRT", "*** SIGBUS
 RUNTIME_LIBS = ("jemalloc", "tcmalloc", "mimalloc", "gomp", "iomp", "openblas", "mkl",
                 "deepspeed", "shm_comm", "gloo")
 TAIL_LINES = 60
+BACKTRACE_LINES = 400
+# Ray's C++ failure handler: "[date time,ms E PID TID] logging.cc:...: *** SIGABRT received"
+RAY_HANDLER_LINE = re.compile(r"\bE (\d+) (\d+)\] logging\.cc:\d+: \*\*\* (SIG\w+) received")
 
 
 def parse_args():
@@ -151,6 +160,61 @@ def inspect_worker(pid: int) -> dict:
     return info
 
 
+def thread_names(pids: list[int], into: dict[int, dict[int, str]]) -> None:
+    """Note each worker's {thread id: name} (threads come and go: keep every one seen)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            seen = into.setdefault(pid, {})
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    seen.setdefault(int(task.name), Path(task, "comm").read_text().strip())
+
+
+def worker_cwds(pids: list[int], into: set[str]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            into.add(os.readlink(f"/proc/{pid}/cwd"))
+
+
+def crashed_threads(reports: list[dict], names: dict[int, dict[int, str]]) -> list[dict]:
+    """Each (pid, tid, signal) Ray's handler reported, with the thread's name when seen."""
+    found = {}
+    for report in reports:
+        for line in report["lines"]:
+            m = RAY_HANDLER_LINE.search(line)
+            if m:
+                pid, tid = int(m.group(1)), int(m.group(2))
+                found[(pid, tid)] = {"pid": pid, "tid": tid, "signal": m.group(3),
+                                     "thread_name": names.get(pid, {}).get(tid)}
+    return list(found.values())
+
+
+def core_backtraces(dirs: set[str], after: float) -> list[dict]:
+    """gdb's backtraces of every core file written in ``dirs`` since ``after``; each core is
+    deleted once read (a worker's core is gigabytes)."""
+    found = []
+    for folder in sorted(dirs):
+        for core in Path(folder).glob("core*"):
+            if not core.is_file() or core.stat().st_mtime < after:
+                continue
+            cmd = ["gdb", "-batch", "-nx", "-ex", "set pagination off",
+                   "-ex", "info threads", "-ex", "bt 40", "-ex", "thread apply all bt 25",
+                   sys.executable, str(core)]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
+            except (OSError, subprocess.TimeoutExpired) as err:
+                out = f"gdb failed: {err}"
+            found.append({"core": str(core), "gdb": out.splitlines()[:BACKTRACE_LINES]})
+            core.unlink(missing_ok=True)
+    return found
+
+
+def allow_core_dumps() -> None:
+    """In the run's process (before exec): core dumps on, for it and every Ray process it starts."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+
+
 def fatal_blocks(text: str, source: str) -> list[dict]:
     """Each fatal-signal report in ``text``: where, and the lines that follow it."""
     lines = text.splitlines()
@@ -198,8 +262,11 @@ def one_run(args, index: int) -> dict:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=args.pythonpath, env=run_env(args, tmp),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=allow_core_dumps)
+        started_at = time.time()
         worker_info, seen_at = None, None
+        names: dict[int, dict[int, str]] = {}
+        cwds: set[str] = {args.pythonpath}
         out_lines: list[str] = []
         reader = _drain(proc, out_lines)
         while proc.poll() is None:
@@ -207,8 +274,10 @@ def one_run(args, index: int) -> dict:
             if elapsed > args.run_timeout:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
+            pids = train_workers(proc.pid)
+            thread_names(pids, names)
+            worker_cwds(pids, cwds)
             if worker_info is None:
-                pids = train_workers(proc.pid)
                 if pids and seen_at is None:
                     seen_at = elapsed
                 # Inspect once the worker is training (its pools and threads have started).
@@ -224,6 +293,8 @@ def one_run(args, index: int) -> dict:
     crashes = fatal_blocks(output, "run output") + scan_logs(tmp)
     result = {"run": name, "rc": proc.returncode, "wall_s": round(wall, 1),
               "last_logged_step": last_step(store, name), "fatal_reports": crashes,
+              "crashed_threads": crashed_threads(crashes, names),
+              "core_backtraces": core_backtraces(cwds | {str(base)}, started_at),
               "worker_deaths": _worker_deaths(crashes),
               "restarts": output.count("Restarting") + output.count("restarting"),
               "output_tail": out_lines[-40:], "worker": worker_info}
@@ -267,18 +338,17 @@ def crash_frame(result: dict) -> str:
     return "-"
 
 
-def main() -> int:
-    args = parse_args()
-    if args.smoke:
-        args.runs = 1
-    machine = C.machine()
-    results = []
-    for i in range(args.runs):
-        results.append(one_run(args, i))
+def crashed_thread_names(result: dict) -> str:
+    return ", ".join(f"{t['signal']} {t['thread_name'] or t['tid']}"
+                     for t in result["crashed_threads"]) or "-"
+
+
+def summary(args, machine: dict, results: list[dict]) -> tuple[dict, str]:
     crashed = sum(1 for r in results if r["worker_deaths"])
     rows = [[r["run"], r["rc"], r["wall_s"], r["last_logged_step"], r["worker_deaths"],
-             crash_frame(r)] for r in results]
-    text = C.table(["run", "rc", "wall s", "last step", "worker deaths", "crashing frame"], rows)
+             crash_frame(r), crashed_thread_names(r)] for r in results]
+    text = C.table(["run", "rc", "wall s", "last step", "worker deaths", "crashing frame",
+                    "crashed thread"], rows)
     text += (f"\n\n{args.label}: {crashed} of {len(results)} runs lost a worker "
              f"({sum(r['worker_deaths'] for r in results)} worker deaths, "
              f"{sum(r['rc'] != 0 for r in results)} runs failed)")
@@ -287,13 +357,28 @@ def main() -> int:
         w = workers[0]
         text += (f"\nlive RayTrainWorker: {w.get('threads')} threads, runtimes "
                  f"{[Path(x).name for x in w.get('runtime_libs', [])]}, env {w.get('env')}")
-    result = {"label": args.label, "runs": args.runs, "steps": args.steps, "env": args.env,
+    result = {"label": args.label, "runs": len(results), "runs_asked": args.runs,
+              "steps": args.steps, "env": args.env,
               "pythonpath": args.pythonpath, "overrides": args.overrides,
               "max_failures": args.max_failures, "runs_with_worker_death": crashed,
               "worker_deaths": sum(r["worker_deaths"] for r in results),
               "failed_runs": sum(r["rc"] != 0 for r in results),
-              "command": " ".join(sys.argv), "machine": machine, "results": results}
-    C.finish("crash_loop", args, result, text)
+              "command": " ".join(sys.argv), "machine": dict(machine), "results": results}
+    return result, text
+
+
+def main() -> int:
+    args = parse_args()
+    if args.smoke:
+        args.runs = 1
+    machine = C.machine()
+    results = []
+    for i in range(args.runs):
+        results.append(one_run(args, i))
+        if i + 1 < args.runs:   # a loop stopped early keeps the runs it finished
+            with contextlib.redirect_stdout(io.StringIO()):
+                C.finish("crash_loop", args, *summary(args, machine, results))
+    C.finish("crash_loop", args, *summary(args, machine, results))
     return 0
 
 

@@ -280,6 +280,45 @@ def test_reference_step_helpers_without_the_reference(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
+CRASH_LOOP_HELPERS = r"""
+import os, resource, subprocess, sys, threading
+sys.path.insert(0, sys.argv[1])
+import crash_loop as L
+
+# The run's processes may dump core: the limit reaches a child (Ray's processes are its children).
+child = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_CORE))"],
+                       preexec_fn=L.allow_core_dumps, capture_output=True, text=True, check=True)
+soft, hard = eval(child.stdout)
+assert soft == hard == resource.getrlimit(resource.RLIMIT_CORE)[1], (soft, hard)
+
+# Thread ids and names of a live process, read from /proc, a thread that has ended kept.
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait); worker.start()
+names = {}
+L.thread_names([os.getpid()], names)
+stop.set(); worker.join()
+L.thread_names([os.getpid()], names)
+assert names[os.getpid()][os.getpid()] and worker.native_id in names[os.getpid()], names
+
+# A crash report of Ray's C++ handler names the process and thread; the thread gets its name.
+line = "[2026-12-05 01:22:20,812 E 21964 22096] logging.cc:474: *** SIGABRT received at time=1"
+report = {"lines": ["noise", line, line.replace("E 21964 22096", "E 21964 22097")]}
+found = L.crashed_threads([report, report], {21964: {22096: "pt_gloo_runloop"}})
+assert found == [{"pid": 21964, "tid": 22096, "signal": "SIGABRT", "thread_name": "pt_gloo_runloop"},
+                 {"pid": 21964, "tid": 22097, "signal": "SIGABRT", "thread_name": None}], found
+assert L.crashed_thread_names({"crashed_threads": found}) == "SIGABRT pt_gloo_runloop, SIGABRT 22097"
+print("ok")
+"""
+
+
+def test_crash_loop_helpers_name_the_crashed_thread(tmp_path):
+    """bench/crash_loop.py's parts that need no crash: core dumps on for the run's processes,
+    every thread's name noted, a crash report's thread id turned into that name."""
+    proc = subprocess.run([sys.executable, "-c", CRASH_LOOP_HELPERS, str(BENCH)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_prepare_speed_smoke(tmp_path):
     data = smoke("prepare_speed", tmp_path)
     (workload,) = data["workloads"].values()
