@@ -14,8 +14,8 @@ itself only enables the current thread's). After the run, the run's output and e
 file of its session are scanned for fatal signals ("Fatal Python error", Ray's
 "*** SIGSEGV received" / "SIGABRT" handler lines) and the stack dumps go into the JSON.
 While the run trains, one RayTrainWorker is inspected once: its thread count and names and
-which allocators / OpenMP / BLAS runtimes it has mapped (``/proc/PID/maps``); and every few
-seconds each worker's thread ids and names are noted, so that the thread a crash report names
+which allocators / OpenMP / BLAS runtimes it has mapped (``/proc/PID/maps``); and every
+second each worker's thread ids and names are noted, so that the thread a crash report names
 (Ray's handler prints ``E PID TID``) can be named. Core dumps are on for the run's processes
 (``RLIMIT_CORE``): a crashed worker's core gets a native backtrace of the crashing thread and of
 all threads (``gdb -batch``), kept in the JSON; the core itself is then deleted.
@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import _common as C
@@ -138,8 +139,7 @@ def inspect_worker(pid: int) -> dict:
     info: dict = {"pid": pid}
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
-        names = Path(f"/proc/{pid}/task").iterdir()
-        threads = sorted(Path(t, "comm").read_text().strip() for t in names)
+        threads = live_threads(pid)
     except OSError as err:
         return {"pid": pid, "error": str(err)}
     libs = sorted({line.split()[-1] for line in maps.splitlines()
@@ -147,10 +147,7 @@ def inspect_worker(pid: int) -> dict:
     info["runtime_libs"] = [lib for lib in libs
                             if any(key in Path(lib).name.lower() for key in RUNTIME_LIBS)]
     info["threads"] = len(threads)
-    counts: dict[str, int] = {}
-    for t in threads:
-        counts[t] = counts.get(t, 0) + 1
-    info["thread_names"] = counts
+    info["thread_names"] = dict(sorted(Counter(threads.values()).items()))
     with contextlib.suppress(OSError):
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         info["env"] = {k: v for k, _, v in (e.decode(errors="replace").partition("=")
@@ -160,14 +157,23 @@ def inspect_worker(pid: int) -> dict:
     return info
 
 
+def live_threads(pid: int) -> dict[int, str]:
+    """{thread id: name} of a live process (OSError once it is gone; a thread that ends while
+    it is read is left out)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found[int(task.name)] = Path(task, "comm").read_text().strip()
+    return found
+
+
 def thread_names(pids: list[int], into: dict[int, dict[int, str]]) -> None:
     """Note each worker's {thread id: name} (threads come and go: keep every one seen)."""
     for pid in pids:
         with contextlib.suppress(OSError):
             seen = into.setdefault(pid, {})
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    seen.setdefault(int(task.name), Path(task, "comm").read_text().strip())
+            for tid, name in live_threads(pid).items():
+                seen.setdefault(tid, name)   # a reused id keeps its first name
 
 
 def worker_cwds(pids: list[int], into: set[str]) -> None:

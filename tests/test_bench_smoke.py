@@ -281,14 +281,14 @@ def test_reference_step_helpers_without_the_reference(tmp_path):
 
 
 CRASH_LOOP_HELPERS = r"""
-import os, resource, subprocess, sys, threading
+import ast, os, resource, subprocess, sys, threading
 sys.path.insert(0, sys.argv[1])
 import crash_loop as L
 
 # The run's processes may dump core: the limit reaches a child (Ray's processes are its children).
 child = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_CORE))"],
                        preexec_fn=L.allow_core_dumps, capture_output=True, text=True, check=True)
-soft, hard = eval(child.stdout)
+soft, hard = ast.literal_eval(child.stdout)
 assert soft == hard == resource.getrlimit(resource.RLIMIT_CORE)[1], (soft, hard)
 
 # Thread ids and names of a live process, read from /proc, a thread that has ended kept.
