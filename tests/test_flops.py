@@ -10,19 +10,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from melp_ray.model import MELP, model_config_from_preset
 from melp_ray.model.flops import (PEAK_FLOPS, estimate_mfu, flops_breakdown, forward_flops,
-                                  training_flops)
+                                  mean_training_flops, training_flops)
+from melp_ray.model.text_tower import text_columns
 
 N_SAMPLES, BATCH, SENTENCES = 1000, 2, 3
 
 
-def measured_flops(cfg, backward: bool) -> float:
-    """FLOPs per sample counted by torch (math SDPA: the CPU flash kernel is not counted)."""
+def measured_flops(cfg, backward: bool, real_tokens: int | None = None) -> float:
+    """FLOPs per sample counted by torch (math SDPA: the CPU flash kernel is not counted).
+    ``real_tokens``: the longest report's tokens before the [CLS] (default: no padding)."""
     torch.manual_seed(0)
     model = MELP(cfg)
     length = cfg.max_text_length
     ecg = torch.randn(BATCH, cfg.ecg_leads, N_SAMPLES)
     ids = torch.randint(1000, 2000, (BATCH, length))
     mask = torch.ones(BATCH, length, dtype=torch.long)
+    if real_tokens is not None:
+        mask[:, real_tokens:-1] = 0
     sentence_ids = torch.arange(length).repeat(BATCH, 1) % SENTENCES
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model(ecg, ids, mask, sentence_ids)
@@ -43,6 +47,29 @@ def test_analytic_count_matches_flop_counter(frozen):
     # Backward adds small ops the analytic 2x rule leaves out (a few %).
     train = training_flops(cfg, N_SAMPLES, SENTENCES)
     assert measured_flops(cfg, backward=True) == pytest.approx(train, rel=0.05)
+
+
+def test_a_trimmed_batch_is_counted_at_its_width():
+    cfg = model_config_from_preset("tiny")
+    mask = torch.ones(1, cfg.max_text_length, dtype=torch.long)
+    mask[:, 13:-1] = 0
+    width = len(text_columns(mask))             # 13 tokens + [CLS] -> 16 columns
+    assert width == 16 < cfg.max_text_length
+    assert measured_flops(cfg, backward=False, real_tokens=13) == \
+        pytest.approx(forward_flops(cfg, N_SAMPLES, SENTENCES, text_length=width), rel=0.01)
+    # What trimming saves in a training step: as counted, as measured (the few % of backward
+    # ops the 2x rule leaves out are in the ECG side, the same in both).
+    counted = training_flops(cfg, N_SAMPLES, SENTENCES, text_length=width)
+    saved = training_flops(cfg, N_SAMPLES, SENTENCES) - counted
+    assert saved > 0.3 * counted
+    assert measured_flops(cfg, backward=True) - measured_flops(cfg, backward=True, real_tokens=13) \
+        == pytest.approx(saved, rel=0.02)
+    # Reports of 14 tokens (13 + [CLS]) in every micro-batch: every batch is 16 columns wide.
+    assert mean_training_flops(cfg, N_SAMPLES, [14] * 50, micro_batch=4, draws=20) == \
+        training_flops(cfg, N_SAMPLES, text_length=16)
+    # Longer reports in the mix: dearer on average, never above the full width.
+    mixed = mean_training_flops(cfg, N_SAMPLES, [14] * 45 + [40] * 5, micro_batch=4, draws=200)
+    assert training_flops(cfg, N_SAMPLES, text_length=16) < mixed < training_flops(cfg, N_SAMPLES)
 
 
 def test_frozen_prefix_is_not_charged_a_backward():

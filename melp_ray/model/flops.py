@@ -9,16 +9,23 @@ Conventions (the usual ones, so MFU numbers compare with other reports):
   (norms, activations, softmax, losses and embedding lookups are a few % at most);
 - attention counts the full L x L score matrix, also when causal (kernels that skip the
   masked half are not credited for it);
-- the text is always ``max_text_length`` tokens: the data pipeline pads every report to it;
+- the text is ``text_length`` tokens (default ``max_text_length``): the model runs each batch
+  on its longest report plus the [CLS] (``text_tower.text_columns``), so pass the batch's
+  width (``len(text_columns(attention_mask))``), or ``mean_training_flops`` over batches;
 - backward = 2 x forward for every part that trains. The frozen text prefix (embeddings and
   the first ``text_frozen_layers`` layers) needs no backward at all when the embeddings are
   frozen, since nothing before it wants a gradient; otherwise it needs input gradients (1 x).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from melp_ray.model.config import ModelConfig
+from melp_ray.model.text_tower import text_columns
 
 # Dense peak throughput per device (no sparsity), in FLOP/s, from the vendors' data sheets.
 PEAK_FLOPS: dict[str, float] = {
@@ -104,9 +111,10 @@ def pooler_flops(cfg: ModelConfig, n_frames: int, text_width: int) -> dict[str, 
     return {"beat_pooler": beat, "caption_pooler": caption}
 
 
-def text_flops(cfg: ModelConfig, dims: TextDims, num_sentences: int) -> dict[str, int]:
+def text_flops(cfg: ModelConfig, dims: TextDims, num_sentences: int,
+               length: int) -> dict[str, int]:
     """Backbone layers (frozen prefix and trainable rest) and the report/sentence heads."""
-    length, h = cfg.max_text_length, dims.hidden
+    h = dims.hidden
     per_layer = block(length, h, dims.intermediate)
     frozen = min(cfg.text_frozen_layers, dims.layers)
     heads = (linear(1, h, cfg.embed_dim) + linear(1, cfg.embed_dim, cfg.embed_dim)  # report head
@@ -116,39 +124,64 @@ def text_flops(cfg: ModelConfig, dims: TextDims, num_sentences: int) -> dict[str
             "text_trainable": (dims.layers - frozen) * per_layer + heads}
 
 
-def decoder_flops(cfg: ModelConfig, dims: TextDims) -> int:
+def decoder_flops(cfg: ModelConfig, dims: TextDims, length: int) -> int:
     """Per layer a self-attention block and a cross-attention block, each with its MLP."""
-    n, w = cfg.max_text_length - 2, dims.hidden   # teacher forcing: the text part less one
+    n, w = length - 2, dims.hidden   # teacher forcing: the text part less one
     mlp = int(w * cfg.decoder_mlp_ratio)
     per_layer = block(n, w, mlp) + block(n, w, mlp, context=cfg.num_caption_queries)
     return cfg.decoder_layers * per_layer + linear(n, w, dims.vocab)   # vocabulary logits
 
 
 def flops_breakdown(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
-                    dims: TextDims | None = None) -> dict[str, int]:
-    """Forward FLOPs of one sample, per part. ``n_samples``: ECG samples per lead."""
+                    dims: TextDims | None = None, text_length: int | None = None
+                    ) -> dict[str, int]:
+    """Forward FLOPs of one sample, per part. ``n_samples``: ECG samples per lead;
+    ``text_length``: text columns the batch runs on (default ``max_text_length``)."""
     dims = dims or text_dims(cfg)
+    length = text_length or cfg.max_text_length
     frames = ecg_frames(cfg, n_samples)
     parts = {"ecg_encoder": ecg_encoder_flops(cfg, n_samples)}
     parts.update(pooler_flops(cfg, frames, dims.hidden))
     parts["beat_proj"] = linear(cfg.num_beat_queries, cfg.beat_width, cfg.embed_dim)
-    parts.update(text_flops(cfg, dims, num_sentences))
-    parts["decoder"] = decoder_flops(cfg, dims)
+    parts.update(text_flops(cfg, dims, num_sentences, length))
+    parts["decoder"] = decoder_flops(cfg, dims, length)
     return parts
 
 
 def forward_flops(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
-                  dims: TextDims | None = None) -> int:
-    return sum(flops_breakdown(cfg, n_samples, num_sentences, dims).values())
+                  dims: TextDims | None = None, text_length: int | None = None) -> int:
+    return sum(flops_breakdown(cfg, n_samples, num_sentences, dims, text_length).values())
 
 
 def training_flops(cfg: ModelConfig, n_samples: int, num_sentences: int = 4,
-                   dims: TextDims | None = None) -> int:
+                   dims: TextDims | None = None, text_length: int | None = None) -> int:
     """Forward + backward FLOPs of one sample (3 x forward, less what the frozen prefix skips)."""
-    parts = flops_breakdown(cfg, n_samples, num_sentences, dims)
+    parts = flops_breakdown(cfg, n_samples, num_sentences, dims, text_length)
     frozen = parts["text_frozen"]
     frozen_backward = 0 if cfg.freeze_text_embeddings else frozen   # input grads only
     return 3 * (sum(parts.values()) - frozen) + frozen + frozen_backward
+
+
+def mean_training_flops(cfg: ModelConfig, n_samples: int, report_tokens: Sequence[int],
+                        micro_batch: int, draws: int = 1000, seed: int = 0) -> float:
+    """Training FLOPs per sample averaged over random micro-batches of reports with these
+    token counts (``attention_mask`` sums): what a shuffled run's text widths cost."""
+    rng = np.random.default_rng(seed)
+    tokens = np.asarray(report_tokens)
+    dims = text_dims(cfg)
+    widths = [int(text_columns(torch.from_numpy(_mask_rows(rng.choice(tokens, micro_batch),
+                                                           cfg.max_text_length))).numel())
+              for _ in range(draws)]
+    values, counts = np.unique(widths, return_counts=True)
+    return float(sum(c * training_flops(cfg, n_samples, dims=dims, text_length=int(w))
+                     for w, c in zip(values, counts)) / draws)
+
+
+def _mask_rows(tokens: np.ndarray, length: int) -> np.ndarray:
+    """Attention masks of report rows with these token counts (the [CLS] at the end)."""
+    mask = (np.arange(length)[None, :] < (tokens[:, None] - 1)).astype(np.int64)
+    mask[:, -1] = 1
+    return mask
 
 
 def estimate_mfu(flops_per_sample: float, samples_per_s: float, peak_flops: float) -> float:

@@ -91,6 +91,8 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor,
     ``count``: that divisor given (gradient caching: the tokens of all micro-batches of the
     optimizer step over W, so the micro-batches' losses add up to the step's loss).
     """
+    # ``MELP.forward``'s logits stop at the batch's longest report; its labels go on, all padding.
+    labels = labels[:, :logits.shape[1]]
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                             ignore_index=-100, reduction="sum")
     if count is None:

@@ -21,7 +21,7 @@ from melp_ray.model.config import ModelConfig
 from melp_ray.model.decoder import MultimodalDecoder
 from melp_ray.model.ecg_encoder import ECGEncoder
 from melp_ray.model.pooler import AttentionalPooler
-from melp_ray.model.text_tower import TextTower
+from melp_ray.model.text_tower import TextTower, text_columns
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer, special_ids
 
 IGNORE_INDEX = -100  # label of padding positions (torch's cross-entropy default)
@@ -51,10 +51,10 @@ class MELP(nn.Module):
         and the multimodal decoder in place (``train.compile``; ``options`` go to
         ``nn.Module.compile``, e.g. ``backend``). Not ``forward`` itself, whose sentence count
         is data-dependent. The text model compiles to one graph (causal + padding mask
-        included, frozen layers without gradients); training rows are padded to
-        ``max_text_length``, so text lengths cause no recompiles (``generate``'s growing prefix
-        would: dynamo then makes the length dynamic). Numerics: eager's to float rounding
-        (tests/model/test_model_compile.py)."""
+        included, frozen layers without gradients); the text runs at the batch's width
+        (``text_columns``: a multiple of 8), and dynamo makes that length dynamic once it has
+        seen a second one, as for ``generate``'s growing prefix. Numerics: eager's to float
+        rounding (tests/model/test_model_compile.py)."""
         for part in (self.ecg_encoder, self.beat_pooler, self.caption_pooler, self.text.backbone,
                      self.decoder):
             part.compile(**options)
@@ -84,7 +84,9 @@ class MELP(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
         """(B, embed_dim) report embedding from the trailing [CLS] state."""
-        report = self.text.report_embedding(self.text.token_states(input_ids, attention_mask))
+        columns = text_columns(attention_mask)
+        states = self.text.token_states(input_ids[:, columns], attention_mask[:, columns], columns)
+        report = self.text.report_embedding(states)
         return F.normalize(report, dim=-1) if normalize else report
 
     def encode_reports(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
@@ -101,14 +103,19 @@ class MELP(nn.Module):
         frames = self.ecg_encoder(ecg)
         beat_emb = self.beat_proj(self._beats(frames))                # (B, K, D)
 
-        states = self.text.token_states(input_ids, attention_mask)   # (B, L, hidden)
+        # Teacher forcing over the text part (all but the trailing [CLS]): the causal state
+        # at position t predicts token t + 1; padding is ignored. The labels keep the rows'
+        # full width, so that they compare across micro-batches and ranks (report keys,
+        # token counts); the logits cover the trimmed columns only (``token_loss``).
+        labels = input_ids[:, 1:-1].masked_fill(attention_mask[:, 1:-1] == 0, IGNORE_INDEX)
+
+        columns = text_columns(attention_mask)      # the longest report's columns + [CLS]
+        input_ids, attention_mask, sentence_ids = (
+            t[:, columns] for t in (input_ids, attention_mask, sentence_ids))
+        states = self.text.token_states(input_ids, attention_mask, columns)  # (B, L', hidden)
         text_emb = self.text.report_embedding(states)
         sentence_emb, sentence_mask = self.text.sentence_embeddings(states, sentence_ids)
-
-        # Teacher forcing over the text part (all but the trailing [CLS]): the causal state
-        # at position t predicts token t + 1; padding is ignored.
         logits = self.decoder(states[:, :-2], self._caption_memory(frames))
-        labels = input_ids[:, 1:-1].masked_fill(attention_mask[:, 1:-1] == 0, IGNORE_INDEX)
 
         return {
             "ecg_emb": F.normalize(beat_emb.mean(dim=1), dim=-1),

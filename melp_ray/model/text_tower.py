@@ -13,6 +13,12 @@ Outputs
 
 As in the reference, the embedding table gains one row for the added [BOS] token, the
 embeddings train, and the first ``text_frozen_layers`` layers are frozen.
+
+Rows arrive padded to ``max_text_length``; ``text_columns`` picks the columns a batch needs
+(its longest report, then the [CLS] column with its own position id), so the tower and the
+decoder run on the longest report of the batch, not on padding. Causal attention makes the
+result the same: a real token never sees the padding after it, the [CLS] sees the same
+unmasked tokens, and padding states feed no loss.
 """
 from __future__ import annotations
 
@@ -24,6 +30,22 @@ from torch import nn
 
 from melp_ray.model.config import ModelConfig
 from melp_ray.text.report_ids import load_report_tokenizer, resolve_text_model_path
+
+
+# Trimmed widths are multiples of this: at most max_text_length / 8 shapes for torch.compile
+# to see, and matmul sizes that suit tensor cores.
+TEXT_WIDTH_MULTIPLE = 8
+
+
+def text_columns(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The columns of a batch of report rows that hold any real token: the first
+    ``longest report`` columns, rounded up to ``TEXT_WIDTH_MULTIPLE``, then the last ([CLS])
+    column. The indices are the kept tokens' position ids. (One host sync: the width.)"""
+    length = attention_mask.shape[1]
+    longest = int(attention_mask[:, :-1].sum(dim=1).max())   # [BOS] ... [SEP], before [CLS]
+    width = min(length, -(-(longest + 1) // TEXT_WIDTH_MULTIPLE) * TEXT_WIDTH_MULTIPLE)
+    body = torch.arange(width - 1, device=attention_mask.device)
+    return torch.cat([body, body.new_full((1,), length - 1)])
 
 
 def load_text_model(name_or_path: str, pretrained: bool, overrides: dict,
@@ -103,9 +125,14 @@ class TextTower(nn.Module):
                 embeddings = self.backbone.get_input_embeddings()
             embeddings.requires_grad_(False)
 
-    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L, hidden) causal hidden states."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, hidden) causal hidden states. ``position_ids`` (L,): the
+        columns' positions when they are not 0..L-1 (``text_columns``)."""
+        if position_ids is not None:
+            position_ids = position_ids.unsqueeze(0).expand(input_ids.shape[0], -1)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     def report_embedding(self, states: torch.Tensor) -> torch.Tensor:

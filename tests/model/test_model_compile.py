@@ -58,7 +58,8 @@ def test_compiled_parts_match_eager_and_keep_parameter_names():
     assert compiled.ecg_encoder._compiled_call_impl is not None
     assert compiled.text.backbone._compiled_call_impl is not None
     # The text model (causal + padding mask, cfg.text_frozen_layers frozen) is one graph, and
-    # other reports (padded to max_text_length like every training row) compile nothing new.
+    # other rows of the same text width (text_columns: the longest report, rounded up to 8)
+    # compile nothing new.
     assert cfg.text_frozen_layers >= 1 and int(batch["attention_mask"].sum(1).min()) < cfg.max_text_length
     assert not counters["graph_break"], dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]

@@ -15,7 +15,8 @@ from melp_ray.model import MELP, count_parameters, model_config_from_preset
 from melp_ray.model.ecg_encoder import ConvPositionalEmbedding, ECGEncoder
 from melp_ray.model.layers import MultiheadAttention
 from melp_ray.model.pooler import AttentionalPooler
-from melp_ray.model.text_tower import transformer_layers
+from melp_ray.model import melp as melp_module
+from melp_ray.model.text_tower import TEXT_WIDTH_MULTIPLE, text_columns, transformer_layers
 
 REPORTS = [
     "sinus rhythm. normal ecg.",
@@ -60,7 +61,9 @@ def test_forward_output_shapes_and_dtypes(cfg, model, batch):
         "beat_emb": ((b, k, d), torch.float32),
         "sentence_emb": ((b, n_sentences, d), torch.float32),
         "sentence_mask": ((b, n_sentences), torch.bool),
-        "logits": ((b, length - 2, model.text.vocab_size), torch.float32),
+        # The text runs on the batch's longest report and the [CLS] (text_columns).
+        "logits": ((b, len(text_columns(batch["attention_mask"])) - 2, model.text.vocab_size),
+                   torch.float32),
         "labels": ((b, length - 2), torch.int64),
         "logit_scale": ((1,), torch.float32),
     }
@@ -277,6 +280,43 @@ def test_decoder_logits_are_causal(model):
     # logits[:, t] predicts token t + 1 from tokens 0..t: positions < 4 must not move.
     torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-5)
     assert (a[:, 4:] - b[:, 4:]).abs().max() > 1e-3
+
+
+def test_text_columns_keep_the_longest_report_and_the_cls_position():
+    mask = torch.zeros(3, 32, dtype=torch.long)
+    mask[:, -1] = 1                          # [CLS]
+    for longest, width in ((5, 8), (7, 8), (8, 16), (31, 32)):
+        mask[1, :longest] = 1
+        assert text_columns(mask).tolist() == list(range(width - 1)) + [31]
+    assert TEXT_WIDTH_MULTIPLE == 8
+
+
+def test_trimming_the_padding_changes_no_output_loss_or_gradient(cfg, batch, monkeypatch):
+    """The model runs the text on the batch's longest report and the [CLS] only; running
+    every padded column (the reference's way) gives the same outputs, losses and gradients."""
+    assert len(text_columns(batch["attention_mask"])) < batch["input_ids"].shape[1] / 2
+
+    def run() -> tuple[dict, dict, dict]:
+        torch.manual_seed(0)
+        model = MELP(cfg).eval()   # eval: no dropout draws, whose count follows the shape
+        out = model(**batch)
+        losses = compute_losses(out, same_report_positives=True)
+        losses["total"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out, losses, grads
+
+    out, losses, grads = run()
+    monkeypatch.setattr(melp_module, "text_columns", lambda mask: torch.arange(mask.shape[1]))
+    full_out, full_losses, full_grads = run()
+
+    assert out["logits"].shape[1] < full_out["logits"].shape[1]
+    for key in ("ecg_emb", "text_emb", "beat_emb", "sentence_emb", "labels"):
+        torch.testing.assert_close(out[key], full_out[key], rtol=1e-5, atol=1e-6)
+    for key in ("rhythm", "token", "beat", "total"):
+        torch.testing.assert_close(losses[key], full_losses[key], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == full_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_frozen_layers_and_every_trainable_parameter_gets_a_gradient(cfg, batch):
