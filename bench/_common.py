@@ -256,6 +256,34 @@ def mean_of(windows: list[dict[str, Any]], key: str) -> float:
     return sum(w[key] for w in windows) / len(windows) if windows else float("nan")
 
 
+def as_a_training_worker() -> None:
+    """Run this script again (``os.execve``, same arguments) with the environment a training
+    worker starts with (``train.worker_env``'s default) unless it is set already: glibc reads
+    it at process start. A step measured in the script's process then runs as in a worker;
+    both steps of a comparison share it. Call it from ``if __name__ == "__main__"`` only."""
+    from melp_ray.config_sections import KEEP_FREED_MEMORY_ENV
+
+    missing = {k: v for k, v in KEEP_FREED_MEMORY_ENV.items() if k not in os.environ}
+    if missing:
+        log(f"re-running with the training workers' environment: {missing}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+
+
+def report_token_counts(shards_root: str, text_model: str, max_length: int) -> list[int]:
+    """Tokens per report (``attention_mask`` sums, as training lays them out) of every shard
+    under ``shards_root``: what ``flops.mean_training_flops`` needs for a run's text widths."""
+    import pyarrow.parquet as pq
+
+    from melp_ray.text.report_ids import encode_reports, load_report_tokenizer
+
+    reports = [r for path in sorted(Path(shards_root).rglob("*.parquet"))
+               for r in pq.read_table(path, columns=["report"])["report"].to_pylist()]
+    rows = encode_reports(load_report_tokenizer(text_model), [str(r) for r in reports], max_length)
+    return rows["attention_mask"].sum(axis=1).tolist()
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -269,6 +297,8 @@ def machine() -> dict[str, Any]:
         "load_avg_start": load_average(),
         "ray_worker_niceness": os.environ.get("RAY_worker_niceness", "0 (set by start_ray)"),
         "ray_address": os.environ.get("RAY_ADDRESS") or None,   # None: a private instance
+        # glibc's allocator settings of this process (as_a_training_worker, train.worker_env)
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     }
     for module in ("torch", "ray", "deepspeed"):
         try:

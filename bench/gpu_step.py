@@ -79,6 +79,7 @@ def measure_stage(stage: int, args, device) -> dict:
     import torch
 
     from melp_ray.model import flops as F
+    from melp_ray.model.text_tower import text_columns
 
     cfg = paper_config(stage, args.batch, args.text_folder, args.smoke)
     recipe = build_recipe(cfg, device)
@@ -102,11 +103,14 @@ def measure_stage(stage: int, args, device) -> dict:
     steps(args.warmup)
     seconds, losses = steps(args.steps)
     samples_per_s = args.steps * args.batch / seconds
-    per_sample = F.training_flops(cfg.model, cfg.data.sample_rate * cfg.data.seconds)
+    # At the width the model runs this batch's text on (its longest report), not the padding.
+    width = len(text_columns(batch["attention_mask"]))
+    per_sample = F.training_flops(cfg.model, cfg.data.sample_rate * cfg.data.seconds,
+                                  text_length=width)
     peak = peak_key(torch.cuda.get_device_name(0) if cuda else "")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in recipe.engine.module.parameters()})
     row = {"samples_per_s": samples_per_s, "step_seconds": seconds / args.steps,
-           "train_flops_per_sample": per_sample, "tflops": per_sample * samples_per_s / 1e12,
+           "train_flops_per_sample": per_sample, "text_width": width, "tflops": per_sample * samples_per_s / 1e12,
            "mfu": F.estimate_mfu(per_sample, samples_per_s, F.PEAK_FLOPS[peak]),
            "peak_key": peak, "param_dtypes": dtypes,
            "losses_first": losses[0], "losses_last": losses[-1],
@@ -162,4 +166,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    C.as_a_training_worker()
     raise SystemExit(main())

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     info = C.machine()
 
     from melp_ray.data.sources import bundled_root
-    from melp_ray.model.flops import PEAK_FLOPS, estimate_mfu, training_flops
+    from melp_ray.model.flops import PEAK_FLOPS, estimate_mfu, mean_training_flops
     from melp_ray.data.prepare import PrepareSettings, prepare
 
     root = args.root or bundled_root()
@@ -117,7 +117,11 @@ def main(argv=None) -> int:
                       batch=batch, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu,
                       text_folder=args.text_folder)
         cfg = r.pop("cfg")
-        flops = training_flops(cfg.model, int(cfg.data.sample_rate * cfg.data.seconds))
+        # The model runs each batch on its longest report (text_columns): FLOPs at the mean
+        # width of random micro-batches of these reports, not at the padded length.
+        tokens = C.report_token_counts(shards_root, cfg.model.text_model, cfg.model.max_text_length)
+        flops = mean_training_flops(cfg.model, int(cfg.data.sample_rate * cfg.data.seconds),
+                                    tokens, micro_batch=batch)
         r["train_flops_per_sample"] = flops
         r["mfu"] = estimate_mfu(flops, r["samples_per_s"], peak)
         results[str(stage)] = r

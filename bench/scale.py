@@ -226,7 +226,9 @@ def gpu_samples_per_s() -> dict:
     flops = training_flops(cfg.model, int(cfg.data.sample_rate * cfg.data.seconds))
     peak = PEAK_FLOPS["h100-sxm-bf16"]
     return {"samples_per_s": ASSUMED_MFU * peak / flops, "train_flops_per_sample": flops,
-            "source": f"estimate: {flops / 1e9:.1f} GFLOP/sample at {ASSUMED_MFU:.0%} MFU "
+            # FLOPs at the padded text length: the most a sample can cost (the model trims
+            # each batch to its longest report), so the fewest samples/s at this MFU.
+            "source": f"estimate: {flops / 1e9:.1f} GFLOP/sample (text padded) at {ASSUMED_MFU:.0%} MFU "
                       f"of {peak / 1e12:.0f} TFLOP/s (H100/H200 bf16)"}
 
 

@@ -47,6 +47,12 @@ class LossConfig:
     same_report_positives: bool = False
 
 
+# glibc settings (MALLOC_* environment variables): no memory returned to the OS on free and
+# no large block its own mmap, in one arena; see TrainConfig.worker_env.
+KEEP_FREED_MEMORY_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**34),
+                         "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+
+
 @dataclass
 class TrainConfig:
     # A count, or [min, max]: an elastic run (Ray Train's ScalingConfig(num_workers=(min, max)))
@@ -57,6 +63,13 @@ class TrainConfig:
     # More Ray resources each worker asks for, beside CPU (and GPU with use_gpu), e.g.
     # {"accelerator_type:A100": 0.001}: the workers go only to nodes that have them.
     worker_resources: dict[str, float] = field(default_factory=dict)
+    # Environment variables of the training worker processes, set before they start
+    # (RunConfig.worker_runtime_env). The default keeps memory glibc would hand back to the
+    # OS: every ZeRO 1-2 step builds a flat gradient partition the size of the trainable
+    # model, and a fresh mmap of it costs ~200 k page faults per GB, 1-3 s a step on CPU
+    # for the paper model (bench/README.md "reference_step.py"). One arena, because the
+    # step runs on a worker thread, whose own arena maps such blocks anyway. {}: none.
+    worker_env: dict[str, str] = field(default_factory=lambda: dict(KEEP_FREED_MEMORY_ENV))
     # An elastic run: how often Ray Train checks whether more workers fit, and then restarts
     # the group larger from the last checkpoint (ScalingConfig.elastic_resize_monitor_interval_s).
     elastic_resize_interval_s: float = 60.0
@@ -249,6 +262,10 @@ def train_problems(t: TrainConfig) -> list[str]:
         if name in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount <= 0:
             problems.append(f"train.worker_resources: {name}={amount!r}: a custom resource "
                             f"with an amount > 0 (CPU and GPU: train.cpus_per_worker, train.use_gpu)")
+    for name, value in t.worker_env.items():
+        if not isinstance(value, str) or not name or "=" in name:
+            problems.append(f"train.worker_env: {name}={value!r}: a variable name and a string "
+                            f"value (quote numbers)")
     if t.elastic_resize_interval_s < 0:
         problems.append("train.elastic_resize_interval_s must be >= 0")
     if t.lr <= 0:

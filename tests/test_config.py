@@ -44,6 +44,7 @@ def test_whole_numbers_written_in_e_notation_are_ints(text, expected):
     ('train.worker_resources={"GPU":1}', "GPU=1: a custom resource"),
     ('train.worker_resources={"gpu_stand_in":0}', "gpu_stand_in=0: a custom resource with an amount > 0"),
     ("train.elastic_resize_interval_s=-1", "elastic_resize_interval_s must be >= 0"),
+    ('train.worker_env={"OMP_NUM_THREADS":2}', "OMP_NUM_THREADS=2: a variable name and a string"),
     ("deepspeed.offload_optimizer=true deepspeed.zero_stage=0", "needs deepspeed.zero_stage >= 1"),
     ("deepspeed.contiguous_gradients=maybe", "expected bool"),
     ("deepspeed.contiguous_gradients=false deepspeed.zero_stage=3", "contiguous_gradients=false needs"),

@@ -18,6 +18,7 @@ from console_noise import assert_console_is_quiet   # tests/fixtures
 from ray_head import stop_group
 from weights_fixture import assert_same_weights
 from melp_ray.config import PretrainConfig
+from melp_ray.config_sections import KEEP_FREED_MEMORY_ENV
 from melp_ray.hub.checkpoint import consolidated_state_dict
 from melp_ray.utils.distributed import free_port
 
@@ -124,6 +125,8 @@ def assert_trained(summary: dict, stage: int, world_size: int = 2) -> None:
 
 def test_zero2_trains_checkpoints_and_summarises(zero2_run):
     assert_trained(zero2_run, 2)
+    # The workers started with train.worker_env (glibc keeps freed memory, one arena).
+    assert zero2_run["worker_env"] == KEEP_FREED_MEMORY_ENV
     summary_file = local(zero2_run["run_dir"]) / "summary.json"
     on_disk = json.loads(summary_file.read_text())
     assert on_disk["last_checkpoint"] == zero2_run["last_checkpoint"]

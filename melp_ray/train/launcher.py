@@ -48,6 +48,7 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
                                                checkpoint_score_order=t.checkpoint_mode),
             callbacks=callbacks or None,
             logging_config=ray_train_logging(cfg.run.verbose),
+            worker_runtime_env={"env_vars": dict(t.worker_env)},
         ),
     )
 
@@ -104,6 +105,7 @@ def write_summary(cfg, out: dict[str, Any], wall: float, last_checkpoint: str | 
         "samples_per_s": metrics.get("samples_per_s"),
         "input_wait_frac": metrics.get("input_wait_frac"),
         "wall_seconds": wall,
+        "worker_env": out.get("worker_env"),
         "last_checkpoint": last_checkpoint,
         **model_selection_summary(cfg, kept, out),
         "run_dir": run_dir(cfg),

@@ -121,8 +121,10 @@ class DeepSpeedRecipe:
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
+        # fused: one kernel over each of ZeRO's flat fp32 partitions; the for-each AdamW makes
+        # temporaries the size of the partition every step (its denominator, the update).
         return torch.optim.AdamW(param_groups(model, t.weight_decay, t.decay_all_parameters),
-                                 lr=t.lr, betas=tuple(t.betas))
+                                 lr=t.lr, betas=tuple(t.betas), fused=True)
 
     def compile_model(self, model: torch.nn.Module) -> None:
         """``train.compile``: compile in place (``nn.Module.compile``: parameter names, hence
@@ -392,7 +394,9 @@ class DeepSpeedRecipe:
         s = self.state
         return {"step": s.step, "world_size": self.world, "zero_stage": self.cfg.deepspeed.zero_stage,
                 "metrics": getattr(self, "last_metrics", {}), "stopped_early": s.stopped_early,
-                "best_step": s.best_step, "best_score": s.best_score}
+                "best_step": s.best_step, "best_score": s.best_score,
+                # as the worker process saw them (train.worker_env): None where not set
+                "worker_env": {k: os.environ.get(k) for k in self.cfg.train.worker_env}}
 
     def cleanup(self) -> None:
         self.logger.close()
