@@ -21,7 +21,7 @@ from melp_ray.model.config import ModelConfig
 from melp_ray.model.decoder import MultimodalDecoder
 from melp_ray.model.ecg_encoder import ECGEncoder
 from melp_ray.model.pooler import AttentionalPooler
-from melp_ray.model.text_tower import TextTower, text_columns
+from melp_ray.model.text_tower import TextTower
 from melp_ray.text.report_ids import encode_reports, load_report_tokenizer, special_ids
 
 IGNORE_INDEX = -100  # label of padding positions (torch's cross-entropy default)
@@ -84,9 +84,7 @@ class MELP(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
         """(B, embed_dim) report embedding from the trailing [CLS] state."""
-        columns = text_columns(attention_mask)
-        states = self.text.token_states(input_ids[:, columns], attention_mask[:, columns], columns)
-        report = self.text.report_embedding(states)
+        report = self.text.report_embedding(self.text.row_states(input_ids, attention_mask)[0])
         return F.normalize(report, dim=-1) if normalize else report
 
     def encode_reports(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
@@ -109,12 +107,10 @@ class MELP(nn.Module):
         # token counts); the logits cover the trimmed columns only (``token_loss``).
         labels = input_ids[:, 1:-1].masked_fill(attention_mask[:, 1:-1] == 0, IGNORE_INDEX)
 
-        columns = text_columns(attention_mask)      # the longest report's columns + [CLS]
-        input_ids, attention_mask, sentence_ids = (
-            t[:, columns] for t in (input_ids, attention_mask, sentence_ids))
-        states = self.text.token_states(input_ids, attention_mask, columns)  # (B, L', hidden)
+        # (B, L', hidden): the longest report's columns and the [CLS]
+        states, columns = self.text.row_states(input_ids, attention_mask)
         text_emb = self.text.report_embedding(states)
-        sentence_emb, sentence_mask = self.text.sentence_embeddings(states, sentence_ids)
+        sentence_emb, sentence_mask = self.text.sentence_embeddings(states, sentence_ids[:, columns])
         logits = self.decoder(states[:, :-2], self._caption_memory(frames))
 
         return {

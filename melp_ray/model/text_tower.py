@@ -135,6 +135,13 @@ class TextTower(nn.Module):
                             position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
+    def row_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report rows as ``report_ids`` lays them out -> (causal states of the columns the
+        batch needs, those columns): the longest report and the [CLS] (``text_columns``)."""
+        columns = text_columns(attention_mask)
+        return self.token_states(input_ids[:, columns], attention_mask[:, columns], columns), columns
+
     def report_embedding(self, states: torch.Tensor) -> torch.Tensor:
         """State at the last position (the [CLS]) -> (B, embed_dim), unnormalised."""
         return self.report_head(states[:, -1])

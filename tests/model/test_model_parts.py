@@ -15,7 +15,7 @@ from melp_ray.model import MELP, count_parameters, model_config_from_preset
 from melp_ray.model.ecg_encoder import ConvPositionalEmbedding, ECGEncoder
 from melp_ray.model.layers import MultiheadAttention
 from melp_ray.model.pooler import AttentionalPooler
-from melp_ray.model import melp as melp_module
+from melp_ray.model import text_tower
 from melp_ray.model.text_tower import TEXT_WIDTH_MULTIPLE, text_columns, transformer_layers
 
 REPORTS = [
@@ -306,7 +306,7 @@ def test_trimming_the_padding_changes_no_output_loss_or_gradient(cfg, batch, mon
         return out, losses, grads
 
     out, losses, grads = run()
-    monkeypatch.setattr(melp_module, "text_columns", lambda mask: torch.arange(mask.shape[1]))
+    monkeypatch.setattr(text_tower, "text_columns", lambda mask: torch.arange(mask.shape[1]))
     full_out, full_losses, full_grads = run()
 
     assert out["logits"].shape[1] < full_out["logits"].shape[1]
