@@ -115,7 +115,9 @@ def test_every_trial_is_a_wandb_run_of_the_sweeps_group(sweep_runs):
     interrupted = {t["trial_id"] for t in sweep_runs["first"]["trials"] if t["status"] != "COMPLETED"}
     for trial in sweep_runs["second"]["trials"]:
         folder = Path(sweep.runs_dir, f"{sweep.space.name}_{trial['trial_id']}")
-        runs = wandb_offline_runs(folder / "wandb")
+        # Trials ran in processes that have exited (their files are complete); an
+        # interrupted one has no exit record, so no waiting for it.
+        runs = wandb_offline_runs(folder / "wandb", wait_s=0)
         # The interruption may kill a running trial's worker before W&B wrote its run
         # record: such a file holds nothing logged, and only an interrupted trial has one.
         killed = [r for r in runs if r["id"] is None]
