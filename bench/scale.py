@@ -189,14 +189,14 @@ def ingest_per_cpu(root: Path, shards: Path, num_cpus: int, rounds: int, quick: 
 def bare_read_decode(files: list[str], spec, passes: int = 2) -> float:
     """Rows per CPU-second of reading and decoding the same shards in this one process,
     without Ray: the stream's own read task (``read_slices``: pyarrow reads each file, the
-    same 64-row batches decoded, normalised, tokenised) called directly. The best of ``passes``."""
-    from melp_ray.train.stream import read_slices
+    same batches decoded, normalised, tokenised) called directly. The best of ``passes``."""
+    from melp_ray.train.stream import read_slices, rows_per_yield
 
     whole_files = {"path": list(files), "start": [0] * len(files), "stop": [1 << 62] * len(files)}
     best = 0.0
     for _ in range(passes):
         rows, start = 0, time.process_time()
-        for batch in read_slices(whole_files, spec):
+        for batch in read_slices(whole_files, spec, rows=rows_per_yield(spec)):
             rows += len(batch["ecg"])
         best = max(best, rows / (time.process_time() - start))
     return best

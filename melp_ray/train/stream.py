@@ -32,11 +32,20 @@ from melp_ray.text.report_ids import ReportEncoder, report_encoder
 logger = logging.getLogger(__name__)
 
 MODEL_COLUMNS = ("ecg", "input_ids", "attention_mask", "sentence_ids")
-# Decoded ECG bytes one Ray Data read task produces (a few shard files at 500 Hz). Ray Data
+# Decoded ECG bytes one Ray Data read task produces (~2,200 rows at 500 Hz). Ray Data
 # notices a finished task only in its next scheduling round, which waits up to 0.1 s for the
-# other running tasks, so tasks of one 256-row file (~150 ms) left a CPU idle much of the
-# time: bench/README.md, "ingest at 500 Hz".
-READ_TASK_BYTES = 256 * 2**20
+# other running tasks, and the next task then starts on that CPU ~0.1-0.25 s after the last
+# one ended: the fewer tasks, the less of a pass is lost to these gaps (see bench/README.md,
+# "ingest at 500 Hz").
+READ_TASK_BYTES = 512 * 2**20
+# A read task's output blocks: at most this many rows and bytes of signal (Ray Data's
+# default block size) each, see ``rows_per_yield``.
+MAX_ROWS_PER_YIELD = 512
+BLOCK_BYTES = 128 * 2**20
+# Rows normalised at once: normalising makes four passes over the signal, and ~15 MB of
+# 500 Hz rows stay in the CPU cache between them where a 120 MB block does not (one
+# process decoding 512-row batches: ~2,200 rows/s whole, ~2,350 in runs of 64).
+NORMALISE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,7 @@ def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
 
     table = batch if isinstance(batch, pa.Table) else pa.table(
         {k: pa.array(list(v)) for k, v in batch.items()})
-    if exclude_folds:   # held-out folds: dropped before anything is decoded
-        table = table.filter(pc.invert(pc.is_in(table["strat_fold"],
-                                                value_set=pa.array(list(exclude_folds), pa.int32()))))
+    table = drop_held_out(table, exclude_folds)   # before anything is decoded
     ecg = decode_ecg_column(table["ecg"])
     if table.num_rows == 0:
         ecg = np.zeros((0, 12, spec.n_samples), np.float32)
@@ -113,7 +120,17 @@ def decode_shard_batch(batch: pa.Table | dict[str, Any], spec: StreamSpec,
         raise ValueError(f"shards hold {ecg.shape[-1]} samples per lead, the config asks for "
                          f"{spec.n_samples}; re-run prepare with the same rate/duration")
     labels = table["labels_super"].to_pylist() if spec.with_labels else None
-    return _finish(minmax_normalise_(ecg), table["report"].to_pylist(), labels, spec)
+    for at in range(0, len(ecg), NORMALISE_ROWS):   # a cache-sized run of rows at a time
+        minmax_normalise_(ecg[at:at + NORMALISE_ROWS])
+    return _finish(ecg, table["report"].to_pylist(), labels, spec)
+
+
+def drop_held_out(table: pa.Table, exclude_folds: Sequence[int]) -> pa.Table:
+    """The shard rows whose ``strat_fold`` is not in ``exclude_folds``."""
+    if not exclude_folds:
+        return table
+    held_out = pc.is_in(table["strat_fold"], value_set=pa.array(list(exclude_folds), pa.int32()))
+    return table.filter(pc.invert(held_out))
 
 
 def read_wfdb_batch(batch: dict[str, Any], spec: StreamSpec, root: str) -> dict[str, np.ndarray]:
@@ -236,29 +253,59 @@ def slices_dataset(slices: Sequence[RowSlice], spec: StreamSpec, exclude_folds: 
         items = [{"path": "", "start": 0, "stop": 0}]
     # One read task per run of consecutive slices holding ~READ_TASK_BYTES of signal.
     ds = ray.data.from_items(items, override_num_blocks=read_tasks(slices, spec))
-    kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds)}
-    return in_order(ds.map_batches(read_slices, fn_kwargs=kwargs, batch_format="numpy",
-                                   batch_size=1))
+    rows = rows_per_yield(spec)
+    kwargs = {"spec": spec, "exclude_folds": tuple(int(f) for f in exclude_folds), "rows": rows}
+    ds = ds.map_batches(read_slices, fn_kwargs=kwargs, batch_format="numpy", batch_size=1)
+    # Each decoded batch leaves the task as one block of its own: Ray Data closes a block
+    # once its bytes pass the target (a bigger target joins batches with a copy, then cuts
+    # the joined block at a row count that splits micro-batches).
+    ds.context.target_max_block_size = rows * signal_bytes(spec)
+    return in_order(ds)
 
 
 def read_tasks(slices: Sequence[RowSlice], spec: StreamSpec) -> int:
     """How many Ray Data tasks read ``slices``: one per ~READ_TASK_BYTES of decoded rows,
     at least one, at most one per slice."""
     rows = sum(s.stop - s.start for s in slices)
-    rows_per_task = max(1, READ_TASK_BYTES // (len(LEADS) * spec.n_samples * 4))
+    rows_per_task = max(1, READ_TASK_BYTES // signal_bytes(spec))
     return max(1, min(len(slices), -(-rows // rows_per_task)))
 
 
+def rows_per_yield(spec: StreamSpec) -> int:
+    """Rows a read task decodes and hands on as one block: the largest power of two (at
+    most MAX_ROWS_PER_YIELD) whose signals fit in BLOCK_BYTES.
+
+    Why a power of two: a pass's micro-batches of 64 (or 32, 128, ...) are then whole
+    slices of the blocks, and Ray's batcher hands them on without copying rows of two
+    blocks into one batch.
+    """
+    fit = max(1, BLOCK_BYTES // signal_bytes(spec))
+    return min(MAX_ROWS_PER_YIELD, 1 << (fit.bit_length() - 1))
+
+
+def signal_bytes(spec: StreamSpec) -> int:
+    """Bytes of one decoded row's float32 signal."""
+    return len(LEADS) * spec.n_samples * 4
+
+
 def read_slices(batch: dict[str, np.ndarray], spec: StreamSpec,
-                exclude_folds: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
-    """Read each slice (only the row groups that hold it), decoded 64 rows at a time."""
+                exclude_folds: Sequence[int] = (), rows: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """Read each slice (only the row groups that hold it) and decode the rows ``rows`` at a
+    time, across slice ends: every batch but the task's last holds exactly ``rows`` rows."""
     columns = ["ecg", "report", "strat_fold"] + (["labels_super"] if spec.with_labels else [])
+    pending = None   # rows read but not yet decoded: fewer than ``rows``
     for path, start, stop in zip(batch["path"], batch["start"], batch["stop"]):
         if start >= stop:
             continue
-        table = read_row_range(str(path), int(start), int(stop), columns)
-        for at in range(0, table.num_rows, 64):
-            yield decode_shard_batch(table.slice(at, 64), spec, exclude_folds)
+        table = drop_held_out(read_row_range(str(path), int(start), int(stop), columns),
+                              exclude_folds)
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        whole = pending.num_rows - pending.num_rows % rows
+        for at in range(0, whole, rows):
+            yield decode_shard_batch(pending.slice(at, rows), spec)
+        pending = pending.slice(whole)
+    if pending is not None and pending.num_rows:
+        yield decode_shard_batch(pending, spec)
 
 
 def stream_spec(cfg: PretrainConfig) -> StreamSpec:

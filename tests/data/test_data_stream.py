@@ -95,6 +95,54 @@ def test_many_read_tasks_give_the_rows_of_one_in_the_same_order(ray_local, shard
         np.testing.assert_array_equal(one[key], many[key])
 
 
+def test_read_tasks_decode_full_batches_across_file_ends(make_shards, tmp_path):
+    """A read task decodes ``rows`` rows at a time whatever the files' sizes, held-out rows
+    taken out first: every batch but the task's last is full, and together they are the
+    files' rows in file order."""
+    from melp_ray.data.rows import shard_files
+    from melp_ray.train.stream import read_slices
+
+    root = make_shards(tmp_path, [5, 7, 3], [2])
+    files = shard_files(str(root), "train")
+    whole = {"path": files, "start": [0] * len(files), "stop": [1 << 62] * len(files)}
+    folds = np.concatenate([read_shard_table(f, columns=["strat_fold"])["strat_fold"].to_numpy()
+                            for f in files])
+    held_out = tuple(sorted(set(folds.tolist())))[:1]
+    for exclude, kept in (((), slice(None)), (held_out, ~np.isin(folds, held_out))):
+        batches = list(read_slices(whole, SPEC, exclude, rows=4))
+        sizes = [len(b["ecg"]) for b in batches]
+        assert sizes[:-1] == [4] * (len(sizes) - 1) and 0 < sizes[-1] <= 4, sizes
+        np.testing.assert_array_equal(np.concatenate([b["ecg"] for b in batches]),
+                                      shard_ecg(root)["train"][kept])
+
+
+def test_rows_per_yield_is_the_largest_power_of_two_in_a_block():
+    from melp_ray.train.stream import BLOCK_BYTES, MAX_ROWS_PER_YIELD, rows_per_yield, signal_bytes
+
+    for rate in (100, 500, 1000, 5000):
+        spec = StreamSpec(sample_rate=rate, seconds=10, text_model="minilm", max_text_length=32)
+        rows = rows_per_yield(spec)
+        assert rows & (rows - 1) == 0 and rows <= MAX_ROWS_PER_YIELD          # a power of two
+        assert rows * signal_bytes(spec) <= BLOCK_BYTES
+        assert rows == MAX_ROWS_PER_YIELD or 2 * rows * signal_bytes(spec) > BLOCK_BYTES
+    at_500 = StreamSpec(sample_rate=500, seconds=10, text_model="minilm", max_text_length=32)
+    assert rows_per_yield(at_500) == 512     # the paper config's micro-batch 64 divides it
+
+
+def test_each_decoded_batch_reaches_the_consumer_as_one_block(ray_local, shards, monkeypatch):
+    """Ray Data leaves the read task's batches as they are (it would otherwise join small
+    ones into blocks of up to 128 MiB and cut them at any row), so micro-batches of a power
+    of two are whole slices of blocks."""
+    from melp_ray.train import stream
+
+    monkeypatch.setattr(stream, "MAX_ROWS_PER_YIELD", 8)
+    ds = rank_datasets(str(shards), "train", 1, SPEC)[0]
+    blocks = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
+    total = sum(blocks)
+    assert total > 16   # one read task: its batches of 8 rows, the last one shorter
+    assert blocks == [8] * (total // 8) + ([total % 8] if total % 8 else []), blocks
+
+
 def test_shards_with_another_rate_are_refused(ray_local, shards):
     """A spec that does not know the shards' rate (``shard_rate``) cannot resample them."""
     spec = StreamSpec(sample_rate=500, seconds=10, text_model="minilm", max_text_length=32)
