@@ -42,8 +42,10 @@ from collections import Counter
 from pathlib import Path
 
 import _common as C
+from melp_ray.config_sections import KEEP_FREED_MEMORY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
+GUARD_SOURCE = REPO / "bench" / "native" / "freed_guard.c"
 FATAL_MARKERS = ("Fatal Python error", "*** SIGSEGV", "*** SIGABRT", "*** SIGBUS", "*** SIGFPE",
                  "Segmentation fault")
 # What a mapped library's name says it is (checked on a live RayTrainWorker).
@@ -51,6 +53,11 @@ RUNTIME_LIBS = ("jemalloc", "tcmalloc", "mimalloc", "gomp", "iomp", "openblas", 
                 "deepspeed", "shm_comm", "gloo")
 TAIL_LINES = 60
 BACKTRACE_LINES = 400
+# After the backtraces, in the crashing thread (glibc has debug info here): its tcache's
+# free-list heads and counts and the registers where malloc stopped, i.e. the bad pointer
+# and, XORed with its slot's address >> 12 (glibc's safe-linking), the value written there.
+TCACHE_FORENSICS = ("-ex", "frame function __libc_malloc", "-ex", "p *tcache",
+                    "-ex", "info registers")
 # Ray's C++ failure handler: "[date time,ms E PID TID] logging.cc:...: *** SIGABRT received"
 RAY_HANDLER_LINE = re.compile(r"\bE (\d+) (\d+)\] logging\.cc:\d+: \*\*\* (SIG\w+) received")
 
@@ -74,6 +81,11 @@ def parse_args():
     p.add_argument("--workdir", default="/tmp/melp_crash", help="Ray temp dirs and run folders")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the Ray logs and run folder of runs that did not crash")
+    p.add_argument("--guard", action="store_true",
+                   help="preload bench/native/freed_guard.c into the training workers: writes "
+                        "into freed small blocks and double frees are reported with stacks")
+    p.add_argument("--guard-max", type=int, default=56,
+                   help="with --guard: quarantine freed blocks of at most this many usable bytes")
     p.add_argument("overrides", nargs="*", help="extra key=value pretrain overrides")
     args = p.parse_args()
     if args.out == str(C.RESULTS_DIR / "crash_loop.json"):
@@ -105,8 +117,42 @@ def run_command(args, name: str, store: Path) -> list[str]:
         steps = [f"train.max_steps={args.steps}", "train.log_every=10"]
     cmd = [sys.executable, "-m", "melp_ray.pretrain", "--config", config, *steps,
            f"run.max_failures={args.max_failures}", f"run.storage_path={store}",
-           f"run.name={name}", *args.overrides]
+           f"run.name={name}", *guard_overrides(args, store.parent / "guard"), *args.overrides]
     return cmd + ([f"data.root={root}"] if root else [])
+
+
+def build_guard(workdir: str) -> str:
+    """Compile the freed-block guard (a few seconds; gcc is on the machine)."""
+    out = Path(workdir, "freed_guard.so")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(out), str(GUARD_SOURCE)],
+                   check=True)
+    return str(out)
+
+
+def guard_overrides(args, folder: Path) -> list[str]:
+    """train.worker_env for a guarded run: the shipped variables plus the preload (the
+    training workers only: that is where the crashes are)."""
+    if not args.guard_so:
+        return []
+    env = {**KEEP_FREED_MEMORY_ENV, "LD_PRELOAD": args.guard_so, "FREED_GUARD_DIR": str(folder),
+           "FREED_GUARD_MAX": str(args.guard_max)}
+    return [f"train.worker_env.{k}='{v}'" for k, v in env.items()]
+
+
+def guard_reports(folder: Path) -> tuple[int, list[dict], dict[int, int]]:
+    """(guarded processes, every report, each process's latest quarantine window in ms) from
+    a guarded run's folder."""
+    logs = sorted(folder.glob("*.log"))
+    reports, windows = [], {}
+    for log in logs:
+        text = log.read_text(errors="replace")
+        for block in text.split("\n== ")[1:]:
+            reports.append({"pid": int(log.stem), "kind": block.split(" #")[0],
+                            "lines": block.splitlines()[:BACKTRACE_LINES]})
+        for ms in re.findall(r"^window: .* after (\d+) ms$", text, re.M):
+            windows[int(log.stem)] = int(ms)
+    return len(logs), reports, windows
 
 
 def run_env(args, tmp: Path) -> dict[str, str]:
@@ -205,7 +251,7 @@ def core_backtraces(dirs: set[str], after: float) -> list[dict]:
                 continue
             cmd = ["gdb", "-batch", "-nx", "-ex", "set pagination off",
                    "-ex", "info threads", "-ex", "bt 40", "-ex", "thread apply all bt 25",
-                   sys.executable, str(core)]
+                   *TCACHE_FORENSICS, sys.executable, str(core)]
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
             except (OSError, subprocess.TimeoutExpired) as err:
@@ -297,16 +343,21 @@ def one_run(args, index: int) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)   # any Ray process the run left behind
     output = "\n".join(out_lines)
     crashes = fatal_blocks(output, "run output") + scan_logs(tmp)
+    guarded, guarded_reports, windows = guard_reports(base / "guard")
     result = {"run": name, "rc": proc.returncode, "wall_s": round(wall, 1),
               "last_logged_step": last_step(store, name), "fatal_reports": crashes,
               "crashed_threads": crashed_threads(crashes, names),
               "core_backtraces": core_backtraces(cwds | {str(base)}, started_at),
               "worker_deaths": _worker_deaths(crashes),
               "restarts": output.count("Restarting") + output.count("restarting"),
-              "output_tail": out_lines[-40:], "worker": worker_info}
+              "output_tail": out_lines[-40:], "worker": worker_info,
+              "guarded_processes": guarded, "guard_reports": guarded_reports,
+              "guard_windows_ms": windows}
     C.log(f"run {name}: rc {proc.returncode}, {wall:.0f} s, step {result['last_logged_step']}, "
-          f"{result['worker_deaths']} worker death(s)")
-    if not args.keep_logs and not crashes and proc.returncode == 0:
+          f"{result['worker_deaths']} worker death(s)"
+          + (f", {guarded} guarded processes, {len(guarded_reports)} guard reports"
+             if args.guard else ""))
+    if not args.keep_logs and not crashes and not guarded_reports and proc.returncode == 0:
         shutil.rmtree(base, ignore_errors=True)
     return result
 
@@ -352,12 +403,15 @@ def crashed_thread_names(result: dict) -> str:
 def summary(args, machine: dict, results: list[dict]) -> tuple[dict, str]:
     crashed = sum(1 for r in results if r["worker_deaths"])
     rows = [[r["run"], r["rc"], r["wall_s"], r["last_logged_step"], r["worker_deaths"],
-             crash_frame(r), crashed_thread_names(r)] for r in results]
-    text = C.table(["run", "rc", "wall s", "last step", "worker deaths", "crashing frame",
-                    "crashed thread"], rows)
+             len(r["guard_reports"]), crash_frame(r), crashed_thread_names(r)] for r in results]
+    text = C.table(["run", "rc", "wall s", "last step", "worker deaths", "guard reports",
+                    "crashing frame", "crashed thread"], rows)
     text += (f"\n\n{args.label}: {crashed} of {len(results)} runs lost a worker "
              f"({sum(r['worker_deaths'] for r in results)} worker deaths, "
              f"{sum(r['rc'] != 0 for r in results)} runs failed)")
+    if args.guard:
+        text += (f"; freed-block guard: {sum(1 for r in results if r['guard_reports'])} runs "
+                 f"with reports, {sum(r['guarded_processes'] for r in results)} guarded processes")
     workers = [r["worker"] for r in results if r["worker"]]
     if workers:
         w = workers[0]
@@ -367,6 +421,8 @@ def summary(args, machine: dict, results: list[dict]) -> tuple[dict, str]:
               "steps": args.steps, "env": args.env,
               "pythonpath": args.pythonpath, "overrides": args.overrides,
               "max_failures": args.max_failures, "runs_with_worker_death": crashed,
+              "guard": args.guard, "guard_max": args.guard_max if args.guard else None,
+              "runs_with_guard_reports": sum(1 for r in results if r["guard_reports"]),
               "worker_deaths": sum(r["worker_deaths"] for r in results),
               "failed_runs": sum(r["rc"] != 0 for r in results),
               "command": " ".join(sys.argv), "machine": dict(machine), "results": results}
@@ -377,6 +433,7 @@ def main() -> int:
     args = parse_args()
     if args.smoke:
         args.runs = 1
+    args.guard_so = build_guard(args.workdir) if args.guard else None
     machine = C.machine()
     results = []
     for i in range(args.runs):
