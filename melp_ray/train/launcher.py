@@ -8,6 +8,7 @@ from melp_ray.utils import storage
 from melp_ray.utils.console import ray_train_logging
 from melp_ray.utils.ray_connect import pin_data_stats_here
 from melp_ray.train.curves import write_run_curves
+from melp_ray.train.gloo import OneThreadGlooConfig
 from melp_ray.train.metrics import log_wandb_summary, run_dir
 # worker_entry lives with the sessions: what a worker unpickles imports no plotting library.
 from melp_ray.train.session import run_locally, single_process_group, worker_entry
@@ -31,7 +32,8 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=t.elastic_resize_interval_s),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        # On CPU, gloo groups with one worker thread: torch's two race and crash (train/gloo.py).
+        torch_config=TorchConfig(backend="nccl") if t.use_gpu else OneThreadGlooConfig(),
         datasets=datasets,
         # Each rank has its own deterministic dataset (see melp_ray.data.rows): nothing to
         # split, and block order preserved so a resumed run sees the same batches.
