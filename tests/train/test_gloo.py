@@ -10,6 +10,7 @@ differentiable all-gather and its backward) still give the right numbers.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from melp_ray.config import PretrainConfig, load_config
 from melp_ray.train.gloo import ONE_THREAD_GLOO, OneThreadGlooConfig, register_one_thread_gloo
 from melp_ray.train.launcher import build_trainer
 from melp_ray.utils.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def runloop_threads() -> int:
@@ -63,7 +66,10 @@ def run_two_ranks(backend: str) -> list[tuple]:
     return results
 
 
-def test_one_thread_gloo_groups_have_one_worker_thread_and_right_collectives():
+def test_one_thread_gloo_groups_have_one_worker_thread_and_right_collectives(monkeypatch):
+    # The spawned ranks unpickle ``two_ranks`` as tests.train.test_gloo (pytest's importlib
+    # mode) with this process's sys.path: the repository root must be on it.
+    monkeypatch.syspath_prepend(str(REPO))
     # torch's gloo: two groups x two worker threads, the pair that races.
     assert [r[2] for r in run_two_ranks("gloo")] == [4, 4]
     results = run_two_ranks(ONE_THREAD_GLOO)
