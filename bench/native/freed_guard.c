@@ -178,39 +178,41 @@ static void note_thread(void) {
     if (name_age++ % 4096 == 0) prctl(PR_GET_NAME, my_name, 0, 0, 0);
 }
 
-/* Already quarantined? Then this is a second free. Called only for blocks that hold the
- * pattern from end to end (rare for a live block), as it looks through the whole ring. */
+/* Already quarantined? Then this is a second free. Looks through the whole ring, so it is
+ * called only for blocks that hold the pattern from end to end (rare for a live block).
+ * Called with the lock held. */
 static int quarantined(void *p, struct slot *found) {
-    int hit = 0;
-    lock();
     for (size_t i = tail; i < head; i++)
-        if (ring[i % nslots].p == p) { *found = ring[i % nslots]; hit = 1; break; }
-    unlock();
-    return hit;
+        if (ring[i % nslots].p == p) { *found = ring[i % nslots]; return 1; }
+    return 0;
 }
 
 /* Take a small block into quarantine; hand back to glibc the oldest ones that must leave,
- * each checked first. */
+ * each checked first. The double-free check, the fill and the insertion happen under one
+ * lock: two threads freeing the same block at once (the race of #30.1) must not both pass
+ * the check and put it in the ring twice, or the guard would hand it to glibc twice. */
 static void quarantine(void *p, size_t usable) {
     note_thread();
     struct slot s = {.p = p, .usable = (uint32_t)usable, .tid = my_tid, .ms = now_ms()};
     memcpy(s.thread, my_name, sizeof s.thread);
     s.nframes = backtrace(s.frames, DEPTH);
-    struct slot first;
-    if (intact(&s) && quarantined(p, &first)) {
+    struct slot first, out[2];
+    int n = 0, twice;
+    lock();
+    twice = intact(&s) && quarantined(p, &first);
+    if (!twice) {
+        memset(p, PATTERN, usable);
+        if (head - tail == nslots) out[n++] = ring[tail++ % nslots];
+        ring[head++ % nslots] = s;
+        held_bytes += usable;
+        if (held_bytes > max_bytes && head - tail > 1) out[n++] = ring[tail++ % nslots];
+        for (int i = 0; i < n; i++) held_bytes -= out[i].usable;
+    }
+    unlock();
+    if (twice) {
         report_double_free(&first, s.frames, s.nframes);
         return;     /* never hand it to glibc twice */
     }
-    memset(p, PATTERN, usable);
-    struct slot out[2];
-    int n = 0;
-    lock();
-    if (head - tail == nslots) out[n++] = ring[tail++ % nslots];
-    ring[head++ % nslots] = s;
-    held_bytes += usable;
-    if (held_bytes > max_bytes && head - tail > 1) out[n++] = ring[tail++ % nslots];
-    for (int i = 0; i < n; i++) held_bytes -= out[i].usable;
-    unlock();
     for (int i = 0; i < n; i++) {
         if (!intact(&out[i])) report_write(&out[i]);
         note_window(&out[i]);
