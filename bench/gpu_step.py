@@ -142,7 +142,10 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     from melp_ray.train.session import single_process_group
 
-    single_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        single_process_group("nccl")
+    else:
+        single_process_group()
     info = C.machine()
     stages = {}
     for stage in (int(s) for s in args.stages.split(",")):

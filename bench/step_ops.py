@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     inductor_config.cpp.enable_kernel_profile = True   # each generated kernel: one event
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     device = torch.device("cpu")
-    single_process_group("gloo")
+    single_process_group()
     info = C.machine()
     counts, checks = {}, {}
     if args.baseline or args.count:

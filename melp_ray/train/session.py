@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from melp_ray.train.gloo import ONE_THREAD_GLOO, register_one_thread_gloo
 from melp_ray.utils.console import configure_libraries
 from melp_ray.utils.distributed import free_port, world
 
@@ -198,10 +199,13 @@ def run_locally(cfg, recipe_cls, datasets: dict[str, Any], checkpoints: str | os
         recipe.cleanup()
 
 
-def single_process_group(backend: str = "gloo") -> None:
-    """A torch.distributed world of one in this process (DeepSpeed requires a process group)."""
+def single_process_group(backend: str = ONE_THREAD_GLOO) -> None:
+    """A torch.distributed world of one in this process (DeepSpeed requires a process group):
+    on CPU the one-thread gloo Ray Train's CPU workers use (``melp_ray.train.gloo``); pass
+    ``"nccl"`` on a GPU."""
     if dist.is_initialized():
         return
+    register_one_thread_gloo()
     # DeepSpeed reads the launcher's variables too, not only the process group.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):

@@ -5,7 +5,8 @@ without a lock: a double free when two collectives finish together (melp_ray/tra
 Two spawned ranks build the default group and a cloned group (as DeepSpeed does) with the
 backend training asks for: each group has one ``pt_gloo_runloop`` thread, where torch's own
 has two, and the collectives training uses (concurrent async reduce-scatters, the loss's
-differentiable all-gather and its backward) still give the right numbers.
+differentiable all-gather and its backward) still give the right numbers. A world of one (an
+in-process run, the step benchmarks) gets the same backend.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 from melp_ray.config import PretrainConfig, load_config
 from melp_ray.train.gloo import ONE_THREAD_GLOO, OneThreadGlooConfig, register_one_thread_gloo
 from melp_ray.train.launcher import build_trainer
+from melp_ray.train.session import single_process_group
 from melp_ray.utils.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,6 +51,15 @@ def two_ranks(rank: int, port: int, backend: str, out) -> None:
     (gathered * (rank + 1)).sum().backward()
     ok &= torch.equal(x.grad, torch.full((3, 2), 3.0))    # sum over ranks of (rank + 1)
     out.put((rank, dist.get_backend(), runloop_threads(), bool(ok)))
+    dist.destroy_process_group()
+
+
+def world_of_one(out) -> None:
+    """What an in-process run (train.num_workers=1) and the step benchmarks start with."""
+    single_process_group()
+    total = torch.ones(3)
+    dist.all_reduce(total)
+    out.put((dist.get_backend(), runloop_threads(), total.tolist()))
     dist.destroy_process_group()
 
 
@@ -83,3 +94,14 @@ def test_cpu_training_asks_ray_train_for_one_thread_gloo():
     gpu_cfg = load_config(PretrainConfig, "melp_ray/configs/tiny.yaml", ["train.use_gpu=true"])
     gpu = build_trainer(gpu_cfg, object, {}).backend_config
     assert not isinstance(gpu, OneThreadGlooConfig) and gpu.backend == "nccl"
+
+
+def test_a_world_of_one_uses_one_thread_gloo(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=world_of_one, args=(out,))
+    proc.start()
+    assert out.get(timeout=120) == (ONE_THREAD_GLOO, 1, [1.0, 1.0, 1.0])
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
