@@ -12,18 +12,17 @@ block goes into two threads' malloc caches, and a later malloc on one of them cr
 worker SIGSEGVs or aborts in ``malloc``, now and then, in its first steps.
 
 With one worker thread per group nothing can race there. Training asks Ray Train for this
-backend on CPU (``ONE_THREAD_GLOO``); DeepSpeed's own group, cloned from the default one,
-gets it too. On GPUs the backend is nccl and none of this applies.
+backend on CPU (``ONE_THREAD_GLOO``, through ``melp_ray.train.ray_backend``), and a world of
+one uses it too (``session.single_process_group``); DeepSpeed's own group, cloned from the
+default one, gets it as well. On GPUs the backend is nccl and none of this applies. This
+module imports no Ray: a config check imports it before any cluster is asked for.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
-from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend
 
 ONE_THREAD_GLOO = "gloo_one_thread"
 
@@ -45,22 +44,3 @@ def register_one_thread_gloo() -> None:
     """Make ``ONE_THREAD_GLOO`` a torch.distributed backend in this process (idempotent)."""
     if not hasattr(dist.Backend, ONE_THREAD_GLOO.upper()):
         dist.Backend.register_backend(ONE_THREAD_GLOO, one_thread_gloo, devices=["cpu"])
-
-
-class _OneThreadGlooBackend(_TorchBackend):
-    """Ray Train's torch backend, with the one-thread gloo registered in every worker first."""
-
-    def on_start(self, worker_group, backend_config) -> None:
-        worker_group.execute(register_one_thread_gloo)
-        super().on_start(worker_group, backend_config)
-
-
-@dataclass
-class OneThreadGlooConfig(TorchConfig):
-    """``TorchConfig`` for CPU workers: process groups of ``ONE_THREAD_GLOO``."""
-
-    backend: str = ONE_THREAD_GLOO
-
-    @property
-    def backend_cls(self):
-        return _OneThreadGlooBackend

@@ -8,7 +8,6 @@ from melp_ray.utils import storage
 from melp_ray.utils.console import ray_train_logging
 from melp_ray.utils.ray_connect import pin_data_stats_here
 from melp_ray.train.curves import write_run_curves
-from melp_ray.train.gloo import OneThreadGlooConfig
 from melp_ray.train.metrics import log_wandb_summary, run_dir
 # worker_entry lives with the sessions: what a worker unpickles imports no plotting library.
 from melp_ray.train.session import run_locally, single_process_group, worker_entry
@@ -18,6 +17,8 @@ def build_trainer(cfg, recipe_cls, datasets: dict[str, Any], callbacks: list | N
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from melp_ray.train.ray_backend import OneThreadGlooConfig
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **t.worker_resources}

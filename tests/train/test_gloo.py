@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from melp_ray.config import PretrainConfig, load_config
-from melp_ray.train.gloo import ONE_THREAD_GLOO, OneThreadGlooConfig, register_one_thread_gloo
+from melp_ray.train.gloo import ONE_THREAD_GLOO, register_one_thread_gloo
+from melp_ray.train.ray_backend import OneThreadGlooConfig
 from melp_ray.train.launcher import build_trainer
 from melp_ray.train.session import single_process_group
 from melp_ray.utils.distributed import free_port
